@@ -1,0 +1,45 @@
+# Two commands on a fresh machine (see README):
+#   make run    set up .venv, analyse the bundled MiniLM into the default store, start the dashboard
+#   make test   set up .venv with test extras (and Debian chromium for browser tests), run the tests
+# Extra: make slow (slow tests), make bench (benchmark table), make experiment (KappaTune forgetting run).
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test slow bench experiment setup setup-test clean
+
+$(BIN)/python:
+	python3 -m venv $(VENV)
+
+# torch is installed first and pinned: the CPU build 2.13.0 from local disk, never a newer one.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[minilm,peft]"
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[minilm,peft,test,bench]"
+	bash .ci/install-chromium
+	touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.test-installed
+
+run: $(VENV)/.installed
+	$(BIN)/lenslab analyze minilm --analysis spectra
+	$(BIN)/lenslab dashboard
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest
+
+slow: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -m slow
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python -m benchmarks
+
+experiment: $(VENV)/.installed
+	$(BIN)/lenslab experiment kappatune
+
+clean:
+	rm -rf $(VENV) build *.egg-info

