@@ -184,8 +184,8 @@ class Store:
     def _write_blob(self, data: bytes, suffix: str) -> str:
         name = hashlib.sha256(data).hexdigest() + suffix
         final = self._blob_path(name)
-        if final.is_file():
-            return name
+        if final.is_file() and self._intact(final):
+            return name  # content-addressed: an intact file with this name already holds these bytes
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}{suffix}"
         try:
@@ -199,6 +199,13 @@ class Store:
             raise StoreError(f"cannot write a blob under {self.blob_dir} ({exc}); "
                              "free disk space or choose another --store") from exc
         return name
+
+    @staticmethod
+    def _intact(path: Path) -> bool:
+        try:
+            return hashlib.sha256(path.read_bytes()).hexdigest() == path.name.split(".", 1)[0]
+        except OSError:
+            return False
 
     def _read_blob(self, name: str, key: str) -> bytes:
         path = self._blob_path(name)

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from analysis import spectra as spectra_mod
+from analysis.errors import SourceError
 from analysis.sources import Source, open_source
 from analysis.spectra import CONDITIONING_COLUMNS, Progress, WeightSpectra
 from analysis.store import Store
@@ -47,6 +48,9 @@ def analyze(source: str | os.PathLike | torch.nn.Module | Source, *, store: Stor
     Reads the checkpoint one tensor at a time. Interrupting (Ctrl-C) stores nothing.
     """
     src = open_source(source, trust_pickle=trust_pickle)
+    if not src.weight_infos():
+        raise SourceError(f"{src.label}: the checkpoint holds no floating-point tensors, so there is nothing to "
+                          "analyse; check that the file is the model's weights and not an empty export")
     st = open_store(store)
     params = spectra_params()
 
