@@ -82,13 +82,66 @@ def analyze(
         rows = [{k: _json_safe(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
         typer.echo(json.dumps(rows, indent=1))
         return
-    out = Table(title=f"{analysis}: {source} ({len(table)} matrices, {len(ws.skipped)} 1-D tensors skipped)")
+    typer.echo(f"{analysis} of {source}: {len(table)} matrices, {len(ws.skipped)} 1-D tensors skipped "
+               f"(lowest kappa first; --json for every column)")
+    out = Table()
     cols = ["matrix", "shape", "sigma_max", "sigma_min", "kappa", "stable_rank", "alpha", "status"]
     for c in cols:
-        out.add_column(c, justify="left" if c in ("matrix", "shape", "status") else "right")
+        out.add_column(c, justify="left" if c in ("matrix", "shape", "status") else "right", overflow="fold")
     for row in table.sort_values("kappa").to_dict(orient="records"):
         out.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols])
     Console().print(out)
+
+
+@app.command()
+def select(
+    source: Annotated[str, typer.Argument(help="minilm, a HF directory, a .safetensors file or shard index.")],
+    budget: Annotated[str, typer.Option("--budget", "-b", help="12 (tensors), 20% (of tensors) or 10%params "
+                                                                "(of parameters).")] = "20%",
+    ranker: Annotated[str, typer.Option("--ranker", help="lowest_kappa | highest_kappa | random | low_rank")]
+    = "lowest_kappa",
+    include: Annotated[Optional[str], typer.Option("--include", help="Keep tensors whose name matches "
+                                                                     "this regex (re.search).")] = None,
+    exclude: Annotated[Optional[str], typer.Option("--exclude", help="Drop tensors whose name matches "
+                                                                     "this regex, e.g. embeddings.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random ranker.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="params | peft | axolotl")] = "params",
+    as_regex: Annotated[bool, typer.Option("--regex", help="peft: one target_modules regex, not a list.")] = False,
+    lora_r: Annotated[int, typer.Option("--lora-r", help="peft: LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="peft: LoRA alpha.")] = 16,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="peft: LoRA dropout.")] = 0.0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write here (default: stdout).")] = None,
+    store: StoreOpt = None,
+    trust_pickle: TrustOpt = False,
+) -> None:
+    """Pick the tensors of SOURCE to fine-tune (KappaTune: lowest condition number first) and
+    export them as parameter names, a PEFT LoraConfig JSON or an axolotl YAML fragment."""
+    from analysis.export import FORMATS
+    from analysis.selection import RANKERS, Budget
+    from app import api
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if ranker not in RANKERS:
+        raise ConfigError(f"unknown ranker {ranker!r}; choose one of {', '.join(RANKERS)}")
+    parsed = Budget.parse(budget)
+    sel = run_with_progress(f"spectra of {source}", api.select, source, parsed, ranker=ranker, include=include,
+                            exclude=exclude, seed=seed, store=store, trust_pickle=trust_pickle)
+    text = api.export(sel, fmt, output, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      as_regex=as_regex)
+    out = Table(title=sel.summary())
+    for c in ("rank", "tensor", "shape", "kappa", "welore_fraction", "n_params"):
+        out.add_column(c, justify="left" if c in ("tensor", "shape") else "right")
+    for row in sel.candidates[sel.candidates["selected"]].to_dict(orient="records"):
+        out.add_row(str(row["rank"]), row["tensor"], row["shape"], f"{row['kappa']:.4g}",
+                    f"{row['welore_fraction']:.3f}", f"{row['n_params']:,}")
+    console.print(out)
+    if sel.excluded:
+        console.print(f"excluded (non-finite weights): {', '.join(sel.excluded)}")
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        console.print(f"wrote {fmt} selection to {output}")
 
 
 @store_app.command("ls")
