@@ -79,3 +79,45 @@ def stored_spectra(fingerprint: str, store: Store | str | None = None) -> Weight
 
 def default_store_dir() -> Path:
     return open_store(None).root
+
+
+def select(source: str | os.PathLike | torch.nn.Module | Source, budget, *, ranker: str = "lowest_kappa",
+           include: str | None = None, exclude: str | None = None, seed: int = 0,
+           store: Store | str | None = None, trust_pickle: bool = False, progress: Progress | None = None):
+    """KappaTune-style tensor selection (``analysis.selection.select_tensors``) on the cached spectra.
+
+        >>> sel = api.select("minilm", "20%", exclude="embeddings")
+        >>> api.export(sel, "peft", "lora.json")
+    """
+    from analysis.selection import Budget, select_tensors
+
+    budget = Budget.parse(budget)  # fail on a bad budget before any analysis runs
+    src = open_source(source, trust_pickle=trust_pickle)
+    ws = analyze(src, store=store, progress=progress)
+    return select_tensors(ws.table, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
+                          fingerprint=src.fingerprint)
+
+
+def export(selection, fmt: str, path: str | os.PathLike | None = None, **opts) -> str:
+    """Text of ``selection`` in ``fmt`` (params | peft | axolotl; ``opts`` as
+    ``analysis.export.export_selection``); also written atomically to ``path`` when given."""
+    import tempfile
+
+    from analysis.export import export_selection
+
+    text = export_selection(selection, fmt, **opts)
+    if path is not None:
+        target = Path(path).expanduser()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return text

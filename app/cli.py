@@ -131,7 +131,7 @@ def select(
                       as_regex=as_regex)
     out = Table(title=sel.summary())
     for c in ("rank", "tensor", "shape", "kappa", "welore_fraction", "n_params"):
-        out.add_column(c, justify="left" if c in ("tensor", "shape") else "right")
+        out.add_column(c, justify="left" if c in ("tensor", "shape") else "right", overflow="fold")
     for row in sel.candidates[sel.candidates["selected"]].to_dict(orient="records"):
         out.add_row(str(row["rank"]), row["tensor"], row["shape"], f"{row['kappa']:.4g}",
                     f"{row['welore_fraction']:.3f}", f"{row['n_params']:,}")
