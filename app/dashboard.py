@@ -1,0 +1,27 @@
+"""LensLab dashboard: ``lenslab dashboard`` (or ``streamlit run app/dashboard.py``).
+
+Pages read the results store (``$LENSLAB_STORE``) and launch analyses with a progress bar;
+they never compute metrics themselves. To add a page, create ``app/pages/<name>.py`` and
+append one ``st.Page`` line to ``PAGES`` below. A page's first statement should be
+``store = app.state.get_store()``: it also reroutes a page Streamlit ran without this script
+(its legacy mode for a ``pages/`` folder, see ``app/state.py``).
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.state import store_root
+
+st.set_page_config(page_title="LensLab", page_icon=":material/biotech:", layout="wide")
+
+# The page list (paths relative to this file). Append new pages here.
+PAGES = [
+    st.Page("pages/home.py", title="Models", icon=":material/home:", default=True),
+    st.Page("pages/spectra.py", title="Conditioning & spectra", icon=":material/show_chart:"),
+    st.Page("pages/selection.py", title="KappaTune selection", icon=":material/checklist:"),
+]
+
+page = st.navigation(PAGES)
+st.sidebar.caption(f"Store: `{store_root()}`")
+page.run()

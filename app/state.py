@@ -1,0 +1,145 @@
+"""Shared helpers for the dashboard pages: the store, cached loaders, the model picker and
+analyses launched with a progress bar.
+
+Caches are keyed on strings only (the store root path and model fingerprints), never on
+tensors or arrays: Streamlit hashes large arrays by sampling, so two different arrays could
+share a key. ``st.cache_resource`` objects are shared by every session of the server.
+"""
+
+from __future__ import annotations
+
+import runpy
+import time
+from pathlib import Path
+
+import streamlit as st
+
+from analysis import spectra as spectra_mod
+from analysis.errors import LensLabError
+from analysis.spectra import WeightSpectra
+from analysis.store import ModelInfo, Store, default_store_root
+
+DASHBOARD = Path(__file__).with_name("dashboard.py")
+MODEL_STATE = "lenslab_model"  # fingerprint of the model last picked on any page
+
+
+def store_root() -> str:
+    """The store directory as a string: ``$LENSLAB_STORE`` or the user's cache dir."""
+    return str(default_store_root())
+
+
+@st.cache_resource(show_spinner=False)
+def _open_store(root: str) -> Store:
+    return Store(root)
+
+
+def _run_entry_script_if_bypassed() -> None:
+    """Run ``app/dashboard.py`` (page config and page list) if Streamlit ran a page without it.
+
+    Streamlit treats a ``pages/`` folder next to the entry script as a legacy (v1) multipage
+    app until ``st.navigation`` has run once in the process: the first request for, say,
+    ``/spectra`` runs ``pages/spectra.py`` alone. Then we run the entry script in this same
+    script run (its ``st.navigation`` resolves the same URL to the same page, with the
+    widgets' state intact) and stop the bypassed copy. Pages call this before drawing anything.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        runpy.run_path(str(DASHBOARD), run_name="__main__")
+        st.stop()
+
+
+def get_store() -> Store:
+    """The dashboard's store (one ``Store`` per root path, shared across sessions).
+
+    Every page calls this before drawing anything: it also makes sure the page runs under
+    the entry script's ``st.navigation``.
+    """
+    _run_entry_script_if_bypassed()
+    return _open_store(store_root())
+
+
+def _spectra_params() -> dict:
+    from app import api
+
+    return api.spectra_params()
+
+
+def has_spectra(store: Store, fingerprint: str) -> bool:
+    """Whether the store holds spectra for this model (uncached: a cheap index lookup)."""
+    from app import api
+
+    return store.has(fingerprint, api.SPECTRA, _spectra_params(), spectra_mod.CODE_VERSION)
+
+
+@st.cache_data(show_spinner="Loading spectra from the store…", max_entries=16)
+def _load_spectra(store_root: str, fingerprint: str) -> WeightSpectra | None:
+    from app import api
+
+    return api.stored_spectra(fingerprint, _open_store(store_root))
+
+
+def load_spectra(store: Store, fingerprint: str) -> WeightSpectra | None:
+    """Stored spectra of a model, or None when there are none yet (never computes).
+
+    Only present entries go through the cache, so a later "Compute" is seen at once.
+    Raises CorruptEntryError when the stored blobs fail their checksum.
+    """
+    if not has_spectra(store, fingerprint):
+        return None
+    return _load_spectra(str(store.root), fingerprint)
+
+
+def model_label(model: ModelInfo) -> str:
+    return f"{model.label} ({model.fingerprint[:8]})"
+
+
+def model_picker(store: Store, *, key: str, label: str = "Model") -> ModelInfo | None:
+    """A select box over the store's models; remembers the choice across pages.
+
+    Shows an info box and returns None when the store holds no models.
+    """
+    models = store.models()
+    if not models:
+        st.info("No models in the store yet. Run `lenslab analyze minilm` in a terminal, "
+                "or press **Analyse** on the Models page.")
+        return None
+    by_fp = {m.fingerprint: m for m in models}
+    fps = list(by_fp)
+    remembered = st.session_state.get(MODEL_STATE)
+    index = fps.index(remembered) if remembered in by_fp else 0
+    fp = st.selectbox(label, fps, index=index, key=key, format_func=lambda f: model_label(by_fp[f]))
+    st.session_state[MODEL_STATE] = fp
+    return by_fp[fp]
+
+
+def analyze_with_progress(spec: str, store: Store, *, refresh: bool = False) -> WeightSpectra | None:
+    """Run ``app.api.analyze(spec)`` into ``store`` under an ``st.progress`` bar.
+
+    Returns the spectra, or None after showing a LensLab error with ``st.error`` (no traceback).
+    The source spec is read as given (a bundled name, or a path on the server's disk).
+    """
+    from app import api
+
+    bar = st.progress(0.0, text=f"Analysing {spec}: reading the checkpoint…")
+
+    def progress(done: int, total: int, item: str) -> None:
+        frac = min(done / total, 1.0) if total else 0.0
+        bar.progress(frac, text=f"Analysing {spec}: {done}/{total or '?'} tensors · {item[-60:]}")
+
+    start = time.perf_counter()
+    try:
+        ws = api.analyze(spec, store=store, refresh=refresh, progress=progress)
+    except LensLabError as exc:
+        bar.empty()
+        st.error(str(exc))
+        return None
+    bar.progress(1.0, text=f"Analysed {spec}: {len(ws.table)} matrices in {time.perf_counter() - start:.1f} s")
+    return ws
+
+
+def clear_caches() -> None:
+    """Drop every cached store handle and loaded result (used by tests and after deletes)."""
+    _load_spectra.clear()
+    _open_store.clear()
