@@ -77,6 +77,11 @@ def stored_spectra(fingerprint: str, store: Store | str | None = None) -> Weight
     return spectra_mod.from_result(result) if result is not None else None
 
 
+def has_spectra(fingerprint: str, store: Store | str | None = None) -> bool:
+    """Whether the store holds spectra for this model fingerprint (an index lookup, no blob read)."""
+    return open_store(store).has(fingerprint, SPECTRA, spectra_params(), spectra_mod.CODE_VERSION)
+
+
 def default_store_dir() -> Path:
     return open_store(None).root
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis import spectra as spectra_mod
 from analysis.errors import LensLabError
 from analysis.spectra import WeightSpectra
 from analysis.store import ModelInfo, Store, default_store_root
@@ -60,17 +59,11 @@ def get_store() -> Store:
     return _open_store(store_root())
 
 
-def _spectra_params() -> dict:
-    from app import api
-
-    return api.spectra_params()
-
-
 def has_spectra(store: Store, fingerprint: str) -> bool:
     """Whether the store holds spectra for this model (uncached: a cheap index lookup)."""
     from app import api
 
-    return store.has(fingerprint, api.SPECTRA, _spectra_params(), spectra_mod.CODE_VERSION)
+    return api.has_spectra(fingerprint, store)
 
 
 @st.cache_data(show_spinner="Loading spectra from the store…", max_entries=16)
