@@ -1,0 +1,74 @@
+"""Experiments page: stored KappaTune forgetting experiments (``lenslab experiment kappatune``).
+
+Read-only: shows the per-arm summary, drift vs accuracy with error bars, and every run; the
+experiment itself runs from the CLI or ``app.api.kappatune_experiment`` (minutes of CPU).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pandas as pd
+import streamlit as st
+
+from app import api
+from app.experiment_charts import ARM_LABELS, forgetting_scatter
+from app.state import get_store
+
+store = get_store()
+st.title("Experiments")
+st.subheader("KappaTune forgetting")
+
+experiments = api.stored_kappatune_experiments(store)
+if not experiments:
+    st.info("No KappaTune experiment stored yet. Run `lenslab experiment kappatune` in a terminal "
+            "(a few minutes on 2 cores), or `app.api.kappatune_experiment('minilm')` in a notebook.")
+    st.stop()
+
+labels = {m.fingerprint: m.label for m in store.models()}
+
+
+def describe(i: int) -> str:
+    entry, res = experiments[i]
+    c = res.config
+    when = datetime.fromtimestamp(entry.created).strftime("%Y-%m-%d %H:%M")
+    return (f"{labels.get(entry.fingerprint, entry.fingerprint[:8])} · budget {c.get('budget')} · "
+            f"{c.get('seeds')} seed(s) · {c.get('steps')} steps{' · bf16' if c.get('autocast') else ''} · {when}")
+
+
+pick = st.selectbox("Stored experiment", range(len(experiments)), format_func=describe, key="experiment_pick")
+entry, res = experiments[pick]
+cfg, summary, runs = res.config, res.summary, res.runs
+
+st.caption(
+    f"Task: which package a docstring comes from ({', '.join(res.meta.get('classes', []))}); "
+    f"{res.meta.get('n_train')} train / {res.meta.get('n_test')} test texts, max {cfg.get('max_tokens')} tokens. "
+    f"Forgetting on {res.meta.get('n_heldout')} held-out docstrings of "
+    f"{', '.join(res.meta.get('heldout_packages', []))}. AdamW, lr {cfg.get('lr')} (head {cfg.get('head_lr')}), "
+    f"batch {cfg.get('batch_size')}. Selection arms train only the chosen weight matrices (biases and LayerNorms "
+    "frozen); full trains every encoder parameter; head only trains no encoder parameter.")
+
+
+def pm(mean: float, std: float, digits: int) -> str:
+    return f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}")
+
+
+table = pd.DataFrame({
+    "arm": [ARM_LABELS.get(a, a) for a in summary["arm"]],
+    "tensors": summary["n_tensors_mean"].round().astype(int),
+    "trained params": summary["n_params_mean"].round().astype(int),
+    "accuracy": [pm(m, s, 3) for m, s in zip(summary["accuracy_mean"], summary["accuracy_std"])],
+    "drift (1 − cos)": [pm(m, s, 4) for m, s in zip(summary["drift_mean"], summary["drift_std"])],
+    "similarity Spearman": [pm(m, s, 4) for m, s in zip(summary["spearman_mean"], summary["spearman_std"])],
+    "seeds": summary["n_seeds"],
+})
+st.dataframe(table, hide_index=True, key="experiment_summary",
+             column_config={"trained params": st.column_config.NumberColumn(format="localized")})
+st.plotly_chart(forgetting_scatter(summary, runs), key="experiment_scatter")
+st.caption("Drift: mean over held-out texts of 1 − cos(embedding before, after). Similarity Spearman: rank "
+           "correlation of all pairwise cosine similarities before vs after (1 = structure kept). "
+           "Selection arms share a tensor budget, not a parameter budget: compare the trained-params column.")
+with st.expander(f"All {len(runs)} runs"):
+    st.dataframe(runs, hide_index=True, key="experiment_runs")
+with st.expander("Settings (store key parameters)"):
+    st.json(cfg)
