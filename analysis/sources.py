@@ -438,3 +438,8 @@ def open_source(spec: str | os.PathLike | torch.nn.Module | Source, *, trust_pic
         return PickleSource(label, path)
     raise SourceError(f"{path}: unsupported file type {path.suffix!r}; give a .safetensors file, "
                       f"a {SAFETENSORS_INDEX}, or a Hugging Face model directory")
+
+
+# Models LensLab trains itself (bilinear-digits, bilinear-lm, tiny-mixtral) register their
+# bundled names on import; each trains on first use and is cached after (analysis.tiny_models).
+import analysis.tiny_models  # noqa: E402,F401

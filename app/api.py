@@ -126,3 +126,140 @@ def export(selection, fmt: str, path: str | os.PathLike | None = None, **opts) -
             Path(tmp).unlink(missing_ok=True)
             raise
     return text
+
+
+# -- experiments ------------------------------------------------------------------------------
+def kappatune_experiment(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "20%",
+                         seeds: int = 3, steps: int = 100, store: Store | str | None = None,
+                         progress: Progress | None = None, refresh: bool = False, **settings):
+    """KappaTune forgetting experiment (``analysis.forgetting``), cached in the store.
+
+    Fine-tunes ``source`` (a Hugging Face encoder directory; default the bundled MiniLM) on the
+    docstring-package task with each arm (lowest_kappa, highest_kappa, random, full, head_only)
+    at the same ``budget`` for ``seeds`` seeds and ``steps`` steps, and measures held-out
+    embedding drift. ``settings``: any other ``ForgettingConfig`` field (``autocast=True``,
+    ``lr=...``). Returns a ``ForgettingResult`` (``.runs`` one row per arm x seed, ``.summary``
+    one row per arm). Interrupting (Ctrl-C) stores no experiment entry.
+
+        >>> res = api.kappatune_experiment("minilm", seeds=3)
+        >>> res.summary[["arm", "accuracy_mean", "drift_mean", "spearman_mean"]]
+    """
+    from analysis import forgetting as fg
+    from analysis.errors import ConfigError
+
+    unknown = sorted(set(settings) - set(fg.ForgettingConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown experiment setting(s) {unknown}; valid: "
+                          f"{', '.join(fg.ForgettingConfig.__dataclass_fields__)}")
+    config = fg.ForgettingConfig(budget=budget, seeds=seeds, steps=steps, **settings)
+    src = open_source(source)
+    if src.hf_dir is None:
+        raise SourceError(f"{src.label}: the forgetting experiment fine-tunes the model, so it needs a Hugging Face "
+                          "encoder directory (config.json + tokenizer), e.g. 'minilm'")
+    st = open_store(store)
+
+    def compute():
+        table = analyze(src, store=st).table if set(config.arms) & set(fg.SELECTION_ARMS) else None
+        model, tokenizer = fg.load_encoder(src.hf_dir)
+        return fg.to_result(fg.kappatune_forgetting(model, tokenizer, table, config, progress=progress))
+
+    result = st.cached(src.fingerprint, fg.ANALYSIS, config.params(), fg.CODE_VERSION, compute, refresh=refresh)
+    register(src, st)
+    return fg.from_result(result)
+
+
+def stored_kappatune_experiments(store: Store | str | None = None) -> list:
+    """Stored forgetting experiments, newest first: ``(EntryInfo, ForgettingResult)`` pairs (never computes).
+
+    Entries whose blobs fail their checksum are skipped."""
+    from analysis import forgetting as fg
+    from analysis.errors import CorruptEntryError
+
+    st = open_store(store)
+    out = []
+    for entry in st.list(analysis=fg.ANALYSIS):
+        if entry.code_version != fg.CODE_VERSION:
+            continue
+        try:
+            result = st.get_by_key(entry.key)
+        except CorruptEntryError:
+            continue
+        if result is not None:
+            out.append((entry, fg.from_result(result)))
+    return out
+
+
+# -- bilinear MLPs (issue 4): train the tiny models, decompose GLU layers -------------------------
+BILINEAR = "bilinear.decompose"
+BILINEAR_TRAIN_KINDS = {"digits": "bilinear-digits", "lm": "bilinear-llama", "mixtral": "mixtral"}
+
+
+def bilinear_train(kind: str = "digits", *, force: bool = False, progress=None, **overrides):
+    """Train (or reuse from the model cache) ``digits`` | ``lm`` | ``mixtral``; ``overrides`` are
+    ``probes.bilinear.DigitsConfig`` / ``analysis.tiny_models.TinyLMConfig`` fields.
+    Returns ``analysis.tiny_models.TrainedModel`` (path, config, metrics such as test accuracy or loss)."""
+    from analysis import tiny_models
+    from analysis.errors import ConfigError
+
+    if kind not in BILINEAR_TRAIN_KINDS:
+        raise ConfigError(f"unknown model kind {kind!r}; choose one of {', '.join(BILINEAR_TRAIN_KINDS)}")
+    if kind == "digits":
+        return tiny_models.train_digits(force=force, progress=progress, **overrides)
+    return tiny_models.train_tiny_lm(BILINEAR_TRAIN_KINDS[kind], force=force, progress=progress, **overrides)
+
+
+def bilinear_params(layer: int = 0, direction: str | None = None, expert: int | None = None,
+                    n_eval: int = 256) -> dict:
+    """Store parameters of a decomposition (the direction spec in canonical form)."""
+    from analysis.bilinear_loader import spec_params
+
+    return {"layer": int(layer), "expert": expert, "n_eval": int(n_eval), **spec_params(direction)}
+
+
+def bilinear_decompose(source: str | os.PathLike | torch.nn.Module | Source = "bilinear-digits", *, layer: int = 0,
+                       direction: str | None = None, expert: int | None = None, n_eval: int = 256,
+                       store: Store | str | None = None, refresh: bool = False, progress=None,
+                       trust_pickle: bool = False):
+    """Eigendecomposition of the GLU / bilinear layer ``layer`` of ``source`` along ``direction``
+    (``class:all``, ``token:the,def``, ``resid:3``, ``vector:u.npy``, ``sae:DIR:5``, ``hosvd:8``;
+    None = HOSVD), cached in the store. Returns ``analysis.bilinear_report.BilinearReport``.
+
+        >>> rep = api.bilinear_decompose("bilinear-digits", direction="class:all")
+        >>> rep.images.shape           # (10 classes, 64 eigenvectors, 8, 8)
+    """
+    from analysis import bilinear_report
+
+    params = bilinear_params(layer, direction, expert, n_eval)  # fails on a bad spec before any work
+    src = open_source(source, trust_pickle=trust_pickle)
+    st = open_store(store)
+
+    def compute():
+        return bilinear_report.to_result(bilinear_report.build_report(
+            src, layer=layer, direction=params["direction"], expert=expert, n_eval=n_eval, progress=progress))
+
+    result = st.cached(src.fingerprint, BILINEAR, params, bilinear_report.CODE_VERSION, compute, refresh=refresh)
+    register(src, st)
+    return bilinear_report.from_result(result)
+
+
+def stored_bilinear(fingerprint: str | None = None, store: Store | str | None = None) -> list:
+    """Index rows (``EntryInfo``) of stored decompositions, newest first (never computes)."""
+    from analysis import bilinear_report
+
+    st = open_store(store)
+    return [e for e in st.list(fingerprint=fingerprint, analysis=BILINEAR)
+            if e.code_version == bilinear_report.CODE_VERSION]
+
+
+def load_bilinear(key: str, store: Store | str | None = None):
+    """The stored decomposition with this entry key, or None."""
+    from analysis import bilinear_report
+
+    result = open_store(store).get_by_key(key)
+    return bilinear_report.from_result(result) if result is not None else None
+
+
+# -- MMoE probes, expert specialisation, routed MoEs (issue 5): implemented in app/api_mmoe.py ----
+from app.api_mmoe import (BiasDemo, DataSpec, ExpertReport, MMoECurve, experts_routing,  # noqa: E402,F401
+                          load_expert_report, load_mmoe_curve, mmoe_analyze, mmoe_bias, mmoe_curves, mmoe_features,
+                          mmoe_probe, mmoe_train, stored_bias_demos, stored_routing)

@@ -25,6 +25,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LensLab: interpretability and weight-analysis workbench.")
 store_app = typer.Typer(no_args_is_help=True, help="List or delete stored results.")
 app.add_typer(store_app, name="store")
+from app.cli_mmoe import register as _register_mmoe  # noqa: E402  (lenslab mmoe ..., lenslab experts)
+_register_mmoe(app)
+from app.cli_bilinear import bilinear_app  # noqa: E402  (lenslab bilinear train|decompose)
+app.add_typer(bilinear_app, name="bilinear")
+experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments (results go to the store).")
+app.add_typer(experiment_app, name="experiment")
 console = Console(stderr=True)
 
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE "
@@ -198,6 +204,61 @@ def dashboard(
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     console.print(f"dashboard on http://{host}:{port} (store {env['LENSLAB_STORE']})")
     raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@experiment_app.command("kappatune")
+def experiment_kappatune(
+    source: Annotated[str, typer.Option("--source", help="Encoder to fine-tune: minilm or a HF directory.")] = "minilm",
+    budget: Annotated[str, typer.Option("--budget", help="Tensors per selection arm: 20% of tensors, a count "
+                                                         "like 7, or 10%params.")] = "20%",
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..N-1 per arm.")] = 3,
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps per arm and seed.")] = 100,
+    arms: Annotated[Optional[str], typer.Option("--arms", help="Comma-separated subset of lowest_kappa, "
+                                                               "highest_kappa, random, full, head_only.")] = None,
+    per_class: Annotated[Optional[int], typer.Option("--per-class", help="Docstrings per task package "
+                                                                         "(default 200).")] = None,
+    include: Annotated[Optional[str], typer.Option("--include", help="Regex: only matching tensors are "
+                                                                     "selection candidates, e.g. attention.")] = None,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bf16 autocast for training (metrics stay float32).")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="torch threads (0: default); 1 is faster on a busy "
+                                                           "machine.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the per-arm summary as JSON.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,
+    store: StoreOpt = None,
+) -> None:
+    """KappaTune forgetting experiment: fine-tune SOURCE on a docstring task with KappaTune (lowest κ),
+    highest-κ, random and full selections at one budget; store and print held-out embedding drift."""
+    from app import api
+
+    settings: dict = {"autocast": bf16, "threads": threads}
+    if arms is not None:
+        settings["arms"] = tuple(a.strip() for a in arms.split(",") if a.strip())
+    if per_class is not None:
+        settings["per_class"] = per_class
+    if include:
+        settings["include"] = include
+    res = run_with_progress(f"kappatune experiment on {source}", api.kappatune_experiment, source, budget=budget,
+                            seeds=seeds, steps=steps, store=store, refresh=refresh, **settings)
+    summary = res.summary
+    if as_json:
+        rows = [{k: _json_safe(v) for k, v in row.items()} for row in summary.to_dict(orient="records")]
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    cfg = res.config
+    out = Table(title=f"KappaTune forgetting on {source}: budget {cfg.get('budget')}, {cfg.get('seeds')} seed(s), "
+                      f"{cfg.get('steps')} steps (mean ± std over seeds)")
+    for c in ("arm", "tensors", "params", "accuracy", "drift 1−cos", "spearman"):
+        out.add_column(c, justify="left" if c == "arm" else "right", no_wrap=c == "arm")
+
+    def pm(row: dict, m: str, fmt: str) -> str:
+        std = row[f"{m}_std"]
+        return format(row[f"{m}_mean"], fmt) + ("" if math.isnan(std) else " ± " + format(std, fmt))
+
+    for row in summary.to_dict(orient="records"):
+        out.add_row(row["arm"], f"{row['n_tensors_mean']:.0f}", f"{row['n_params_mean']:,.0f}",
+                    pm(row, "accuracy", ".3f"), pm(row, "drift", ".4f"), pm(row, "spearman", ".4f"))
+    Console().print(out)
+    console.print("stored; see the Experiments page of `lenslab dashboard`")
 
 
 def main() -> None:

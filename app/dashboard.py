@@ -20,6 +20,9 @@ PAGES = [
     st.Page("pages/home.py", title="Models", icon=":material/home:", default=True),
     st.Page("pages/spectra.py", title="Conditioning & spectra", icon=":material/show_chart:"),
     st.Page("pages/selection.py", title="KappaTune selection", icon=":material/checklist:"),
+    st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
+    st.Page("pages/bilinear.py", title="Bilinear MLPs", icon=":material/grid_on:"),
+    st.Page("pages/experts.py", title="Experts", icon=":material/hub:"),
 ]
 
 page = st.navigation(PAGES)
