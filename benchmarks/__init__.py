@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks` prints the weight-analysis table (see __main__)."""
