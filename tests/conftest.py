@@ -35,3 +35,23 @@ def minilm():
     from analysis.sources import open_source
 
     return open_source("minilm")
+
+
+@pytest.fixture
+def streamlit_caches_cleared():
+    """Streamlit's caches are process-wide: a dashboard test starts and ends with them empty."""
+    import streamlit as st
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def dashboard_store(tmp_path, monkeypatch, streamlit_caches_cleared) -> Store:
+    """An empty store that the dashboard under test reads (via LENSLAB_STORE)."""
+    store = Store(tmp_path / "dash-store")
+    monkeypatch.setenv("LENSLAB_STORE", str(store.root))
+    return store

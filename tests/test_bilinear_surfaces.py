@@ -147,22 +147,6 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ dashboard
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
-
-@pytest.fixture
-def page_store(tmp_path, monkeypatch) -> Store:
-    store = Store(tmp_path / "dash-store")
-    monkeypatch.setenv("LENSLAB_STORE", str(store.root))
-    return store
-
-
 def open_page() -> AppTest:
     at = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT).run()
     at.switch_page("pages/bilinear.py").run()
@@ -179,17 +163,17 @@ def figures(at: AppTest) -> dict[str, dict]:
     return out
 
 
-def test_page_empty_store_shows_how_to_start(page_store):
+def test_page_empty_store_shows_how_to_start(dashboard_store):
     at = open_page()
     assert any("lenslab bilinear decompose bilinear-digits" in i.value for i in at.info)
     assert not at.get("plotly_chart")
     assert at.text_input(key="bl_source").value == "bilinear-digits"
 
 
-def test_page_digits_images_truncation_and_explorer(page_store, digits_dir):
+def test_page_digits_images_truncation_and_explorer(dashboard_store, digits_dir):
     from app import api
 
-    rep = api.bilinear_decompose(digits_dir, direction="class:all", store=page_store)
+    rep = api.bilinear_decompose(digits_dir, direction="class:all", store=dashboard_store)
     at = open_page()
     at.selectbox(key="bl_direction_pick").set_value(3).run()
     assert not at.exception
@@ -220,13 +204,13 @@ def test_page_digits_images_truncation_and_explorer(page_store, digits_dir):
     assert f"What drives class {logits.argmax()}" in figures(at)
 
 
-def test_page_lm_shows_top_tokens(page_store, models_root):
+def test_page_lm_shows_top_tokens(dashboard_store, models_root):
     from app import api
 
     lm = tiny_models.train_tiny_lm("bilinear-llama", steps=6, vocab_size=300, d_model=32, n_layers=1, n_heads=2,
                                    d_mlp=32, ctx=32, batch_size=4, warmup=1, per_package=20,
                                    packages=("json", "pathlib"))
-    rep = api.bilinear_decompose(lm.path, layer=0, direction="token:#30,#31", n_eval=24, store=page_store)
+    rep = api.bilinear_decompose(lm.path, layer=0, direction="token:#30,#31", n_eval=24, store=dashboard_store)
     at = open_page()
     tokens = [df.value for df in at.dataframe if "token" in df.value.columns][0]
     first = rep.top_tokens[rep.top_tokens["direction"] == "token #30"]
@@ -235,14 +219,14 @@ def test_page_lm_shows_top_tokens(page_store, models_root):
     assert "Truncation" in figures(at)
 
 
-def test_page_form_decomposes_and_reports_errors(page_store, digits_dir):
+def test_page_form_decomposes_and_reports_errors(dashboard_store, digits_dir):
     at = open_page()
     at.text_input(key="bl_source").input(str(digits_dir))
     at.text_input(key="bl_direction").input("class:0,1")
     at.button[0].click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("Decomposed" in s.value and "class:0,1" in s.value for s in at.success)
-    assert at.selectbox(key="bl_spec").value is not None and len(page_store.list()) == 1
+    assert at.selectbox(key="bl_spec").value is not None and len(dashboard_store.list()) == 1
     at.text_input(key="bl_direction").input("resid:500")
     at.button[0].click().run()
     assert not at.exception and any("must lie in 0..63" in e.value for e in at.error)

@@ -51,29 +51,15 @@ def _finite_matrices(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n: w for n, w in weights.items() if w.ndim == 2 and np.isfinite(w).all()}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    """Cached stores and loaded results are process-wide: every case starts and ends clean."""
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
+pytestmark = pytest.mark.usefixtures("streamlit_caches_cleared")
 
 
 @pytest.fixture
-def empty_store(tmp_path, monkeypatch) -> Store:
-    store = Store(tmp_path / "dash-store")
-    monkeypatch.setenv("LENSLAB_STORE", str(store.root))
-    return store
-
-
-@pytest.fixture
-def populated_store(empty_store, model_file) -> Store:
+def populated_store(dashboard_store, model_file) -> Store:
     from app import api
 
-    api.analyze(str(model_file[0]), store=empty_store)
-    return empty_store
+    api.analyze(str(model_file[0]), store=dashboard_store)
+    return dashboard_store
 
 
 @pytest.fixture
@@ -122,7 +108,7 @@ def frames(at: AppTest) -> list[pd.DataFrame]:
 
 
 # --------------------------------------------------------------------------------- empty store
-def test_home_empty_store_shows_how_to_start(empty_store):
+def test_home_empty_store_shows_how_to_start(dashboard_store):
     at = run_page()
     assert any("lenslab analyze minilm" in i.value for i in at.info)
     assert not at.dataframe
@@ -130,7 +116,7 @@ def test_home_empty_store_shows_how_to_start(empty_store):
 
 
 @pytest.mark.parametrize("page", ["spectra", "selection"])
-def test_pages_empty_store_show_empty_state(empty_store, page):
+def test_pages_empty_store_show_empty_state(dashboard_store, page):
     at = run_page(page)
     assert any("No models in the store" in i.value for i in at.info)
     assert not at.get("plotly_chart") and not at.get("download_button")
@@ -148,7 +134,7 @@ def test_home_lists_models(populated_store, model_file):
     assert not at.info
 
 
-def test_home_analyse_form_runs_and_lists_the_model(empty_store, model_file):
+def test_home_analyse_form_runs_and_lists_the_model(dashboard_store, model_file):
     at = run_page()
     at.text_input[0].input(str(model_file[0]))
     at.button[0].click().run()
@@ -159,7 +145,7 @@ def test_home_analyse_form_runs_and_lists_the_model(empty_store, model_file):
     assert list(table["label"]) == [str(model_file[0].resolve())]
 
 
-def test_home_analyse_bad_source_shows_error_not_traceback(empty_store, tmp_path):
+def test_home_analyse_bad_source_shows_error_not_traceback(dashboard_store, tmp_path):
     at = run_page()
     missing = tmp_path / "nope.safetensors"
     at.text_input[0].input(str(missing))
@@ -167,7 +153,7 @@ def test_home_analyse_bad_source_shows_error_not_traceback(empty_store, tmp_path
     assert not at.exception
     assert len(at.error) == 1 and "neither a bundled model name" in at.error[0].value
     assert str(missing) in at.error[0].value
-    assert not empty_store.models()
+    assert not dashboard_store.models()
 
 
 def test_spectra_page_heatmaps_match_numpy(populated_store, model_file):
@@ -229,20 +215,20 @@ def test_spectra_page_esd_chart_follows_matrix_picker(populated_store, model_fil
     np.testing.assert_allclose([hx.min(), hx.max()], [lam.min(), lam.max()], rtol=1e-6)
 
 
-def test_spectra_page_compute_button(empty_store, model_file):
+def test_spectra_page_compute_button(dashboard_store, model_file):
     """A model known to the store without spectra gets a button that computes them."""
     from analysis.sources import open_source
 
     src = open_source(str(model_file[0]))
-    empty_store.put(src.fingerprint, "other", {}, "0", Result(meta={"note": "not spectra"}))
-    empty_store.register_model(src.fingerprint, src.label, src.kind)
+    dashboard_store.put(src.fingerprint, "other", {}, "0", Result(meta={"note": "not spectra"}))
+    dashboard_store.register_model(src.fingerprint, src.label, src.kind)
     at = run_page("spectra")
     assert any("No spectra stored" in i.value for i in at.info)
     assert not at.get("plotly_chart")
     at.button[0].click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert len([f for f in figures(at) if f["data"][0]["type"] == "heatmap"]) == 2
-    assert [e.analysis for e in empty_store.list(fingerprint=src.fingerprint)].count("spectra") == 1
+    assert [e.analysis for e in dashboard_store.list(fingerprint=src.fingerprint)].count("spectra") == 1
 
 
 def test_selection_page_preview_and_downloads(populated_store, model_file, downloads):
@@ -282,9 +268,9 @@ def test_selection_page_bad_regex_shows_error(populated_store):
     assert not at.get("download_button")
 
 
-def test_selection_page_without_spectra_points_to_spectra_page(empty_store):
-    empty_store.put("f" * 32, "other", {}, "0", Result(meta={}))
-    empty_store.register_model("f" * 32, "elsewhere", "safetensors")
+def test_selection_page_without_spectra_points_to_spectra_page(dashboard_store):
+    dashboard_store.put("f" * 32, "other", {}, "0", Result(meta={}))
+    dashboard_store.register_model("f" * 32, "elsewhere", "safetensors")
     at = run_page("selection")
     assert any("No spectra stored for elsewhere" in i.value for i in at.info)
     assert not at.get("download_button")

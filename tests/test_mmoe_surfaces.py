@@ -144,22 +144,6 @@ def test_cli_experts_on_a_routed_moe(tmp_path, tiny_mixtral):
 
 
 # ---------------------------------------------------------------------------------------- page
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    st.cache_data.clear()
-    st.cache_resource.clear()
-    yield
-    st.cache_data.clear()
-    st.cache_resource.clear()
-
-
-@pytest.fixture
-def page_store(tmp_path, monkeypatch) -> Store:
-    s = Store(tmp_path / "page-store")
-    monkeypatch.setenv("LENSLAB_STORE", str(s.root))
-    return s
-
-
 def open_page() -> AppTest:
     at = AppTest.from_file(DASHBOARD, default_timeout=120).run()
     at.switch_page("pages/experts.py").run()
@@ -167,19 +151,19 @@ def open_page() -> AppTest:
     return at
 
 
-def test_page_empty_store(page_store):
+def test_page_empty_store(dashboard_store):
     at = open_page()
     infos = " ".join(i.value for i in at.info)
     assert "lenslab mmoe analyze" in infos and "lenslab experts tiny-mixtral" in infos
     assert not at.get("plotly_chart")
 
 
-def test_page_shows_stored_results(page_store, tiny_mixtral):
+def test_page_shows_stored_results(dashboard_store, tiny_mixtral):
     from app import api
     from app.charts_experts import expert_order
 
-    curve = api.mmoe_analyze("digits", "4,8", store=page_store, **TINY)
-    stats = api.experts_routing(str(tiny_mixtral), packages=("numpy", "json"), per_package=3, store=page_store)
+    curve = api.mmoe_analyze("digits", "4,8", store=dashboard_store, **TINY)
+    stats = api.experts_routing(str(tiny_mixtral), packages=("numpy", "json"), per_package=3, store=dashboard_store)
     at = open_page()
     figs = {json.loads(f.proto.spec)["layout"]["title"]["text"]: json.loads(f.proto.spec)
             for f in at.get("plotly_chart")}
@@ -187,7 +171,7 @@ def test_page_shows_stored_results(page_store, tiny_mixtral):
     (effect,) = [t for t in poly["data"] if t["name"] == "effect-weighted"]
     np.testing.assert_allclose(_arr(effect["y"]), curve.table["mean_effect_polysemanticity"], equal_nan=True)
     # the detail view defaults to the largest count <= 64 present: 8 experts here
-    report = api.load_expert_report(curve.keys[8], page_store)
+    report = api.load_expert_report(curve.keys[8], dashboard_store)
     heat = figs["mean gate coefficient: 8 experts x 10 classes"]["data"][0]
     np.testing.assert_allclose(_arr(heat["z"]), report.expert_class[expert_order(report.expert_class)], atol=1e-9)
     ablation = [df.value for df in at.dataframe if "n_flipped" in df.value.columns][0]
