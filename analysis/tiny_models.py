@@ -40,7 +40,6 @@ from typing import Any
 import torch
 
 from analysis.errors import ConfigError, SourceError
-from analysis.sources import register_bundled
 
 Progress = Callable[[int, int, str], None]
 MODELS_ENV = "LENSLAB_MODELS"
@@ -399,6 +398,5 @@ def _bundled_mixtral() -> Path:
     return train_tiny_lm("mixtral", progress=stderr_progress("training tiny-mixtral (first use, cached after)")).path
 
 
+# Located through analysis.sources.BUNDLED (which imports this module only when one is asked for).
 BUNDLED_TRAINED = {"bilinear-digits": _bundled_digits, "bilinear-lm": _bundled_lm, "tiny-mixtral": _bundled_mixtral}
-for _name, _locate in BUNDLED_TRAINED.items():
-    register_bundled(_name, _locate)

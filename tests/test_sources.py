@@ -221,3 +221,10 @@ def test_safetensors_roundtrip_of_source_tensors(tmp_path, minilm):
     save_file({n: t.contiguous() for n, t in minilm.iter_tensors()}, str(out))
     assert open_source(out).fingerprint == minilm.fingerprint
     assert set(load_file(str(out))) == {i.name for i in minilm.tensor_infos()}
+
+
+def test_trained_bundled_names_resolve_to_tiny_models():
+    from analysis import sources, tiny_models
+
+    assert set(sources.TRAINED_NAMES) == set(tiny_models.BUNDLED_TRAINED)
+    assert set(sources.TRAINED_NAMES) <= set(sources.BUNDLED)
