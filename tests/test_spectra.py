@@ -12,6 +12,7 @@ import torch
 
 from analysis import spectra
 from analysis.errors import ShapeError
+from analysis import singular_values as sv_mod
 from analysis.spectra import (powerlaw_fit, singular_values, singular_values_batch, spectrum_metrics,
                               weight_spectra, welore_fraction)
 
@@ -140,9 +141,9 @@ def test_conv_weight_is_reshaped_to_out_by_fan_in(rng):
 
 def test_large_matrix_split_gram_and_small_blocks_match_numpy(rng, monkeypatch):
     # Force the code paths that big embeddings take: many row blocks, Gram split over workers.
-    monkeypatch.setattr(spectra, "GRAM_BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(sv_mod, "GRAM_BLOCK_ELEMENTS", 1000)
     monkeypatch.setattr(spectra, "SPLIT_ELEMENTS", 5000)
-    monkeypatch.setattr(spectra, "_n_workers", lambda: 2)
+    monkeypatch.setattr(sv_mod, "n_workers", lambda: 2)
     tall = torch.from_numpy(rng.standard_normal((900, 60)).astype(np.float32))
     wide = torch.from_numpy(rng.standard_normal((50, 700)).astype(np.float32)).to(torch.bfloat16)
     ws = weight_spectra([("emb.weight", tall), ("head.weight", wide)])
