@@ -55,3 +55,14 @@ def dashboard_store(tmp_path, monkeypatch, streamlit_caches_cleared) -> Store:
     store = Store(tmp_path / "dash-store")
     monkeypatch.setenv("LENSLAB_STORE", str(store.root))
     return store
+
+
+@pytest.fixture(scope="module")
+def models_root(tmp_path_factory):
+    """Models a test module trains go to a temp models dir, never the user's cache."""
+    from analysis import tiny_models
+
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("models")
+        mp.setenv(tiny_models.MODELS_ENV, str(root))
+        yield root

@@ -27,15 +27,6 @@ TINY_LM = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_mlp=48, ctx=
 
 
 @pytest.fixture(scope="module")
-def models_root(tmp_path_factory):
-    """Trained models of this module go to a temp cache, never the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        root = tmp_path_factory.mktemp("models")
-        mp.setenv(tiny_models.MODELS_ENV, str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def digits(models_root):
     return tiny_models.train_digits(steps=400)
 

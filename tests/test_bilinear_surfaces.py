@@ -3,34 +3,21 @@ the dashboard page (AppTest), checked against numpy eigendecompositions of the s
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 from safetensors.numpy import load_file
 from streamlit.testing.v1 import AppTest
 
+from _support import figure_array, run_cli
+
 from analysis import tiny_models
-from analysis.store import Store
 
 DASHBOARD = str(Path(__file__).resolve().parents[1] / "app" / "dashboard.py")
-LENSLAB = shutil.which("lenslab", path=str(Path(sys.executable).parent)) or "lenslab"
 TIMEOUT = 120
-
-
-@pytest.fixture(scope="module")
-def models_root(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        root = tmp_path_factory.mktemp("models")
-        mp.setenv(tiny_models.MODELS_ENV, str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +33,6 @@ def reference(digits_dir: Path, cls: int) -> tuple[np.ndarray, np.ndarray, np.nd
     lam, vec = np.linalg.eigh((q + q.T) / 2)
     order = np.argsort(-np.abs(lam), kind="stable")
     return lam[order], vec[:, order].T, w["embed.weight"]
-
-
-def array(value) -> np.ndarray:
-    """A figure-JSON array: a plain list or plotly's typed array {dtype, bdata, shape}."""
-    if isinstance(value, dict) and "bdata" in value:
-        a = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
-        shape = [int(s) for s in str(value.get("shape", len(a))).split(",")]
-        return a.reshape(shape)
-    return np.array(value, dtype=float)
 
 
 def same_up_to_sign(a: np.ndarray, b: np.ndarray, atol: float) -> bool:
@@ -97,11 +75,7 @@ def test_api_vector_spec_key_follows_file_content(digits_dir, store, tmp_path, r
 
 # ------------------------------------------------------------------------------------ CLI
 def run(*args: str, env_extra: dict, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200", **env_extra}
-    out = subprocess.run([LENSLAB, "bilinear", *args], capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
+    return run_cli("bilinear", *args, env=env_extra, check=check)
 
 
 def test_cli_train_and_decompose(tmp_path, digits_dir):
@@ -185,13 +159,13 @@ def test_page_digits_images_truncation_and_explorer(dashboard_store, digits_dir)
     assert [t["name"] for t in heat] == [f"v{i}" for i in want_idx]
     for trace, i in zip(heat, want_idx):
         img = (emb.T @ vec[i]).reshape(8, 8)
-        assert same_up_to_sign(array(trace["z"]), img / np.abs(img).max(), 1e-6)
+        assert same_up_to_sign(figure_array(trace["z"]), img / np.abs(img).max(), 1e-6)
     neg = [t for t in figs["class 3: top negative"]["data"] if t["type"] == "heatmap"]
     assert [t["name"] for t in neg] == [f"v{i}" for i in [i for i in np.argsort(lam) if lam[i] < 0][:4]]
     bars = figs["Eigenvalues of Q(class 3)"]["data"][0]
-    np.testing.assert_allclose(array(bars["y"]), lam, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(figure_array(bars["y"]), lam, rtol=1e-9, atol=1e-12)
     trunc = {t["name"]: t for t in figs["Truncation"]["data"]}
-    np.testing.assert_allclose(array(trunc["accuracy"]["y"])[-1], rep.meta["model_accuracy"])
+    np.testing.assert_allclose(figure_array(trunc["accuracy"]["y"])[-1], rep.meta["model_accuracy"])
     # explorer: the prediction is the model's argmax logit for that test image (numpy forward)
     at.number_input(key="bl_input").set_value(7).run()
     assert not at.exception

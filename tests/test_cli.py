@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _support import run_cli as run
 from safetensors.torch import save_file
-
-LENSLAB = shutil.which("lenslab", path=str(Path(sys.executable).parent)) or "lenslab"
-
-
-def run(*args: str, store: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LENSLAB_STORE": str(store), "COLUMNS": "200"}
-    out = subprocess.run([LENSLAB, *args], capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
-
 
 @pytest.fixture
 def model_file(tmp_path, rng) -> tuple[Path, dict[str, np.ndarray]]:

@@ -7,7 +7,6 @@ computed here from the same weights.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 from pathlib import Path
@@ -15,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import streamlit as st
 import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
 from analysis.errors import ConfigError
+from _support import figure_array
+
 from analysis.spectra import spectrum_metrics
 from analysis.store import Result, Store
 
@@ -94,15 +94,6 @@ def figures(at: AppTest) -> list[dict]:
     return [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
 
 
-def array(value) -> np.ndarray:
-    """A figure-JSON array: a plain list or plotly's typed array {dtype, bdata, shape}."""
-    if isinstance(value, dict) and "bdata" in value:
-        a = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
-        shape = [int(s) for s in str(value.get("shape", len(a))).split(",")]
-        return a.reshape(shape)
-    return np.array(value, dtype=float)
-
-
 def frames(at: AppTest) -> list[pd.DataFrame]:
     return [df.value for df in at.dataframe]
 
@@ -165,7 +156,7 @@ def test_spectra_page_heatmaps_match_numpy(populated_store, model_file):
     kappa = heat["log10 κ by layer and module"]
     assert kappa["x"] == ["0", "1"]
     assert kappa["y"] == ["mlp.down_proj", "mlp.up_proj", "self_attn.q_proj"]
-    z = array(kappa["z"])
+    z = figure_array(kappa["z"])
     assert z.shape == (3, 2)
     for i, mtype in enumerate(kappa["y"]):
         for j, layer in enumerate(kappa["x"]):
@@ -208,10 +199,10 @@ def test_spectra_page_esd_chart_follows_matrix_picker(populated_store, model_fil
     sigma2 = (w**2).sum() / (big * small)
     mp_edge = big * sigma2 * (1 + math.sqrt(small / big)) ** 2  # independent MP bulk edge
     (mp,) = [t for t in esd["data"] if t["name"].startswith("MP edge")]
-    np.testing.assert_allclose(array(mp["x"]), [mp_edge, mp_edge], rtol=1e-9)
+    np.testing.assert_allclose(figure_array(mp["x"]), [mp_edge, mp_edge], rtol=1e-9)
     hist = [t for t in esd["data"] if t["name"].startswith("ESD")][0]
     lam = np.linalg.svd(w, compute_uv=False) ** 2
-    hx = array(hist["x"])
+    hx = figure_array(hist["x"])
     np.testing.assert_allclose([hx.min(), hx.max()], [lam.min(), lam.max()], rtol=1e-6)
 
 

@@ -7,30 +7,18 @@ the page are compared with numpy recomputations from the stored probe.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
+
+from _support import run_cli as run
 
 from analysis.store import Store
 
-LENSLAB = shutil.which("lenslab", path=str(Path(sys.executable).parent)) or "lenslab"
 DASHBOARD = str(Path(__file__).resolve().parents[1] / "app" / "dashboard.py")
 TINY = {"epochs": 2, "hidden": 32}
-
-
-def run(*args: str, store: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LENSLAB_STORE": str(store), "COLUMNS": "200"}
-    out = subprocess.run([LENSLAB, *args], capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stderr
-    return out
 
 
 @pytest.fixture(scope="module")
