@@ -76,6 +76,24 @@ def svdvals_floor(src: Source, dtype: torch.dtype) -> Timing:
     return timed(run)[0]
 
 
+def gram_floor(src: Source) -> Timing:
+    """Only the float64 Gram products (``dsyrk`` on the smaller side) of every matrix, read and
+    held in memory beforehand, spread over the same worker pool as LensLab: no I/O, no
+    eigen-solve, no metrics. Any method whose singular values are float64-grade for every
+    kappa must do at least this much float64 arithmetic (m·n² flops per m×n matrix; an SVD
+    does about twice that), so WeightWatcher's time over this one bounds the achievable
+    speed-up."""
+    from analysis.singular_values import gram_rows, n_workers, parallel, tall
+
+    mats = [tall(m) for m in matrices_of(src)]
+
+    def run() -> None:
+        with parallel(min(n_workers(), len(mats))) as pool:
+            list(pool.map(lambda t: gram_rows(t, 0, t.shape[0]), mats))
+
+    return timed(run, 3)[0]
+
+
 @contextlib.contextmanager
 def _quiet() -> Any:
     """Silence WeightWatcher's prints and logging and transformers' progress bars."""
