@@ -1,12 +1,13 @@
 # Two commands on a fresh machine (see README):
 #   make run    set up .venv, analyse the bundled MiniLM into the default store, start the dashboard
 #   make test   set up .venv with test extras (and Debian chromium for browser tests), run the tests
-# Extra: make slow (slow tests), make bench (benchmark table), make experiment (KappaTune forgetting run).
+# Extra: make slow (slow tests), make bench (benchmark table), make bench-large (6 GB checkpoint, memory),
+# make experiment (KappaTune forgetting run).
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test slow bench experiment setup setup-test clean
+.PHONY: run test slow bench bench-large experiment setup setup-test clean
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -37,6 +38,11 @@ slow: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks
+
+# ~6 GB Llama-shaped checkpoint written to a temp dir (deleted after): LensLab vs WeightWatcher,
+# time and peak RSS (~15 min on 2 cores); not part of `make test`.
+bench-large: $(VENV)/.test-installed
+	$(BIN)/python -m benchmarks.large_checkpoint --size-gb 6
 
 experiment: $(VENV)/.installed
 	$(BIN)/lenslab experiment kappatune

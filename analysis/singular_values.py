@@ -8,8 +8,11 @@ are singular) are recomputed with a float64 SVD (``route`` says which was used).
 on matrices with known singular values (fp32-stored, 384² to 30522x384): kappa agrees with
 the SVD to < 6e-8 relative at kappa = 1e4, every singular value to < 1e-8·s_max.
 Matrices are spread over a small thread pool with one BLAS thread each (see ``parallel``);
-``analysis.spectra.weight_spectra`` sums a very large matrix's Gram from row ranges formed
-by all workers. Rows are upcast to float64 a block at a time (no full float64 copy).
+``analysis.spectra.weight_spectra`` sums a very large matrix's Gram from a fixed number of
+row ranges formed in parallel. Rows are upcast to float64 a block at a time (no full float64
+copy). Every matrix is computed by one thread with one BLAS thread, in an order fixed by its
+shape, so results are bitwise the same whatever the number of workers (or processes, or
+Ray tasks) a run uses.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import math
 import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -41,6 +44,10 @@ def singular_values(matrix: torch.Tensor) -> np.ndarray:
 
 
 def n_workers() -> int:
+    """Threads for matrix work: the usable CPUs, at most ``MAX_WORKERS`` (or ``$LENSLAB_THREADS``)."""
+    env = os.environ.get("LENSLAB_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -54,11 +61,12 @@ def parallel(n_workers: int) -> Iterator[ThreadPoolExecutor]:
 
     Parallelism over matrices beats threaded LAPACK here: the tridiagonal and bidiagonal
     reductions scale poorly with threads at d_model sizes, and threaded BLAS degrades badly
-    when other processes share the cores. The limit applies process-wide while a call runs.
+    when other processes share the cores. One BLAS thread also makes every result independent
+    of the machine's thread count. The limit applies process-wide while a call runs.
     """
     from threadpoolctl import threadpool_limits
 
-    limits = threadpool_limits(limits=1, user_api="blas") if n_workers > 1 else nullcontext()
+    limits = threadpool_limits(limits=1, user_api="blas")
     pool = ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="lenslab-spectra")
     try:
         with limits:

@@ -8,9 +8,11 @@ A *source spec* is one of
 - a single ``.safetensors`` file, or a sharded index file;
 - an in-memory ``torch.nn.Module`` (notebooks).
 
-Weights are read tensor by tensor (``safe_open`` memory-maps the file), never the whole
-checkpoint at once. Pickle checkpoints (``.bin``/``.pt``/``.pth``) are refused unless
-``trust_pickle=True``, and even then load with ``torch.load(weights_only=True)``.
+Weights are read tensor by tensor, never the whole checkpoint at once: a safetensors tensor
+is read with one bounded ``readinto`` into a buffer of exactly its size (no memory map, so the
+pages of tensors already analysed do not stay in the process's resident set). Pickle
+checkpoints (``.bin``/``.pt``/``.pth``) are refused unless ``trust_pickle=True``, and even
+then load with ``torch.load(weights_only=True)`` and a warning.
 ``trust_remote_code`` is never switched on.
 """
 
@@ -183,12 +185,23 @@ _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, 
                    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
+_ST_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                    "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and validate a safetensors header without reading tensor data.
 
     Raises CorruptCheckpointError when the file is truncated, the header is not JSON, or
     any tensor's offsets disagree with its shape/dtype or run past the end of the file.
     """
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(validated header, byte offset of the data section) of a safetensors file."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -207,7 +220,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
         raise SourceError(f"{path}: cannot read ({exc.strerror}); check the path and its permissions") from exc
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
         raise CorruptCheckpointError(f"{path}: safetensors header is not valid UTF-8 JSON ({exc}); "
                                      "the file is corrupt: re-export or re-download it") from exc
     if not isinstance(header, dict):
@@ -220,14 +233,14 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
             numel = 1
             for d in shape:
-                if not isinstance(d, int) or d < 0:
+                if type(d) is not int or d < 0:  # JSON true/false are not sizes
                     raise ValueError(d)
                 numel *= d
             want = numel * _ST_DTYPE_BYTES[dtype]
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}; "
                                          "the file is corrupt: re-export it") from exc
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end) or end - start != want:
+        if not (type(start) is int and type(end) is int and 0 <= start <= end) or end - start != want:
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} declares offsets {start}..{end} but {dtype}{shape} needs {want} bytes; "
                 "the file is corrupt: re-export it")
@@ -235,11 +248,44 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             raise CorruptCheckpointError(
                 f"{path}: tensor {name!r} ends at byte {end} but the file holds {data_len} data bytes; "
                 "the file is truncated: re-download or re-export it")
-    return header
+    return header, 8 + n
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """Where one tensor's bytes are: file, absolute byte range, dtype and shape."""
+
+    path: Path
+    start: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _read_entry(e: _Entry, name: str) -> torch.Tensor:
+    """Read one tensor's bytes into a new buffer of exactly its size (bounded ``readinto``)."""
+    nbytes = e.end - e.start
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+    got = 0
+    try:
+        with e.path.open("rb", buffering=0) as f:
+            f.seek(e.start)
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    except OSError as exc:
+        raise SourceError(f"{e.path}: cannot read tensor {name!r} ({exc.strerror}); check the file") from exc
+    if got != nbytes:
+        raise CorruptCheckpointError(f"{e.path}: tensor {name!r} needs {nbytes} bytes from offset {e.start} but the "
+                                     f"file ended after {got}; it was truncated after opening: re-download it")
+    return buf.view(_ST_TORCH_DTYPES[e.dtype]).reshape(e.shape)
 
 
 class SafetensorsSource(Source):
-    """One or more safetensors files (a sharded checkpoint is several), read via ``safe_open``."""
+    """One or more safetensors files (a sharded checkpoint is several), read tensor by tensor."""
 
     kind = "safetensors"
 
@@ -247,16 +293,18 @@ class SafetensorsSource(Source):
                  weight_map: dict[str, Path] | None = None) -> None:
         super().__init__(label, hf_dir)
         self.files = files
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, _Entry] = {}
         self._infos_list: list[TensorInfo] = []
         for path in files:
-            header = read_safetensors_header(path)
+            header, data_start = _read_header(path)
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
                 if weight_map is not None and weight_map.get(name, path) != path:
                     continue
-                self._where[name] = path
+                start, end = meta["data_offsets"]
+                self._where[name] = _Entry(path, data_start + start, data_start + end, meta["dtype"],
+                                           tuple(meta["shape"]))
                 self._infos_list.append(TensorInfo(name, tuple(meta["shape"]), meta["dtype"]))
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._where))
@@ -264,29 +312,12 @@ class SafetensorsSource(Source):
                 raise CorruptCheckpointError(
                     f"{label}: the shard index lists {len(missing)} tensors no shard holds (first: {missing[0]!r}); "
                     "a shard is missing or stale: re-download the checkpoint")
-        self._handles: dict[Path, Any] = {}
 
     def _infos(self) -> list[TensorInfo]:
         return list(self._infos_list)
 
-    def _handle(self, path: Path) -> Any:
-        from safetensors import SafetensorError, safe_open
-
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except SafetensorError as exc:
-                raise CorruptCheckpointError(f"{path}: safetensors refused the file ({exc}); re-export it") from exc
-        return self._handles[path]
-
     def _read(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError
-
-        try:
-            return self._handle(self._where[name]).get_tensor(name)
-        except SafetensorError as exc:
-            raise CorruptCheckpointError(f"{self._where[name]}: cannot read tensor {name!r} ({exc}); "
-                                         "the file is corrupt: re-export it") from exc
+        return _read_entry(self._where[name], name)
 
     def _compute_fingerprint(self) -> str:
         key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files)
@@ -401,14 +432,30 @@ def _from_dir(label: str, d: Path, trust_pickle: bool) -> Source:
 
 def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if index.stat().st_size > _HEADER_LIMIT:
+            raise CorruptCheckpointError(f"{index}: {index.stat().st_size} bytes is far more than a shard index "
+                                         f"holds (limit {_HEADER_LIMIT}); the file is not a shard index")
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object); "
                                      "re-download the checkpoint") from exc
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptCheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names (strings); "
+                                     "the index is corrupt: re-download the checkpoint")
+    root = index.parent.resolve()
     shards = {}
     for name, shard in weight_map.items():
         p = index.parent / shard
-        if not p.is_file():
+        try:
+            inside = p.resolve().is_relative_to(root)
+            present = p.is_file()
+        except (OSError, ValueError) as exc:  # name too long, embedded NUL, ...
+            raise CorruptCheckpointError(f"{index}: shard name {shard[:80]!r} is not a usable file name ({exc}); "
+                                         "the index is corrupt: re-download the checkpoint") from exc
+        if not inside:
+            raise CorruptCheckpointError(f"{index}: shard {shard[:80]!r} lies outside the checkpoint directory "
+                                         f"{root}; a shard index may only name files in its own directory")
+        if not present:
             raise CorruptCheckpointError(f"{index}: shard {shard!r} (holding {name!r}) is missing; "
                                          "re-download the checkpoint")
         shards[name] = p
@@ -432,8 +479,13 @@ def open_source(spec: str | os.PathLike | torch.nn.Module | Source, *, trust_pic
         src = _from_dir(spec, d, trust_pickle)
         src.kind = f"bundled:{spec}"
         return src
-    path = Path(text).expanduser()
-    if not path.exists():
+    try:
+        path = Path(text).expanduser()
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError) as exc:  # name too long, embedded NUL, unknown ~user, ...
+        raise SourceError(f"{text[:200]!r} is not a usable path ({exc}); give a bundled model name "
+                          f"({', '.join(sorted(BUNDLED))}) or a model directory or file") from exc
+    if not exists:
         hint = ", ".join(sorted(BUNDLED))
         raise SourceError(f"{text!r} is neither a bundled model name ({hint}) nor an existing path; "
                           "check the spelling or give the model's directory or .safetensors file")

@@ -45,7 +45,8 @@ EVALS_THRESH = 1e-5  # ESD values at or below this are left out of the power-law
 WELORE_TAU = 0.175
 LRC_MIN_FRACTION = 0.5
 MIN_TAIL = 2
-SPLIT_ELEMENTS = 1 << 22  # a matrix this large has its Gram split across the workers
+SPLIT_ELEMENTS = 1 << 22  # a matrix this large has its Gram formed from SPLIT_PARTS row ranges in parallel
+SPLIT_PARTS = 2  # fixed (not the worker count) so that results do not depend on the machine
 KS_GRID_ELEMENTS = 1 << 18  # entries of the power-law KS grid evaluated at a time
 
 Progress = Callable[[int, int, str], None]  # (done, total, current label)
@@ -258,25 +259,29 @@ def _matrix_row(matrix: torch.Tensor, dtype: torch.dtype, parts: list[Future] | 
     return {"status": "ok", "route": route, **spectrum_metrics(sv, rows, cols, dtype)}, sv
 
 
-def _submit(pool: ThreadPoolExecutor, n_workers: int, matrix: torch.Tensor, dtype: torch.dtype) -> Future:
-    """Queue one matrix; a large one has its Gram formed by all workers (row ranges)."""
-    if n_workers < 2 or matrix.numel() < SPLIT_ELEMENTS:
+def _submit(pool: ThreadPoolExecutor, matrix: torch.Tensor, dtype: torch.dtype) -> Future:
+    """Queue one matrix; a large one has its Gram summed (in order) from ``SPLIT_PARTS`` row
+    ranges formed in parallel, whatever the number of workers, so the sums are reproducible."""
+    if matrix.numel() < SPLIT_ELEMENTS:
         return pool.submit(_matrix_row, matrix, dtype)
     tall = sv_mod.tall(matrix)
-    edges = np.linspace(0, tall.shape[0], n_workers + 1).astype(int)
+    edges = np.linspace(0, tall.shape[0], SPLIT_PARTS + 1).astype(int)
     parts = [pool.submit(sv_mod.gram_rows, tall, int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
     return pool.submit(_matrix_row, matrix, dtype, parts)
 
 
 def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | None = None,
-                   progress: Progress | None = None, batch_bytes: int = 256 << 20) -> WeightSpectra:
+                   progress: Progress | None = None, batch_bytes: int = 256 << 20,
+                   n_workers: int | None = None) -> WeightSpectra:
     """Spectra of every >= 2-D floating tensor in ``tensors`` ((name, tensor) pairs).
 
-    Tensors are read one at a time; their matrices are analysed in a thread pool with at
-    most ``batch_bytes`` of matrices (counted as float64) queued or running; a larger one
-    waits for the queue to drain and runs alone. 1-D tensors are skipped and listed; tensors
-    with NaN/Inf get a row with status ``nonfinite: …`` and NaN metrics, and the rest of the
-    model is still analysed. Rows keep the input order whatever order workers finish in.
+    Tensors are read one at a time; their matrices are analysed in a pool of ``n_workers``
+    threads (default ``analysis.singular_values.n_workers()``) with at most ``batch_bytes`` of
+    matrices (counted as float64) queued or running; a larger one waits for the queue to
+    drain and runs alone. 1-D tensors are skipped and listed; tensors with NaN/Inf get a row
+    with status ``nonfinite: …`` and NaN metrics, and the rest of the model is still
+    analysed. Rows keep the input order whatever order workers finish in, and every value is
+    bitwise the same whatever ``n_workers`` is.
     """
     rows: dict[str, dict] = {}
     svs: dict[str, np.ndarray] = {}
@@ -295,7 +300,7 @@ def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | 
             if sv is not None:
                 svs[label] = sv
 
-    n_workers = sv_mod.n_workers()
+    n_workers = n_workers or sv_mod.n_workers()
     with sv_mod.parallel(n_workers) as pool:
         for name, tensor in tensors:
             done += 1
@@ -314,7 +319,7 @@ def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | 
                 rows[view.label] = _row(view, tensor.dtype, n_params)
                 nbytes = view.matrix.numel() * 8
                 collect(max(batch_bytes - nbytes, 0))
-                fut = _submit(pool, n_workers, view.matrix, tensor.dtype)
+                fut = _submit(pool, view.matrix, tensor.dtype)
                 inflight.append((view.label, nbytes, fut))
                 held[0] += nbytes
         collect(-1)

@@ -29,6 +29,8 @@ from app.cli_mmoe import register as _register_mmoe  # noqa: E402  (lenslab mmoe
 _register_mmoe(app)
 from app.cli_bilinear import bilinear_app  # noqa: E402  (lenslab bilinear train|decompose)
 app.add_typer(bilinear_app, name="bilinear")
+from app.cli_steer import steer_app  # noqa: E402  (lenslab steer extract|apply|sweep|orthogonalize)
+app.add_typer(steer_app, name="steer")
 experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments (results go to the store).")
 app.add_typer(experiment_app, name="experiment")
 console = Console(stderr=True)
@@ -65,18 +67,35 @@ def _json_safe(value):
 
 @app.command()
 def analyze(
-    source: Annotated[str, typer.Argument(help="minilm, a HF directory, a .safetensors file or shard index.")],
+    sources: Annotated[list[str], typer.Argument(help="minilm, a HF directory, a .safetensors file or shard index; "
+                                                     "several, or a quoted glob ('runs/ckpt-*'), run as a batch.")],
     analysis: Annotated[str, typer.Option("--analysis", "-a", help="conditioning | spectra")] = "conditioning",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON rows (inf as \"inf\", NaN as null).")] = False,
     refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,
     store: StoreOpt = None,
     trust_pickle: TrustOpt = False,
+    executor: Annotated[Optional[str], typer.Option("--executor", help="Batch runs on local processes (local, the "
+                                                                       "default) or Ray tasks (ray).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Local processes, or CPUs of a local Ray "
+                                                                     "(default: the usable CPUs).")] = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="A running Ray cluster: auto, HOST:6379 "
+                                                                             "or ray://HOST:10001 (default: start a "
+                                                                             "local Ray).")] = None,
+    by_tensor: Annotated[bool, typer.Option("--by-tensor", help="Also split each model's tensors across "
+                                                                "workers.")] = False,
 ) -> None:
-    """Run ANALYSIS over every weight matrix of SOURCE and store the results."""
+    """Run ANALYSIS over every weight matrix of SOURCE(S) and store the results (workers compute, this
+    process writes the store)."""
     from app import api
+    from app.cli_batch import analyze_batch, wants_batch
 
     if analysis not in ANALYSES:
         raise ConfigError(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}")
+    if wants_batch(sources, executor=executor, workers=workers, ray_address=ray_address, by_tensor=by_tensor):
+        return analyze_batch(sources, analysis=analysis, as_json=as_json, refresh=refresh, store=store,
+                             trust_pickle=trust_pickle, executor=executor, workers=workers, ray_address=ray_address,
+                             by_tensor=by_tensor)
+    source = sources[0]
     ws = run_with_progress(f"{analysis} of {source}", api.analyze, source, store=store, refresh=refresh,
                            trust_pickle=trust_pickle)
     table = ws.table
@@ -193,12 +212,18 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 unless you mean to share it.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8501,
     store: StoreOpt = None,
+    allowed_root: Annotated[Optional[list[Path]], typer.Option(
+        "--allowed-root", help="Directory the dashboard may open typed model paths in (repeatable; default: the "
+                               "current dir, LensLab's models dir and the Hugging Face cache).")] = None,
 ) -> None:
     """Start the Streamlit dashboard on HOST:PORT (127.0.0.1 by default)."""
     from app import api
+    from app.allowed_paths import ENV_VAR as ALLOWED_ROOT_VAR
 
     env = dict(os.environ)
     env["LENSLAB_STORE"] = str(api.open_store(store).root)
+    if allowed_root:
+        env[ALLOWED_ROOT_VAR] = os.pathsep.join(str(p.expanduser().resolve()) for p in allowed_root)
     script = Path(__file__).with_name("dashboard.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]

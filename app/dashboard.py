@@ -23,6 +23,7 @@ PAGES = [
     st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
     st.Page("pages/bilinear.py", title="Bilinear MLPs", icon=":material/grid_on:"),
     st.Page("pages/experts.py", title="Experts", icon=":material/hub:"),
+    st.Page("pages/steering.py", title="Steering", icon=":material/tune:"),
 ]
 
 page = st.navigation(PAGES)

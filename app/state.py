@@ -111,10 +111,16 @@ def analyze_with_progress(spec: str, store: Store, *, refresh: bool = False) -> 
     """Run ``app.api.analyze(spec)`` into ``store`` under an ``st.progress`` bar.
 
     Returns the spectra, or None after showing a LensLab error with ``st.error`` (no traceback).
-    The source spec is read as given (a bundled name, or a path on the server's disk).
+    The source spec is a bundled name, or a path on the server's disk inside the allowed roots
+    (``app.allowed_paths``); a path outside them is refused without being opened.
     """
     from app import api
 
+    try:
+        check_typed_source(spec)
+    except LensLabError as exc:
+        st.error(str(exc))
+        return None
     bar = st.progress(0.0, text=f"Analysing {spec}: reading the checkpoint…")
 
     def progress(done: int, total: int, item: str) -> None:
@@ -130,6 +136,15 @@ def analyze_with_progress(spec: str, store: Store, *, refresh: bool = False) -> 
         return None
     bar.progress(1.0, text=f"Analysed {spec}: {len(ws.table)} matrices in {time.perf_counter() - start:.1f} s")
     return ws
+
+
+def check_typed_source(spec: str, *, what: str = "model") -> str:
+    """A model source typed into a page: a bundled name, or a path inside the dashboard's allowed
+    roots (``app.allowed_paths``); raises SourceError otherwise. Pages call it before opening."""
+    from analysis.sources import BUNDLED
+    from app.allowed_paths import check_typed_path
+
+    return check_typed_path(spec, names=BUNDLED, what=what)
 
 
 def clear_caches() -> None:

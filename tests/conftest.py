@@ -25,9 +25,11 @@ def store(tmp_path) -> Store:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_default_store(tmp_path, monkeypatch):
-    """Anything that opens the default store during a test gets a temp one."""
+def _isolated_default_store(tmp_path, tmp_path_factory, monkeypatch):
+    """Anything that opens the default store during a test gets a temp one; the dashboard may open
+    models under this session's temp dirs (app.allowed_paths)."""
     monkeypatch.setenv("LENSLAB_STORE", str(tmp_path / "default-store"))
+    monkeypatch.setenv("LENSLAB_ALLOWED_ROOT", str(tmp_path_factory.getbasetemp()))
 
 
 @pytest.fixture(scope="session")

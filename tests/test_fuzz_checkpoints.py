@@ -1,10 +1,13 @@
-"""Fuzzing the safetensors loader: whatever the bytes, opening and reading a checkpoint ends in
-tensors or a typed ``SourceError``, never another exception, a hang or a huge allocation."""
+"""Fuzzing the safetensors loader and the shard index: whatever the bytes, opening and reading a
+checkpoint ends in tensors or a typed ``SourceError``, never another exception, a hang or a huge
+allocation (checked under an address-space limit in a child process)."""
 
 from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +62,13 @@ def test_truncated_and_bit_flipped_valid_file(tmp_path, cut, flips):
     _open_and_read(path)
 
 
-_dims = st.one_of(st.integers(-3, 6), st.just(2**40), st.just(2**62), st.text(max_size=2))
+_dims = st.one_of(st.integers(-3, 6), st.just(2**40), st.just(2**62), st.text(max_size=2), st.booleans(),
+                  st.floats(0, 4))
 _entry = st.fixed_dictionaries({
     "dtype": st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F99", "", "f32"]),
     "shape": st.lists(_dims, max_size=4),
-    "data_offsets": st.lists(st.one_of(st.integers(-8, 64), st.just(2**63 - 1)), min_size=0, max_size=3),
+    "data_offsets": st.lists(st.one_of(st.integers(-8, 64), st.just(2**63 - 1), st.booleans()), min_size=0,
+                             max_size=3),
 })
 
 
@@ -88,3 +93,130 @@ def test_non_utf8_header_and_shard_index(tmp_path):
     index.write_bytes(b"\xff\xfe not json")
     with pytest.raises(SourceError, match="shard index"):
         open_source(index)
+
+
+@FUZZ
+@given(prefix=st.sampled_from([b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "', b'{"', b"",
+                               b'{"__metadata__": {"k": "']),
+       junk=st.binary(min_size=1, max_size=32).filter(lambda b: not _is_utf8(b)))
+def test_non_utf8_bytes_anywhere_in_the_header(tmp_path, prefix, junk):
+    raw = prefix + junk + b'": 1}'
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * 4)
+    with pytest.raises(SourceError, match="not valid UTF-8 JSON"):
+        open_source(path)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                     max_leaves=8)
+_shard_names = st.one_of(st.just("model-00001-of-00001.safetensors"), st.just("../outside.safetensors"),
+                         st.just("/etc/hostname"), st.just("."), st.just("x" * 300), st.just("a\x00b"),
+                         st.text(max_size=12), _json)
+
+
+@FUZZ
+@given(weight_map=st.one_of(_json, st.dictionaries(st.text(max_size=10), _shard_names, max_size=4)),
+       wrap=st.booleans())
+def test_random_shard_indexes(tmp_path, weight_map, wrap):
+    d = tmp_path / "ckpt"
+    d.mkdir(exist_ok=True)
+    (d / "model-00001-of-00001.safetensors").write_bytes(_valid_bytes(tmp_path))
+    (tmp_path / "outside.safetensors").write_bytes(_valid_bytes(tmp_path))
+    index = d / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map} if wrap else weight_map))
+    try:
+        src = open_source(d)
+        names = {i.name for i in src.tensor_infos()}
+        for _, t in src.iter_tensors():
+            assert isinstance(t, torch.Tensor)
+    except SourceError:
+        return
+    # only a mapping onto the real shard opens (an empty one opens with no tensors: analyze refuses it)
+    assert isinstance(weight_map, dict) and names == set(weight_map)
+    assert all(v == "model-00001-of-00001.safetensors" for v in weight_map.values())
+
+
+def test_shard_index_cannot_name_files_outside_its_directory(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (tmp_path / "secret.safetensors").write_bytes(_valid_bytes(tmp_path))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": "../secret.safetensors"}}))
+    with pytest.raises(SourceError, match="lies outside the checkpoint directory"):
+        open_source(d)
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000,
+                                 b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}',
+                                 json.dumps({"a": {"dtype": "F32", "shape": [True, 1],
+                                                   "data_offsets": [0, 4]}}).encode()],
+                         ids=["deeply-nested", "5000-digit-number", "boolean-dimension"])
+def test_pathological_json_headers(tmp_path, raw):
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * 4)
+    with pytest.raises(SourceError):
+        open_source(path)
+
+
+@pytest.mark.parametrize("spec", ["a\x00b", "x" * 5000, "~no-such-user-xyz/model", "\udcff"], ids=repr)
+def test_unusable_path_strings_are_typed_errors(spec):
+    with pytest.raises(SourceError, match="not a usable path|neither a bundled model name"):
+        open_source(spec)
+
+
+def _memory_corpus(d: Path) -> list[Path]:
+    """Files whose headers declare far more than they hold (the loader must not allocate it)."""
+    def header_file(name: str, header: dict | bytes, declared: int | None = None, data: int = 16) -> Path:
+        raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+        p = d / name
+        p.write_bytes(struct.pack("<Q", len(raw) if declared is None else declared) + raw + b"\x00" * data)
+        return p
+
+    valid = d / "valid.safetensors"
+    valid.write_bytes(_valid_bytes(d))
+    tb = 2**40
+    return [
+        valid,
+        header_file("header-2e63.safetensors", b"{}", declared=2**63 - 1),
+        header_file("header-1tb.safetensors", b"{}", declared=tb),
+        header_file("header-at-limit.safetensors", b"{}", declared=100 * 2**20),
+        header_file("tensor-4tb-consistent-offsets.safetensors",
+                    {"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 4 * tb]}}),
+        header_file("tensor-overflowing-shape.safetensors",
+                    {"w": {"dtype": "F64", "shape": [2**31, 2**31, 2**31], "data_offsets": [0, 8]}}),
+        header_file("many-tensors-all-huge.safetensors",
+                    {f"w{i}": {"dtype": "BF16", "shape": [2**30], "data_offsets": [0, 2**31]} for i in range(1000)}),
+    ]
+
+
+def test_huge_declared_sizes_never_allocate_them(tmp_path):
+    """In a child process limited to +512 MiB of address space, every file above fails with a
+    SourceError (or opens, for the valid one) and resident memory grows by < 64 MiB."""
+    files = _memory_corpus(tmp_path)
+    script = Path(__file__).with_name("_bounded_loader.py")
+    out = subprocess.run([sys.executable, str(script), "checkpoint", "512", *map(str, files)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    outcomes = {name: r["outcome"] for name, r in report["files"].items()}
+    assert outcomes.pop("valid.safetensors") == "ok"
+    assert set(outcomes.values()) == {"typed:CorruptCheckpointError"}, outcomes
+    assert report["rss_growth"] < 64 * 2**20
+    assert max(r["seconds"] for r in report["files"].values()) < 10
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "index"])
+def test_coverage_guided_fuzzing_with_atheris(tmp_path, target):
+    """libFuzzer mutations guided by coverage of analysis/ (5 s per target here; run
+    tests/atheris_loaders.py longer by hand): only LensLabErrors, no hang, no memory growth."""
+    from _atheris_run import run_atheris
+
+    assert run_atheris(target, tmp_path, seconds=5) > 100

@@ -1,12 +1,8 @@
-"""Results store: round trips, keys, cache, corruption, concurrent writers, kill -9 during writes."""
+"""Results store: round trips, keys, cache, corruption (process faults: tests/test_faults.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -154,58 +150,5 @@ def test_gc_removes_orphans_but_not_live_blobs(store):
     _check(store.get(FP, "x", {}, "v1"), 1)
 
 
-_WRITER = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {tests!r})
-    from test_store import _result, FP
-    from analysis.store import Store
-    store = Store({root!r})
-    start, n, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    for i in range(start, start + n):
-        store.put(FP, "entry", {{"i": i}}, "v1", _result(i, size))
-        if i % 7 == 0:
-            got = store.get(FP, "entry", {{"i": i - 1}}, "v1")  # read while others write
-    print("done", flush=True)
-""")
-
-
-def _writer_script(tmp_path: Path, root: Path) -> Path:
-    script = tmp_path / "writer.py"
-    script.write_text(_WRITER.format(tests=str(Path(__file__).parent), root=str(root)))
-    return script
-
-
-def test_two_processes_writing_at_once_lose_nothing(tmp_path):
-    root = tmp_path / "store"
-    Store(root)
-    script = _writer_script(tmp_path, root)
-    procs = [subprocess.Popen([sys.executable, str(script), str(start), "100", "256"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for start in (0, 100)]
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-    store = Store(root)
-    entries = store.list()
-    assert len(entries) == 200
-    assert sorted(e.params["i"] for e in entries) == list(range(200))  # nothing lost, nothing duplicated
-    for i in range(200):
-        _check(store.get(FP, "entry", {"i": i}, "v1"), i, 256)
-
-
-def test_kill_during_write_leaves_no_partial_entry(tmp_path):
-    root = tmp_path / "store"
-    Store(root)
-    script = _writer_script(tmp_path, root)
-    rng = np.random.default_rng(1)
-    for round_ in range(6):
-        p = subprocess.Popen([sys.executable, str(script), str(round_ * 1000), "1000", "200000"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.5 + rng.uniform(0, 1.5))  # past start-up, in the middle of writing 1.6 MB entries
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-    store = Store(root)
-    entries = store.list()
-    assert entries, "the writer should have committed some entries before being killed"
-    assert len(entries) < 6 * 1000, "every writer was killed before it finished"
-    for e in entries:
-        _check(store.get_by_key(e.key), e.params["i"], 200000)  # every visible entry is whole
+# Writers killed with SIGKILL (20 times and at each step of a put) and several processes writing and
+# reading at once: tests/test_faults.py.

@@ -20,7 +20,7 @@ from analysis.bilinear_report import explain
 from analysis.errors import LensLabError
 from app import api
 from app import charts_bilinear as charts
-from app.state import get_store
+from app.state import check_typed_source, get_store
 
 N_IMAGES = 4  # top positive and top negative eigenvectors shown as images
 FLASH = "bilinear_flash"
@@ -40,6 +40,7 @@ def _decompose_with_progress(spec: str, layer: int, direction: str, expert: int 
 
     start = time.perf_counter()
     try:
+        check_typed_source(spec)  # a path must lie inside the dashboard's allowed roots
         if spec in TRAINED:  # train (or find in the cache) first, with its own progress
             api.bilinear_train(TRAINED[spec], progress=lambda d, t, item: progress(d, t, f"training: {item}"))
         rep = api.bilinear_decompose(spec, layer=layer, direction=direction or None, expert=expert, store=store,

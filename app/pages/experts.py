@@ -18,7 +18,7 @@ import streamlit as st
 from analysis.errors import LensLabError
 from app import api
 from app import charts_experts as charts
-from app.state import get_store
+from app.state import check_typed_source, get_store
 
 FLASH = "experts_flash"
 ABLATION_COLUMNS = ["expert", "load", "usage", "n_flipped", "accuracy_drop", "n_classes_hurt", "polysemanticity",
@@ -33,6 +33,11 @@ def _curve(store_root: str, key: str):
 @st.cache_data(show_spinner="Loading the expert report…", max_entries=32)
 def _report(store_root: str, key: str):
     return api.load_expert_report(key, store_root)
+
+
+def _routing(spec: str, **kwargs):
+    """``api.experts_routing`` on a typed source, refused outside the dashboard's allowed roots."""
+    return api.experts_routing(check_typed_source(spec), **kwargs)
 
 
 def _run(label: str, fn, *args, **kwargs):
@@ -165,7 +170,7 @@ with st.expander("Analyse a routed MoE", expanded=not routed):
         spec = st.text_input("Source", value="tiny-mixtral", key="routing_source",
                              help="tiny-mixtral (trained on first use) or a Mixtral-style directory on this machine")
         go_routing = st.form_submit_button("Analyse routing", type="primary")
-    if go_routing and spec.strip() and _run(f"routing of {spec.strip()}", api.experts_routing, spec.strip(),
+    if go_routing and spec.strip() and _run(f"routing of {spec.strip()}", _routing, spec.strip(),
                                             store=store) is not None:
         st.rerun()
 if not routed:

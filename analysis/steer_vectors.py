@@ -1,0 +1,207 @@
+"""Steering vectors as files: safetensors with where they came from, and a repeng/llama.cpp GGUF export.
+
+A ``SteeringVector`` holds one (d_model,) vector per layer plus its provenance: the source
+model's fingerprint and label, the hook, the position rule, the method and the contrast set.
+``save_vector`` writes ``layer.<L>`` float32 tensors and that provenance as safetensors
+metadata (strings); ``load_vector`` reads it back and refuses files that are not LensLab
+steering vectors or whose tensors disagree with the metadata.
+
+``export_gguf`` writes the control-vector GGUF that repeng (``ControlVector.import_gguf``) and
+llama.cpp (``--control-vector``) read: architecture ``controlvector``, keys
+``controlvector.model_hint`` (the HF ``model_type``) and ``controlvector.layer_count``, tensors
+``direction.<L>`` added to the output of block L, i.e. ``hook_resid_post`` of layer L. It needs
+the ``gguf`` package (``pip install gguf``, the writer maintained with llama.cpp). llama.cpp
+never steers layer 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError, SourceError
+
+FORMAT = "lenslab-steering-vector-1"
+_META_KEYS = ("hook", "position", "method", "fingerprint", "source", "contrast", "contrast_fingerprint")
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringVector:
+    """One (d_model,) vector per layer and where it came from.
+
+    vectors: (n_layers, d_model) float32, read-only, row i belongs to ``layers[i]``;
+    fingerprint: the source model's 32-hex fingerprint ("" when unknown).
+    """
+
+    vectors: np.ndarray
+    layers: tuple[int, ...]
+    hook: str = "resid_post"
+    position: str = "last"
+    method: str = "mean_diff"
+    fingerprint: str = ""
+    source: str = ""
+    contrast: str = ""
+    contrast_fingerprint: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        v = np.array(self.vectors, dtype=np.float32, ndmin=2)
+        layers = tuple(int(x) for x in self.layers)
+        if not layers:
+            raise ConfigError("a steering vector needs at least one layer")
+        if v.ndim != 2 or v.shape[0] != len(layers) or v.shape[1] == 0:
+            raise ShapeError(f"a steering vector needs one (d_model,) row per layer: got {v.shape} for "
+                             f"layers {list(layers)}")
+        if len(set(layers)) != len(layers) or any(x < 0 for x in layers):
+            raise ConfigError(f"layers {list(layers)} must be distinct non-negative integers")
+        if not np.isfinite(v).all():
+            raise ShapeError("the steering vector holds NaN or inf; re-extract it")
+        v.setflags(write=False)
+        object.__setattr__(self, "vectors", v)
+        object.__setattr__(self, "layers", layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def at(self, layer: int) -> np.ndarray:
+        """The (d_model,) vector of ``layer``."""
+        if layer not in self.layers:
+            raise ConfigError(f"the vector has no row for layer {layer}; it covers layers "
+                              f"{', '.join(map(str, self.layers))}")
+        return self.vectors[self.layers.index(layer)]
+
+    def describe(self) -> str:
+        return (f"{self.method} vector from {self.contrast or '?'} at {self.hook}, layers "
+                f"{','.join(map(str, self.layers))}, position {self.position}, d_model {self.d_model}, "
+                f"source {self.source or '?'} ({self.fingerprint[:8] or 'no fingerprint'})")
+
+
+def from_extraction(extraction: Any, layers: int | Sequence[int], method: str = "mean_diff", *,
+                    fingerprint: str = "", source: str = "") -> SteeringVector:
+    """The ``method`` vectors of ``layers`` from a ``steering.SteeringExtraction``."""
+    layers = (layers,) if isinstance(layers, (int, np.integer)) else tuple(layers)
+    meta = extraction.meta
+    rows = np.stack([extraction.vector(int(layer), method) for layer in layers])
+    return SteeringVector(rows, tuple(int(x) for x in layers), hook=meta.get("hook", "resid_post"),
+                          position=meta.get("position", "last"), method=method, fingerprint=fingerprint,
+                          source=source, contrast=meta.get("contrast", ""),
+                          contrast_fingerprint=meta.get("contrast_fingerprint", ""))
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_vector(vector: SteeringVector, path: str | os.PathLike) -> Path:
+    """Write ``vector`` as safetensors (``layer.<L>`` tensors + provenance metadata), atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    tensors = {f"layer.{layer}": torch.from_numpy(np.array(vector.vectors[i])) for i, layer in enumerate(vector.layers)}
+    metadata = {"format": FORMAT, "layers": json.dumps(list(vector.layers)), "d_model": str(vector.d_model),
+                "extra": json.dumps(vector.meta, sort_keys=True, default=str),
+                **{k: str(getattr(vector, k)) for k in _META_KEYS}}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return path
+
+
+def load_vector(path: str | os.PathLike) -> SteeringVector:
+    """Read a vector written by ``save_vector``; SourceError / CorruptCheckpointError when it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    from analysis.sources import read_safetensors_header
+
+    try:
+        path = Path(path).expanduser()
+        exists = path.is_file()
+    except (OSError, ValueError, RuntimeError) as exc:  # embedded NUL, ~user unknown, ...
+        raise SourceError(f"{path!r} is not a usable path ({exc}); give the .safetensors file of a vector") from exc
+    if not exists:
+        raise SourceError(f"{path}: no such file; give the .safetensors file `lenslab steer extract --out` wrote")
+    header = read_safetensors_header(path)
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise SourceError(f"{path}: not a LensLab steering vector (metadata format {meta.get('format')!r} "
+                          f"instead of {FORMAT!r}); extract one with `lenslab steer extract`")
+    try:
+        layers = [int(x) for x in json.loads(meta["layers"])]
+        d_model = int(meta["d_model"])
+        extra = json.loads(meta.get("extra", "{}"))
+        with safe_open(str(path), framework="numpy") as f:
+            names = set(f.keys())
+            want = {f"layer.{layer}" for layer in layers}
+            if names != want:
+                raise CorruptCheckpointError(f"{path}: tensors {sorted(names)} do not match the layers "
+                                             f"{layers} in the metadata; the file is corrupt: re-extract it")
+            rows = [f.get_tensor(f"layer.{layer}") for layer in layers]
+    except (KeyError, TypeError, ValueError, SafetensorError) as exc:
+        raise CorruptCheckpointError(f"{path}: unreadable steering-vector metadata or tensors ({exc}); re-extract "
+                                     "it") from exc
+    if any(r.shape != (d_model,) for r in rows):
+        raise CorruptCheckpointError(f"{path}: tensor shapes {[r.shape for r in rows]} disagree with d_model "
+                                     f"{d_model}; re-extract it")
+    return SteeringVector(np.stack(rows) if rows else np.zeros((0, d_model)), tuple(layers),
+                          meta=extra if isinstance(extra, dict) else {},
+                          **{k: str(meta.get(k, "")) for k in _META_KEYS})
+
+
+def check_compatible(vector: SteeringVector, *, d_model: int, fingerprint: str | None = None,
+                     allow_foreign: bool = False) -> None:
+    """ShapeError when the width differs; ConfigError when the vector was extracted from another
+    model (fingerprints differ) unless ``allow_foreign``."""
+    if vector.d_model != d_model:
+        raise ShapeError(f"the steering vector has d_model {vector.d_model} but the model's d_model is {d_model}: "
+                         f"it comes from another model ({vector.source or 'unknown source'}); extract one from this "
+                         "model with `lenslab steer extract`")
+    if (fingerprint and vector.fingerprint and fingerprint != vector.fingerprint and not allow_foreign):
+        raise ConfigError(f"the steering vector was extracted from model {vector.fingerprint[:12]} "
+                          f"({vector.source or '?'}), not from this model ({fingerprint[:12]}); extract it from this "
+                          "model, or pass allow_foreign=True (--allow-foreign) if the models share a residual basis")
+
+
+def export_gguf(vector: SteeringVector, path: str | os.PathLike, *, model_hint: str, scale: float = 1.0) -> Path:
+    """Write the repeng / llama.cpp control-vector GGUF (vectors × ``scale``), atomically."""
+    try:
+        import gguf
+    except ImportError as exc:
+        raise ConfigError("GGUF export needs the gguf package; install it with `pip install gguf`") from exc
+    if vector.hook != "resid_post":
+        raise ConfigError(f"control-vector GGUF files add to each block's output (hook resid_post), but this vector "
+                          f"was extracted at {vector.hook}; re-extract with --hook resid_post")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ConfigError(f"scale={scale!r} must be a finite number")
+    if not model_hint:
+        raise ConfigError("model_hint is empty; pass the model's config.json model_type, e.g. llama")
+    path = Path(path).expanduser()
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, "controlvector")
+        writer.add_string("controlvector.model_hint", model_hint)
+        writer.add_uint32("controlvector.layer_count", len(vector.layers))
+        for i, layer in enumerate(vector.layers):
+            writer.add_tensor(f"direction.{layer}", (vector.vectors[i] * np.float32(scale)).astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    _atomic_write(path, write)
+    return path

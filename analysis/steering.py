@@ -1,0 +1,439 @@
+"""Steering directions from contrast sets: activation collection and per-layer direction extraction.
+
+One batched forward pass per contrast set (every positive and negative text, train and test)
+records the activations at one hook of every requested layer; a *position rule* reduces each
+text's (pos, d_model) activations to one d_model vector:
+
+- ``last``: the last real (non-padding) token;
+- ``mean``: the mean over real tokens;
+- ``index:K``: the K-th real token (Python indexing; ``index:-2`` is the second to last). It
+  compares the same token slot of both texts of a pair, so every pair must have the same
+  number of tokens.
+
+Padding may sit on either side (``padding_side``): positions are found from the attention
+mask, and the bridge derives position ids from the mask, so a text's activations do not depend
+on its batch neighbours or on the padding side.
+
+Directions per layer (all in activation units; ``d̄`` = mean paired difference positive − negative
+over the training pairs, ``û`` a unit direction):
+
+- ``mean_diff``: mean(positive) − mean(negative) (= d̄; activation addition / CAA);
+- ``pca``: top eigenvector of the second-moment matrix of the paired differences, E[d dᵀ]
+  (PCA of differences with random sign flips, as representation engineering does), signed so
+  positives project higher, scaled to d̄·û;
+- ``logistic``: the weight vector of an L2 logistic regression (scikit-learn) separating
+  positive from negative activations, unit-normalised and scaled to d̄·û;
+- multi-direction: the top-k right singular vectors of the paired-difference matrix
+  (``svd_directions``; the first equals ``pca`` up to scale), for subspace ablation.
+
+So every method's vector v satisfies v·û = d̄·û: α = 1 adds one average class separation.
+Per layer and method: ``auc_test`` = ROC AUC of the projection h·û separating held-out positives
+from held-out negatives (0.5 = chance), ``norm`` = ‖v‖, ``act_norm`` = mean ‖h‖ over all real
+tokens of all texts at that hook and layer, ``rel_norm`` = norm / act_norm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.contrasts import ContrastSet
+from analysis.errors import ConfigError, ShapeError
+
+CODE_VERSION = "steering-1"
+HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+METHODS = ("mean_diff", "pca", "logistic")
+PADDING_SIDES = ("right", "left")
+Progress = Callable[[int, int, str], None]
+
+
+# -- hooks and positions ------------------------------------------------------------------------
+def n_layers(bridge: Any) -> int:
+    return int(bridge.cfg.n_layers)
+
+
+def hook_name(bridge: Any, layer: int, hook: str) -> str:
+    """``blocks.{layer}.hook_{hook}``, validated against the bridge's hooks (ConfigError lists the valid ones)."""
+    if hook not in HOOKS:
+        raise ConfigError(f"unknown hook {hook!r}; choose one of {', '.join(HOOKS)}")
+    n = n_layers(bridge)
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < n:
+        raise ConfigError(f"layer {layer!r} does not exist: this model has layers 0..{n - 1}")
+    name = f"blocks.{int(layer)}.hook_{hook}"
+    if name not in bridge.hook_dict:
+        valid = sorted({k.split(".hook_")[-1] for k in bridge.hook_dict if k.startswith(f"blocks.{int(layer)}.hook_")})
+        raise ConfigError(f"this model has no hook {name!r}; hooks of block {int(layer)}: {', '.join(valid)}")
+    return name
+
+
+def check_layers(bridge: Any, layers: Sequence[int] | None) -> tuple[int, ...]:
+    """The layers as a sorted tuple (None = all), each validated."""
+    n = n_layers(bridge)
+    if layers is None:
+        return tuple(range(n))
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < n:
+            raise ConfigError(f"layer {layer!r} does not exist: this model has layers 0..{n - 1}")
+        out.append(int(layer))
+    if not out:
+        raise ConfigError(f"no layers given; name at least one of 0..{n - 1}")
+    return tuple(sorted(set(out)))
+
+
+@dataclass(frozen=True, slots=True)
+class PositionRule:
+    """How a text's activations (pos, d_model) become one vector: ``last``, ``mean`` or ``index:K``."""
+
+    kind: str
+    index: int = 0
+
+    @classmethod
+    def parse(cls, spec: str | int | PositionRule) -> PositionRule:
+        if isinstance(spec, PositionRule):
+            return spec
+        if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+            return cls("index", int(spec))
+        if isinstance(spec, str):
+            s = spec.strip().lower()
+            if s in ("last", "mean"):
+                return cls(s)
+            if s.startswith("index:"):
+                try:
+                    return cls("index", int(s[6:]))
+                except ValueError:
+                    pass
+        raise ConfigError(f"unknown position rule {spec!r}; use last, mean or index:K (e.g. index:0, index:-2)")
+
+    @property
+    def needs_equal_lengths(self) -> bool:
+        return self.kind == "index"
+
+    def __str__(self) -> str:
+        return f"index:{self.index}" if self.kind == "index" else self.kind
+
+
+def select_positions(acts: torch.Tensor, mask: torch.Tensor, rule: PositionRule | str) -> torch.Tensor:
+    """Reduce activations (batch, pos, d_model) to (batch, d_model) by ``rule`` over real tokens.
+
+    ``mask`` (batch, pos) is 1 on real tokens, 0 on padding (either side).
+    """
+    rule = PositionRule.parse(rule)
+    if acts.ndim != 3 or mask.shape != acts.shape[:2]:
+        raise ShapeError(f"expected acts (batch, pos, d_model) and mask (batch, pos), got {tuple(acts.shape)} and "
+                         f"{tuple(mask.shape)}")
+    m = mask.to(torch.bool)
+    lengths = m.sum(1)
+    if bool((lengths == 0).any()):
+        raise ShapeError(f"row {int(torch.nonzero(lengths == 0)[0])} has no real tokens; drop empty texts")
+    if rule.kind == "mean":
+        w = m.unsqueeze(-1).to(acts.dtype)
+        return (acts * w).sum(1) / lengths.unsqueeze(-1).to(acts.dtype)
+    out = []
+    for i in range(acts.shape[0]):
+        real = torch.nonzero(m[i]).squeeze(-1)
+        k = -1 if rule.kind == "last" else rule.index
+        if not -len(real) <= k < len(real):
+            raise ConfigError(f"position index:{k} is outside text {i}, which has {len(real)} tokens; "
+                              "use a smaller index, or last / mean")
+        out.append(acts[i, real[k]])
+    return torch.stack(out)
+
+
+# -- tokenisation and collection --------------------------------------------------------------
+def tokenize(bridge: Any, texts: Sequence[str], *, padding_side: str = "right",
+             max_tokens: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (batch, pos) int64 and attention mask (batch, pos), padded on ``padding_side``.
+
+    Causal LMs get their BOS token prepended when the tokenizer does not add it (as the tiny
+    LMs were trained, ``<s> text``); encoders get the tokenizer's own special tokens.
+    """
+    if padding_side not in PADDING_SIDES:
+        raise ConfigError(f"padding_side={padding_side!r} must be one of {', '.join(PADDING_SIDES)}")
+    if not texts:
+        raise ConfigError("no texts to tokenise")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
+        raise ConfigError(f"max_tokens={max_tokens!r} must be an integer >= 2")
+    tok = bridge.tokenizer
+    rows = [list(ids) for ids in tok(list(texts), add_special_tokens=True, truncation=True,
+                                     max_length=max_tokens)["input_ids"]]
+    bos = getattr(tok, "bos_token_id", None)
+    if getattr(bridge.cfg, "attention_dir", "causal") == "causal" and bos is not None:
+        rows = [r if r[:1] == [bos] else [bos, *r][:max_tokens] for r in rows]
+    if any(len(r) == 0 for r in rows):
+        raise ConfigError("a text tokenised to no tokens; drop empty texts")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
+        ids[i, sl] = torch.tensor(r, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def run_activations(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Activations (batch, pos, d_model) float32 at ``names`` from one forward pass (no logits
+    beyond the last requested block are needed, but the bridge runs the full model)."""
+    _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=list(names), return_type=None)
+    return {n: cache[n].to(torch.float32) for n in names}
+
+
+@dataclass(frozen=True, eq=False)
+class Activations:
+    """Reduced activations of a contrast set at one hook.
+
+    pos / neg: (n_layers, n_pairs, d_model) float64, pairs in ``ContrastSet.pairs`` order;
+    act_norm: (n_layers,) mean ‖h‖ over every real token of every text; lengths: (2, n_pairs)
+    token counts (positive, negative).
+    """
+
+    layers: tuple[int, ...]
+    pos: np.ndarray
+    neg: np.ndarray
+    act_norm: np.ndarray
+    lengths: np.ndarray
+
+
+def collect(bridge: Any, contrasts: ContrastSet, *, hook: str = "resid_post", layers: Sequence[int] | None = None,
+            position: str | PositionRule = "last", padding_side: str = "right", max_tokens: int = 128) -> Activations:
+    """Run every text of ``contrasts`` through ``bridge`` in one batch and reduce by ``position``."""
+    rule = PositionRule.parse(position)
+    layers = check_layers(bridge, layers)
+    names = [hook_name(bridge, layer, hook) for layer in layers]
+    pos_texts, neg_texts = contrasts.texts()
+    n = len(pos_texts)
+    ids, mask = tokenize(bridge, pos_texts + neg_texts, padding_side=padding_side, max_tokens=max_tokens)
+    lengths = mask.sum(1).numpy().reshape(2, n)
+    if rule.needs_equal_lengths and (bad := np.flatnonzero(lengths[0] != lengths[1])).size:
+        shown = ", ".join(f"{contrasts.pairs[i].id} ({lengths[0, i]} vs {lengths[1, i]} tokens)" for i in bad[:4])
+        raise ConfigError(f"position rule {rule} compares the same token slot of both texts, but {bad.size} pair(s) "
+                          f"differ in token length: {shown}; use position last or mean, or rewrite those pairs")
+    acts = run_activations(bridge, ids, mask, names)
+    m = mask.to(torch.bool)
+    pos, neg, norms = [], [], []
+    for name in names:
+        a = acts[name]
+        norms.append(float(a.norm(dim=-1)[m].mean()))
+        red = select_positions(a, mask, rule).to(torch.float64).numpy()
+        pos.append(red[:n])
+        neg.append(red[n:])
+    return Activations(layers, np.stack(pos), np.stack(neg), np.array(norms), lengths)
+
+
+# -- directions (pure) ----------------------------------------------------------------------------
+def _check_pair_arrays(pos: np.ndarray, neg: np.ndarray, paired: bool) -> tuple[np.ndarray, np.ndarray]:
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1] or 0 in pos.shape or 0 in neg.shape:
+        raise ShapeError(f"expected positive and negative activations (n, d_model) with the same d_model and n >= 1, "
+                         f"got {pos.shape} and {neg.shape}")
+    if paired and pos.shape != neg.shape:
+        raise ShapeError(f"paired differences need as many positives as negatives, got {pos.shape} and {neg.shape}")
+    if not (np.isfinite(pos).all() and np.isfinite(neg).all()):
+        raise ShapeError("activations hold NaN or inf; check the model's weights (lenslab analyze shows them)")
+    return pos, neg
+
+
+def mean_difference(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """mean(pos) − mean(neg): (d_model,) float64 from (n_pos, d_model) and (n_neg, d_model)."""
+    pos, neg = _check_pair_arrays(pos, neg, paired=False)
+    return pos.mean(0) - neg.mean(0)
+
+
+def svd_directions(pos: np.ndarray, neg: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k right singular vectors of the paired differences D = pos − neg (uncentred).
+
+    Returns (directions (k', d_model) unit rows, singular values (k',)), k' = min(k, rank
+    bound); each direction signed so that the mean difference projects positively on it.
+    """
+    pos, neg = _check_pair_arrays(pos, neg, paired=True)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k={k!r} must be an integer >= 1")
+    d = pos - neg
+    _, s, vt = np.linalg.svd(d, full_matrices=False)
+    k = min(int(k), vt.shape[0])
+    vt, s = vt[:k].copy(), s[:k].copy()
+    signs = np.sign(vt @ d.mean(0))
+    signs[signs == 0] = 1.0
+    return vt * signs[:, None], s
+
+
+def pca_direction(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """Unit top eigenvector of E[d dᵀ] over paired differences d, signed so positives project higher."""
+    return svd_directions(pos, neg, 1)[0][0]
+
+
+def logistic_direction(pos: np.ndarray, neg: np.ndarray, *, C: float = 1.0) -> np.ndarray:
+    """Unit weight vector of an L2 logistic regression, positive (1) vs negative (0) activations.
+
+    The activations are centred on their overall mean and divided by one global scale (the
+    RMS norm) before fitting, so ``C`` means the same at every layer; neither changes the
+    direction's meaning. scikit-learn lbfgs, ``max_iter`` 2000.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    pos, neg = _check_pair_arrays(pos, neg, paired=False)
+    if not (isinstance(C, (int, float)) and math.isfinite(C) and C > 0):
+        raise ConfigError(f"C={C!r} must be a finite number > 0 (inverse L2 strength; 1.0 is scikit-learn's default)")
+    x = np.concatenate([pos, neg])
+    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    x = x - x.mean(0)
+    scale = float(np.sqrt((x ** 2).sum(1).mean())) or 1.0
+    w = LogisticRegression(C=C, max_iter=2000).fit(x / scale, y).coef_[0]
+    norm = np.linalg.norm(w)
+    if norm == 0:
+        raise ShapeError("logistic regression returned a zero weight vector: the two classes are not separable "
+                         "at this layer; use mean_diff or pca")
+    return w / norm
+
+
+def projection_auc(pos: np.ndarray, neg: np.ndarray, direction: np.ndarray) -> float:
+    """ROC AUC of the scores h·û separating ``pos`` (label 1) from ``neg`` (label 0); ties count ½."""
+    from sklearn.metrics import roc_auc_score
+
+    pos, neg = _check_pair_arrays(pos, neg, paired=False)
+    u = np.asarray(direction, dtype=np.float64)
+    scores = np.r_[pos @ u, neg @ u]
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], scores))
+
+
+def direction_vectors(pos: np.ndarray, neg: np.ndarray, methods: Sequence[str] = METHODS, *,
+                      C: float = 1.0) -> dict[str, np.ndarray]:
+    """Every method's vector (d_model,) in activation units (see the module docstring)."""
+    pos, neg = _check_pair_arrays(pos, neg, paired=True)
+    dbar = (pos - neg).mean(0)
+    out = {}
+    for method in methods:
+        if method == "mean_diff":
+            out[method] = mean_difference(pos, neg)
+            continue
+        u = pca_direction(pos, neg) if method == "pca" else logistic_direction(pos, neg, C=C)
+        out[method] = u * float(dbar @ u)
+    return out
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    methods = (methods,) if isinstance(methods, str) else tuple(methods)
+    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
+        raise ConfigError(f"methods {list(methods)} must be distinct names from {', '.join(METHODS)}")
+    return methods
+
+
+# -- extraction ----------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class SteeringExtraction:
+    """Per-layer steering directions of one contrast set at one hook.
+
+    table: one row per layer x method: layer, method, auc_test, auc_train, pair_acc_test (share
+    of held-out pairs whose positive projects higher), norm, act_norm, rel_norm, cos_mean_diff.
+    vectors: (n_methods, n_layers, d_model) float32 in activation units; svd_directions:
+    (n_layers, k, d_model) unit rows; svd_values: (n_layers, k); all read-only.
+    """
+
+    table: pd.DataFrame
+    vectors: np.ndarray
+    svd_directions: np.ndarray
+    svd_values: np.ndarray
+    methods: tuple[str, ...]
+    layers: tuple[int, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def vector(self, layer: int, method: str = "mean_diff") -> np.ndarray:
+        """(d_model,) float32 vector of one layer and method."""
+        if method not in self.methods:
+            raise ConfigError(f"method {method!r} was not extracted; available: {', '.join(self.methods)}")
+        if layer not in self.layers:
+            raise ConfigError(f"layer {layer!r} was not extracted; available: {', '.join(map(str, self.layers))}")
+        return self.vectors[self.methods.index(method), self.layers.index(layer)]
+
+    def best_layer(self, method: str = "mean_diff") -> int:
+        """The layer with the highest held-out AUC (ties: the earliest)."""
+        t = self.table[self.table["method"] == method]
+        return int(t.sort_values(["auc_test", "layer"], ascending=[False, True]).iloc[0]["layer"])
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+def extract_directions(acts: Activations, contrasts: ContrastSet, *, methods: Sequence[str] = METHODS,
+                       k: int = 4, C: float = 1.0, progress: Progress | None = None) -> SteeringExtraction:
+    """Directions and per-layer separability from collected activations (pure; no model)."""
+    methods = check_methods(methods)
+    train = np.array([p.split == "train" for p in contrasts.pairs])
+    test = ~train
+    rows, vectors, svd_dirs, svd_vals = [], [], [], []
+    for li, layer in enumerate(acts.layers):
+        if progress:
+            progress(li, len(acts.layers), f"directions at layer {layer}")
+        pos, neg = acts.pos[li], acts.neg[li]
+        vecs = direction_vectors(pos[train], neg[train], methods, C=C)
+        dirs, vals = svd_directions(pos[train], neg[train], k)
+        pad = k - len(vals)
+        svd_dirs.append(np.pad(dirs, ((0, pad), (0, 0))))
+        svd_vals.append(np.pad(vals, (0, pad), constant_values=np.nan))
+        md = mean_difference(pos[train], neg[train])
+        md_unit = md / (np.linalg.norm(md) or 1.0)
+        for method in methods:
+            v = vecs[method]
+            u = v / (np.linalg.norm(v) or 1.0)
+            norm = float(np.linalg.norm(v))
+            rows.append({"layer": layer, "method": method, "auc_test": projection_auc(pos[test], neg[test], u),
+                         "auc_train": projection_auc(pos[train], neg[train], u),
+                         "pair_acc_test": float(((pos[test] - neg[test]) @ u > 0).mean()), "norm": norm,
+                         "act_norm": float(acts.act_norm[li]), "rel_norm": norm / float(acts.act_norm[li]),
+                         "cos_mean_diff": float(u @ md_unit)})
+        vectors.append(np.stack([vecs[m] for m in methods]))
+    if progress:
+        progress(len(acts.layers), len(acts.layers), "done")
+    return SteeringExtraction(
+        table=pd.DataFrame(rows), vectors=_readonly(np.stack(vectors, axis=1).astype(np.float32)),
+        svd_directions=_readonly(np.stack(svd_dirs).astype(np.float32)), svd_values=_readonly(np.stack(svd_vals)),
+        methods=methods, layers=acts.layers,
+        meta={"n_train": int(train.sum()), "n_test": int(test.sum()), "contrast": contrasts.name,
+              "contrast_fingerprint": contrasts.fingerprint, "k": int(k), "C": float(C)})
+
+
+def extract(bridge: Any, contrasts: ContrastSet, *, hook: str = "resid_post", layers: Sequence[int] | None = None,
+            position: str | PositionRule = "last", methods: Sequence[str] = METHODS, padding_side: str = "right",
+            max_tokens: int = 128, k: int = 4, C: float = 1.0, progress: Progress | None = None) -> SteeringExtraction:
+    """Collect activations (one batched forward pass) and extract every method's direction per layer."""
+    methods = check_methods(methods)
+    rule = PositionRule.parse(position)
+    if progress:
+        progress(0, 1, f"forward pass over {2 * len(contrasts.pairs)} texts")
+    acts = collect(bridge, contrasts, hook=hook, layers=layers, position=rule, padding_side=padding_side,
+                   max_tokens=max_tokens)
+    ext = extract_directions(acts, contrasts, methods=methods, k=k, C=C, progress=progress)
+    ext.meta.update({"hook": hook, "position": str(rule), "padding_side": padding_side, "max_tokens": max_tokens,
+                     "d_model": int(acts.pos.shape[-1]), "n_layers_model": n_layers(bridge)})
+    return ext
+
+
+def to_result(ext: SteeringExtraction):
+    """The store's ``Result``: table, the three arrays, and meta (methods, layers, provenance)."""
+    from analysis.store import Result
+
+    return Result(table=ext.table, arrays={"vectors": ext.vectors, "svd_directions": ext.svd_directions,
+                                           "svd_values": ext.svd_values},
+                  meta={**ext.meta, "methods": list(ext.methods), "layers": list(ext.layers)})
+
+
+def from_result(result) -> SteeringExtraction:
+    """Inverse of ``to_result``."""
+    meta = dict(result.meta)
+    methods, layers = tuple(meta.pop("methods")), tuple(int(x) for x in meta.pop("layers"))
+    return SteeringExtraction(table=result.table, vectors=_readonly(np.asarray(result.arrays["vectors"])),
+                              svd_directions=_readonly(np.asarray(result.arrays["svd_directions"])),
+                              svd_values=_readonly(np.asarray(result.arrays["svd_values"])), methods=methods,
+                              layers=layers, meta=meta)

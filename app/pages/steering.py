@@ -1,0 +1,154 @@
+"""Steering page: per-layer separability of a contrast set, dose-response, steered vs unsteered text.
+
+Pick a stored extraction (model × contrast set × hook × position; the form at the top runs
+``app.api.steer_extract``), see each layer's held-out AUC and relative norm, pick a layer,
+method and α, measure the dose-response (``app.api.steer_dose_response``, stored), and type a
+prompt to compare greedy continuations with and without the vector (``app.api.steer_generate``;
+causal LMs only). Charts come from ``app.charts_steering``; nothing is computed here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from analysis.errors import LensLabError
+from app import api
+from app import charts_steering as charts
+from app.allowed_paths import check_typed_path
+from app.state import check_typed_source, get_store
+
+FLASH = "steer_flash"
+HOOKS = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
+
+
+@st.cache_data(show_spinner="Loading the extraction from the store…", max_entries=8)
+def _load(store_root: str, key: str):
+    return api.load_extraction(key, store_root)
+
+
+def _progress_bar(text: str):
+    bar = st.progress(0.0, text=text)
+
+    def progress(done: int, total: int, item: str) -> None:
+        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{text} {item}")
+
+    return bar, progress
+
+
+def _extract(spec: str, contrasts: str, hook: str, position: str, store) -> bool:
+    bar, progress = _progress_bar(f"Extracting {contrasts} from {spec}…")
+    start = time.perf_counter()
+    try:
+        check_typed_source(spec)  # a typed path must lie inside the dashboard's allowed roots
+        check_typed_path(contrasts, names=api.contrast_sets(), what="contrast set")
+        ext = api.steer_extract(spec, contrasts, hook=hook, position=position, store=store, progress=progress)
+    except LensLabError as exc:
+        bar.empty()
+        st.error(str(exc))
+        return False
+    st.session_state[FLASH] = (f"Extracted {len(ext.layers)} layers × {len(ext.methods)} methods of "
+                               f"{ext.meta['contrast']} from {spec} in {time.perf_counter() - start:.1f} s.")
+    return True
+
+
+store = get_store()
+st.title("Steering vectors")
+st.caption("A contrast set pairs texts that differ in one concept. At each layer the difference of their activations "
+           "gives a direction v; adding α·v at that layer steers the model, projecting it out ablates the concept. "
+           "AUC: how well h·v̂ separates held-out positives from negatives (0.5 = chance).")
+if msg := st.session_state.pop(FLASH, None):
+    st.success(msg)
+
+entries = api.stored_extractions(store=store)
+with st.expander("Extract directions", expanded=not entries):
+    with st.form("steer_form"):
+        c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
+        spec = c1.text_input("Source", value="bilinear-lm", key="steer_source",
+                             help="bilinear-lm (a tiny Llama trained here), minilm, tiny-mixtral, or a model directory.")
+        sets = api.contrast_sets()
+        contrast = c2.text_input("Contrast set", value=sets[0] if sets else "", key="steer_contrast",
+                                 help=f"Bundled: {', '.join(sets)}; or the path of a .jsonl file.")
+        hook = c3.selectbox("Hook", HOOKS, key="steer_hook")
+        position = c4.text_input("Position", value="last", key="steer_position", help="last · mean · index:K")
+        submitted = st.form_submit_button("Extract", type="primary")
+    if submitted:
+        if not spec.strip() or not contrast.strip():
+            st.error("Give a source (e.g. bilinear-lm) and a contrast set (e.g. numpy-torch).")
+        elif _extract(spec.strip(), contrast.strip(), hook, position.strip(), store):
+            st.rerun()
+
+if not entries:
+    st.info("No steering directions stored yet. Press **Extract** above, or run "
+            "`lenslab steer extract bilinear-lm numpy-torch` in a terminal.")
+    st.stop()
+
+labels = {m.fingerprint: m.label for m in store.models()}
+by_key = {e.key: e for e in entries}
+key = st.selectbox("Extraction", list(by_key), key="steer_entry",
+                   format_func=lambda k: f"{labels.get(by_key[k].fingerprint, by_key[k].fingerprint[:8])} · "
+                                         f"{by_key[k].params['contrast']} · {by_key[k].params['hook']} · "
+                                         f"{by_key[k].params['position']}")
+try:
+    ext = _load(str(store.root), key)
+except LensLabError as exc:
+    st.error(str(exc))
+    st.stop()
+if ext is None:
+    st.warning("That entry was deleted; pick another or extract again.")
+    st.stop()
+source = ext.meta.get("source", "")
+st.plotly_chart(charts.separability(ext.table), key="steer_separability")
+with st.expander("Per-layer table"):
+    st.dataframe(ext.table, hide_index=True, key="steer_table")
+
+c1, c2, c3, c4 = st.columns(4)
+method = c1.selectbox("Method", list(ext.methods), key="steer_method")
+best = ext.best_layer(method)
+layer = c2.selectbox("Layer", list(ext.layers), index=list(ext.layers).index(best), key="steer_layer",
+                     help=f"Best held-out AUC for {method}: layer {best}.")
+scale = c3.selectbox("Scale", ("norm", "absolute"), key="steer_scale",
+                     help="norm: h + α‖h‖·v̂ (α is a fraction of each token's norm); absolute: h + α·v.")
+alpha = c4.number_input("α", value=0.4 if scale == "norm" else 4.0, step=0.1, key="steer_alpha", format="%.2f")
+vec = api.steer_vector(ext, int(layer), method)
+alphas = (-0.6, -0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.4, 0.6) if scale == "norm" else (-8, -4, -2, -1, 0, 1, 2, 4, 8)
+alphas = tuple(sorted(set(alphas) | {float(alpha)}))
+
+st.subheader("Dose-response on the held-out pairs")
+try:
+    dr = api.stored_dose_response(vec.fingerprint, vec, ext.meta["contrast_origin"], alphas=alphas, scale=scale,
+                                  store=store)
+except LensLabError as exc:
+    st.error(str(exc))
+    dr = None
+if dr is None and st.button("Measure dose-response", key="steer_measure"):
+    bar, progress = _progress_bar("Steering…")
+    try:
+        check_typed_source(source)  # the stored source is reopened: same rule as a typed one
+        dr = api.steer_dose_response(source, vec, ext.meta["contrast_origin"], alphas=alphas, scale=scale,
+                                     store=store, progress=progress)
+    except LensLabError as exc:
+        st.error(str(exc))
+    bar.empty()
+if dr is not None:
+    st.plotly_chart(charts.dose_response(dr.table, dr.kind, f"Dose-response · layer {layer} · {method} · {scale}"),
+                    key="steer_dose")
+    st.dataframe(dr.table, hide_index=True, key="steer_dose_table")
+else:
+    st.caption("Not measured yet for this layer, method and scale.")
+
+st.subheader("Steered vs unsteered")
+prompt = st.text_input("Prompt", value="Returns a new", key="steer_prompt")
+if st.button("Generate", key="steer_generate"):
+    try:
+        check_typed_source(source)
+        out = api.steer_generate(source, vec, prompt, alpha=float(alpha), scale=scale)
+    except LensLabError as exc:
+        st.error(str(exc))
+    else:
+        left, right = st.columns(2)
+        left.markdown("**unsteered**")
+        left.code(prompt + out["unsteered"], language=None)
+        right.markdown(f"**steered** (α = {float(alpha):+g}, {scale})")
+        right.code(prompt + out["steered"], language=None)

@@ -1,0 +1,160 @@
+"""Steering surfaces: the API's store caching, the `lenslab steer` commands (subprocess) and the
+Steering dashboard page (AppTest), checked against the analysis functions run directly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from _support import figure_array, run_cli
+from _tiny_llama import make_tiny_llama
+
+from analysis import steering as S
+from analysis.contrasts import load_contrasts
+from analysis.sources import open_source
+from analysis.steer_vectors import SteeringVector, load_vector, save_vector
+
+DASHBOARD = str(Path(__file__).resolve().parents[1] / "app" / "dashboard.py")
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("steer-surfaces") / "llama")
+
+
+# ------------------------------------------------------------------------------------ API
+def test_api_extraction_is_cached_and_matches_the_analysis(lm_dir, store, monkeypatch):
+    from app import api
+
+    ext = api.steer_extract(lm_dir, "numpy-torch", position="mean", store=store)
+    direct = S.extract(open_source(lm_dir).boot_bridge(), load_contrasts("numpy-torch"), position="mean")
+    np.testing.assert_allclose(ext.vectors, direct.vectors, atol=1e-5)
+    np.testing.assert_allclose(ext.table["auc_test"], direct.table["auc_test"])
+    (entry,) = api.stored_extractions(store=store)
+    assert entry.params["position"] == "mean" and entry.params["contrast"] == "numpy-torch"
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed instead of served from the store")
+
+    monkeypatch.setattr(S, "extract", boom)
+    again = api.steer_extract(lm_dir, "numpy-torch", position="mean", store=store)
+    np.testing.assert_array_equal(again.vectors, ext.vectors)
+    vec = api.steer_vector(again, 1, "pca")
+    assert vec.fingerprint == open_source(lm_dir).fingerprint and vec.layers == (1,) and vec.method == "pca"
+    assert len(store.list()) == 1
+
+
+def test_api_dose_response_is_stored_and_found_again(lm_dir, store):
+    from app import api
+
+    ext = api.steer_extract(lm_dir, "numpy-torch", store=store)
+    vec = api.steer_vector(ext, 0)
+    fp = open_source(lm_dir).fingerprint
+    assert api.stored_dose_response(fp, vec, "numpy-torch", alphas=(-1, 1), scale="norm", store=store) is None
+    dr = api.steer_dose_response(lm_dir, vec, "numpy-torch", alphas=(-1, 1), scale="norm", store=store)
+    assert list(dr.table["alpha"]) == [-1.0, 0.0, 1.0] and dr.kind == "lm"
+    found = api.stored_dose_response(fp, vec, "numpy-torch", alphas=(1, -1), scale="norm", store=store)
+    assert found is not None and found.table.equals(dr.table)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_cli_extract_apply_sweep_orthogonalize(lm_dir, tmp_path):
+    store = tmp_path / "store"
+    vec_path, gguf_path = tmp_path / "v.safetensors", tmp_path / "v.gguf"
+    out = run_cli("steer", "extract", str(lm_dir), "numpy-torch", "--layer", "1", "--out", str(vec_path),
+                  "--gguf", str(gguf_path), "--json", store=store)
+    report = json.loads(out.stdout)
+    assert len(report["layers"]) == 6 and report["meta"]["hook"] == "resid_post"
+    vec = load_vector(vec_path)
+    row = [r for r in report["layers"] if r["layer"] == 1 and r["method"] == "mean_diff"][0]
+    assert vec.layers == (1,) and np.linalg.norm(vec.vectors[0]) == pytest.approx(row["norm"], rel=1e-5)
+    assert gguf_path.is_file()
+
+    out = run_cli("steer", "apply", str(lm_dir), str(vec_path), "--prompt", "Return a new", "--alpha", "0.8",
+                  "--scale", "norm", "--max-new-tokens", "6", "--json", store=store)
+    gen = json.loads(out.stdout)
+    assert gen["steered"] != gen["unsteered"]
+
+    out = run_cli("steer", "sweep", str(lm_dir), "numpy-torch", "--vector", str(vec_path), "--alphas=-0.5,0.5",
+                  "--scale", "norm", "--layer-alpha", "0.5", "--json", store=store)
+    sweep = json.loads(out.stdout)
+    assert [r["alpha"] for r in sweep["dose_response"]] == [-0.5, 0.0, 0.5]
+    assert [r["layer"] for r in sweep["layers"]] == [0, 1]
+
+    out = run_cli("steer", "orthogonalize", str(lm_dir), str(vec_path), "--out", str(tmp_path / "orth"), store=store)
+    assert "tensors projected" in out.stdout and (tmp_path / "orth" / "model.safetensors").is_file()
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(lm_dir, tmp_path):
+    wide = save_vector(SteeringVector(np.ones((1, 384)), (0,), source="minilm"), tmp_path / "wide.safetensors")
+    out = run_cli("steer", "apply", str(lm_dir), str(wide), "--prompt", "x", check=False)
+    assert out.returncode == 2 and "d_model 384 but the model's d_model is 32" in out.stderr
+    out = run_cli("steer", "extract", str(lm_dir), "numpy-torch", "--hook", "resid", check=False)
+    assert out.returncode == 2 and "unknown hook 'resid'; choose one of resid_pre" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------------------------ dashboard
+def open_page() -> AppTest:
+    at = AppTest.from_file(DASHBOARD, default_timeout=TIMEOUT).run()
+    at.switch_page("pages/steering.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [t.value for t in at.title] == ["Steering vectors"]
+    return at
+
+
+def figures(at: AppTest) -> dict[str, dict]:
+    return {json.loads(el.proto.spec)["layout"].get("title", {}).get("text", ""): json.loads(el.proto.spec)
+            for el in at.get("plotly_chart")}
+
+
+def test_page_empty_store_shows_how_to_start(dashboard_store):
+    at = open_page()
+    assert any("lenslab steer extract bilinear-lm numpy-torch" in i.value for i in at.info)
+    assert not at.get("plotly_chart")
+
+
+def test_page_shows_separability_dose_response_and_generations(dashboard_store, lm_dir):
+    from app import api
+
+    ext = api.steer_extract(lm_dir, "numpy-torch", store=dashboard_store)
+    at = open_page()
+    sep = figures(at)["Held-out separability per layer"]
+    auc = {t["name"]: figure_array(t["y"]) for t in sep["data"] if t.get("xaxis", "x") == "x"}
+    for method in ext.methods:
+        np.testing.assert_allclose(auc[method], ext.table.query("method == @method")["auc_test"])
+    at.selectbox(key="steer_layer").set_value(1).run()
+    at.button(key="steer_measure").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+    dose = figures(at)["Dose-response · layer 1 · mean_diff · norm"]
+    stored = api.stored_dose_responses(store=dashboard_store)
+    assert len(stored) == 1
+    dr = api.load_dose_response(stored[0].key, dashboard_store)
+    logp = [t for t in dose["data"] if t["name"] == "log p(positive concept)"][0]
+    np.testing.assert_allclose(figure_array(logp["y"]), dr.table.sort_values("alpha")["logp_pos"])
+    at.text_input(key="steer_prompt").input("Return a new").run()
+    at.button(key="steer_generate").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    blocks = [c.value for c in at.code]
+    assert len(blocks) == 2 and all(b.startswith("Return a new") for b in blocks)
+
+
+def test_page_form_extracts_and_reports_errors(dashboard_store, lm_dir):
+    at = open_page()
+    at.text_input(key="steer_source").input(str(lm_dir))
+    at.text_input(key="steer_contrast").input("code-prose")
+    at.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Extracted 2 layers × 3 methods of code-prose" in s.value for s in at.success)
+    at.text_input(key="steer_position").input("index:0")
+    at.button[0].click().run()
+    assert not at.exception and any("differ in token length" in e.value for e in at.error)
+    at.text_input(key="steer_position").input("last")
+    at.text_input(key="steer_contrast").input("/etc/passwd")
+    at.button[0].click().run()
+    assert not at.exception and any("outside the directories this dashboard may read" in e.value for e in at.error)

@@ -1,0 +1,167 @@
+"""Weight orthogonalisation against runtime ablation, and steering vectors as files (safetensors, GGUF)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny_llama import make_tiny_llama
+from _tiny_mixtral import make_tiny_mixtral
+
+from analysis import steering as S
+from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError, SourceError
+from analysis.orthogonalize import INFO_FILE, orthogonalize, residual_component, writer_axis
+from analysis.sources import open_source
+from analysis.steer_hooks import ablation, attached_hook_count, orthonormal_basis
+from analysis.steer_vectors import SteeringVector, export_gguf, load_vector, save_vector
+
+TEXTS = ["Return a new tensor of zeros.", ">>> np.zeros((3, 4))", "The answer is correct."]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("orth")
+    return {"llama": make_tiny_llama(root / "llama"), "llama-tied": make_tiny_llama(root / "tied", tie=True),
+            "mixtral": make_tiny_mixtral(root / "mixtral")}
+
+
+def logits(bridge, texts=TEXTS) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = S.tokenize(bridge, texts, padding_side="left")
+    with torch.no_grad():
+        return bridge(ids, attention_mask=mask), mask.bool()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("kind", ["llama", "llama-tied", "mixtral"])
+def test_orthogonalised_weights_match_runtime_ablation(models, kind, k, tmp_path):
+    src = open_source(models[kind])
+    bridge = src.boot_bridge()
+    r = np.random.default_rng(k).standard_normal((k, bridge.cfg.d_model))
+    res = orthogonalize(src, r, tmp_path / "out")
+    with ablation(bridge, r):
+        want, mask = logits(bridge)
+    assert attached_hook_count(bridge) == 0
+    got, _ = logits(open_source(res.path).boot_bridge())
+    plain, _ = logits(bridge)
+    assert float((got - want)[mask].abs().max()) < 1e-4
+    assert float((got - plain)[mask].abs().max()) > 1e-2  # the ablation did change the model
+    assert residual_component(res.path, r) < 1e-6
+    n_layers = bridge.cfg.n_layers
+    n_expert = 4 if kind == "mixtral" else 1
+    assert len(res.tensors) == 1 + n_layers * (1 + n_expert)  # embedding + o_proj + down_proj per expert
+    info = json.loads((res.path / INFO_FILE).read_text())
+    assert info["source_fingerprint"] == src.fingerprint and info["untied_lm_head"] is (kind == "llama-tied")
+
+
+def test_orthogonalised_checkpoint_loads_as_a_normal_hf_model(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = open_source(models["llama"])
+    r = np.random.default_rng(0).standard_normal(32)
+    res = orthogonalize(src, r, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(res.path)
+    u = torch.tensor(r / np.linalg.norm(r), dtype=torch.float32)
+    with torch.no_grad():
+        assert float((model.model.embed_tokens.weight @ u).abs().max()) < 1e-5
+        assert float((u @ model.model.layers[0].self_attn.o_proj.weight).abs().max()) < 1e-5
+    assert (res.path / "tokenizer.json").is_file()
+    assert open_source(res.path).fingerprint != src.fingerprint
+
+
+def test_writer_axes():
+    assert writer_axis("model.embed_tokens.weight") == -1
+    assert writer_axis("model.layers.3.self_attn.o_proj.weight") == 0
+    assert writer_axis("model.layers.3.block_sparse_moe.experts.2.w2.weight") == 0
+    assert writer_axis("model.layers.0.mlp.experts.down_proj") == 1
+    assert writer_axis("model.layers.3.self_attn.q_proj.weight") is None
+    assert writer_axis("lm_head.weight") is None
+
+
+def test_orthogonalisation_refuses_post_norm_models_and_occupied_dirs(models, minilm, tmp_path):
+    with pytest.raises(ConfigError, match="model_type 'bert' is not a pre-norm architecture"):
+        orthogonalize(minilm, np.ones(384), tmp_path / "bert")
+    assert not (tmp_path / "bert").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        orthogonalize(models["llama"], np.ones(32), tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    with pytest.raises(ShapeError, match="d_model = 32"):
+        orthogonalize(models["llama"], np.ones(384), tmp_path / "wide")
+    with pytest.raises(ConfigError, match="linearly dependent"):
+        orthogonalize(models["llama"], np.stack([np.ones(32), 2 * np.ones(32)]), tmp_path / "dep")
+    foreign = SteeringVector(np.ones((1, 32)), (0,), fingerprint="0" * 32)
+    with pytest.raises(ConfigError, match="not from this model"):
+        orthogonalize(models["llama"], foreign, tmp_path / "foreign")
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+
+
+def test_orthonormal_basis_spans_the_directions(rng):
+    r = rng.standard_normal((3, 10))
+    q = orthonormal_basis(r, 10).numpy()
+    np.testing.assert_allclose(q @ q.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(r @ q.T @ q, r, atol=1e-12)  # same span
+
+
+# ----------------------------------------------------------------------------- files
+def vector(rng, layers=(0, 1)) -> SteeringVector:
+    return SteeringVector(rng.standard_normal((len(layers), 32)), layers, hook="resid_post", position="mean",
+                          method="pca", fingerprint="a" * 32, source="bilinear-lm", contrast="numpy-torch",
+                          contrast_fingerprint="b" * 32, meta={"note": 1})
+
+
+def test_vector_round_trips_with_its_provenance(rng, tmp_path):
+    vec = vector(rng)
+    back = load_vector(save_vector(vec, tmp_path / "v.safetensors"))
+    np.testing.assert_array_equal(back.vectors, vec.vectors)
+    for field in ("layers", "hook", "position", "method", "fingerprint", "source", "contrast", "contrast_fingerprint",
+                  "meta"):
+        assert getattr(back, field) == getattr(vec, field), field
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_loading_something_else_is_a_typed_error(rng, tmp_path):
+    from safetensors.torch import save_file
+
+    with pytest.raises(SourceError, match="no such file"):
+        load_vector(tmp_path / "missing.safetensors")
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(SourceError, match="not a LensLab steering vector"):
+        load_vector(tmp_path / "plain.safetensors")
+    path = save_vector(vector(rng), tmp_path / "v.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 10])
+    with pytest.raises(CorruptCheckpointError):
+        load_vector(tmp_path / "cut.safetensors")
+    meta = {"format": "lenslab-steering-vector-1", "layers": "[0, 1]", "d_model": "3"}
+    save_file({"layer.0": torch.zeros(3)}, str(tmp_path / "odd.safetensors"), metadata=meta)
+    with pytest.raises(CorruptCheckpointError, match="do not match the layers"):
+        load_vector(tmp_path / "odd.safetensors")
+
+
+def test_gguf_export_is_the_repeng_control_vector_layout(rng, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    vec = vector(rng, layers=(1, 3))
+    export_gguf(vec, tmp_path / "v.gguf", model_hint="llama", scale=2.0)
+    reader = gguf.GGUFReader(str(tmp_path / "v.gguf"))
+    assert reader.fields["general.architecture"].contents() == "controlvector"
+    assert reader.fields["controlvector.model_hint"].contents() == "llama"
+    assert reader.fields["controlvector.layer_count"].contents() == 2
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    assert sorted(tensors) == ["direction.1", "direction.3"]
+    np.testing.assert_allclose(tensors["direction.3"], 2.0 * vec.vectors[1], rtol=1e-6)
+    with pytest.raises(ConfigError, match="hook resid_post"):
+        export_gguf(SteeringVector(np.ones((1, 4)), (0,), hook="mlp_out"), tmp_path / "x.gguf", model_hint="llama")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_steering_vector_validates_itself():
+    with pytest.raises(ShapeError, match="one \\(d_model,\\) row per layer"):
+        SteeringVector(np.ones((2, 4)), (0,))
+    with pytest.raises(ConfigError, match="at least one layer"):
+        SteeringVector(np.ones((0, 4)), ())
+    with pytest.raises(ShapeError, match="NaN or inf"):
+        SteeringVector(np.full((1, 4), np.inf), (0,))
