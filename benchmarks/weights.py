@@ -76,20 +76,22 @@ def svdvals_floor(src: Source, dtype: torch.dtype) -> Timing:
     return timed(run)[0]
 
 
-def gram_floor(src: Source) -> Timing:
-    """Only the float64 Gram products (``dsyrk`` on the smaller side) of every matrix, read and
-    held in memory beforehand, spread over the same worker pool as LensLab: no I/O, no
-    eigen-solve, no metrics. Any method whose singular values are float64-grade for every
-    kappa must do at least this much float64 arithmetic (m·n² flops per m×n matrix; an SVD
-    does about twice that), so WeightWatcher's time over this one bounds the achievable
-    speed-up."""
-    from analysis.singular_values import gram_rows, n_workers, parallel, tall
+def float64_core(src: Source, names: set[str] | None = None) -> Timing:
+    """Only the float64 singular values (Gram product + eigenvalues, ``analysis.singular_values.
+    spectrum``) of every matrix (optionally only those of tensors in ``names``), read and held in
+    memory beforehand, spread over LensLab's worker pool: no I/O, no metrics, no store. This is
+    the float64 arithmetic of LensLab's route (m·n² for the Gram, ~4/3·n³ for the tridiagonal
+    reduction; an SVD does more), so WeightWatcher's time over this one caps the speed-up any
+    change to I/O, metrics or scheduling can bring."""
+    from analysis.singular_values import n_workers, parallel, spectrum
 
-    mats = [tall(m) for m in matrices_of(src)]
+    mats = [v.matrix for name, t in src.iter_tensors()
+            if (names is None or name in names) and t.is_floating_point() and t.ndim >= 2 and 0 not in t.shape
+            for v in weight_matrices(name, t)]
 
     def run() -> None:
         with parallel(min(n_workers(), len(mats))) as pool:
-            list(pool.map(lambda t: gram_rows(t, 0, t.shape[0]), mats))
+            list(pool.map(spectrum, mats))
 
     return timed(run, 3)[0]
 
