@@ -31,6 +31,8 @@ from app.cli_bilinear import bilinear_app  # noqa: E402  (lenslab bilinear train
 app.add_typer(bilinear_app, name="bilinear")
 from app.cli_steer import steer_app  # noqa: E402  (lenslab steer extract|apply|sweep|orthogonalize)
 app.add_typer(steer_app, name="steer")
+from app.cli_sae import sae_app  # noqa: E402  (lenslab sae train|eval|features|ls)
+app.add_typer(sae_app, name="sae")
 experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments (results go to the store).")
 app.add_typer(experiment_app, name="experiment")
 console = Console(stderr=True)

@@ -24,6 +24,9 @@ PAGES = [
     st.Page("pages/bilinear.py", title="Bilinear MLPs", icon=":material/grid_on:"),
     st.Page("pages/experts.py", title="Experts", icon=":material/hub:"),
     st.Page("pages/steering.py", title="Steering", icon=":material/tune:"),
+    st.Page("pages/sae.py", title="Attention SAEs", icon=":material/blur_on:"),
+    st.Page("pages/sae_features.py", title="SAE features", icon=":material/manage_search:"),
+    st.Page("pages/sae_prompt.py", title="SAE prompt", icon=":material/edit_note:"),
 ]
 
 page = st.navigation(PAGES)

@@ -1,0 +1,92 @@
+"""Shared helpers of the three attention-SAE pages: cached loaders (keyed on the store root and
+entry keys only), the SAE picker and analyses launched under an ``st.progress`` bar."""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from analysis.errors import LensLabError
+from analysis.store import Store
+from app import api
+
+SAE_STATE = "lenslab_sae"  # store key of the SAE last picked on any SAE page
+FLASH = "sae_flash"
+
+
+@st.cache_data(show_spinner="Loading the SAE list…", ttl=5, max_entries=4)
+def _list(store_root: str):
+    return api.list_saes(store_root)
+
+
+def sae_table(store: Store):
+    """``api.list_saes`` (cached for a few seconds: a new SAE shows up on the next rerun)."""
+    return _list(str(store.root))
+
+
+@st.cache_data(show_spinner="Loading feature data from the store…", max_entries=8)
+def _features(store_root: str, key: str):
+    return api.stored_sae_features(key, store=store_root)
+
+
+def load_features(store: Store, key: str):
+    """Stored feature data of the SAE ``key`` or None (only present entries go through the cache)."""
+    if not api.has_sae_features(key, store=store):
+        return None
+    return _features(str(store.root), key)
+
+
+@st.cache_data(show_spinner="Loading the evaluation…", max_entries=16)
+def _evaluation(store_root: str, key: str):
+    return api.stored_sae_eval(key, store=store_root)
+
+
+def load_evaluation(store: Store, key: str):
+    if not api.has_sae_eval(key, store=store):
+        return None
+    return _evaluation(str(store.root), key)
+
+
+@st.cache_resource(show_spinner="Loading the SAE…", max_entries=4)
+def load_sae(store_root: str, key: str):
+    return api.load_sae(key, store=store_root)
+
+
+def sae_picker(store: Store, table, *, key: str, label: str = "SAE"):
+    """A select box over the stored SAEs (rows of ``api.list_saes``); remembers the choice across pages.
+    Returns the chosen row (a pandas Series)."""
+    keys = list(table["key"])
+    by_key = {r["key"]: r for _, r in table.iterrows()}
+    remembered = st.session_state.get(SAE_STATE)
+    index = keys.index(remembered) if remembered in by_key else 0
+    choice = st.selectbox(label, keys, index=index, key=key, format_func=lambda k: by_key[k]["name"])
+    st.session_state[SAE_STATE] = choice
+    return by_key[choice]
+
+
+def run_with_progress(label: str, fn, *args, **kwargs):
+    """Run an API call under ``st.progress``; returns its result, or None after ``st.error`` on a
+    LensLab error (no traceback). Leaves a success message for the next rerun."""
+    bar = st.progress(0.0, text=f"{label}…")
+
+    def progress(done: int, total: int, item: str) -> None:
+        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{label}: {item[-80:]}")
+
+    start = time.perf_counter()
+    try:
+        out = fn(*args, progress=progress, **kwargs)
+    except LensLabError as exc:
+        bar.empty()
+        st.error(str(exc))
+        return None
+    bar.empty()
+    st.session_state[FLASH] = f"{label}: done in {time.perf_counter() - start:.1f} s."
+    _list.clear()
+    return out
+
+
+def flash() -> None:
+    """Show (once) the message left by the last successful run."""
+    if msg := st.session_state.pop(FLASH, None):
+        st.success(msg)

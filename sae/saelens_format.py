@@ -1,0 +1,243 @@
+"""Save and load SAEs in SAELens 6.x's on-disk format (what ``SAE.save_model`` /
+``SAE.load_from_disk`` read and write).
+
+A directory with
+
+- ``cfg.json``: ``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input`` (true),
+  ``normalize_activations`` ("none"), ``reshape_activations`` ("hook_z"), ``architecture``
+  ("standard" for ReLU, "topk" with ``k`` and ``rescale_acts_by_decoder_norm`` false) and
+  ``metadata`` (``sae_lens_version``, ``hook_name``, ``model_name``, ...). SAELens 6 keeps
+  ``hook_name`` in ``metadata``; we also write top-level ``hook_name`` and ``hook_layer`` as
+  pre-6 readers expect (SAELens 6 ignores unknown top-level keys). Our full ``SAEConfig``
+  rides along as ``metadata.lenslab_config``.
+- ``sae_weights.safetensors``: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc``
+  [d_sae], ``b_dec`` [d_in] (float32 unless the cfg says otherwise).
+- ``sparsity.safetensors`` (optional): ``sparsity`` [d_sae] = log10(feature density + 1e-10),
+  as SAELens's trainer writes it.
+
+Files are written to temp names and renamed into place (``os.replace``), weights first and
+``cfg.json`` last, so an interrupted save never leaves a cfg pointing at missing weights.
+Loading validates the cfg keys and the safetensors header before reading any tensor:
+malformed files raise ``CorruptCheckpointError``; valid but unsupported settings (another
+architecture, activation normalisation) raise ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from analysis.errors import ConfigError, CorruptCheckpointError, SourceError
+from sae.config import HOOK_RE, SAEConfig, hook_name_for
+from sae.model import SAE
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+SPARSITY_FILENAME = "sparsity.safetensors"
+SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens release whose writer this mirrors
+_ARCH_TO_SAELENS = {"relu": "standard", "topk": "topk"}
+_SAELENS_TO_ARCH = {v: k for k, v in _ARCH_TO_SAELENS.items()}
+_WEIGHT_SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",)}
+
+
+def saelens_cfg_dict(sae: SAE) -> dict[str, Any]:
+    """The ``cfg.json`` dict SAELens 6.x would write for this SAE."""
+    c = sae.cfg
+    cfg: dict[str, Any] = {
+        "d_in": c.d_in,
+        "d_sae": c.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z",
+        "metadata": {
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": SAELENS_FORMAT_VERSION,
+            "hook_name": c.hook_name,
+            "model_name": c.source_label or None,
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "written_by": "lenslab",
+            "n_heads": c.n_heads,
+            "d_head": c.d_head,
+            "source_fingerprint": c.source_fingerprint,
+            "lenslab_config": c.to_dict(),
+        },
+        "architecture": _ARCH_TO_SAELENS[c.architecture],
+        "hook_name": c.hook_name,
+        "hook_layer": c.layer,
+    }
+    if c.architecture == "topk":
+        cfg["k"] = c.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    return cfg
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_saelens(sae: SAE, directory: str | os.PathLike, sparsity: torch.Tensor | None = None) -> Path:
+    """Write ``sae`` (and optionally ``sparsity`` = log10 feature density [d_sae]) in SAELens
+    format into ``directory`` (created). Returns the directory."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    weights = {n: getattr(sae, n).detach().to(torch.float32).contiguous().cpu() for n in _WEIGHT_SHAPES}
+    _atomic_write(d / WEIGHTS_FILENAME, lambda p: save_file(weights, str(p)))
+    if sparsity is not None:
+        sp = torch.as_tensor(sparsity).detach().to(torch.float32).reshape(-1).contiguous()
+        if sp.numel() != sae.cfg.d_sae:
+            raise ConfigError(f"sparsity has {sp.numel()} entries but the SAE has d_sae={sae.cfg.d_sae}; "
+                              "pass log10 feature densities, one per latent")
+        _atomic_write(d / SPARSITY_FILENAME, lambda p: save_file({"sparsity": sp}, str(p)))
+    else:
+        (d / SPARSITY_FILENAME).unlink(missing_ok=True)  # never leave a stale one beside new weights
+    text = json.dumps(saelens_cfg_dict(sae), indent=2)
+    _atomic_write(d / CFG_FILENAME, lambda p: p.write_text(text))
+    return d
+
+
+def _read_cfg(d: Path) -> dict[str, Any]:
+    path = d / CFG_FILENAME
+    if not d.is_dir():
+        raise SourceError(f"{d}: not a directory; give the SAE directory holding {CFG_FILENAME} and {WEIGHTS_FILENAME}")
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{d}: no {CFG_FILENAME}; an SAELens SAE directory holds {CFG_FILENAME} "
+                                     f"and {WEIGHTS_FILENAME}: re-save it with save_saelens") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt: re-save the SAE") from exc
+    if not isinstance(cfg, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(cfg).__name__}; re-save the SAE")
+    missing = [key for key in ("d_in", "d_sae") if key not in cfg]
+    if missing:
+        raise CorruptCheckpointError(f"{path}: missing keys {missing}; SAELens cfg.json files carry d_in, d_sae, "
+                                     "architecture and metadata.hook_name: re-save the SAE")
+    return cfg
+
+
+def _hook_name(cfg: dict[str, Any], path: Path) -> str:
+    meta = cfg.get("metadata") or {}
+    name = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    if not isinstance(name, str):
+        raise CorruptCheckpointError(f"{path}: no hook_name (neither metadata.hook_name nor hook_name); "
+                                     "an attention SAE needs blocks.L.attn.hook_z: add it to cfg.json")
+    if HOOK_RE.match(name) is None:
+        raise ConfigError(f"{path}: hook_name {name!r} is not an attention hook_z; LensLab SAEs read "
+                          "blocks.L.attn.hook_z (flattened); load SAEs trained on that hook")
+    return name
+
+
+def load_saelens(directory: str | os.PathLike) -> SAE:
+    """Read an SAE in SAELens format (ours or one SAELens wrote). Weights become float32.
+
+    Raises CorruptCheckpointError (missing/malformed cfg.json, truncated or inconsistent
+    safetensors, wrong tensor shapes) or ConfigError (an architecture other than standard/topk,
+    activation normalisation, a hook other than hook_z).
+    """
+    from analysis.sources import read_safetensors_header
+
+    d = Path(directory)
+    cfg = _read_cfg(d)
+    path = d / CFG_FILENAME
+    arch_name = cfg.get("architecture", "standard")
+    if arch_name not in _SAELENS_TO_ARCH:
+        raise ConfigError(f"{path}: architecture {arch_name!r} is not supported; LensLab loads "
+                          f"{', '.join(_SAELENS_TO_ARCH)} SAEs")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in (None, "none", False):
+        raise ConfigError(f"{path}: normalize_activations={norm!r} is not supported; fold the scaling into the "
+                          "weights (SAELens: fold_activation_norm_scaling_factor) and save with 'none'")
+    hook = _hook_name(cfg, path)
+    meta = cfg.get("metadata") or {}
+    ours = meta.get("lenslab_config")
+    try:
+        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+        if isinstance(ours, dict):
+            sae_cfg = SAEConfig.from_dict(ours)
+            if (sae_cfg.d_in, sae_cfg.d_sae) != (d_in, d_sae):
+                raise ConfigError(f"metadata.lenslab_config says d_in={sae_cfg.d_in}, d_sae={sae_cfg.d_sae} but "
+                                  f"cfg.json says {d_in}, {d_sae}")
+        else:
+            arch = _SAELENS_TO_ARCH[arch_name]
+            layer = int(HOOK_RE.match(hook).group(1))
+            n_heads, d_head = meta.get("n_heads"), meta.get("d_head")
+            sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch,
+                                k=int(cfg["k"]) if arch == "topk" else None,
+                                hook_name=hook_name_for(layer), layer=layer,
+                                n_heads=int(n_heads) if n_heads is not None and d_head is not None else None,
+                                d_head=int(d_head) if n_heads is not None and d_head is not None else None,
+                                source_label=str(meta.get("model_name") or ""),
+                                source_fingerprint=str(meta.get("source_fingerprint") or ""))
+    except KeyError as exc:
+        raise CorruptCheckpointError(f"{path}: missing key {exc}; a topk SAE's cfg.json needs k: re-save the SAE") from exc
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise CorruptCheckpointError(f"{path}: inconsistent config ({exc}); re-save the SAE") from exc
+        raise CorruptCheckpointError(f"{path}: malformed config value ({exc}); re-save the SAE") from exc
+
+    wpath = d / WEIGHTS_FILENAME
+    if not wpath.is_file():
+        raise CorruptCheckpointError(f"{d}: no {WEIGHTS_FILENAME}; the SAE directory is incomplete: re-save it")
+    header = read_safetensors_header(wpath)  # CorruptCheckpointError when truncated
+    dims = {"d_in": d_in, "d_sae": d_sae}
+    for name, dim_names in _WEIGHT_SHAPES.items():
+        want = [dims[n] for n in dim_names]
+        got = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
+        if got is None:
+            raise CorruptCheckpointError(f"{wpath}: no tensor {name!r}; SAELens weights hold W_enc, W_dec, b_enc, "
+                                         "b_dec: re-save the SAE")
+        if list(got) != want:
+            raise CorruptCheckpointError(f"{wpath}: {name} has shape {tuple(got)} but cfg.json implies {tuple(want)}; "
+                                         "the weights and cfg.json do not belong together: re-save the SAE")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            tensors = {n: f.get_tensor(n).to(torch.float32) for n in _WEIGHT_SHAPES}
+    except SafetensorError as exc:
+        raise CorruptCheckpointError(f"{wpath}: safetensors refused the file ({exc}); re-save the SAE") from exc
+    if not cfg.get("apply_b_dec_to_input", True):
+        # f = act(x W_enc + b_enc) == act((x - b_dec) W_enc + b_enc + b_dec W_enc): fold into b_enc.
+        tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise CorruptCheckpointError(f"{wpath}: tensors {bad} hold NaN or inf; the SAE diverged or the file is "
+                                     "corrupt: retrain or re-save it")
+    sae = SAE(sae_cfg)
+    with torch.no_grad():
+        for n, t in tensors.items():
+            getattr(sae, n).copy_(t)
+    return sae
+
+
+def load_saelens_sparsity(directory: str | os.PathLike) -> torch.Tensor | None:
+    """The ``sparsity`` tensor (log10 feature density, [d_sae]) or None when the file is absent."""
+    from analysis.sources import read_safetensors_header
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory) / SPARSITY_FILENAME
+    if not path.is_file():
+        return None
+    header = read_safetensors_header(path)
+    if "sparsity" not in header:
+        raise CorruptCheckpointError(f"{path}: no tensor 'sparsity'; delete the file or re-save the SAE")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor("sparsity").to(torch.float32)
+    except SafetensorError as exc:
+        raise CorruptCheckpointError(f"{path}: safetensors refused the file ({exc}); re-save the SAE") from exc
