@@ -348,13 +348,15 @@ class Store:
 
     # -- models ---------------------------------------------------------------------------
     def register_model(self, fingerprint: str, label: str, kind: str, *, n_tensors: int | None = None,
-                       n_params: int | None = None, info: Mapping[str, Any] | None = None) -> None:
-        """Record (or refresh the label of) a model the store holds results for."""
+                       n_params: int | None = None, info: Mapping[str, Any] | None = None,
+                       replace: bool = True) -> None:
+        """Record (or refresh the label of) a model the store holds results for; with
+        ``replace=False`` an existing record is kept as it is."""
+        conflict = ("DO UPDATE SET label=excluded.label, kind=excluded.kind, n_tensors=excluded.n_tensors, "
+                    "n_params=excluded.n_params, info=excluded.info") if replace else "DO NOTHING"
         with self._connection() as con:
             con.execute(
-                "INSERT INTO models VALUES (?,?,?,?,?,?,?) ON CONFLICT(fingerprint) DO UPDATE SET "
-                "label=excluded.label, kind=excluded.kind, n_tensors=excluded.n_tensors, "
-                "n_params=excluded.n_params, info=excluded.info",
+                f"INSERT INTO models VALUES (?,?,?,?,?,?,?) ON CONFLICT(fingerprint) {conflict}",
                 (fingerprint, label, kind, n_tensors, n_params, time.time(), canonical_json(dict(info or {}))))
 
     def models(self) -> list[ModelInfo]:

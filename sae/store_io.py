@@ -79,7 +79,8 @@ def put_sae(store: Store, sae: SAE, train: Any = None, *, params: Mapping[str, A
     if not fp:
         raise CorruptEntryError("the SAE's config has no source_fingerprint; build it with "
                                 "sae.train.config_from_cache so the store knows which model it belongs to")
-    store.register_model(fp, label or sae.cfg.source_label or fp[:12], "sae-source")
+    # keep the model's own record (kind, sizes) when the store already knows it
+    store.register_model(fp, label or sae.cfg.source_label or fp[:12], "sae-source", replace=False)
     info = store.put(fp, ANALYSIS_SAE, dict(params) if params is not None else sae_params(sae.cfg), CODE_VERSION,
                      sae_to_result(sae, train, meta=meta))
     return info.key

@@ -51,7 +51,9 @@ def test_list_delete_and_models(store):
     store.put("f" * 32, "analysis0", {}, "v1", _result(9))
     store.register_model(FP, "model-a", "safetensors", n_tensors=3, n_params=10)
     store.register_model("f" * 32, "model-b", "module")
-    assert [m.label for m in store.models()] == ["model-b", "model-a"]
+    store.register_model(FP, "sae-owner", "sae-source", replace=False)  # keeps model-a's record
+    assert [(m.label, m.kind, m.n_params) for m in store.models()] == [("model-b", "module", None),
+                                                                        ("model-a", "safetensors", 10)]
     assert len(store.list()) == 4
     assert {e.analysis for e in store.list(fingerprint=FP)} == {"analysis0", "analysis1", "analysis2"}
     assert len(store.list(analysis="analysis0")) == 2
