@@ -2,12 +2,12 @@
 #   make run    set up .venv, analyse the bundled MiniLM into the default store, start the dashboard
 #   make test   set up .venv with test extras (and Debian chromium for browser tests), run the tests
 # Extra: make slow (slow tests), make bench (benchmark table), make bench-large (6 GB checkpoint, memory),
-# make experiment (KappaTune forgetting run).
+# make bench-sae (SAEs vs SAELens), make experiment (KappaTune forgetting run).
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test slow bench bench-large experiment setup setup-test clean
+.PHONY: run test slow bench bench-large bench-sae experiment setup setup-test clean
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(VENV)/.test-installed
 # time and peak RSS (~15 min on 2 cores); not part of `make test`.
 bench-large: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.large_checkpoint --size-gb 6
+
+# SAE harvest + training vs SAELens 6.x (built in its own venv, .venv-saelens: it pins TransformerLens 3).
+bench-sae: $(VENV)/.test-installed
+	bash benchmarks/saelens_env.sh
+	$(BIN)/python -m benchmarks.sae --relu
 
 experiment: $(VENV)/.installed
 	$(BIN)/lenslab experiment kappatune

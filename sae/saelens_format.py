@@ -5,7 +5,8 @@ A directory with
 
 - ``cfg.json``: ``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input`` (true),
   ``normalize_activations`` ("none"), ``reshape_activations`` ("hook_z"), ``architecture``
-  ("standard" for ReLU, "topk" with ``k`` and ``rescale_acts_by_decoder_norm`` false) and
+  ("standard" for ReLU, "topk" with ``k`` and ``rescale_acts_by_decoder_norm`` false; a TopK SAE
+  SAELens saved with it true is folded to unit-norm decoder rows on load) and
   ``metadata`` (``sae_lens_version``, ``hook_name``, ``model_name``, ...). SAELens 6 keeps
   ``hook_name`` in ``metadata``; we also write top-level ``hook_name`` and ``hook_layer`` as
   pre-6 readers expect (SAELens 6 ignores unknown top-level keys). Our full ``SAEConfig``
@@ -214,6 +215,17 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
     if not cfg.get("apply_b_dec_to_input", True):
         # f = act(x W_enc + b_enc) == act((x - b_dec) W_enc + b_enc + b_dec W_enc): fold into b_enc.
         tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+    if arch_name == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
+        # SAELens ranks pre-activations scaled by n_i = ||W_dec[i]|| and divides the decoder by n_i:
+        # the same SAE with unit-norm decoder rows has W_enc[:, i] * n_i, b_enc[i] * n_i, W_dec[i] / n_i
+        # (what SAELens's fold_W_dec_norm does), which is what LensLab's TopK encode computes.
+        n = tensors["W_dec"].norm(dim=-1)
+        if not bool((n > 0).all()):
+            raise CorruptCheckpointError(f"{wpath}: a decoder row has zero norm, so rescale_acts_by_decoder_norm "
+                                         "cannot be folded; re-save the SAE")
+        tensors["W_enc"] = tensors["W_enc"] * n
+        tensors["b_enc"] = tensors["b_enc"] * n
+        tensors["W_dec"] = tensors["W_dec"] / n[:, None]
     bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise CorruptCheckpointError(f"{wpath}: tensors {bad} hold NaN or inf; the SAE diverged or the file is "
