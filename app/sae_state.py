@@ -3,13 +3,12 @@ entry keys only), the SAE picker and analyses launched under an ``st.progress`` 
 
 from __future__ import annotations
 
-import time
 
 import streamlit as st
 
-from analysis.errors import LensLabError
 from analysis.store import Store
 from app import api
+from app.state import run_with_st_progress
 
 SAE_STATE = "lenslab_sae"  # store key of the SAE last picked on any SAE page
 FLASH = "sae_flash"
@@ -68,21 +67,9 @@ def sae_picker(store: Store, table, *, key: str, label: str = "SAE"):
 def run_with_progress(label: str, fn, *args, **kwargs):
     """Run an API call under ``st.progress``; returns its result, or None after ``st.error`` on a
     LensLab error (no traceback). Leaves a success message for the next rerun."""
-    bar = st.progress(0.0, text=f"{label}…")
-
-    def progress(done: int, total: int, item: str) -> None:
-        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{label}: {item[-80:]}")
-
-    start = time.perf_counter()
-    try:
-        out = fn(*args, progress=progress, **kwargs)
-    except LensLabError as exc:
-        bar.empty()
-        st.error(str(exc))
-        return None
-    bar.empty()
-    st.session_state[FLASH] = f"{label}: done in {time.perf_counter() - start:.1f} s."
-    _list.clear()
+    out = run_with_st_progress(label, fn, *args, flash_key=FLASH, **kwargs)
+    if out is not None:
+        _list.clear()
     return out
 
 

@@ -151,3 +151,24 @@ def clear_caches() -> None:
     """Drop every cached store handle and loaded result (used by tests and after deletes)."""
     _load_spectra.clear()
     _open_store.clear()
+
+
+def run_with_st_progress(label: str, fn, *args, flash_key: str, **kwargs):
+    """Run an API call ``fn(*args, progress=..., **kwargs)`` under ``st.progress``; returns its
+    result, or None after ``st.error`` on a LensLab error (no traceback). On success leaves
+    "LABEL: done in N s." under ``st.session_state[flash_key]`` for the next rerun to show."""
+    bar = st.progress(0.0, text=f"{label}…")
+
+    def progress(done: int, total: int, item: str) -> None:
+        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{label}: {item[-80:]}")
+
+    start = time.perf_counter()
+    try:
+        out = fn(*args, progress=progress, **kwargs)
+    except LensLabError as exc:
+        bar.empty()
+        st.error(str(exc))
+        return None
+    bar.empty()
+    st.session_state[flash_key] = f"{label}: done in {time.perf_counter() - start:.1f} s."
+    return out

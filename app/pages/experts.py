@@ -9,16 +9,14 @@ The forms run ``app.api.mmoe_analyze`` / ``app.api.experts_routing`` with a prog
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 
 import numpy as np
 import streamlit as st
 
-from analysis.errors import LensLabError
 from app import api
 from app import charts_experts as charts
-from app.state import check_typed_source, get_store
+from app.state import check_typed_source, get_store, run_with_st_progress
 
 FLASH = "experts_flash"
 ABLATION_COLUMNS = ["expert", "load", "usage", "n_flipped", "accuracy_drop", "n_classes_hurt", "polysemanticity",
@@ -42,20 +40,7 @@ def _routing(spec: str, **kwargs):
 
 def _run(label: str, fn, *args, **kwargs):
     """Run an API call under a progress bar; None (after st.error) on a LensLab error."""
-    bar = st.progress(0.0, text=f"{label}…")
-
-    def progress(done: int, total: int, item: str) -> None:
-        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{label}: {item}")
-
-    start = time.perf_counter()
-    try:
-        out = fn(*args, progress=progress, **kwargs)
-    except LensLabError as exc:
-        bar.empty()
-        st.error(str(exc))
-        return None
-    st.session_state[FLASH] = f"{label}: done in {time.perf_counter() - start:.1f} s."
-    return out
+    return run_with_st_progress(label, fn, *args, flash_key=FLASH, **kwargs)
 
 
 def _curve_label(entry) -> str:
