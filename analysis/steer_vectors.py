@@ -8,10 +8,26 @@ steering vectors or whose tensors disagree with the metadata.
 
 ``export_gguf`` writes the control-vector GGUF that repeng (``ControlVector.import_gguf``) and
 llama.cpp (``--control-vector``) read: architecture ``controlvector``, keys
-``controlvector.model_hint`` (the HF ``model_type``) and ``controlvector.layer_count``, tensors
-``direction.<L>`` added to the output of block L, i.e. ``hook_resid_post`` of layer L. It needs
-the ``gguf`` package (``pip install gguf``, the writer maintained with llama.cpp). llama.cpp
-never steers layer 0.
+``controlvector.model_hint`` (the HF ``model_type``) and ``controlvector.layer_count``, one 1-D
+F32 tensor of n_embd values per layer named ``direction.<N>``. It needs the ``gguf`` package
+(``pip install gguf``, the writer maintained with llama.cpp).
+
+What ``N`` means, from the two readers' sources:
+
+- llama.cpp (``common/common.cpp`` ``common_control_vector_load_one``) parses ``N`` from the
+  name and rejects the whole file when ``N <= 0`` ("invalid (zero) direction tensor layer
+  index"), when a tensor is not F32 or not 1-D, or when the lengths differ; the metadata keys
+  are not read. ``direction.N`` goes to ``tensors[N]`` (``src/llama-adapter.cpp``), and each
+  model graph adds ``tensors[il]`` right after block ``il``'s last residual add
+  (``cur = build_cvec(cur, il)``, 0-based ``il``): ``direction.N`` is added to the output of
+  block N. The output of block 0 cannot be steered.
+- repeng keys its directions by the same 0-based block index: it reads ``hidden_states[N + 1]``
+  (the output of ``model.layers[N]``) and adds ``direction.N`` to that layer's output.
+
+So ``direction.N`` is LensLab's ``blocks.N.hook_resid_post``, which is also
+``blocks.{N+1}.hook_resid_pre``: ``gguf_direction_index`` maps (hook, layer) to N and refuses,
+with a ``ConfigError``, what a control vector cannot express (N = 0, the embedding, and the
+hooks inside a block: resid_mid, attn_out, mlp_out).
 """
 
 from __future__ import annotations
@@ -177,15 +193,41 @@ def check_compatible(vector: SteeringVector, *, d_model: int, fingerprint: str |
                           "model, or pass allow_foreign=True (--allow-foreign) if the models share a residual basis")
 
 
+def gguf_direction_index(hook: str, layer: int) -> int:
+    """The ``direction.N`` index llama.cpp and repeng give a vector extracted at ``hook`` of block
+    ``layer`` (see the module docstring): resid_post L -> L, resid_pre L -> L - 1.
+
+    Raises ConfigError for N = 0 (llama.cpp refuses it: block 0's output is never steered), for
+    resid_pre of block 0 (the embedding) and for hooks inside a block.
+    """
+    if hook == "resid_post":
+        index = int(layer)
+    elif hook == "resid_pre":
+        index = int(layer) - 1
+    else:
+        raise ConfigError(f"control-vector GGUF files add to a block's output (hook resid_post of block N, the same "
+                          f"tensor as resid_pre of block N+1), but this vector was extracted at {hook}, inside a "
+                          "block; re-extract with --hook resid_post")
+    if index <= 0:
+        raise ConfigError(f"{hook} of layer {layer} is the output of "
+                          f"{'the embedding' if index < 0 else 'block 0'}, which llama.cpp never steers (it refuses "
+                          "a file holding direction.0: 'invalid (zero) direction tensor layer index'); export a "
+                          "vector from resid_post of layer >= 1 (resid_pre of layer >= 2)")
+    return index
+
+
 def export_gguf(vector: SteeringVector, path: str | os.PathLike, *, model_hint: str, scale: float = 1.0) -> Path:
-    """Write the repeng / llama.cpp control-vector GGUF (vectors × ``scale``), atomically."""
+    """Write the repeng / llama.cpp control-vector GGUF (vectors × ``scale``), atomically.
+
+    Each layer's row becomes ``direction.<gguf_direction_index(hook, layer)>``, 1-D F32 of
+    d_model values. Raises ConfigError (and writes nothing) for what a control vector cannot
+    express: see ``gguf_direction_index``.
+    """
     try:
         import gguf
     except ImportError as exc:
         raise ConfigError("GGUF export needs the gguf package; install it with `pip install gguf`") from exc
-    if vector.hook != "resid_post":
-        raise ConfigError(f"control-vector GGUF files add to each block's output (hook resid_post), but this vector "
-                          f"was extracted at {vector.hook}; re-extract with --hook resid_post")
+    indices = [gguf_direction_index(vector.hook, layer) for layer in vector.layers]
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ConfigError(f"scale={scale!r} must be a finite number")
     if not model_hint:
@@ -196,8 +238,9 @@ def export_gguf(vector: SteeringVector, path: str | os.PathLike, *, model_hint: 
         writer = gguf.GGUFWriter(tmp, "controlvector")
         writer.add_string("controlvector.model_hint", model_hint)
         writer.add_uint32("controlvector.layer_count", len(vector.layers))
-        for i, layer in enumerate(vector.layers):
-            writer.add_tensor(f"direction.{layer}", (vector.vectors[i] * np.float32(scale)).astype(np.float32))
+        for i, index in enumerate(indices):
+            row = np.ascontiguousarray(vector.vectors[i] * np.float32(scale), dtype=np.float32)
+            writer.add_tensor(f"direction.{index}", row)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -81,7 +81,8 @@ def extract(
                                                                        "held-out AUC).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Save the vector here (.safetensors).")] = None,
     gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Also write a repeng / llama.cpp control-vector "
-                                                                ".gguf (hook resid_post).")] = None,
+                                                                ".gguf: resid_post of layer N >= 1 becomes "
+                                                                "direction.N (llama.cpp never steers block 0).")] = None,
     padding_side: Annotated[str, typer.Option("--padding-side", help="right | left")] = "right",
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-layer table as JSON.")] = False,
     refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,

@@ -96,6 +96,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(lm_dir, tmp_path):
     assert out.returncode == 2 and "d_model 384 but the model's d_model is 32" in out.stderr
     out = run_cli("steer", "extract", str(lm_dir), "numpy-torch", "--hook", "resid", check=False)
     assert out.returncode == 2 and "unknown hook 'resid'; choose one of resid_pre" in out.stderr
+    out = run_cli("steer", "extract", str(lm_dir), "numpy-torch", "--layer", "0", "--gguf", str(tmp_path / "v.gguf"),
+                  check=False)
+    assert out.returncode == 2 and "which llama.cpp never steers" in out.stderr and not (tmp_path / "v.gguf").exists()
     assert "Traceback" not in out.stderr
 
 

@@ -15,7 +15,7 @@ from analysis import steering as S
 from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError, SourceError
 from analysis.orthogonalize import INFO_FILE, orthogonalize, residual_component, writer_axis
 from analysis.sources import open_source
-from analysis.steer_hooks import ablation, attached_hook_count, orthonormal_basis
+from analysis.steer_hooks import ablation, attached_hook_count, orthonormal_basis, steering
 from analysis.steer_vectors import SteeringVector, export_gguf, load_vector, save_vector
 
 TEXTS = ["Return a new tensor of zeros.", ">>> np.zeros((3, 4))", "The answer is correct."]
@@ -142,7 +142,27 @@ def test_loading_something_else_is_a_typed_error(rng, tmp_path):
         load_vector(tmp_path / "odd.safetensors")
 
 
-def test_gguf_export_is_the_repeng_control_vector_layout(rng, tmp_path):
+def llama_cpp_control_vector(path) -> dict[int, np.ndarray]:
+    """Read a control-vector GGUF by the rules of llama.cpp's loader (common/common.cpp,
+    common_control_vector_load_one): every tensor is named direction.<N> with an integer N > 0,
+    F32, 1-D, all of one length; anything else rejects the whole file. Returns {N: row}."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    out, widths = {}, set()
+    for t in reader.tensors:
+        prefix, _, index = t.name.partition(".")
+        assert prefix == "direction" and index.lstrip("-").isdigit(), f"unparsable layer index: {t.name}"
+        assert int(index) > 0, f"invalid (zero) direction tensor layer index: {t.name}"
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32, f"non-F32 direction tensor: {t.name}"
+        assert len(t.shape) == 1, f"non-1D direction tensor: {t.name} {t.shape}"
+        widths.add(int(t.n_elements))
+        out[int(index)] = np.array(t.data)
+    assert len(widths) == 1, f"direction tensors of different lengths {widths}"
+    return out
+
+
+def test_gguf_export_follows_the_llama_cpp_loader_rules(rng, tmp_path):
     gguf = pytest.importorskip("gguf")
     vec = vector(rng, layers=(1, 3))
     export_gguf(vec, tmp_path / "v.gguf", model_hint="llama", scale=2.0)
@@ -150,12 +170,42 @@ def test_gguf_export_is_the_repeng_control_vector_layout(rng, tmp_path):
     assert reader.fields["general.architecture"].contents() == "controlvector"
     assert reader.fields["controlvector.model_hint"].contents() == "llama"
     assert reader.fields["controlvector.layer_count"].contents() == 2
-    tensors = {t.name: np.array(t.data) for t in reader.tensors}
-    assert sorted(tensors) == ["direction.1", "direction.3"]
-    np.testing.assert_allclose(tensors["direction.3"], 2.0 * vec.vectors[1], rtol=1e-6)
-    with pytest.raises(ConfigError, match="hook resid_post"):
-        export_gguf(SteeringVector(np.ones((1, 4)), (0,), hook="mlp_out"), tmp_path / "x.gguf", model_hint="llama")
-    assert not (tmp_path / "x.gguf").exists()
+    rows = llama_cpp_control_vector(tmp_path / "v.gguf")
+    assert sorted(rows) == [1, 3] and all(r.shape == (32,) for r in rows.values())  # direction.N = output of block N
+    np.testing.assert_allclose(rows[3], 2.0 * vec.vectors[1], rtol=1e-6)
+    # resid_pre of block L is the output of block L - 1
+    pre = SteeringVector(vec.vectors, (2, 4), hook="resid_pre")
+    export_gguf(pre, tmp_path / "pre.gguf", model_hint="llama")
+    assert sorted(llama_cpp_control_vector(tmp_path / "pre.gguf")) == [1, 3]
+
+
+@pytest.mark.parametrize(("hook", "layers", "match"), [
+    ("resid_post", (0,), r"resid_post of layer 0 is the output of block 0, which llama.cpp never steers"),
+    ("resid_post", (0, 1), r"resid_post of layer 0 is the output of block 0"),
+    ("resid_pre", (1,), r"resid_pre of layer 1 is the output of block 0"),
+    ("resid_pre", (0,), r"resid_pre of layer 0 is the output of the embedding"),
+    ("mlp_out", (2,), r"extracted at mlp_out, inside a block; re-extract with --hook resid_post"),
+    ("resid_mid", (2,), r"extracted at resid_mid"),
+])
+def test_gguf_export_refuses_what_a_control_vector_cannot_express(tmp_path, hook, layers, match):
+    pytest.importorskip("gguf")
+    vec = SteeringVector(np.ones((len(layers), 4)), layers, hook=hook)
+    with pytest.raises(ConfigError, match=match):
+        export_gguf(vec, tmp_path / "x.gguf", model_hint="llama")
+    assert not list(tmp_path.iterdir())  # nothing written, no temp file left
+
+
+def test_resid_pre_of_a_block_is_the_output_of_the_one_before(tmp_path):
+    """The identity behind direction.N = resid_pre of block N + 1: steering either gives the same logits."""
+    bridge = open_source(make_tiny_llama(tmp_path / "llama3", n_layers=3)).boot_bridge()
+    v = np.random.default_rng(5).standard_normal(bridge.cfg.d_model)
+    with steering(bridge, v, alpha=1.5, layers=[2], hook="resid_pre"):
+        pre, mask = logits(bridge)
+    with steering(bridge, v, alpha=1.5, layers=[1], hook="resid_post"):
+        post, _ = logits(bridge)
+    plain, _ = logits(bridge)
+    torch.testing.assert_close(pre, post, atol=1e-5, rtol=0)
+    assert float((pre - plain)[mask].abs().max()) > 1e-2
 
 
 def test_steering_vector_validates_itself():
