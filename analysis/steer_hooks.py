@@ -4,10 +4,18 @@
   h ← h + α v (``scale="absolute"``) or h ← h + α ‖h‖ v/‖v‖ (``scale="norm"``: α is a fraction
   of each token's own activation norm).
 - ``ablation(bridge, directions)``: h ← h − R̂ᵀ(R̂ h), projecting the span of the directions
-  (rows of R, orthonormalised to R̂) out. By default at every site that *writes* to the
-  residual stream (``hook_embed`` and each block's ``hook_attn_out`` and ``hook_mlp_out``), the
-  runtime twin of weight orthogonalisation (``analysis.orthogonalize``); with ``hook=...`` at
-  that hook of the chosen layers instead.
+  (rows of R, orthonormalised to R̂) out. By default at every site that forms the residual
+  stream (``residual_sites``), so h·r̂ = 0 at every resid hook of every layer; with
+  ``hook=...`` at that hook of the chosen layers instead.
+
+  In a pre-norm model (Llama, Mixtral, ...) the stream is the plain sum of its writers
+  (``hook_embed`` and each block's ``hook_attn_out`` and ``hook_mlp_out``), so projecting the
+  writers suffices, and it is the runtime twin of weight orthogonalisation
+  (``analysis.orthogonalize``). A post-norm model (BERT/MiniLM) normalises after each add,
+  h ← LayerNorm(h + f(h)): the re-centring, the per-channel gain and the bias bring the
+  direction back, so the projection is also applied after every LayerNorm (the embedding
+  LayerNorm's output ``hook_embed``, ``ln1``'s output, which BERT bridges also expose as
+  ``hook_attn_out``, and ``hook_resid_post``, ``ln2``'s output). No weight edit reproduces that.
 
 Both are context managers built on ``bridge.hooks``: the hooks they add are removed when the
 block exits, also when it raises, and hooks attached before are left alone. They compose by
@@ -142,6 +150,16 @@ def steering(bridge: Any, vector: SteeringVector | np.ndarray | torch.Tensor, *,
         yield bridge
 
 
+POST_NORM_ARCHITECTURES = ("Bert", "Roberta", "XLMRoberta", "Electra", "DistilBert", "MPNet", "Albert")
+
+
+def is_post_norm(bridge: Any) -> bool:
+    """True for BERT-style encoders, which apply LayerNorm after each residual add (and to the
+    embeddings: their bridges have ``embed_ln``)."""
+    arch = str(getattr(bridge.cfg, "architecture", "") or "")
+    return arch.startswith(POST_NORM_ARCHITECTURES) or "embed_ln.hook_out" in bridge.hook_dict
+
+
 def writer_sites(bridge: Any) -> list[str]:
     """Hook names of every output that writes to the residual stream: the token embedding
     (plus learned position embeddings if the model has them) and each block's attention and MLP."""
@@ -150,6 +168,24 @@ def writer_sites(bridge: Any) -> list[str]:
         names.append("hook_pos_embed")
     for layer in range(int(bridge.cfg.n_layers)):
         names += [hook_name(bridge, layer, "attn_out"), hook_name(bridge, layer, "mlp_out")]
+    return names
+
+
+def residual_sites(bridge: Any) -> list[str]:
+    """Hook names where ``ablation`` projects by default, in forward order.
+
+    Pre-norm: ``writer_sites``. Post-norm: ``hook_embed`` (the embedding LayerNorm's output; the
+    position embeddings before it are not projected), then per block ``ln1``'s output (the
+    stream after attention), ``hook_attn_out``, ``hook_mlp_out`` (so the sum entering ``ln2``,
+    the bridge's ``hook_resid_mid``, has no component either) and ``hook_resid_post``.
+    """
+    if not is_post_norm(bridge):
+        return writer_sites(bridge)
+    names = ["hook_embed"]
+    for layer in range(int(bridge.cfg.n_layers)):
+        ln1 = f"blocks.{layer}.ln1.hook_out"
+        names += [ln1] if ln1 in bridge.hook_dict else []
+        names += [hook_name(bridge, layer, h) for h in ("attn_out", "mlp_out", "resid_post")]
     return names
 
 
@@ -167,16 +203,16 @@ def ablation_hooks(bridge: Any, directions: np.ndarray | torch.Tensor | Steering
     if hook is None:
         if layers is not None:
             raise ConfigError("layers= needs hook= (e.g. hook='resid_pre'); without a hook the ablation acts on "
-                              "every residual writer of every layer")
-        return [(name, fn) for name in writer_sites(bridge)]
+                              "every site that forms the residual stream, at every layer")
+        return [(name, fn) for name in residual_sites(bridge)]
     return [(hook_name(bridge, layer, hook), fn) for layer in check_layers(bridge, layers)]
 
 
 @contextmanager
 def ablation(bridge: Any, directions: np.ndarray | torch.Tensor | SteeringVector, *,
              layers: Sequence[int] | None = None, hook: str | None = None) -> Iterator[Any]:
-    """Project the span of ``directions`` out of the residual writers (default) or out of
-    ``hook`` at ``layers`` for the duration of the block."""
+    """Project the span of ``directions`` out of the residual stream (default: at every
+    ``residual_sites`` hook) or out of ``hook`` at ``layers`` for the duration of the block."""
     hooks = ablation_hooks(bridge, directions, layers=layers, hook=hook)
     with _hooked(bridge, hooks):
         yield bridge

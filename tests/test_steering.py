@@ -260,6 +260,42 @@ def test_ablation_removes_the_direction_from_the_residual_stream(llama):
     torch.testing.assert_close(project_out(project_out(x, basis), basis), project_out(x, basis))
 
 
+@pytest.fixture(scope="module")
+def minilm_bridge(minilm):
+    return minilm.boot_bridge()
+
+
+def test_ablation_on_a_post_norm_encoder_clears_every_resid_hook(minilm_bridge):
+    """BERT re-normalises after each residual add (LayerNorm's centring, gain and bias bring a
+    projected direction back), so the ablation also projects after every LayerNorm: h·r̂ = 0 at
+    every resid hook of every layer, relative to |h|."""
+    from analysis.steer_hooks import is_post_norm, residual_sites, writer_sites
+
+    bridge = minilm_bridge
+    assert is_post_norm(bridge) and set(writer_sites(bridge)) - {"hook_pos_embed"} < set(residual_sites(bridge))
+    r = np.random.default_rng(6).standard_normal((2, bridge.cfg.d_model))
+    basis = orthonormal_basis(r, bridge.cfg.d_model)
+    ids, mask = S.tokenize(bridge, ["What a wonderful, generous idea.", "This is awful and broken.", "ok"])
+    names = ["hook_embed"] + [S.hook_name(bridge, layer, h) for layer in range(bridge.cfg.n_layers)
+                              for h in ("resid_pre", "resid_mid", "resid_post", "attn_out")]
+
+    def components(ctx):
+        with torch.no_grad(), ctx:
+            _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=names, return_type=None)
+        real = mask.bool()
+        return {n: ((h.to(torch.float64) @ basis.T).norm(dim=-1) / h.to(torch.float64).norm(dim=-1))[real]
+                for n, h in cache.items()}
+
+    from contextlib import nullcontext
+
+    plain = components(nullcontext())
+    assert all(float(c.max()) > 1e-3 for c in plain.values())  # the directions are there to remove
+    ablated = components(ablation(bridge, r))
+    assert attached_hook_count(bridge) == 0
+    for name, c in ablated.items():
+        assert float(c.max()) <= 1e-5, (name, float(c.max()))
+
+
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"alpha": float("nan")}, ConfigError, "alpha=nan must be a finite number"),
     ({"alpha": float("inf")}, ConfigError, "alpha=inf must be a finite number"),
