@@ -97,6 +97,7 @@ def steering_hooks(bridge: Any, vector: SteeringVector | np.ndarray | torch.Tens
         raise ConfigError(f"scale={scale!r} must be one of {', '.join(SCALES)}")
     width = d_model(bridge)
     if isinstance(vector, SteeringVector):
+        vector.require_single("steering (adding α·v)")
         check_compatible(vector, d_model=width, fingerprint=fingerprint, allow_foreign=allow_foreign)
         hook = hook or vector.hook
         layers = check_layers(bridge, layers if layers is not None else vector.layers)

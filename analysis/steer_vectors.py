@@ -1,10 +1,12 @@
 """Steering vectors as files: safetensors with where they came from, and a repeng/llama.cpp GGUF export.
 
-A ``SteeringVector`` holds one (d_model,) vector per layer plus its provenance: the source
-model's fingerprint and label, the hook, the position rule, the method and the contrast set.
-``save_vector`` writes ``layer.<L>`` float32 tensors and that provenance as safetensors
-metadata (strings); ``load_vector`` reads it back and refuses files that are not LensLab
-steering vectors or whose tensors disagree with the metadata.
+A ``SteeringVector`` holds one (d_model,) vector per layer, or for method ``svd`` k unit rows per
+layer (the top-k SVD directions of the paired differences: a subspace to ablate or orthogonalise
+away), plus its provenance: the source model's fingerprint and label, the hook, the position
+rule, the method and the contrast set. ``save_vector`` writes ``layer.<L>`` float32 tensors,
+(d_model,) or (k, d_model), and that provenance (with ``k``) as safetensors metadata (strings);
+``load_vector`` reads it back and refuses files that are not LensLab steering vectors or whose
+tensors disagree with the metadata.
 
 ``export_gguf`` writes the control-vector GGUF that repeng (``ControlVector.import_gguf``) and
 llama.cpp (``--control-vector``) read: architecture ``controlvector``, keys
@@ -37,7 +39,7 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +51,17 @@ FORMAT = "lenslab-steering-vector-1"
 _META_KEYS = ("hook", "position", "method", "fingerprint", "source", "contrast", "contrast_fingerprint")
 
 
+SVD = "svd"  # the multi-direction method: k unit rows per layer
+
+
 @dataclass(frozen=True, eq=False)
 class SteeringVector:
-    """One (d_model,) vector per layer and where it came from.
+    """One (d_model,) vector per layer, or k rows per layer, and where it came from.
 
-    vectors: (n_layers, d_model) float32, read-only, row i belongs to ``layers[i]``;
-    fingerprint: the source model's 32-hex fingerprint ("" when unknown).
+    vectors: (n_layers * k, d_model) float32, read-only; rows ``i*k .. i*k + k - 1`` belong to
+    ``layers[i]`` (k = 1: row i is the vector of ``layers[i]``); fingerprint: the source model's
+    32-hex fingerprint ("" when unknown). A vector with k > 1 is a subspace: ``ablation`` and
+    ``orthogonalize`` remove the span of all its rows; steering needs one row (``row``).
     """
 
     vectors: np.ndarray
@@ -67,14 +74,17 @@ class SteeringVector:
     contrast: str = ""
     contrast_fingerprint: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    k: int = 1
 
     def __post_init__(self) -> None:
         v = np.array(self.vectors, dtype=np.float32, ndmin=2)
         layers = tuple(int(x) for x in self.layers)
         if not layers:
             raise ConfigError("a steering vector needs at least one layer")
-        if v.ndim != 2 or v.shape[0] != len(layers) or v.shape[1] == 0:
-            raise ShapeError(f"a steering vector needs one (d_model,) row per layer: got {v.shape} for "
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
+            raise ConfigError(f"k={self.k!r} (rows per layer) must be an integer >= 1")
+        if v.ndim != 2 or v.shape[0] != len(layers) * int(self.k) or v.shape[1] == 0:
+            raise ShapeError(f"a steering vector needs {int(self.k)} (d_model,) row(s) per layer: got {v.shape} for "
                              f"layers {list(layers)}")
         if len(set(layers)) != len(layers) or any(x < 0 for x in layers):
             raise ConfigError(f"layers {list(layers)} must be distinct non-negative integers")
@@ -83,34 +93,86 @@ class SteeringVector:
         v.setflags(write=False)
         object.__setattr__(self, "vectors", v)
         object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "k", int(self.k))
 
     @property
     def d_model(self) -> int:
         return int(self.vectors.shape[1])
 
-    def at(self, layer: int) -> np.ndarray:
-        """The (d_model,) vector of ``layer``."""
+    def _index(self, layer: int) -> int:
         if layer not in self.layers:
             raise ConfigError(f"the vector has no row for layer {layer}; it covers layers "
                               f"{', '.join(map(str, self.layers))}")
-        return self.vectors[self.layers.index(layer)]
+        return self.layers.index(layer)
+
+    def rows(self, layer: int) -> np.ndarray:
+        """The (k, d_model) rows of ``layer``."""
+        i = self._index(layer)
+        return self.vectors[i * self.k:(i + 1) * self.k]
+
+    def require_single(self, what: str) -> None:
+        """ConfigError when the vector has k > 1 rows per layer (``what`` needs one vector)."""
+        if self.k > 1:
+            raise ConfigError(f"this {self.method} vector holds k={self.k} directions per layer, a subspace to "
+                              f"ablate or orthogonalise away; {what} needs one vector per layer: choose a row with "
+                              f"vector.row(i), i in 0..{self.k - 1} (CLI: --row I)")
+
+    def at(self, layer: int) -> np.ndarray:
+        """The (d_model,) vector of ``layer`` (ConfigError for a k-row vector: pick a ``row`` first)."""
+        self.require_single("at()")
+        return self.vectors[self._index(layer)]
+
+    def row(self, i: int) -> SteeringVector:
+        """Row ``i`` of every layer as a one-row vector (method ``svd[i]``): a unit direction, so
+        steer it with ``scale="norm"`` or an α in activation units."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= int(i) < self.k:
+            raise ConfigError(f"row {i!r} does not exist: this vector has rows 0..{self.k - 1} per layer")
+        rows = self.vectors.reshape(len(self.layers), self.k, self.d_model)[:, int(i)]
+        return replace(self, vectors=rows, k=1, method=f"{self.method}[{int(i)}]" if self.k > 1 else self.method)
 
     def describe(self) -> str:
-        return (f"{self.method} vector from {self.contrast or '?'} at {self.hook}, layers "
+        what = f"{self.method} k={self.k}" if self.k > 1 else self.method
+        return (f"{what} vector from {self.contrast or '?'} at {self.hook}, layers "
                 f"{','.join(map(str, self.layers))}, position {self.position}, d_model {self.d_model}, "
                 f"source {self.source or '?'} ({self.fingerprint[:8] or 'no fingerprint'})")
 
 
 def from_extraction(extraction: Any, layers: int | Sequence[int], method: str = "mean_diff", *,
-                    fingerprint: str = "", source: str = "") -> SteeringVector:
-    """The ``method`` vectors of ``layers`` from a ``steering.SteeringExtraction``."""
+                    fingerprint: str = "", source: str = "", k: int | None = None) -> SteeringVector:
+    """The ``method`` vectors of ``layers`` from a ``steering.SteeringExtraction``.
+
+    ``method="svd"`` takes the top ``k`` SVD directions of each layer (default: all the
+    extraction computed, ``meta["k"]``) as unit rows; ConfigError when a layer has fewer
+    (the paired differences have lower rank) or k exceeds what was extracted.
+    """
     layers = (layers,) if isinstance(layers, (int, np.integer)) else tuple(layers)
+    layers = tuple(int(x) for x in layers)
     meta = extraction.meta
-    rows = np.stack([extraction.vector(int(layer), method) for layer in layers])
-    return SteeringVector(rows, tuple(int(x) for x in layers), hook=meta.get("hook", "resid_post"),
+    if method == SVD:
+        have = int(extraction.svd_directions.shape[1])
+        k = have if k is None else k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= have:
+            raise ConfigError(f"k={k!r} must be an integer in 1..{have}: the extraction computed the top {have} SVD "
+                              f"directions; re-extract with k >= {k} (--k)")
+        blocks = []
+        for layer in layers:
+            if layer not in extraction.layers:
+                raise ConfigError(f"layer {layer!r} was not extracted; available: "
+                                  f"{', '.join(map(str, extraction.layers))}")
+            li = extraction.layers.index(layer)
+            rank = int(np.isfinite(extraction.svd_values[li]).sum())
+            if rank < k:
+                raise ConfigError(f"layer {layer} has only {rank} SVD direction(s) (the rank of its paired "
+                                  f"differences); ask for k <= {rank}")
+            blocks.append(extraction.svd_directions[li, :k])
+        rows = np.concatenate(blocks)
+    else:
+        k = 1
+        rows = np.stack([extraction.vector(layer, method) for layer in layers])
+    return SteeringVector(rows, layers, hook=meta.get("hook", "resid_post"),
                           position=meta.get("position", "last"), method=method, fingerprint=fingerprint,
                           source=source, contrast=meta.get("contrast", ""),
-                          contrast_fingerprint=meta.get("contrast_fingerprint", ""))
+                          contrast_fingerprint=meta.get("contrast_fingerprint", ""), k=int(k))
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -126,13 +188,16 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_vector(vector: SteeringVector, path: str | os.PathLike) -> Path:
-    """Write ``vector`` as safetensors (``layer.<L>`` tensors + provenance metadata), atomically."""
+    """Write ``vector`` as safetensors (``layer.<L>`` tensors, (d_model,) or (k, d_model), + provenance
+    metadata), atomically."""
     import torch
     from safetensors.torch import save_file
 
     path = Path(path).expanduser()
-    tensors = {f"layer.{layer}": torch.from_numpy(np.array(vector.vectors[i])) for i, layer in enumerate(vector.layers)}
+    tensors = {f"layer.{layer}": torch.from_numpy(np.array(vector.rows(layer) if vector.k > 1 else vector.at(layer)))
+               for layer in vector.layers}
     metadata = {"format": FORMAT, "layers": json.dumps(list(vector.layers)), "d_model": str(vector.d_model),
+                "k": str(vector.k),
                 "extra": json.dumps(vector.meta, sort_keys=True, default=str),
                 **{k: str(getattr(vector, k)) for k in _META_KEYS}}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -160,6 +225,7 @@ def load_vector(path: str | os.PathLike) -> SteeringVector:
     try:
         layers = [int(x) for x in json.loads(meta["layers"])]
         d_model = int(meta["d_model"])
+        k = int(meta.get("k", "1"))  # files written before k-row vectors hold one row per layer
         extra = json.loads(meta.get("extra", "{}"))
         with safe_open(str(path), framework="numpy") as f:
             names = set(f.keys())
@@ -171,12 +237,13 @@ def load_vector(path: str | os.PathLike) -> SteeringVector:
     except (KeyError, TypeError, ValueError, SafetensorError) as exc:
         raise CorruptCheckpointError(f"{path}: unreadable steering-vector metadata or tensors ({exc}); re-extract "
                                      "it") from exc
-    if any(r.shape != (d_model,) for r in rows):
+    want_shape = (d_model,) if k == 1 else (k, d_model)
+    if k < 1 or any(r.shape != want_shape for r in rows):
         raise CorruptCheckpointError(f"{path}: tensor shapes {[r.shape for r in rows]} disagree with d_model "
-                                     f"{d_model}; re-extract it")
-    return SteeringVector(np.stack(rows) if rows else np.zeros((0, d_model)), tuple(layers),
-                          meta=extra if isinstance(extra, dict) else {},
-                          **{k: str(meta.get(k, "")) for k in _META_KEYS})
+                                     f"{d_model} and k {k}; re-extract it")
+    flat = np.concatenate([r.reshape(k, d_model) for r in rows]) if rows else np.zeros((0, d_model))
+    return SteeringVector(flat, tuple(layers), meta=extra if isinstance(extra, dict) else {}, k=k,
+                          **{key: str(meta.get(key, "")) for key in _META_KEYS})
 
 
 def check_compatible(vector: SteeringVector, *, d_model: int, fingerprint: str | None = None,
@@ -227,6 +294,7 @@ def export_gguf(vector: SteeringVector, path: str | os.PathLike, *, model_hint: 
         import gguf
     except ImportError as exc:
         raise ConfigError("GGUF export needs the gguf package; install it with `pip install gguf`") from exc
+    vector.require_single("a control-vector GGUF")
     indices = [gguf_direction_index(vector.hook, layer) for layer in vector.layers]
     if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ConfigError(f"scale={scale!r} must be a finite number")

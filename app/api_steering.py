@@ -34,8 +34,8 @@ from analysis import steering as st
 from analysis.contrasts import ContrastSet, bundled_contrasts, load_contrasts
 from analysis.errors import ConfigError
 from analysis.sources import Source, open_source
-from analysis.steer_vectors import SteeringVector, check_compatible, export_gguf, from_extraction, load_vector, \
-    save_vector
+from analysis.steer_vectors import SVD, SteeringVector, check_compatible, export_gguf, from_extraction, \
+    load_vector, save_vector
 from analysis.store import Result, Store
 
 Progress = Callable[[int, int, str], None]
@@ -121,11 +121,17 @@ def steer_extract(source: str | os.PathLike | Source = "bilinear-lm", contrasts:
 
 
 def steer_vector(extraction: st.SteeringExtraction, layer: int | Sequence[int] | None = None,
-                 method: str = "mean_diff") -> SteeringVector:
-    """The ``method`` vector of ``layer`` (default: the layer with the best held-out AUC), with provenance."""
-    layer = extraction.best_layer(method) if layer is None else layer
+                 method: str = "mean_diff", *, k: int | None = None) -> SteeringVector:
+    """The ``method`` vector of ``layer`` (default: the layer with the best held-out AUC), with provenance.
+
+    ``method="svd"`` gives the top-``k`` SVD directions of the layer as a k-row vector (a subspace
+    for ``ablation`` / ``steer_orthogonalize``); its default layer is the best for ``pca``, the
+    first SVD direction."""
+    if layer is None:
+        ranked = method if method != SVD else ("pca" if "pca" in extraction.methods else extraction.methods[0])
+        layer = extraction.best_layer(ranked)
     return from_extraction(extraction, layer, method, fingerprint=extraction.meta.get("fingerprint", ""),
-                           source=extraction.meta.get("source", ""))
+                           source=extraction.meta.get("source", ""), k=k)
 
 
 def save_steering_vector(vector: SteeringVector, path: str | os.PathLike) -> Path:

@@ -76,7 +76,11 @@ def extract(
     contrasts: ContrastArg,
     hook: HookOpt = "resid_post",
     position: PositionOpt = "last",
-    method: Annotated[str, typer.Option("--method", help="Vector to save: mean_diff | pca | logistic.")] = "mean_diff",
+    method: Annotated[str, typer.Option("--method", help="Vector to save: mean_diff | pca | logistic | svd (the "
+                                                         "top-k SVD directions: a subspace to ablate or "
+                                                         "orthogonalise away).")] = "mean_diff",
+    k: Annotated[int, typer.Option("--k", help="SVD directions computed per layer (and saved with --method "
+                                               "svd).")] = 4,
     layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Layer of the saved vector (default: best "
                                                                        "held-out AUC).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Save the vector here (.safetensors).")] = None,
@@ -88,13 +92,14 @@ def extract(
     refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,
     store: StoreOpt = None,
 ) -> None:
-    """Extract per-layer directions of CONTRASTS in SOURCE (mean difference, PCA, logistic) and
-    report held-out separability; optionally save one layer's vector."""
+    """Extract per-layer directions of CONTRASTS in SOURCE (mean difference, PCA, logistic, top-k
+    SVD) and report held-out separability; optionally save one layer's vector (or, with --method
+    svd, its k directions)."""
     from app import api
 
     ext = _run(f"extracting {contrasts} from {source}", api.steer_extract, source, contrasts, hook=hook,
-               position=position, padding_side=padding_side, store=store, refresh=refresh)
-    vec = api.steer_vector(ext, layer, method) if (out or gguf or layer is not None) else None
+               position=position, padding_side=padding_side, k=k, store=store, refresh=refresh)
+    vec = api.steer_vector(ext, layer, method, k=k) if (out or gguf or layer is not None) else None
     if out is not None:
         api.save_steering_vector(vec, out)
     if gguf is not None:
@@ -125,6 +130,8 @@ def apply(
     layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Layer(s) to steer (default: the "
                                                                              "vector's).")] = None,
     scale: ScaleOpt = "absolute",
+    row: Annotated[Optional[int], typer.Option("--row", help="For a k-row (svd) vector: the row to steer "
+                                                              "with.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate (greedy).")] = 24,
     allow_foreign: ForeignOpt = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
@@ -132,7 +139,9 @@ def apply(
     """Continue PROMPT greedily with SOURCE, without and with VECTOR added at strength ALPHA."""
     from app import api
 
-    out = api.steer_generate(source, vector, prompt, alpha=alpha, layers=layer or None, scale=scale,
+    vec = api.load_steering_vector(vector)
+    vec = vec.row(row) if row is not None else vec
+    out = api.steer_generate(source, vec, prompt, alpha=alpha, layers=layer or None, scale=scale,
                              max_new_tokens=max_new_tokens, allow_foreign=allow_foreign)
     if as_json:
         typer.echo(json.dumps({"prompt": prompt, "alpha": alpha, **out}, indent=1))
@@ -190,7 +199,8 @@ def sweep(
 @steer_app.command("orthogonalize")
 def orthogonalize(
     source: SourceArg,
-    vector: Annotated[Path, typer.Argument(help="A saved vector; every layer's row is a direction to remove.")],
+    vector: Annotated[Path, typer.Argument(help="A saved vector; every row of every layer (k rows for an svd "
+                                                 "vector) is a direction to remove.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="New model directory (must not exist or be empty).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
     allow_foreign: ForeignOpt = False,

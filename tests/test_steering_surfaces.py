@@ -90,6 +90,20 @@ def test_cli_extract_apply_sweep_orthogonalize(lm_dir, tmp_path):
     assert "tensors projected" in out.stdout and (tmp_path / "orth" / "model.safetensors").is_file()
 
 
+def test_cli_svd_subspace_extract_and_orthogonalize(lm_dir, tmp_path):
+    store, path = tmp_path / "store", tmp_path / "svd.safetensors"
+    run_cli("steer", "extract", str(lm_dir), "numpy-torch", "--method", "svd", "--k", "3", "--layer", "1", "--out",
+            str(path), store=store)
+    vec = load_vector(path)
+    direct = S.extract(open_source(lm_dir).boot_bridge(), load_contrasts("numpy-torch"), layers=[1], k=3)
+    assert vec.k == 3 and vec.method == "svd" and vec.layers == (1,)
+    np.testing.assert_allclose(vec.vectors, direct.svd_directions[0], atol=1e-5)
+    out = run_cli("steer", "orthogonalize", str(lm_dir), str(path), "--out", str(tmp_path / "orth"), store=store)
+    assert "(3 direction(s))" in out.stdout
+    out = run_cli("steer", "apply", str(lm_dir), str(path), "--prompt", "x", check=False, store=store)
+    assert out.returncode == 2 and "holds k=3 directions per layer" in out.stderr and "--row I" in out.stderr
+
+
 def test_cli_bad_input_is_one_line_and_exit_2(lm_dir, tmp_path):
     wide = save_vector(SteeringVector(np.ones((1, 384)), (0,), source="minilm"), tmp_path / "wide.safetensors")
     out = run_cli("steer", "apply", str(lm_dir), str(wide), "--prompt", "x", check=False)

@@ -16,7 +16,7 @@ from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError, Sou
 from analysis.orthogonalize import INFO_FILE, orthogonalize, residual_component, writer_axis
 from analysis.sources import open_source
 from analysis.steer_hooks import ablation, attached_hook_count, orthonormal_basis, steering
-from analysis.steer_vectors import SteeringVector, export_gguf, load_vector, save_vector
+from analysis.steer_vectors import SteeringVector, export_gguf, from_extraction, load_vector, save_vector
 
 TEXTS = ["Return a new tensor of zeros.", ">>> np.zeros((3, 4))", "The answer is correct."]
 
@@ -54,6 +54,68 @@ def test_orthogonalised_weights_match_runtime_ablation(models, kind, k, tmp_path
     assert len(res.tensors) == 1 + n_layers * (1 + n_expert)  # embedding + o_proj + down_proj per expert
     info = json.loads((res.path / INFO_FILE).read_text())
     assert info["source_fingerprint"] == src.fingerprint and info["untied_lm_head"] is (kind == "llama-tied")
+
+
+def test_svd_subspace_round_trips_and_orthogonalises_like_runtime_ablation(models, tmp_path):
+    """A k-row svd vector removes its whole subspace: W ← W − R̂ᵀR̂W with R̂ orthonormal, the same
+    logits as projecting R̂ out at run time, after a save/load round trip."""
+    from analysis.contrasts import load_contrasts
+
+    src = open_source(models["llama"])
+    bridge = src.boot_bridge()
+    ext = S.extract(bridge, load_contrasts("numpy-torch"), layers=[1], k=3)
+    vec = from_extraction(ext, 1, "svd", fingerprint=src.fingerprint, source=src.label)
+    assert vec.k == 3 and vec.vectors.shape == (3, 32) and "svd k=3" in vec.describe()
+    np.testing.assert_allclose(vec.vectors @ vec.vectors.T, np.eye(3), atol=1e-6)  # SVD directions: orthonormal
+    back = load_vector(save_vector(vec, tmp_path / "svd.safetensors"))
+    assert back.k == 3 and back.method == "svd" and back.layers == (1,)
+    np.testing.assert_array_equal(back.vectors, vec.vectors)
+    np.testing.assert_array_equal(back.rows(1), vec.vectors)
+
+    res = orthogonalize(src, back, tmp_path / "out")
+    assert res.n_directions == 3 and residual_component(res.path, back.vectors) < 1e-6
+    with ablation(bridge, back):
+        want, mask = logits(bridge)
+    got, _ = logits(open_source(res.path).boot_bridge())
+    assert float((got - want)[mask].abs().max()) < 1e-4
+    one = orthogonalize(src, back.row(0), tmp_path / "one")  # a single row removes less
+    assert one.n_directions == 1
+    first, _ = logits(open_source(one.path).boot_bridge())
+    assert float((first - got)[mask].abs().max()) > 1e-3
+
+
+def test_a_k_row_vector_must_pick_a_row_to_steer(models, rng, tmp_path):
+    bridge = open_source(models["llama"]).boot_bridge()
+    vec = SteeringVector(rng.standard_normal((4, 32)), (0, 1), method="svd", k=2)
+    with pytest.raises(ConfigError, match=r"holds k=2 directions per layer.* choose a row with vector.row\(i\), i in "
+                                          r"0\.\.1"):
+        with steering(bridge, vec, alpha=1.0):
+            pass  # pragma: no cover
+    assert attached_hook_count(bridge) == 0
+    row = vec.row(1)
+    assert row.k == 1 and row.method == "svd[1]" and row.layers == (0, 1)
+    np.testing.assert_array_equal(row.vectors, vec.vectors[[1, 3]])
+    with steering(bridge, row, alpha=1.0):
+        assert attached_hook_count(bridge) == 2
+    with pytest.raises(ConfigError, match="row 2 does not exist"):
+        vec.row(2)
+    with pytest.raises(ConfigError, match="holds k=2 directions"):
+        export_gguf(SteeringVector(vec.vectors, (1, 2), method="svd", k=2), tmp_path / "x.gguf", model_hint="llama")
+    with pytest.raises(ShapeError, match=r"needs 2 \(d_model,\) row\(s\) per layer"):
+        SteeringVector(np.ones((3, 32)), (0, 1), k=2)
+
+
+def test_svd_vectors_need_the_rank_and_the_extracted_k(models):
+    from analysis.contrasts import parse_contrasts
+
+    bridge = open_source(models["llama"]).boot_bridge()
+    cs = parse_contrasts("\n".join(f'{{"positive": "a tensor {i}", "negative": "an array {i}"}}' for i in range(5)))
+    ext = S.extract(bridge, cs, layers=[0], k=6, methods=["mean_diff"])  # 4 training pairs: rank <= 4
+    with pytest.raises(ConfigError, match=r"layer 0 has only 4 SVD direction\(s\).* ask for k <= 4"):
+        from_extraction(ext, 0, "svd")
+    with pytest.raises(ConfigError, match=r"k=7 must be an integer in 1\.\.6"):
+        from_extraction(ext, 0, "svd", k=7)
+    assert from_extraction(ext, 0, "svd", k=4).k == 4
 
 
 def test_orthogonalised_checkpoint_loads_as_a_normal_hf_model(models, tmp_path):
@@ -209,7 +271,7 @@ def test_resid_pre_of_a_block_is_the_output_of_the_one_before(tmp_path):
 
 
 def test_steering_vector_validates_itself():
-    with pytest.raises(ShapeError, match="one \\(d_model,\\) row per layer"):
+    with pytest.raises(ShapeError, match=r"needs 1 \(d_model,\) row\(s\) per layer"):
         SteeringVector(np.ones((2, 4)), (0,))
     with pytest.raises(ConfigError, match="at least one layer"):
         SteeringVector(np.ones((0, 4)), ())
