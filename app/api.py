@@ -268,7 +268,8 @@ from app.api_mmoe import (BiasDemo, DataSpec, ExpertReport, MMoECurve, experts_r
 from app.api_steering import (contrast_sets, export_steering_gguf, load_dose_response,  # noqa: E402,F401
                               load_extraction, load_steering_vector, save_steering_vector, steer_dose_response,
                               steer_extract, steer_generate, steer_orthogonalize, steer_sweep, steer_vector,
-                              stored_dose_response, stored_dose_responses, stored_extractions)
+                              stored_dose_response, stored_dose_responses, stored_extractions,
+                              stored_layer_sweep)
 
 # -- batch runs over many sources, local processes or Ray (issue 7): app/api_batch.py -----------------
 from app.api_batch import BatchItem, analyze_many  # noqa: E402,F401

@@ -225,6 +225,25 @@ def steer_dose_response(source: str | os.PathLike | Source, vector: SteeringVect
     return eff.from_result(result)
 
 
+def _sweep_params(cs: ContrastSet, *, alpha: float, method: str, hook: str, position: str, scale: str,
+                  capability: bool) -> dict[str, Any]:
+    return {"extraction": [hook, str(st.PositionRule.parse(position)), cs.fingerprint], "alpha": alpha,
+            "method": method, "scale": scale, "capability": bool(capability)}
+
+
+def stored_layer_sweep(fingerprint: str, contrasts: str | os.PathLike | ContrastSet, *, alpha: float = 4.0,
+                       method: str = "mean_diff", hook: str = "resid_post", position: str = "last",
+                       scale: str = "absolute", capability: bool = False,
+                       store: Store | str | None = None) -> pd.DataFrame | None:
+    """The stored layer sweep with exactly these settings, or None (never computes)."""
+    from analysis.steer_hooks import check_alpha
+
+    params = _sweep_params(load_contrasts(contrasts), alpha=check_alpha(alpha), method=method, hook=hook,
+                           position=position, scale=scale, capability=capability)
+    result = _store(store).get(fingerprint, SWEEP, params, CODE_VERSION)
+    return result.table if result is not None else None
+
+
 def steer_sweep(source: str | os.PathLike | Source, contrasts: str | os.PathLike | ContrastSet, *, alpha: float = 4.0,
                 method: str = "mean_diff", hook: str = "resid_post", position: str = "last", scale: str = "absolute",
                 capability: bool = False, store: Store | str | None = None, refresh: bool = False,
@@ -237,8 +256,8 @@ def steer_sweep(source: str | os.PathLike | Source, contrasts: str | os.PathLike
     src = open_source(source)
     st_ = _store(store)
     ext = steer_extract(src, cs, hook=hook, position=position, store=st_)
-    params = {"extraction": [hook, str(st.PositionRule.parse(position)), cs.fingerprint], "alpha": alpha,
-              "method": method, "scale": scale, "capability": bool(capability)}
+    params = _sweep_params(cs, alpha=alpha, method=method, hook=hook, position=position, scale=scale,
+                           capability=capability)
 
     def compute() -> Result:
         _, bridge = bridge_for(src)

@@ -154,6 +154,22 @@ def test_page_shows_separability_dose_response_and_generations(dashboard_store, 
     dr = api.load_dose_response(stored[0].key, dashboard_store)
     logp = [t for t in dose["data"] if t["name"] == "log p(positive concept)"][0]
     np.testing.assert_allclose(figure_array(logp["y"]), dr.table.sort_values("alpha")["logp_pos"])
+    assert any("No layer sweep stored" in c.value for c in at.caption)
+    at.button(key="steer_sweep").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
+    sweep = api.stored_layer_sweep(ext.meta["fingerprint"], "numpy-torch", alpha=0.4, scale="norm",
+                                   store=dashboard_store)
+    assert sweep is not None and list(sweep["layer"]) == [0, 1]
+    from analysis.steer_effect import layer_sweep
+
+    direct = layer_sweep(open_source(lm_dir).boot_bridge(), ext, load_contrasts("numpy-torch"), alpha=0.4,
+                         scale="norm")
+    np.testing.assert_allclose(sweep[["delta_pos", "kl"]], direct[["delta_pos", "kl"]], atol=1e-5)
+    bars = {t["name"]: figure_array(t["y"]) for t in figures(at)["Layer sweep · α = +0.4 · mean_diff · norm"]["data"]}
+    np.testing.assert_allclose(bars["delta_pos"], sweep["delta_pos"])
+    np.testing.assert_allclose(bars["kl"], sweep["kl"])
+    shown = [df.value for df in at.dataframe if "delta_pos" in df.value.columns and "layer" in df.value.columns]
+    assert len(shown) == 1 and shown[0].equals(sweep)
     at.text_input(key="steer_prompt").input("Return a new").run()
     at.button(key="steer_generate").click().run()
     assert not at.exception, [e.value for e in at.exception]

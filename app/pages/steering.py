@@ -2,9 +2,11 @@
 
 Pick a stored extraction (model × contrast set × hook × position; the form at the top runs
 ``app.api.steer_extract``), see each layer's held-out AUC and relative norm, pick a layer,
-method and α, measure the dose-response (``app.api.steer_dose_response``, stored), and type a
-prompt to compare greedy continuations with and without the vector (``app.api.steer_generate``;
-causal LMs only). Charts come from ``app.charts_steering``; nothing is computed here.
+method and α, measure the dose-response (``app.api.steer_dose_response``, stored), sweep the
+layers at that α (``app.api.steer_sweep``, stored), and type a prompt to compare greedy
+continuations with and without the vector (``app.api.steer_generate``; causal LMs only).
+Charts come from ``app.charts_steering``; progress bars from ``app.state.run_with_st_progress``;
+nothing is computed here.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from analysis.errors import LensLabError
 from app import api
 from app import charts_steering as charts
 from app.allowed_paths import check_typed_path
-from app.state import check_typed_source, get_store
+from app.state import check_typed_source, get_store, run_with_st_progress
 
 FLASH = "steer_flash"
 HOOKS = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
@@ -28,29 +30,32 @@ def _load(store_root: str, key: str):
     return api.load_extraction(key, store_root)
 
 
-def _progress_bar(text: str):
-    bar = st.progress(0.0, text=text)
-
-    def progress(done: int, total: int, item: str) -> None:
-        bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{text} {item}")
-
-    return bar, progress
-
-
 def _extract(spec: str, contrasts: str, hook: str, position: str, store) -> bool:
-    bar, progress = _progress_bar(f"Extracting {contrasts} from {spec}…")
-    start = time.perf_counter()
     try:
         check_typed_source(spec)  # a typed path must lie inside the dashboard's allowed roots
         check_typed_path(contrasts, names=api.contrast_sets(), what="contrast set")
-        ext = api.steer_extract(spec, contrasts, hook=hook, position=position, store=store, progress=progress)
     except LensLabError as exc:
-        bar.empty()
         st.error(str(exc))
+        return False
+    start = time.perf_counter()
+    ext = run_with_st_progress(f"Extracting {contrasts} from {spec}", api.steer_extract, spec, contrasts, hook=hook,
+                               position=position, store=store, flash_key=FLASH)
+    if ext is None:
         return False
     st.session_state[FLASH] = (f"Extracted {len(ext.layers)} layers × {len(ext.methods)} methods of "
                                f"{ext.meta['contrast']} from {spec} in {time.perf_counter() - start:.1f} s.")
     return True
+
+
+def _measure(label: str, fn, source: str, *args, **kwargs):
+    """``fn(source, *args, **kwargs)`` under st.progress; the stored source is reopened, so it must
+    pass the same check as a typed one. None after st.error."""
+    try:
+        check_typed_source(source)
+    except LensLabError as exc:
+        st.error(str(exc))
+        return None
+    return run_with_st_progress(label, fn, source, *args, flash_key=FLASH, **kwargs)
 
 
 store = get_store()
@@ -123,20 +128,33 @@ except LensLabError as exc:
     st.error(str(exc))
     dr = None
 if dr is None and st.button("Measure dose-response", key="steer_measure"):
-    bar, progress = _progress_bar("Steering…")
-    try:
-        check_typed_source(source)  # the stored source is reopened: same rule as a typed one
-        dr = api.steer_dose_response(source, vec, ext.meta["contrast_origin"], alphas=alphas, scale=scale,
-                                     store=store, progress=progress)
-    except LensLabError as exc:
-        st.error(str(exc))
-    bar.empty()
+    dr = _measure("Steering", api.steer_dose_response, source, vec, ext.meta["contrast_origin"], alphas=alphas,
+                  scale=scale, store=store)
 if dr is not None:
     st.plotly_chart(charts.dose_response(dr.table, dr.kind, f"Dose-response · layer {layer} · {method} · {scale}"),
                     key="steer_dose")
     st.dataframe(dr.table, hide_index=True, key="steer_dose_table")
 else:
     st.caption("Not measured yet for this layer, method and scale.")
+
+st.subheader("Layer sweep")
+st.caption(f"Each layer steered with its own {method} vector at α = {float(alpha):+g} ({scale}), on the held-out pairs.")
+sweep_args = {"alpha": float(alpha), "method": method, "hook": ext.meta["hook"], "position": ext.meta["position"],
+              "scale": scale}
+try:
+    sweep = api.stored_layer_sweep(vec.fingerprint, ext.meta["contrast_origin"], store=store, **sweep_args)
+except LensLabError as exc:
+    st.error(str(exc))
+    sweep = None
+if sweep is None and st.button("Run layer sweep", key="steer_sweep"):
+    sweep = _measure("Sweeping layers", api.steer_sweep, source, ext.meta["contrast_origin"], store=store,
+                     **sweep_args)
+if sweep is not None:
+    st.plotly_chart(charts.layer_sweep(sweep, f"Layer sweep · α = {float(alpha):+g} · {method} · {scale}"),
+                    key="steer_sweep_chart")
+    st.dataframe(sweep, hide_index=True, key="steer_sweep_table")
+else:
+    st.caption("No layer sweep stored for this method, α and scale.")
 
 st.subheader("Steered vs unsteered")
 prompt = st.text_input("Prompt", value="Returns a new", key="steer_prompt")
