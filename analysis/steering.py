@@ -27,6 +27,11 @@ over the training pairs, ``û`` a unit direction):
   (``svd_directions``; the first equals ``pca`` up to scale), for subspace ablation.
 
 So every method's vector v satisfies v·û = d̄·û: α = 1 adds one average class separation.
+A logistic fit that fails at a layer (no separating signal: a zero weight vector) leaves that
+layer's logistic row NaN with a RuntimeWarning naming the layer; the other layers and methods
+are kept. A position rule under which both texts of every pair have the same activations
+(``index:0`` on a causal LM: the BOS token) is refused with a ConfigError.
+
 Per layer and method: ``auc_test`` = ROC AUC of the projection h·û separating held-out positives
 from held-out negatives (0.5 = chance), ``norm`` = ‖v‖, ``act_norm`` = mean ‖h‖ over all real
 tokens of all texts at that hook and layer, ``rel_norm`` = norm / act_norm.
@@ -35,6 +40,7 @@ tokens of all texts at that hook and layer, ``rel_norm`` = norm / act_norm.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,7 +232,22 @@ def collect(bridge: Any, contrasts: ContrastSet, *, hook: str = "resid_post", la
         red = select_positions(a, mask, rule).to(torch.float64).numpy()
         pos.append(red[:n])
         neg.append(red[n:])
-    return Activations(layers, np.stack(pos), np.stack(neg), np.array(norms), lengths)
+    out = Activations(layers, np.stack(pos), np.stack(neg), np.array(norms), lengths)
+    _check_pairs_differ(out, rule, hook)
+    return out
+
+
+def _check_pairs_differ(acts: Activations, rule: PositionRule, hook: str) -> None:
+    """ConfigError when both texts of every pair have the same activations at every layer (to
+    float32 rounding): the position sees only what the two texts share, e.g. ``index:0`` on a
+    causal LM, which is the BOS token."""
+    gap = np.abs(acts.pos - acts.neg).max()
+    scale = max(float(np.abs(acts.pos).max()), float(np.abs(acts.neg).max()), 1e-30)
+    if gap <= 1e-6 * scale:
+        raise ConfigError(f"position {rule} gives both texts of every pair identical activations at {hook} of every "
+                          f"layer (largest |positive − negative| = {gap:.1e}): that token sees only what the two texts "
+                          "share (index:0 on a causal LM is the BOS token), so there is no direction to extract; use "
+                          "position last or mean, or an index past the tokens the pairs share")
 
 
 # -- directions (pure) ----------------------------------------------------------------------------
@@ -320,6 +341,22 @@ def direction_vectors(pos: np.ndarray, neg: np.ndarray, methods: Sequence[str] =
     return out
 
 
+def _layer_vectors(pos: np.ndarray, neg: np.ndarray, methods: Sequence[str], *, C: float,
+                   layer: int) -> dict[str, np.ndarray]:
+    """``direction_vectors`` of one layer, where a logistic fit that fails gives a NaN vector and
+    a RuntimeWarning naming the layer instead of an error, so the other layers still count."""
+    fitted = [m for m in methods if m != "logistic"]
+    out = direction_vectors(pos, neg, fitted, C=C)
+    if "logistic" in methods:
+        try:
+            out.update(direction_vectors(pos, neg, ["logistic"], C=C))
+        except (ShapeError, ValueError) as exc:
+            warnings.warn(f"layer {layer}: the logistic direction could not be fitted ({exc}); its row is NaN, "
+                          "the other methods and layers are unaffected", RuntimeWarning, stacklevel=3)
+            out["logistic"] = np.full(pos.shape[1], np.nan)
+    return {m: out[m] for m in methods}
+
+
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
@@ -347,12 +384,16 @@ class SteeringExtraction:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def vector(self, layer: int, method: str = "mean_diff") -> np.ndarray:
-        """(d_model,) float32 vector of one layer and method."""
+        """(d_model,) float32 vector of one layer and method (ConfigError when its fit failed: NaN)."""
         if method not in self.methods:
             raise ConfigError(f"method {method!r} was not extracted; available: {', '.join(self.methods)}")
         if layer not in self.layers:
             raise ConfigError(f"layer {layer!r} was not extracted; available: {', '.join(map(str, self.layers))}")
-        return self.vectors[self.methods.index(method), self.layers.index(layer)]
+        v = self.vectors[self.methods.index(method), self.layers.index(layer)]
+        if not np.isfinite(v).all():
+            raise ConfigError(f"the {method} direction of layer {layer} could not be fitted at extraction (see the "
+                              "warning then; its table row is NaN); use mean_diff or pca there, or another layer")
+        return v
 
     def best_layer(self, method: str = "mean_diff") -> int:
         """The layer with the highest held-out AUC (ties: the earliest)."""
@@ -377,7 +418,7 @@ def extract_directions(acts: Activations, contrasts: ContrastSet, *, methods: Se
         if progress:
             progress(li, len(acts.layers), f"directions at layer {layer}")
         pos, neg = acts.pos[li], acts.neg[li]
-        vecs = direction_vectors(pos[train], neg[train], methods, C=C)
+        vecs = _layer_vectors(pos[train], neg[train], methods, C=C, layer=layer)
         dirs, vals = svd_directions(pos[train], neg[train], k)
         pad = k - len(vals)
         svd_dirs.append(np.pad(dirs, ((0, pad), (0, 0))))
@@ -386,13 +427,17 @@ def extract_directions(acts: Activations, contrasts: ContrastSet, *, methods: Se
         md_unit = md / (np.linalg.norm(md) or 1.0)
         for method in methods:
             v = vecs[method]
-            u = v / (np.linalg.norm(v) or 1.0)
             norm = float(np.linalg.norm(v))
-            rows.append({"layer": layer, "method": method, "auc_test": projection_auc(pos[test], neg[test], u),
-                         "auc_train": projection_auc(pos[train], neg[train], u),
-                         "pair_acc_test": float(((pos[test] - neg[test]) @ u > 0).mean()), "norm": norm,
-                         "act_norm": float(acts.act_norm[li]), "rel_norm": norm / float(acts.act_norm[li]),
-                         "cos_mean_diff": float(u @ md_unit)})
+            row = {"layer": layer, "method": method, "auc_test": np.nan, "auc_train": np.nan, "pair_acc_test": np.nan,
+                   "norm": norm, "act_norm": float(acts.act_norm[li]), "rel_norm": norm / float(acts.act_norm[li]),
+                   "cos_mean_diff": np.nan}
+            if np.isfinite(v).all():
+                u = v / (norm or 1.0)
+                row.update(auc_test=projection_auc(pos[test], neg[test], u),
+                           auc_train=projection_auc(pos[train], neg[train], u),
+                           pair_acc_test=float(((pos[test] - neg[test]) @ u > 0).mean()),
+                           cos_mean_diff=float(u @ md_unit))
+            rows.append(row)
         vectors.append(np.stack([vecs[m] for m in methods]))
     if progress:
         progress(len(acts.layers), len(acts.layers), "done")

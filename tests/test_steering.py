@@ -94,6 +94,29 @@ def test_direction_inputs_are_checked():
         S.check_methods(["mean_diff", "lda"])
 
 
+def test_a_layer_without_logistic_signal_gives_a_nan_row_and_a_warning(rng):
+    """Layer 7's training pairs are identical (the fit returns a zero weight vector): its logistic
+    row is NaN with a warning naming it; layer 3 and the other methods are unaffected."""
+    from analysis.contrasts import parse_contrasts
+
+    cs = parse_contrasts("\n".join(f'{{"positive": "p{i}", "negative": "n{i}", "split": "{"test" if i < 4 else "train"}"}}'
+                                    for i in range(16)))
+    pos = rng.standard_normal((2, 16, 5))
+    neg = pos.copy()
+    neg[0] -= [2.0, 0, 0, 0, 0]  # layer 3: positives are shifted along axis 0
+    neg[1, :4] -= 1.0  # layer 7: only the held-out pairs differ
+    acts = S.Activations((3, 7), pos, neg, np.ones(2), np.full((2, 16), 4))
+    with pytest.warns(RuntimeWarning, match=r"layer 7: the logistic direction could not be fitted .*zero weight"):
+        ext = S.extract_directions(acts, cs)
+    t = ext.table.set_index(["layer", "method"])
+    assert np.isnan(t.loc[(7, "logistic"), "auc_test"]) and np.isnan(ext.vectors[2, 1]).all()
+    assert t.loc[(3, "logistic"), "auc_test"] == 1.0 and ext.vector(3, "logistic")[0] > 0
+    np.testing.assert_array_equal(ext.vector(7, "mean_diff"), 0.0)
+    with pytest.raises(ConfigError, match="the logistic direction of layer 7 could not be fitted"):
+        ext.vector(7, "logistic")
+    assert ext.best_layer("logistic") == 3
+
+
 # ----------------------------------------------------------------------------- positions
 @pytest.mark.parametrize("spec", ["last", "mean", "index:0", "index:-2", 1])
 def test_positions_are_found_under_left_and_right_padding(spec, rng):
@@ -183,6 +206,11 @@ def test_index_rule_refuses_pairs_of_unequal_token_length(llama, contrasts):
     same = parse_contrasts("\n".join(f'{{"positive": "a tensor {i}", "negative": "a array {i}"}}' for i in range(8)))
     ext = S.extract(bridge, same, position="index:-1", layers=[0])
     assert np.isfinite(ext.vectors).all()
+    with pytest.raises(ConfigError, match=r"position index:0 gives both texts of every pair identical activations at "
+                                          r"resid_post of every layer .* \(index:0 on a causal LM is the BOS token\).*"
+                                          r"use position last or mean"):
+        S.extract(bridge, same, position="index:0")
+    assert S.collect(bridge, same, position="index:2", layers=[1]).pos.shape == (1, 8, bridge.cfg.d_model)
 
 
 # ----------------------------------------------------------------------------- hooks
