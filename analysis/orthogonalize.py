@@ -10,8 +10,11 @@ logits up to float rounding. Post-norm models (BERT/MiniLM) and models that norm
 block's output before adding it (Gemma 2/3) are refused: there the projection does not
 commute with the normalisation.
 
-Writers (Hugging Face names): ``embed_tokens``, ``self_attn.o_proj``, ``mlp.down_proj``, and
-MoE experts' ``w2`` / ``down_proj`` (per-expert or fused (n_experts, d_model, d_mlp)).
+Writers (Hugging Face names): ``embed_tokens``, ``self_attn.o_proj``, ``mlp.down_proj``, a
+shared expert's ``down_proj`` (Qwen2-MoE), and MoE experts' ``w2`` / ``down_proj``, per expert
+(what ``save_pretrained`` writes) or fused (n_experts, d_model, d_mlp) (transformers 5's
+in-memory state dict). Every model type in ``SUPPORTED`` and both expert layouts are tested
+against runtime ablation on tiny random models (tests/test_steering_weights.py).
 A tied ``lm_head`` is untied (written out with the original embedding) so the read-out is
 unchanged. The result is a new Hugging Face directory (config, tokenizer, one
 ``model.safetensors``, ``lenslab_orthogonalize.json``) written to a temp dir and renamed into
@@ -48,8 +51,7 @@ WRITERS: tuple[tuple[str, int], ...] = (
     (r"\.mlp\.down_proj\.(weight|bias)$", 0),
     (r"\.shared_expert\.down_proj\.(weight|bias)$", 0),
     (r"\.experts\.\d+\.(w2|down_proj)\.(weight|bias)$", 0),
-    (r"\.experts\.down_proj$", 1),  # fused (n_experts, d_model, d_mlp)
-    (r"\.experts\.down_proj_bias$", 1),  # fused (n_experts, d_model)
+    (r"\.experts\.down_proj$", 1),  # fused (n_experts, d_model, d_mlp): transformers 5's in-memory layout
 )
 Progress = Callable[[int, int, str], None]
 

@@ -13,7 +13,7 @@ from _tiny_mixtral import make_tiny_mixtral
 
 from analysis import steering as S
 from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError, SourceError
-from analysis.orthogonalize import INFO_FILE, orthogonalize, residual_component, writer_axis
+from analysis.orthogonalize import INFO_FILE, SUPPORTED, orthogonalize, residual_component, writer_axis
 from analysis.sources import open_source
 from analysis.steer_hooks import ablation, attached_hook_count, orthonormal_basis, steering
 from analysis.steer_vectors import SteeringVector, export_gguf, from_extraction, load_vector, save_vector
@@ -116,6 +116,75 @@ def test_svd_vectors_need_the_rank_and_the_extracted_k(models):
     with pytest.raises(ConfigError, match=r"k=7 must be an integer in 1\.\.6"):
         from_extraction(ext, 0, "svd", k=7)
     assert from_extraction(ext, 0, "svd", k=4).k == 4
+
+
+def make_tiny_causal_lm(d, model_type: str, tokenizer_dir, *, fused: bool = False):
+    """A random 2-layer model of ``model_type`` (d_model 32, GQA, 4 experts top-2 for MoEs) with the
+    tiny Llama's tokenizer, built offline. ``fused=True`` writes the model's in-memory state dict
+    as is: transformers 5 keeps MoE experts fused, ``experts.down_proj`` (n_experts, d_model,
+    d_mlp), while ``save_pretrained`` splits them into per-expert tensors."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import save_file
+
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+    moe = dict(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    configs = {"mistral": lambda: transformers.MistralConfig(**common),
+               "qwen2": lambda: transformers.Qwen2Config(**common),
+               "qwen3": lambda: transformers.Qwen3Config(head_dim=8, **common),
+               "phi3": lambda: transformers.Phi3Config(**common),
+               "qwen2_moe": lambda: transformers.Qwen2MoeConfig(shared_expert_intermediate_size=24, **moe, **common),
+               "qwen3_moe": lambda: transformers.Qwen3MoeConfig(head_dim=8, **moe, **common),
+               "mixtral": lambda: transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **common)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(configs[model_type]())
+        with torch.no_grad():  # larger than HF's init, so an ablation visibly changes the logits
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0.0, 0.2)
+    model.save_pretrained(d)
+    if fused:
+        for f in d.glob("*.safetensors"):
+            f.unlink()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"),
+                  metadata={"format": "pt"})
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, d / f.name)
+    return d
+
+
+LAYOUTS = [("mistral", False), ("qwen2", False), ("qwen3", False), ("phi3", False), ("qwen2_moe", False),
+           ("qwen3_moe", False), ("qwen2_moe", True), ("qwen3_moe", True), ("mixtral", True)]
+
+
+def test_every_supported_model_type_is_tested():
+    assert set(SUPPORTED) <= {"llama", "mixtral"} | {t for t, _ in LAYOUTS}  # llama, mixtral: test above
+
+
+@pytest.mark.parametrize(("model_type", "fused"), LAYOUTS, ids=[f"{t}{'-fused' if f else ''}" for t, f in LAYOUTS])
+def test_orthogonalised_layouts_match_runtime_ablation(models, tmp_path, model_type, fused):
+    src = open_source(make_tiny_causal_lm(tmp_path / "m", model_type, models["llama"], fused=fused))
+    names = [i.name for i in src.tensor_infos()]
+    assert any(n.endswith(".experts.down_proj") for n in names) is fused  # the layout under test
+    bridge = src.boot_bridge()
+    r = np.random.default_rng(1).standard_normal((2, 32))
+    res = orthogonalize(src, r, tmp_path / "out")
+    with ablation(bridge, r):
+        want, mask = logits(bridge)
+    got, _ = logits(open_source(res.path).boot_bridge())
+    plain, _ = logits(bridge)
+    assert float((got - want)[mask].abs().max()) < 1e-4
+    assert float((got - plain)[mask].abs().max()) > 1e-2
+    assert residual_component(res.path, r) < 1e-6
+    experts = [n for n in res.tensors if ".experts." in n]
+    assert len(experts) == (0 if "moe" not in model_type and model_type != "mixtral" else 2 if fused else 8)
+    assert sum(".shared_expert." in n for n in res.tensors) == (2 if model_type == "qwen2_moe" else 0)
 
 
 def test_orthogonalised_checkpoint_loads_as_a_normal_hf_model(models, tmp_path):
