@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -190,11 +191,28 @@ def residual_sites(bridge: Any) -> list[str]:
     return names
 
 
+def bridge_fingerprint(bridge: Any) -> str | None:
+    """Fingerprint of the Hugging Face directory the bridge was booted from (``cfg.model_name``;
+    memoised by ``analysis.sources``), or None when that is not a readable local directory. It
+    describes the checkpoint, not weights edited in memory after booting."""
+    from analysis.errors import LensLabError
+    from analysis.sources import open_source
+
+    name = str(getattr(bridge.cfg, "model_name", "") or "")
+    try:
+        return open_source(Path(name)).fingerprint if name and Path(name).is_dir() else None
+    except (LensLabError, OSError):
+        return None
+
+
 def ablation_hooks(bridge: Any, directions: np.ndarray | torch.Tensor | SteeringVector, *,
-                   layers: Sequence[int] | None = None, hook: str | None = None) -> list[Hook]:
+                   layers: Sequence[int] | None = None, hook: str | None = None, fingerprint: str | None = None,
+                   allow_foreign: bool = False) -> list[Hook]:
     """``(hook_name, fn)`` pairs projecting the directions out (see ``ablation``)."""
     if isinstance(directions, SteeringVector):
-        check_compatible(directions, d_model=d_model(bridge))
+        if directions.fingerprint and not allow_foreign and not fingerprint:
+            fingerprint = bridge_fingerprint(bridge)
+        check_compatible(directions, d_model=d_model(bridge), fingerprint=fingerprint, allow_foreign=allow_foreign)
         directions = directions.vectors
     basis = orthonormal_basis(directions, d_model(bridge))
 
@@ -211,10 +229,17 @@ def ablation_hooks(bridge: Any, directions: np.ndarray | torch.Tensor | Steering
 
 @contextmanager
 def ablation(bridge: Any, directions: np.ndarray | torch.Tensor | SteeringVector, *,
-             layers: Sequence[int] | None = None, hook: str | None = None) -> Iterator[Any]:
+             layers: Sequence[int] | None = None, hook: str | None = None, fingerprint: str | None = None,
+             allow_foreign: bool = False) -> Iterator[Any]:
     """Project the span of ``directions`` out of the residual stream (default: at every
-    ``residual_sites`` hook) or out of ``hook`` at ``layers`` for the duration of the block."""
-    hooks = ablation_hooks(bridge, directions, layers=layers, hook=hook)
+    ``residual_sites`` hook) or out of ``hook`` at ``layers`` for the duration of the block.
+
+    A SteeringVector that carries a fingerprint is checked against the model's (``fingerprint``,
+    or else ``bridge_fingerprint``): ConfigError for a vector from another model unless
+    ``allow_foreign``; ShapeError for another width. Its rows (all k of each layer) span the
+    ablated subspace."""
+    hooks = ablation_hooks(bridge, directions, layers=layers, hook=hook, fingerprint=fingerprint,
+                           allow_foreign=allow_foreign)
     with _hooked(bridge, hooks):
         yield bridge
 

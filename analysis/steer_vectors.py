@@ -246,6 +246,15 @@ def load_vector(path: str | os.PathLike) -> SteeringVector:
                           **{key: str(meta.get(key, "")) for key in _META_KEYS})
 
 
+def check_fingerprint(vector: SteeringVector, fingerprint: str | None, *, allow_foreign: bool = False) -> None:
+    """ConfigError when the vector was extracted from another model (both fingerprints known and
+    different) unless ``allow_foreign``."""
+    if fingerprint and vector.fingerprint and fingerprint != vector.fingerprint and not allow_foreign:
+        raise ConfigError(f"the steering vector was extracted from model {vector.fingerprint[:12]} "
+                          f"({vector.source or '?'}), not from this model ({fingerprint[:12]}); extract it from this "
+                          "model, or pass allow_foreign=True (--allow-foreign) if the models share a residual basis")
+
+
 def check_compatible(vector: SteeringVector, *, d_model: int, fingerprint: str | None = None,
                      allow_foreign: bool = False) -> None:
     """ShapeError when the width differs; ConfigError when the vector was extracted from another
@@ -254,10 +263,7 @@ def check_compatible(vector: SteeringVector, *, d_model: int, fingerprint: str |
         raise ShapeError(f"the steering vector has d_model {vector.d_model} but the model's d_model is {d_model}: "
                          f"it comes from another model ({vector.source or 'unknown source'}); extract one from this "
                          "model with `lenslab steer extract`")
-    if (fingerprint and vector.fingerprint and fingerprint != vector.fingerprint and not allow_foreign):
-        raise ConfigError(f"the steering vector was extracted from model {vector.fingerprint[:12]} "
-                          f"({vector.source or '?'}), not from this model ({fingerprint[:12]}); extract it from this "
-                          "model, or pass allow_foreign=True (--allow-foreign) if the models share a residual basis")
+    check_fingerprint(vector, fingerprint, allow_foreign=allow_foreign)
 
 
 def gguf_direction_index(hook: str, layer: int) -> int:

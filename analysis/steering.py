@@ -297,7 +297,8 @@ def logistic_direction(pos: np.ndarray, neg: np.ndarray, *, C: float = 1.0) -> n
 
     The activations are centred on their overall mean and divided by one global scale (the
     RMS norm) before fitting, so ``C`` means the same at every layer; neither changes the
-    direction's meaning. scikit-learn lbfgs, ``max_iter`` 2000.
+    direction's meaning. scikit-learn lbfgs, ``tol`` 1e-8 (converged to the optimum, not to the
+    default 1e-4), ``max_iter`` 5000.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -308,7 +309,7 @@ def logistic_direction(pos: np.ndarray, neg: np.ndarray, *, C: float = 1.0) -> n
     y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
     x = x - x.mean(0)
     scale = float(np.sqrt((x ** 2).sum(1).mean())) or 1.0
-    w = LogisticRegression(C=C, max_iter=2000).fit(x / scale, y).coef_[0]
+    w = LogisticRegression(C=C, tol=1e-8, max_iter=5000).fit(x / scale, y).coef_[0]
     norm = np.linalg.norm(w)
     if norm == 0:
         raise ShapeError("logistic regression returned a zero weight vector: the two classes are not separable "

@@ -34,8 +34,8 @@ from analysis import steering as st
 from analysis.contrasts import ContrastSet, bundled_contrasts, load_contrasts
 from analysis.errors import ConfigError
 from analysis.sources import Source, open_source
-from analysis.steer_vectors import SVD, SteeringVector, check_compatible, export_gguf, from_extraction, \
-    load_vector, save_vector
+from analysis.steer_vectors import SVD, SteeringVector, check_compatible, check_fingerprint, export_gguf, \
+    from_extraction, load_vector, save_vector
 from analysis.store import Result, Store
 
 Progress = Callable[[int, int, str], None]
@@ -205,6 +205,7 @@ def steer_dose_response(source: str | os.PathLike | Source, vector: SteeringVect
     cs = load_contrasts(contrasts)
     alphas = eff.check_alphas(alphas)
     src = open_source(source)
+    check_fingerprint(vec, src.fingerprint, allow_foreign=allow_foreign)  # also on a cache hit
     st_ = _store(store)
     params = _dose_params(vec, cs, alphas, layers, scale, capability)
 

@@ -3,6 +3,8 @@ padding invariance, hooks that always come off, exact steering/ablation arithmet
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -67,6 +69,19 @@ def test_logistic_direction_finds_the_planted_axis(rng):
     pos, neg = rng.standard_normal((60, 8)) + 2 * axis, rng.standard_normal((60, 8))
     u = S.logistic_direction(pos, neg)
     assert np.isclose(np.linalg.norm(u), 1.0) and u @ axis > 0.9
+
+
+def test_logistic_direction_matches_a_direct_scikit_learn_fit(rng):
+    """Centring (the intercept absorbs it) and one global rescaling by s (the same as C/s² on the
+    raw data) leave the direction of the L2 fit unchanged: a plain LogisticRegression on the raw
+    activations with C = 1/s² gives the same unit vector."""
+    from sklearn.linear_model import LogisticRegression
+
+    pos, neg = rng.standard_normal((40, 6)) * 3 + [1, 0, 0.5, 0, 0, 2], rng.standard_normal((40, 6)) * 3 + 5
+    x = np.concatenate([pos, neg])
+    s = np.sqrt(((x - x.mean(0)) ** 2).sum(1).mean())
+    w = LogisticRegression(C=1 / s**2, tol=1e-12, max_iter=100_000).fit(x, np.r_[np.ones(40), np.zeros(40)]).coef_[0]
+    np.testing.assert_allclose(S.logistic_direction(pos, neg), w / np.linalg.norm(w), atol=1e-5)
 
 
 def test_projection_auc_equals_mann_whitney(rng):
@@ -177,6 +192,36 @@ def test_activations_do_not_depend_on_the_padding_side(llama, contrasts):
     np.testing.assert_allclose(left.pos, right.pos, atol=ATOL)
     np.testing.assert_allclose(left.neg, right.neg, atol=ATOL)
     np.testing.assert_allclose(left.act_norm, right.act_norm, rtol=1e-5)
+
+
+def test_act_norm_and_rel_norm_match_a_hand_computation(llama, contrasts):
+    """act_norm = mean ‖h‖ over every real token of every text (both sides, both splits), one
+    text at a time; rel_norm = ‖mean_diff‖ / act_norm."""
+    _, bridge = llama
+    cs = parse_contrasts("\n".join(json.dumps({"positive": p.positive, "negative": p.negative, "split": p.split})
+                                    for p in contrasts.pairs[-16:]))  # 12 held-out + 4 training pairs
+    ext = S.extract(bridge, cs, hook="mlp_out", position="last", layers=[0], padding_side="left")
+    acts = {t: single_forward(bridge, t, "blocks.0.hook_mlp_out") for p in cs.pairs for t in (p.positive, p.negative)}
+    act_norm = float(torch.cat([a.norm(dim=-1) for a in acts.values()]).mean())
+    row = ext.table.set_index("method").loc["mean_diff"]
+    assert row["act_norm"] == pytest.approx(act_norm, rel=1e-5)
+    diff = torch.stack([acts[p.positive][-1] - acts[p.negative][-1] for p in cs.train]).mean(0)
+    assert row["rel_norm"] == pytest.approx(float(diff.norm()) / act_norm, rel=1e-4)
+
+
+@pytest.mark.parametrize("position", ["mean", "last"])
+def test_minilm_activations_do_not_depend_on_the_padding_side(minilm_bridge, position):
+    cs = load_contrasts("positive-negative")
+    right = S.collect(minilm_bridge, cs, hook="resid_mid", position=position, padding_side="right", layers=[0, 5])
+    left = S.collect(minilm_bridge, cs, hook="resid_mid", position=position, padding_side="left", layers=[0, 5])
+    assert (right.lengths[0] != right.lengths[1]).any()  # the texts really are padded
+    np.testing.assert_allclose(left.pos, right.pos, atol=1e-5)
+    np.testing.assert_allclose(left.neg, right.neg, atol=1e-5)
+    np.testing.assert_allclose(left.act_norm, right.act_norm, rtol=1e-5)
+    text = cs.test[0].negative  # and both equal the text run alone
+    alone = single_forward(minilm_bridge, text, "blocks.5.hook_resid_mid")
+    want = alone.mean(0) if position == "mean" else alone[-1]
+    np.testing.assert_allclose(left.neg[1, len(cs.train)], want.numpy(), atol=1e-5)
 
 
 def test_extraction_table_and_shapes(llama, contrasts):
@@ -356,6 +401,27 @@ def test_vectors_from_another_model_are_refused(llama):
     with pytest.raises(ShapeError, match=r"shape \(d_model,\) = \(32,\)"):
         with steering(bridge, np.ones(33), alpha=1.0, layers=[0]):
             pass
+    assert attached_hook_count(bridge) == 0
+
+
+def test_ablation_checks_the_vector_fingerprint_against_the_model(llama):
+    from analysis.steer_hooks import bridge_fingerprint
+
+    src, bridge = llama
+    assert bridge_fingerprint(bridge) == src.fingerprint  # from the directory the bridge was booted from
+    r = np.random.default_rng(7).standard_normal((1, bridge.cfg.d_model))
+    foreign = SteeringVector(r, (0,), fingerprint="f" * 32, source="other")
+    with pytest.raises(ConfigError, match=r"extracted from model ffffffffffff \(other\), not from this model"):
+        with ablation(bridge, foreign):
+            pass  # pragma: no cover
+    assert attached_hook_count(bridge) == 0
+    with ablation(bridge, foreign, allow_foreign=True):
+        assert attached_hook_count(bridge) > 0
+    with ablation(bridge, SteeringVector(r, (0,), fingerprint=src.fingerprint)), ablation(bridge, r):
+        assert attached_hook_count(bridge) > 0
+    with pytest.raises(ShapeError, match="d_model 384 but the model's d_model is 32"):
+        with ablation(bridge, SteeringVector(np.ones((1, 384)), (0,))):
+            pass  # pragma: no cover
     assert attached_hook_count(bridge) == 0
 
 

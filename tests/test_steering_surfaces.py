@@ -62,6 +62,23 @@ def test_api_dose_response_is_stored_and_found_again(lm_dir, store):
     assert found is not None and found.table.equals(dr.table)
 
 
+def test_api_dose_response_checks_the_fingerprint_on_a_cache_hit(lm_dir, store):
+    from dataclasses import replace
+
+    from analysis.errors import ConfigError
+    from app import api
+
+    vec = api.steer_vector(api.steer_extract(lm_dir, "numpy-torch", store=store), 0)
+    foreign = replace(vec, fingerprint="f" * 32, source="another model")
+    dr = api.steer_dose_response(lm_dir, foreign, "numpy-torch", alphas=(1,), allow_foreign=True, store=store)
+    assert api.stored_dose_response("f" * 32, foreign, "numpy-torch", alphas=(1,), store=store) is None
+    assert api.stored_dose_response(vec.fingerprint, foreign, "numpy-torch", alphas=(1,), store=store) is not None
+    with pytest.raises(ConfigError, match="extracted from model ffffffffffff"):  # stored, still refused
+        api.steer_dose_response(lm_dir, foreign, "numpy-torch", alphas=(1,), store=store)
+    again = api.steer_dose_response(lm_dir, foreign, "numpy-torch", alphas=(1,), allow_foreign=True, store=store)
+    assert again.table.equals(dr.table)
+
+
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_extract_apply_sweep_orthogonalize(lm_dir, tmp_path):
     store = tmp_path / "store"
