@@ -9,6 +9,9 @@
     >>> dr = api.steer_dose_response("bilinear-lm", vec, "numpy-torch", scale="norm",
     ...                              alphas=(-0.6, -0.3, 0, 0.3, 0.6))
     >>> api.steer_orthogonalize("bilinear-lm", vec, "bilinear-lm-no-torch")
+    >>> sub = api.steer_vector(ext, layer=1, method="svd", k=3)          # a 3-direction subspace
+    >>> api.steer_orthogonalize("bilinear-lm", sub, "bilinear-lm-no-torch-3")
+    >>> api.steer_sweep("bilinear-lm", "numpy-torch", alpha=0.4, scale="norm")  # one row per layer
 
 Extractions (``steering.extract``), dose-responses (``steering.dose``) and layer sweeps
 (``steering.sweep``) are cached in the results store under the model's fingerprint. Bridges are

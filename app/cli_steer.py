@@ -4,6 +4,7 @@
     lenslab steer apply bilinear-lm torch.safetensors --prompt "Returns a new" --alpha 0.4 --scale norm
     lenslab steer sweep bilinear-lm numpy-torch --vector torch.safetensors --scale norm --alphas=-0.6,-0.3,0,0.3,0.6
     lenslab steer orthogonalize bilinear-lm torch.safetensors --out bilinear-lm-no-torch
+    lenslab steer extract bilinear-lm numpy-torch --method svd --k 3 --layer 1 --out torch-svd.safetensors
 
 Contrast sets: a bundled name (numpy-torch, code-prose, positive-negative) or a JSONL file
 (format: ``analysis/contrasts.py``). Registered on the main app in ``app/cli.py``. Errors are
