@@ -52,7 +52,7 @@ import torch
 from analysis.contrasts import ContrastSet
 from analysis.errors import ConfigError, ShapeError
 
-CODE_VERSION = "steering-1"
+CODE_VERSION = "steering-2"  # 2: logistic fitted to tol 1e-8; NaN rows for failed fits
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 METHODS = ("mean_diff", "pca", "logistic")
 PADDING_SIDES = ("right", "left")

@@ -45,7 +45,7 @@ Progress = Callable[[int, int, str], None]
 EXTRACT = "steering.extract"
 DOSE = "steering.dose"
 SWEEP = "steering.sweep"
-CODE_VERSION = "steering-1"
+CODE_VERSION = "steering-2"  # 2: logistic fitted to tol 1e-8; NaN rows for failed fits
 
 _BRIDGES: dict[tuple[str, bool], Any] = {}
 _LOCK = threading.RLock()
