@@ -228,7 +228,8 @@ def dashboard(
         env[ALLOWED_ROOT_VAR] = os.pathsep.join(str(p.expanduser().resolve()) for p in allowed_root)
     script = Path(__file__).with_name("dashboard.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host,
-           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--client.toolbarMode", "viewer"]
     console.print(f"dashboard on http://{host}:{port} (store {env['LENSLAB_STORE']})")
     raise typer.Exit(subprocess.call(cmd, env=env))
 

@@ -115,6 +115,7 @@ def test_dashboard_command_binds_loopback_and_passes_allowed_roots(monkeypatch, 
                                    str(tmp_path / "b")]).exit_code == 0
     (cmd, env), (_, env2) = calls
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--client.toolbarMode") + 1] == "viewer"  # no Deploy button
     assert ENV_VAR not in env or env[ENV_VAR] == os.environ.get(ENV_VAR)
     assert env2[ENV_VAR] == os.pathsep.join([str((tmp_path / "a").resolve()), str((tmp_path / "b").resolve())])
 
@@ -123,6 +124,7 @@ def test_streamlit_config_binds_loopback():
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "127.0.0.1"
     assert config["browser"]["gatherUsageStats"] is False
+    assert config["client"]["toolbarMode"] == "viewer"
 
 
 # -- pickle and remote code ------------------------------------------------------------------------------
