@@ -117,7 +117,9 @@ def analyze(
         out.add_column(c, justify="left" if c in ("matrix", "shape", "status") else "right", overflow="fold")
     for row in table.sort_values("kappa").to_dict(orient="records"):
         out.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols])
-    Console().print(out)
+    console = Console()
+    # Piped or under `make run` rich assumes 80 columns and folds every tensor name; print full rows instead.
+    (console if console.is_terminal else Console(width=160)).print(out)
 
 
 @app.command()
