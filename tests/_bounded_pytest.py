@@ -36,14 +36,17 @@ def bounded_batch(test):
 
 def run_bounded(test_file: str, tmp_path: Path, *, limit_mib: int = 1024, timeout: float = 600) -> dict:
     """Run the ``bounded_batch`` tests of ``test_file`` in a child under ``limit_mib`` of extra
-    address space; assert they all passed; returns the child's report."""
+    address space; assert they all passed and resident growth stayed below the limit; returns
+    the child's report."""
     report = tmp_path / "bounded-report.json"
     args = [test_file, "-q", "-x", "-m", "bounded_batch", "-p", "no:cacheprovider", "--basetemp",
             str(tmp_path / "child-tmp")]
     out = subprocess.run([sys.executable, str(Path(__file__)), str(limit_mib), str(report), *args],
                          capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
-    return json.loads(report.read_text())
+    result = json.loads(report.read_text())
+    assert result["exit"] == 0 and result["rss_growth"] < limit_mib * 2**20, result
+    return result
 
 
 def main(argv: list[str]) -> int:
