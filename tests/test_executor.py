@@ -130,6 +130,22 @@ def test_unreachable_ray_address_fails_fast():
     assert time.perf_counter() - t0 < 20
 
 
+def test_ray_cause_digs_out_the_innermost_error():
+    from analysis.executor import ray_cause
+
+    inner = RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                         '  File "node.py", line 996, in _init_gcs_client\n'
+                         "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: token is missing\n")
+    try:
+        try:
+            raise inner
+        except RuntimeError as exc:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+    except ConnectionError as outer:
+        assert ray_cause(outer) == "AuthenticationError: RPC error: InvalidAuthToken: token is missing"
+    assert ray_cause(ValueError("bad address 'x'")) == "ValueError: bad address 'x'"
+
+
 def test_expand_sources_globs_absolute_paths_and_duplicates(checkpoints, monkeypatch):
     root = checkpoints[0].parent
     monkeypatch.chdir(root)
