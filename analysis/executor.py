@@ -18,6 +18,7 @@ installed on every node) and read access to the inputs at the same paths, never 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,6 +169,38 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
                           "check host and port (6379 for HOST:PORT, 10001 for ray://), or use --executor local") from exc
 
 
+def ray_cause(exc: BaseException) -> str:
+    """The innermost cause of a failed ``ray.init``, as ``Type: message``.
+
+    Ray wraps a refused connection in ConnectionError -> RuntimeError whose text ends in the
+    traceback of the real error (e.g. ``AuthenticationError: ... InvalidAuthToken``)."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    inner = seen[-1]
+    text = str(inner).strip()
+    found = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)", text, flags=re.MULTILINE)
+    if found:  # the last exception line of an embedded traceback
+        kind, message = found[-1]
+        return f"{kind.rsplit('.', 1)[-1]}: {message.strip()}"
+    return f"{type(inner).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _init_error(address: str | None, exc: BaseException) -> ConfigError:
+    """A ConfigError naming the Ray address, Ray's own cause and the fix."""
+    cause = ray_cause(exc)
+    where = repr(address) if address is not None else "a local Ray"
+    if "InvalidAuthToken" in cause or cause.startswith("AuthenticationError"):
+        fix = ("the cluster uses token authentication: set RAY_AUTH_MODE=token here and give this machine the "
+               "cluster's token (~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), or run on a cluster node "
+               "with --ray-address auto")
+    else:
+        fix = ("check --ray-address (e.g. auto, HOST:6379 on a cluster node, ray://HOST:10001), "
+               "or use --executor local")
+    return ConfigError(f"cannot start or reach {where}: {cause[:600]}; {fix}")
+
+
 class RayExecutor(Executor):
     """One Ray task per item, on a running cluster (``address``) or a local Ray started here."""
 
@@ -192,10 +225,8 @@ class RayExecutor(Executor):
                 opts.update(num_cpus=config.workers or usable_cpus(), include_dashboard=False)
             try:
                 ray.init(**opts)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                where = config.address or "a local Ray"
-                raise ConfigError(f"cannot start or reach {where} ({exc}); check --ray-address (e.g. auto, "
-                                  "HOST:6379 on a cluster node, ray://HOST:10001), or use --executor local") from exc
+            except Exception as exc:  # noqa: BLE001 - Ray raises many types; each is reported with its cause
+                raise _init_error(config.address, exc) from exc
             self._started = True
 
     @property

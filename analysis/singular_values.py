@@ -4,7 +4,12 @@ Fast route: eigenvalues of the float64 Gram matrix on the smaller side (BLAS ``d
 LAPACK ``dsyevd``, eigenvalues only): single-threaded here ~2.5x cheaper than a float64
 SVD (``gesdd``) of a 3072x768 matrix, ~1.5x for a square one. Its error in s_min grows
 like eps·kappa², so matrices whose Gram-route kappa exceeds ``GRAM_KAPPA_LIMIT`` (or that
-are singular) are recomputed with a float64 SVD (``route`` says which was used). Measured
+are singular) are recomputed with a float64 SVD (``route`` says which was used) without a
+float64 copy of the matrix: a tall matrix is reduced to its n x n R factor by a blocked
+Householder QR (LAPACK ``dtpqrt`` over row blocks upcast one at a time, TSQR), and the SVD
+of R (same singular values; Householder QR is backward stable) runs in place in the
+Gram's own buffer, so the fall-back needs O(n² + block) memory (a square matrix is copied
+into that buffer instead). Measured
 on matrices with known singular values (fp32-stored, 384² to 30522x384): kappa agrees with
 the SVD to < 6e-8 relative at kappa = 1e4, every singular value to < 1e-8·s_max.
 Matrices are spread over a small thread pool with one BLAS thread each (see ``parallel``);
@@ -34,6 +39,7 @@ from analysis.errors import ShapeError
 GRAM_KAPPA_LIMIT = 1e4  # above this the Gram route's s_min would lose more than ~1e-7 relative accuracy
 MAX_WORKERS = 8  # matrices analysed in parallel (capped by the usable CPUs)
 GRAM_BLOCK_ELEMENTS = 1 << 18  # rows upcast to float64 at a time while forming a Gram (2 MiB)
+QR_BLOCK_ELEMENTS = 1 << 18  # rows upcast to float64 at a time by the SVD fall-back's blocked QR (2 MiB)
 
 
 def singular_values(matrix: torch.Tensor) -> np.ndarray:
@@ -120,20 +126,65 @@ def _syevd_lwork(n: int) -> int:
     return max(int(work), 2 * n + 1) if info == 0 else 2 * n + 1
 
 
-def _svdvals64(w: np.ndarray) -> np.ndarray:
-    """Descending singular values by a float64 LAPACK SVD (gesdd, then gesvd if it fails)."""
-    try:
-        return scipy.linalg.svd(w, compute_uv=False, check_finite=False, lapack_driver="gesdd")
-    except np.linalg.LinAlgError:
-        return scipy.linalg.svd(w, compute_uv=False, check_finite=False, lapack_driver="gesvd")
+def _square_factor(t: torch.Tensor, work: np.ndarray) -> np.ndarray:
+    """An n x n float64 matrix (Fortran order, in ``work``) with the singular values of the
+    tall ``t`` (rows, n): ``t`` itself when square, else the R factor of its QR.
+
+    R is built by TSQR: blocks of ``QR_BLOCK_ELEMENTS`` (at least 64 rows) are upcast to
+    float64 one at a time and folded in with LAPACK ``dtpqrt`` (QR of [R; block]), so no
+    float64 copy of ``t`` is made. Block sizes depend only on the shape (reproducible).
+    """
+    rows, n = t.shape
+    if rows == n:
+        step = max(1, QR_BLOCK_ELEMENTS // n)
+        for a in range(0, rows, step):
+            work[a:a + step] = _as_float64(t[a:a + step])
+        return work
+    work[...] = 0.0
+    step = max(64, QR_BLOCK_ELEMENTS // n)
+    nb = min(32, n)
+    for a in range(0, rows, step):
+        block = _as_float64(t[a:a + step].mT).T  # (b, n) in Fortran order, as dtpqrt wants
+        # dtpqrt overwrites it: a float64 input's "upcast" can be a view of the caller's matrix
+        block = block.copy(order="F") if t.dtype == torch.float64 else np.asfortranarray(block)
+        r, _, _, info = lapack.dtpqrt(0, nb, work, block, overwrite_a=1, overwrite_b=1)
+        if info != 0 or r is not work:  # pragma: no cover - an illegal argument; never in place otherwise
+            raise RuntimeError(f"LAPACK dtpqrt failed (info={info})")
+    for j in range(n - 1):  # R is the upper triangle; dtpqrt leaves the rest as given (zero), make sure
+        work[j + 1:, j] = 0.0
+    return work
+
+
+def svd_fallback(matrix: torch.Tensor, work: np.ndarray | None = None) -> np.ndarray:
+    """Descending singular values of ``matrix`` by a float64 LAPACK SVD (gesdd, then gesvd if
+    it fails) of its n x n square factor (``_square_factor``), n = min(rows, cols).
+
+    Memory: the n x n float64 factor (``work`` when given: an F-ordered (n, n) float64 array
+    whose contents may be destroyed, e.g. the Gram already consumed by ``dsyevd``), one row
+    block and LAPACK's O(n) workspace: never a float64 copy of a tall matrix.
+    """
+    t = tall(matrix)
+    n = t.shape[1]
+    if work is None or work.shape != (n, n) or work.dtype != np.float64 or not work.flags.f_contiguous:
+        work = np.empty((n, n), dtype=np.float64, order="F")
+    for driver in ("gesdd", "gesvd"):  # gesdd can fail to converge; its failure overwrote the factor
+        factor = _square_factor(t, work)
+        try:
+            return scipy.linalg.svd(factor, compute_uv=False, check_finite=False, overwrite_a=True,
+                                    lapack_driver=driver)
+        except np.linalg.LinAlgError:
+            if driver == "gesvd":
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def spectrum_from_gram(matrix: torch.Tensor, gram: np.ndarray) -> tuple[np.ndarray, str]:
-    """(singular values descending, route) of ``matrix`` given its float64 Gram.
+    """(singular values descending, route) of ``matrix`` given its float64 Gram (F-ordered,
+    upper triangle set; consumed: its buffer is reused by the fall-back).
 
     Route "gram" when the Gram eigenvalues give s_max/s_min <= GRAM_KAPPA_LIMIT; "svd"
-    (float64 LAPACK SVD) when kappa is larger, W is singular or LAPACK failed; "nonfinite"
-    (all NaN) when W holds NaN or Inf.
+    (float64 LAPACK SVD, see ``svd_fallback``) when kappa is larger, W is singular or LAPACK
+    failed; "nonfinite" (all NaN) when W holds NaN or Inf.
     """
     # diag(Gram) = squared norms of W's columns (rows): finite iff W is (barring overflow).
     if np.isfinite(np.diagonal(gram)).all():
@@ -144,7 +195,7 @@ def spectrum_from_gram(matrix: torch.Tensor, gram: np.ndarray) -> tuple[np.ndarr
                 return s, "gram"
     elif not bool(torch.isfinite(matrix).all()):
         return np.full(min(matrix.shape), math.nan), "nonfinite"
-    return _svdvals64(_as_float64(tall(matrix))), "svd"
+    return svd_fallback(matrix, work=gram), "svd"
 
 
 def spectrum(matrix: torch.Tensor) -> tuple[np.ndarray, str]:

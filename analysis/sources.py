@@ -149,7 +149,7 @@ class Source:
         h = hashlib.blake2b(digest_size=16)
         for name, t in self.iter_tensors():
             h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
-            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # a buffer: no copy
         return h.hexdigest()
 
     @property

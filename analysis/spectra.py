@@ -48,6 +48,7 @@ MIN_TAIL = 2
 SPLIT_ELEMENTS = 1 << 22  # a matrix this large has its Gram formed from SPLIT_PARTS row ranges in parallel
 SPLIT_PARTS = 2  # fixed (not the worker count) so that results do not depend on the machine
 KS_GRID_ELEMENTS = 1 << 18  # entries of the power-law KS grid evaluated at a time
+INFLIGHT_BYTES = 256 << 20  # default bound on matrices queued or running, counted as float64 (weight_spectra)
 
 Progress = Callable[[int, int, str], None]  # (done, total, current label)
 
@@ -249,6 +250,7 @@ def _matrix_row(matrix: torch.Tensor, dtype: torch.dtype, parts: list[Future] | 
         gram = parts[0].result()
         for part in parts[1:]:
             gram += part.result()
+        parts.clear()  # drop the other partial Grams before a possible SVD fall-back
         sv, route = sv_mod.spectrum_from_gram(matrix, gram)
     if route == "nonfinite":
         n_nan = int(torch.isnan(matrix).sum())
@@ -271,16 +273,19 @@ def _submit(pool: ThreadPoolExecutor, matrix: torch.Tensor, dtype: torch.dtype) 
 
 
 def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | None = None,
-                   progress: Progress | None = None, batch_bytes: int = 256 << 20,
+                   progress: Progress | None = None, batch_bytes: int | None = None,
                    n_workers: int | None = None) -> WeightSpectra:
     """Spectra of every >= 2-D floating tensor in ``tensors`` ((name, tensor) pairs).
 
     Tensors are read one at a time; their matrices are analysed in a pool of ``n_workers``
-    threads (default ``analysis.singular_values.n_workers()``) with at most ``batch_bytes`` of
-    matrices (counted as float64) queued or running; a larger one waits for the queue to
-    drain and runs alone. 1-D tensors are skipped and listed; tensors with NaN/Inf get a row
-    with status ``nonfinite: …`` and NaN metrics, and the rest of the model is still
-    analysed. Rows keep the input order whatever order workers finish in, and every value is
+    threads (default ``analysis.singular_values.n_workers()``) with at most ``batch_bytes``
+    (default ``INFLIGHT_BYTES``) of matrices, counted as float64, queued or running; a larger
+    one waits for the queue to drain and runs alone. Each matrix's working memory is of the
+    order of that count whichever route it takes: an n x n float64 Gram (two partial ones for
+    a split Gram) plus one upcast row block, and the SVD fall-back reuses the Gram's buffer
+    (see ``analysis.singular_values.svd_fallback``). 1-D tensors are skipped and listed;
+    tensors with NaN/Inf get a row with status ``nonfinite: …`` and NaN metrics, and the rest
+    of the model is still analysed. Rows keep the input order whatever order workers finish in, and every value is
     bitwise the same whatever ``n_workers`` is.
     """
     rows: dict[str, dict] = {}
@@ -301,6 +306,7 @@ def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | 
                 svs[label] = sv
 
     n_workers = n_workers or sv_mod.n_workers()
+    batch_bytes = INFLIGHT_BYTES if batch_bytes is None else batch_bytes
     with sv_mod.parallel(n_workers) as pool:
         for name, tensor in tensors:
             done += 1

@@ -11,7 +11,9 @@ inside an allowed root:
   (``$HF_HOME``, default ``~/.cache/huggingface``).
 
 A refused path is never opened (not even to check that it exists), so an error message cannot
-reveal anything about files outside the roots. The CLI and the Python API are not restricted:
+reveal anything about files outside the roots. A typed directory inside the roots must not hold
+links out of them either (a symlinked ``model.safetensors`` or shard): it is refused, naming the
+link but not its target. The CLI and the Python API are not restricted:
 they run with the user's own rights.
 """
 
@@ -50,8 +52,31 @@ def check_typed_path(spec: str, *, names: Iterable[str] = (), what: str = "model
         raise SourceError(f"{spec[:200]!r} is not a usable path ({exc}); type a bundled {what} name or a path "
                           "inside the allowed roots") from exc
     roots = allowed_roots()
-    if not any(resolved.is_relative_to(r) for r in roots):
+    if not _inside(resolved, roots):
         raise SourceError(f"{spec[:200]!r} is outside the directories this dashboard may read "
                           f"({', '.join(map(str, roots))}); move the {what} there, or restart the dashboard with "
                           f"--allowed-root DIR (or {ENV_VAR}=DIR)")
+    _check_directory_links(spec, resolved, roots, what)
     return spec
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path.is_relative_to(r) for r in roots)
+
+
+def _check_directory_links(spec: str, resolved: Path, roots: tuple[Path, ...], what: str) -> None:
+    """A directory inside the roots may still hold links out of them (a symlinked
+    ``model.safetensors``, shard, index or config): every entry, links followed, must resolve
+    inside the roots too. Shard names in an index are held to the checkpoint's own directory by
+    the loader (``analysis.sources``), so one level is enough."""
+    try:
+        if not resolved.is_dir():
+            return
+        entries = [(e.name, Path(e.path).resolve()) for e in os.scandir(resolved)]
+    except (OSError, RuntimeError) as exc:  # unreadable directory, symlink loop
+        raise SourceError(f"{spec[:200]!r}: cannot list the directory ({exc}); check its permissions") from exc
+    outside = sorted(name for name, target in entries if not _inside(target, roots))
+    if outside:
+        raise SourceError(f"{spec[:200]!r}: {', '.join(outside[:5])} links to a file outside the directories this "
+                          f"dashboard may read; copy the {what}'s files into {spec[:200]!r} instead of linking "
+                          f"them, or restart the dashboard with --allowed-root DIR (or {ENV_VAR}=DIR)")

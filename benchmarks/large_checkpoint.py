@@ -18,7 +18,9 @@
 Options: ``--size-gb 6`` ``--dir DIR`` (default: a temp dir, deleted after; an existing
 checkpoint written by this script with the same settings is reused) ``--keep`` ``--hidden 2048``
 ``--intermediate 5632`` ``--kv-heads 4`` ``--vocab 32000`` ``--dtype F32`` ``--shard-gb 2``
-``--skip-ww`` ``--ww-timeout 3600``.
+``--skip-ww`` ``--ww-timeout 3600`` ``--ill-conditioned`` (the embedding, the largest matrix, gets
+kappa ~1e6, so it takes the float64 SVD fall-back instead of the Gram route: the worst case for
+memory).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 GIB = 1 << 30
+EMBEDDING = "model.embed_tokens.weight"
+ILL_DECADES = 6  # --ill-conditioned: the embedding's columns are scaled from 1 down to 10^-6
 _DTYPES = {"F32": ("float32", 4), "BF16": ("bfloat16", 2), "F16": ("float16", 2)}
 
 
@@ -53,6 +57,7 @@ class LlamaShape:
     kv_heads: int = 4
     vocab: int = 32000
     dtype: str = "F32"  # safetensors dtype name: F32 | BF16 | F16
+    ill_conditioned: bool = False  # embedding columns scaled over ILL_DECADES decades (kappa ~1e6)
 
     @property
     def itemsize(self) -> int:
@@ -98,15 +103,19 @@ class LlamaShape:
         return LlamaShape(layers=layers, **sizes)
 
 
-def _tensor(shape: tuple[int, ...], dtype: str, seed: int):
-    """Random weights for one tensor: N(0, 0.02²) matrices (Llama's init), ones for norms."""
+def _tensor(shape: tuple[int, ...], dtype: str, seed: int, decades: int = 0):
+    """Random weights for one tensor: N(0, 0.02²) matrices (Llama's init), ones for norms;
+    with ``decades``, column j is scaled by 10^(−decades·j/(cols−1)) (kappa ~10^decades)."""
     import torch
 
     tdtype = getattr(torch, _DTYPES[dtype][0])
     if len(shape) == 1:
         return torch.ones(shape, dtype=tdtype)
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 0.02).to(tdtype)
+    t = torch.randn(shape, generator=g) * 0.02
+    if decades:
+        t *= torch.logspace(0, -decades, shape[-1])
+    return t.to(tdtype)
 
 
 def _shard_plan(shape: LlamaShape, shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -151,7 +160,8 @@ def write_checkpoint(directory: Path, shape: LlamaShape, *, shard_bytes: int = 2
         with (tmp / fname).open("wb") as f:
             f.write(struct.pack("<Q", len(raw)) + raw)
             for name, s in tensors:
-                t = _tensor(s, shape.dtype, seed * 100_003 + index)
+                decades = ILL_DECADES if shape.ill_conditioned and name == EMBEDDING else 0
+                t = _tensor(s, shape.dtype, seed * 100_003 + index, decades)
                 f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
                 index += 1
                 del t
@@ -208,7 +218,15 @@ def _child_lenslab(directory: str, out: str) -> dict:
     return {"seconds": t_analyze + t_cond, "analyze_s": t_analyze, "conditioning_s": t_cond,
             "matrices": len(ws.table), "ok": int((ws.table["status"] == "ok").sum()),
             "routes": ws.table["route"].value_counts().to_dict(), "conditioning_rows": len(cond),
+            "largest": _largest_rows(ws.table),
             "baseline_rss": base, "vm_hwm": _proc_status()["VmHWM"]}
+
+
+def _largest_rows(table) -> list[dict]:
+    """Name, route and kappa of every matrix of the largest size (embedding and lm_head)."""
+    size = table["rows"] * table["cols"]
+    return [{"matrix": r["matrix"], "route": r["route"], "kappa": float(r["kappa"])}
+            for _, r in table[size == size.max()].iterrows()]
 
 
 def _child_weightwatcher(directory: str, out: str) -> dict:
@@ -290,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-gb", type=float, default=2.0, help="largest shard in GiB")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-ww", action="store_true", help="do not run WeightWatcher")
+    parser.add_argument("--ill-conditioned", action="store_true",
+                        help="make the embedding (the largest matrix) ill-conditioned (kappa ~1e6) so that it "
+                             "takes the float64 SVD fall-back: the worst case for memory")
     parser.add_argument("--ww-timeout", type=float, default=3600.0, help="stop WeightWatcher after this many s")
     parser.add_argument("--child", nargs=3, metavar=("TOOL", "DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -300,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     shape = LlamaShape.for_size(args.size_gb, hidden=args.hidden, intermediate=args.intermediate,
-                                heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab, dtype=args.dtype)
+                                heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab, dtype=args.dtype,
+                                ill_conditioned=args.ill_conditioned)
     shard_bytes = int(args.shard_gb * GIB)
     owned = args.dir is None
     root = Path(tempfile.mkdtemp(prefix="lenslab-large-")) if owned else args.dir.parent
@@ -350,17 +372,27 @@ def _load() -> str:
         return "n/a"
 
 
+def _matrices(ours: dict) -> str:
+    """'N matrices (k by the SVD fall-back; largest: NAME ROUTE kappa K, ...)' or the error."""
+    if "error" in ours:
+        return f"{ours.get('matrices', '?')} matrices ({ours['error']})"
+    big = ", ".join(f"{b['matrix']} {b['route']} kappa {b['kappa']:.2g}" for b in ours["largest"])
+    return f"{ours['matrices']} matrices ({ours['routes'].get('svd', 0)} by the SVD fall-back; largest: {big})"
+
+
 def markdown_report(shape: LlamaShape, shards: list[Path], t_write: float, largest: int, goal: int, ours: dict,
            ww: dict | None, root: Path) -> str:
     """The markdown table of one run."""
     size = sum(p.stat().st_size for p in shards)
+    weights = "random" + (f", embedding ill-conditioned (columns scaled over {ILL_DECADES} decades)"
+                          if shape.ill_conditioned else "")
     rows = [["checkpoint", f"Llama-shaped, {shape.layers} layers, d_model {shape.hidden}, d_mlp {shape.intermediate}, "
-             f"vocab {shape.vocab}, {shape.dtype}, random", f"{size / 1e9:.2f} GB in {len(shards)} shards; "
+             f"vocab {shape.vocab}, {shape.dtype}, {weights}", f"{size / 1e9:.2f} GB in {len(shards)} shards; "
              f"largest tensor {largest / 2**20:.0f} MiB", "n/a" if t_write != t_write else f"{t_write:.0f} s (write)",
              "", ""]]
     verdict = ("met" if ours.get("peak_rss", math.inf) <= goal else "NOT met") if "error" not in ours else "n/a"
     rows.append(["LensLab", "api.analyze (fingerprint + spectra + store) + api.conditioning",
-                 f"{ours.get('matrices', '?')} matrices" + (f" ({ours['error']})" if "error" in ours else ""),
+                 _matrices(ours),
                  f"{ours['wall_s']:.0f} s", _rss(ours),
                  f"goal <= 3 x largest + 1 GiB = {_gib(goal)}: {verdict}"])
     if ww is not None:

@@ -25,6 +25,13 @@ def _status(field: str) -> int:
     raise KeyError(field)
 
 
+def limit_address_space(extra_mib: int) -> None:
+    """Cap this process's address space (``RLIMIT_AS``) at its current size + ``extra_mib``: from
+    now on an allocation past that fails with MemoryError instead of succeeding."""
+    vm = _status("VmSize")
+    resource.setrlimit(resource.RLIMIT_AS, (vm + extra_mib * 2**20, resource.RLIM_INFINITY))
+
+
 def main(argv: list[str]) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     kind, limit_mib, files = argv[0], int(argv[1]), argv[2:]
@@ -46,8 +53,7 @@ def main(argv: list[str]) -> int:
             load(warm)
         except Exception:
             pass
-    vm = _status("VmSize")
-    resource.setrlimit(resource.RLIMIT_AS, (vm + limit_mib * 2**20, resource.RLIM_INFINITY))
+    limit_address_space(limit_mib)
     base = _status("VmHWM")
     out = {}
     for path in files:

@@ -10,12 +10,14 @@ Each input is written to a file and opened the way a user's file would be: a saf
 (``contrasts``). Any exception other than a ``LensLabError`` is a finding: libFuzzer stops, prints
 the traceback and saves the input (``-artifact_prefix``); so do a hang (``-timeout`` seconds per
 input) and memory growth past ``-rss_limit_mb``. ``tests/test_fuzz_checkpoints.py`` and
-``tests/test_fuzz_contrasts.py`` run each target for a few seconds.
+``tests/test_fuzz_contrasts.py`` run each target for a few seconds. The temp directory the inputs
+are written to is removed when fuzzing ends.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +32,7 @@ with atheris.instrument_imports(include=["analysis"]):
     from analysis.errors import LensLabError
 
 TARGETS = ("checkpoint", "index", "contrasts")
-WORK = Path(tempfile.mkdtemp(prefix="lenslab-atheris-"))
+WORK = Path(tempfile.mkdtemp(prefix="lenslab-atheris-"))  # the files each input is written to; removed at the end
 
 
 def _valid_shard() -> bytes:
@@ -94,5 +96,14 @@ if __name__ == "__main__":
         if not arg.startswith("-") and Path(arg).is_dir() and not any(Path(arg).iterdir()):
             for i, data in enumerate(seeds(target)):
                 (Path(arg) / f"seed{i}").write_bytes(data)
-    atheris.Setup(sys.argv, one_input)
-    atheris.Fuzz()
+    # libFuzzer ends the process with C exit(), which skips Python's cleanup: fuzz in a forked child
+    # and remove WORK here when it is done, whatever its outcome.
+    child = os.fork()
+    if child == 0:
+        atheris.Setup(sys.argv, one_input)
+        atheris.Fuzz()
+    try:
+        _, status = os.waitpid(child, 0)
+    finally:
+        shutil.rmtree(WORK, ignore_errors=True)
+    sys.exit(os.waitstatus_to_exitcode(status))

@@ -204,3 +204,11 @@ def test_page_form_decomposes_and_reports_errors(dashboard_store, digits_dir):
     at.text_input(key="bl_direction").input("resid:500")
     at.button[0].click().run()
     assert not at.exception and any("must lie in 0..63" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("target", ["model", "missing"])
+def test_page_form_refuses_a_path_outside_the_allowed_root(dashboard_store, tmp_path, monkeypatch, target):
+    from _refusal import check_form_refuses
+
+    check_form_refuses(open_page, field="bl_source", button="Decompose", store=dashboard_store, tmp_path=tmp_path,
+                       monkeypatch=monkeypatch, target=target)

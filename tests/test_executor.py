@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +130,22 @@ def test_unreachable_ray_address_fails_fast():
     assert time.perf_counter() - t0 < 20
 
 
+def test_ray_cause_digs_out_the_innermost_error():
+    from analysis.executor import ray_cause
+
+    inner = RuntimeError("Failed to connect to GCS. Last connection error: Traceback (most recent call last):\n"
+                         '  File "node.py", line 996, in _init_gcs_client\n'
+                         "ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken: token is missing\n")
+    try:
+        try:
+            raise inner
+        except RuntimeError as exc:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+    except ConnectionError as outer:
+        assert ray_cause(outer) == "AuthenticationError: RPC error: InvalidAuthToken: token is missing"
+    assert ray_cause(ValueError("bad address 'x'")) == "ValueError: bad address 'x'"
+
+
 def test_expand_sources_globs_absolute_paths_and_duplicates(checkpoints, monkeypatch):
     root = checkpoints[0].parent
     monkeypatch.chdir(root)
@@ -185,6 +210,174 @@ def test_cli_batch_json_rows_and_failure_exit_code(checkpoints, tmp_path):
 
 
 # -- Ray ------------------------------------------------------------------------------------------------
+# The first two tests need no Ray running in this process (each starts or reaches its own); the
+# module's shared local Ray (``local_ray``) is started after them, by the tests below them.
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _wait_for_ports(proc: subprocess.Popen, ports: list[int], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"`ray start --head` did not come up: {log.read_text()[-3000:]}")
+                time.sleep(0.1)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head started as a user would (``ray start --head --block``) in its own process group,
+    with token authentication on and a token of its own (passed by environment, so nothing under
+    ~/.ray is read or written). Yields (address, token, head pid); stopped by its process group
+    (not ``ray stop``, which would stop every Ray on the machine)."""
+    pytest.importorskip("ray")
+    token = secrets.token_hex(32)
+    gcs, raylet, *other = _free_ports(7)
+    home = tmp_path / "head-home"
+    home.mkdir()
+    temp_dir = tempfile.mkdtemp(prefix="lenslab-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus", "2",
+           "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--node-manager-port", str(raylet),
+           "--object-manager-port", str(other[0]), "--dashboard-agent-listen-port", str(other[1]),
+           "--dashboard-agent-grpc-port", str(other[2]), "--runtime-env-agent-port", str(other[3]),
+           "--metrics-export-port", str(other[4]), "--include-dashboard", "false", "--disable-usage-stats",
+           "--object-store-memory", str(100 * 2**20), "--temp-dir", temp_dir]
+    log = tmp_path / "head.log"
+    with log.open("w") as out:
+        head = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_ports(head, [gcs, raylet], 90, log)
+        yield f"127.0.0.1:{gcs}", token, head.pid
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# Run as a separate driver process, as `lenslab analyze --ray-address` would be: fresh Ray state,
+# only the environment given. The task reports its process ancestry (pid up to 1).
+_DRIVER = """
+import json, os, sys
+from analysis.errors import ConfigError
+from analysis.executor import ExecutorConfig, make_executor
+
+def ancestry(_):
+    chain, pid = [], os.getpid()
+    while pid > 1:
+        chain.append(pid)
+        with open(f"/proc/{pid}/status") as f:
+            pid = int(next(line for line in f if line.startswith("PPid:")).split()[1])
+    return chain
+
+address, checkpoint, store = sys.argv[1:4]
+try:
+    with make_executor(ExecutorConfig(kind="ray", address=address)) as ex:
+        chains = ex.map(ancestry, [0, 1, 2])
+except ConfigError as exc:
+    print(json.dumps({"error": str(exc)}))
+    sys.exit(0)
+from app import api
+items = api.analyze_many([checkpoint], executor="ray", ray_address=address, store=store)
+print(json.dumps({"driver": os.getpid(), "chains": chains, "items": [[i.status, i.fingerprint] for i in items]}))
+"""
+
+
+def _drive(address: str, checkpoint: Path, store: Path, env: dict) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", _DRIVER, address, str(checkpoint), str(store)], capture_output=True,
+                         text=True, env={**clean, **env}, cwd=Path(__file__).resolve().parents[1], timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(240)
+def test_connecting_by_address_to_a_ray_head_with_token_auth(ray_head, checkpoints, tmp_path):
+    """Without the cluster's token LensLab's error carries Ray's cause (InvalidAuthToken) and the fix;
+    with RAY_AUTH_MODE=token and the token, tasks run in worker processes of that head (their
+    ancestry leads to the `ray start` process) and the batch stores what the local executor stores."""
+    import ray
+
+    assert not ray.is_initialized(), "this test needs no Ray connected in the test process"
+    address, token, head_pid = ray_head
+    home = tmp_path / "driver-home"  # no ~/.ray/auth_token to fall back on
+    home.mkdir()
+    refused = _drive(address, checkpoints[0], tmp_path / "s0",
+                     {"HOME": str(home), "RAY_gcs_server_port_wait_time_s": "2"})
+    assert "InvalidAuthToken" in refused["error"] and f"cannot start or reach '{address}'" in refused["error"]
+    assert "set RAY_AUTH_MODE=token here" in refused["error"]
+    ok = _drive(address, checkpoints[0], tmp_path / "s1",
+                {"HOME": str(home), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    assert all(head_pid in chain and ok["driver"] not in chain for chain in ok["chains"]), ok
+    (status, fingerprint), = ok["items"]
+    assert status == "computed"
+    local = Store(tmp_path / "local")
+    api.analyze(checkpoints[0], store=local)
+    _assert_same_entry(Store(tmp_path / "s1"), local, fingerprint)
+
+
+@pytest.mark.timeout(180)
+def test_lenslab_starts_and_stops_its_own_local_ray(checkpoints, tmp_path, ray_task_pids):
+    """``executor="ray"`` with no address and no Ray running: LensLab starts a local Ray with
+    ``workers`` CPUs, runs every task in Ray worker processes and shuts it down after."""
+    import ray
+
+    assert not ray.is_initialized(), "this test needs no Ray connected in the test process"
+    on_ray, local = Store(tmp_path / "ray"), Store(tmp_path / "local")
+    items = api.analyze_many([str(c) for c in checkpoints[:2]], executor="ray", workers=2, store=on_ray)
+    assert [i.status for i in items] == ["computed"] * 2
+    assert not ray.is_initialized()  # the Ray LensLab started is shut down
+    assert len(ray_task_pids) == 4 and os.getpid() not in ray_task_pids  # 2 fingerprints + 2 spectra, on workers
+    for item in items:
+        api.analyze(item.source, store=local)
+        _assert_same_entry(on_ray, local, item.fingerprint)
+
+
+@pytest.fixture
+def ray_task_pids(monkeypatch) -> list[int]:
+    """Pids of the processes that ran each task submitted through ``RayExecutor`` (filled as
+    results arrive): a task that ran in the driver would show the driver's pid."""
+    from analysis.executor import RayExecutor
+
+    pids: list[int] = []
+    original = RayExecutor.imap_unordered
+
+    def traced(self, fn, items):
+        def on_worker(item):  # nested: Ray pickles it by value, so workers need not import this module
+            import os as _os
+
+            return _os.getpid(), fn(item)
+
+        for i, result, error in original(self, on_worker, items):
+            if error is None:
+                pid, result = result
+                pids.append(pid)
+            yield i, result, error
+
+    monkeypatch.setattr(RayExecutor, "imap_unordered", traced)
+    return pids
+
 
 @pytest.fixture(scope="module")
 def local_ray():
@@ -196,7 +389,8 @@ def local_ray():
     ray.shutdown()
 
 
-def test_ray_and_local_store_identical_results(checkpoints, tmp_path, local_ray):
+@pytest.mark.timeout(180)
+def test_ray_and_local_store_identical_results(checkpoints, tmp_path, local_ray, ray_task_pids):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x00" * 4)
     specs = [str(c) for c in checkpoints] + [str(broken)]
@@ -212,6 +406,8 @@ def test_ray_and_local_store_identical_results(checkpoints, tmp_path, local_ray)
         _assert_same_entry(on_ray, local, r.fingerprint)
     _assert_same_entry(on_ray_split, local, split_items[0].fingerprint)
     assert local_ray.is_initialized()  # a Ray the caller started is left running
+    # every task that succeeded ran in a Ray worker: 3 fingerprints + 3 spectra, 1 + the split's parts
+    assert len(ray_task_pids) >= 3 + 3 + 1 + 1 and os.getpid() not in ray_task_pids
 
 
 def test_ray_executor_maps_in_order(local_ray):

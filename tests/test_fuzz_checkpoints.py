@@ -17,9 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from _bounded_pytest import bounded_batch, run_bounded
 from analysis.errors import SourceError
 from analysis.sources import open_source
 
+pytestmark = pytest.mark.timeout(180)  # per test; the bounded batch below has its own
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -41,6 +43,8 @@ def _open_and_read(path: Path) -> None:
         pass
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(data=st.binary(max_size=512))
 def test_arbitrary_bytes(tmp_path, data):
@@ -49,6 +53,8 @@ def test_arbitrary_bytes(tmp_path, data):
     _open_and_read(path)
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(cut=st.integers(min_value=0, max_value=400), flips=st.lists(st.tuples(st.integers(0, 400), st.integers(1, 255)),
                                                                      max_size=4))
@@ -72,6 +78,8 @@ _entry = st.fixed_dictionaries({
 })
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(header=st.dictionaries(st.text(min_size=1, max_size=8), _entry, max_size=4),
        data_len=st.integers(0, 64), declared_extra=st.sampled_from([0, 0, 0, 1, -1, 2**40]))
@@ -95,6 +103,8 @@ def test_non_utf8_header_and_shard_index(tmp_path):
         open_source(index)
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(prefix=st.sampled_from([b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "', b'{"', b"",
                                b'{"__metadata__": {"k": "']),
@@ -123,6 +133,8 @@ _shard_names = st.one_of(st.just("model-00001-of-00001.safetensors"), st.just(".
                          st.text(max_size=12), _json)
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(weight_map=st.one_of(_json, st.dictionaries(st.text(max_size=10), _shard_names, max_size=4)),
        wrap=st.booleans())
@@ -213,6 +225,7 @@ def test_huge_declared_sizes_never_allocate_them(tmp_path):
     assert max(r["seconds"] for r in report["files"].values()) < 10
 
 
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("target", ["checkpoint", "index"])
 def test_coverage_guided_fuzzing_with_atheris(tmp_path, target):
     """libFuzzer mutations guided by coverage of analysis/ (5 s per target here; run
@@ -220,3 +233,11 @@ def test_coverage_guided_fuzzing_with_atheris(tmp_path, target):
     from _atheris_run import run_atheris
 
     assert run_atheris(target, tmp_path, seconds=5) > 100
+
+
+@pytest.mark.timeout(900)
+def test_hypothesis_batch_is_bounded(tmp_path):
+    """Every ``bounded_batch`` hypothesis test of this module, run in a child process whose address
+    space may grow by 1 GiB at most (an allocation from a declared size fails there), each test
+    under its own 120 s timeout."""
+    run_bounded(__file__, tmp_path, limit_mib=1024)

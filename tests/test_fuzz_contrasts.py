@@ -14,9 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _bounded_pytest import bounded_batch, run_bounded
 from analysis.contrasts import CONTRAST_DIR, PAIR_KEYS, ContrastSet, load_contrasts, parse_contrasts
 from analysis.errors import ConfigError, LensLabError, SourceError
 
+pytestmark = pytest.mark.timeout(180)  # per test; the bounded batch below has its own
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 VALID = (CONTRAST_DIR / "numpy-torch.jsonl").read_bytes()
 
@@ -32,6 +34,8 @@ def _load(path: Path) -> ContrastSet | None:
     return cs
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(data=st.binary(max_size=600))
 def test_arbitrary_bytes(tmp_path, data):
@@ -40,6 +44,8 @@ def test_arbitrary_bytes(tmp_path, data):
     _load(path)
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(cut=st.integers(0, len(VALID)), flips=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(1, 255)),
                                                       max_size=6),
@@ -63,6 +69,8 @@ _record = st.one_of(_json, st.dictionaries(_key, st.one_of(_json, st.sampled_fro
                                                                                       "\udc80"])), max_size=5))
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(records=st.lists(_record, max_size=8), meta=st.one_of(st.none(), _json,
                                                              st.fixed_dictionaries({}, optional={
@@ -75,6 +83,8 @@ def test_random_records_wrong_types_keys_and_meta(tmp_path, records, meta):
     _load(path)
 
 
+@bounded_batch
+@pytest.mark.timeout(120)
 @FUZZ
 @given(spec=st.one_of(st.text(max_size=40).filter(lambda t: not t.startswith("~")), st.just("a\x00b"),
                       st.just("x" * 5000), st.just("\udcff.jsonl"), st.binary(max_size=8), st.integers(), st.none()))
@@ -151,9 +161,18 @@ def test_many_tiny_records_stay_bounded_in_memory(tmp_path):
     assert max(v["seconds"] for v in report["files"].values()) < 10
 
 
+@pytest.mark.timeout(180)
 def test_coverage_guided_fuzzing_with_atheris(tmp_path):
     """libFuzzer mutations of the bundled sets guided by coverage of analysis/ (5 s here; run
     tests/atheris_loaders.py longer by hand): only LensLabErrors, no hang, no memory growth."""
     from _atheris_run import run_atheris
 
     assert run_atheris("contrasts", tmp_path, seconds=5) > 100
+
+
+@pytest.mark.timeout(900)
+def test_hypothesis_batch_is_bounded(tmp_path):
+    """Every ``bounded_batch`` hypothesis test of this module, run in a child process whose address
+    space may grow by 1 GiB at most (an allocation from a declared size fails there), each test
+    under its own 120 s timeout."""
+    run_bounded(__file__, tmp_path, limit_mib=1024)

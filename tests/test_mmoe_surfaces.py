@@ -180,3 +180,11 @@ def _arr(value) -> np.ndarray:
         a = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
         return a.reshape([int(s) for s in str(value.get("shape", len(a))).split(",")])
     return np.array(value, dtype=float)
+
+
+@pytest.mark.parametrize("target", ["model", "missing"])
+def test_routing_form_refuses_a_path_outside_the_allowed_root(dashboard_store, tmp_path, monkeypatch, target):
+    from _refusal import check_form_refuses
+
+    check_form_refuses(open_page, field="routing_source", button="Analyse routing", store=dashboard_store,
+                       tmp_path=tmp_path, monkeypatch=monkeypatch, target=target)

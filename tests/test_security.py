@@ -3,6 +3,7 @@ pickle loads only behind the trust flag and warns; code shipped with a model is 
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -54,6 +55,49 @@ def test_paths_inside_roots_pass_others_are_refused(roots):
             check_typed_path(spec)
     with pytest.raises(SourceError, match="not a usable path"):
         check_typed_path("a\x00b")
+
+
+def test_links_out_of_a_typed_directory_are_refused(roots):
+    """A directory inside the root whose weights (or shard, or config) link outside it is refused,
+    naming the link but not its target; links that stay inside the root (as in the Hugging Face
+    cache: snapshots/REV/model.safetensors -> ../../blobs/HASH) are fine."""
+    allowed, outside = roots
+    secret = _model(outside / "secret.safetensors")
+    single = allowed / "single"
+    single.mkdir()
+    (single / "model.safetensors").symlink_to(secret)
+    sharded = allowed / "sharded"
+    _model(sharded / "model-00001-of-00002.safetensors")
+    (sharded / "model-00002-of-00002.safetensors").symlink_to(secret)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    for d, link in ((single, "model.safetensors"), (sharded, "model-00002-of-00002.safetensors")):
+        with pytest.raises(SourceError, match=f"{link} links to a file outside the directories") as err:
+            check_typed_path(str(d))
+        assert str(outside) not in str(err.value) and "--allowed-root" in str(err.value)
+    blob = _model(allowed / "hub" / "blobs" / "abc123")
+    snapshot = allowed / "hub" / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(Path("..") / ".." / "blobs" / "abc123")
+    assert check_typed_path(str(snapshot)) == str(snapshot) and blob.is_file()
+
+
+@pytest.mark.usefixtures("streamlit_caches_cleared")
+def test_home_form_refuses_a_directory_linking_out_of_the_root(dashboard_store, roots, monkeypatch):
+    from _refusal import spy_open_source
+
+    allowed, outside = roots
+    secret = _model(outside / "secret.safetensors")
+    linked = allowed / "linked"
+    linked.mkdir()
+    (linked / "model.safetensors").symlink_to(secret)
+    opened = spy_open_source(monkeypatch)
+    at = AppTest.from_file(DASHBOARD, default_timeout=90).run()
+    at.text_input[0].input(str(linked))
+    at.button[0].click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "model.safetensors links to a file outside" in at.error[0].value
+    assert not dashboard_store.models() and not opened  # refused before the source was opened
 
 
 def test_default_roots_are_cwd_models_dir_and_hf_cache(monkeypatch, tmp_path):

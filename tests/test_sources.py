@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.errors import CorruptCheckpointError, SourceError, UnsafeCheckpointError
-from analysis.sources import SAFETENSORS_INDEX, open_source
+from analysis.sources import SAFETENSORS_INDEX, Source, open_source
 
 
 @pytest.fixture
@@ -228,3 +228,19 @@ def test_trained_bundled_names_resolve_to_tiny_models():
 
     assert set(sources.TRAINED_NAMES) == set(tiny_models.BUNDLED_TRAINED)
     assert set(sources.TRAINED_NAMES) <= set(sources.BUNDLED)
+
+
+def test_fingerprint_is_blake2b_of_names_dtypes_shapes_and_bytes(minilm, st_file):
+    """The documented definition, computed from safetensors' own reader with a byte copy per tensor
+    (as the fingerprint was before it hashed the buffers directly): the values are unchanged."""
+    import hashlib
+
+    for src, path in ((minilm, minilm.files[0]), (open_source(st_file), st_file)):
+        h = hashlib.blake2b(digest_size=16)
+        tensors = load_file(str(path))
+        for name in sorted(tensors):
+            t = tensors[name]
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        assert Source._compute_fingerprint(src) == h.hexdigest()  # the hashing itself, not the per-file memo
+        assert src.fingerprint == h.hexdigest()

@@ -208,3 +208,11 @@ def test_page_form_extracts_and_reports_errors(dashboard_store, lm_dir):
     at.text_input(key="steer_contrast").input("/etc/passwd")
     at.button[0].click().run()
     assert not at.exception and any("outside the directories this dashboard may read" in e.value for e in at.error)
+
+
+@pytest.mark.parametrize("target", ["model", "missing"])
+def test_page_source_field_refuses_a_path_outside_the_allowed_root(dashboard_store, tmp_path, monkeypatch, target):
+    from _refusal import check_form_refuses
+
+    check_form_refuses(open_page, field="steer_source", button="Extract", store=dashboard_store, tmp_path=tmp_path,
+                       monkeypatch=monkeypatch, target=target, inputs={"steer_contrast": "code-prose"})

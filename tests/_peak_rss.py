@@ -1,0 +1,107 @@
+"""Measure a LensLab call's peak memory in a separate process (used by memory tests):
+
+    python tests/_peak_rss.py svd ROWS COLS DTYPE      # the SVD fall-back on an ill-conditioned matrix
+    python tests/_peak_rss.py analyze DIR INFLIGHT_MIB # api.analyze (fingerprint + spectra + store)
+
+Imports and a warm-up call run first (so lazily loaded libraries are resident), then the peak
+resident size is reset (``/proc/self/clear_refs`` = 5) and the call runs while a thread polls
+``/proc/self/status`` every 2 ms. Prints one JSON object: ``growth`` (VmHWM after − VmHWM before:
+peak resident growth, anonymous and file-backed pages), ``file_growth`` / ``anon_growth`` (the
+largest RssFile / RssAnon seen minus their values before), plus what the call returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+
+def status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def measure(call) -> dict:
+    """Run ``call()`` and return its result with the memory it grew by (see module docstring)."""
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = status()
+    peaks = dict(before)
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            now = status()
+            for k in ("RssAnon", "RssFile"):
+                peaks[k] = max(peaks[k], now[k])
+            time.sleep(0.002)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    t0 = time.perf_counter()
+    try:
+        result = call()
+    finally:
+        stop.set()
+        poller.join()
+    after = status()
+    return {"result": result, "seconds": time.perf_counter() - t0, "growth": after["VmHWM"] - before["VmHWM"],
+            "anon_growth": max(peaks["RssAnon"], after["RssAnon"]) - before["RssAnon"],
+            "file_growth": max(peaks["RssFile"], after["RssFile"]) - before["RssFile"]}
+
+
+def ill_conditioned(rows: int, cols: int, dtype: str):
+    """Gaussian columns scaled over six decades: kappa far above the Gram route's 1e4 limit."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(rows, cols, generator=g)
+    w *= torch.logspace(0, -6, cols)
+    return w.to(getattr(torch, dtype))
+
+
+def main(argv: list[str]) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if argv[0] == "svd":
+        from analysis import singular_values as sv
+
+        rows, cols, dtype = int(argv[1]), int(argv[2]), argv[3]
+        sv.spectrum(ill_conditioned(64, 16, dtype))  # warm-up: both routes' LAPACK calls
+        w = ill_conditioned(rows, cols, dtype)
+        with sv.parallel(1):  # one BLAS thread, as weight_spectra runs every matrix
+            report = measure(lambda: sv.spectrum(w)[1])
+        report["matrix_bytes"] = w.numel() * w.element_size()
+    elif argv[0] == "analyze":
+        from analysis import spectra
+        from app import api
+
+        directory, inflight = argv[1], int(argv[2]) << 20
+        spectra.INFLIGHT_BYTES = inflight  # the only size-dependent bound of the pipeline, scaled to the test
+        with tempfile.TemporaryDirectory() as store:
+            from safetensors.torch import save_file
+
+            warm = os.path.join(store, "warm.safetensors")
+            save_file({"w": ill_conditioned(40, 8, "float32")}, warm)
+            api.analyze(warm, store=os.path.join(store, "warm"))  # warm-up: imports, store, both routes
+            report = measure(lambda: len(api.analyze(directory, store=os.path.join(store, "s")).table))
+    else:
+        raise SystemExit(f"unknown scenario {argv[0]!r}; use svd or analyze")
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
