@@ -342,12 +342,12 @@ class TrainState:
         g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + step)
         sample = torch.randint(0, self.n, (min(c.resample_sample, max(self.n, 1)),), generator=g)
         losses = torch.empty(sample.shape[0])
-        W_enc_cd, W_dec_cd = p["W_encT"].to(self.cd).T, p["W_dec"].to(self.cd)
-        for s in range(0, sample.shape[0], 4096):
-            xs = self.x.index_select(0, sample[s:s + 4096])
-            f = ((xs - p["b_dec"]).to(self.cd) @ W_enc_cd).add_(p["b_enc"].to(self.cd)).clamp_min_(0)
-            x_hat = (f @ W_dec_cd).float().add_(p["b_dec"])
-            losses[s:s + 4096] = (x_hat - xs).pow(2).sum(1)
+        W1, W_dec_cd = encoder_matrix(p["W_encT"], p["b_enc"], self.cd), p["W_dec"].to(self.cd)
+        buf, chunk = self.ws.get("pre", (c.batch_size, c.d_sae), self.cd), c.batch_size
+        for s in range(0, sample.shape[0], chunk):
+            xc = self.x.index_select(0, sample[s:s + chunk]) - p["b_dec"]
+            f = torch.matmul(with_columns(xc, (1.0,), self.cd), W1.T, out=buf[:xc.shape[0]]).relu_()
+            losses[s:s + chunk] = (f @ W_dec_cd).float().sub_(xc).pow_(2).sum(1)  # ||x_hat - x||^2
         weights = losses.pow(2)
         if not bool(weights.sum() > 0):
             weights = torch.ones_like(weights)
