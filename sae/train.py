@@ -74,11 +74,13 @@ class TrainResult:
     """A trained SAE and what training measured."""
 
     sae: SAE
-    history: pd.DataFrame  # one row per logged step: step, tokens, lr, loss, mse, nmse, l0, aux, dead_fraction
+    history: pd.DataFrame  # one row per logged step: step, tokens, lr, loss, mse, nmse, l0, aux, dense (1 = the
+    # dense ReLU path ran), dead_fraction, seconds (cumulative wall time)
     steps: int  # optimiser steps taken in total (including any before a resume)
     n_tokens: int  # training tokens seen in total
     seconds: float  # wall time of this call's training loop
     tokens_per_s: float  # tokens this call trained on / seconds
+    cpu_seconds: float  # CPU time of this process (all threads) over the same loop (time.process_time)
     log10_density: np.ndarray  # [d_sae] log10(firing frequency + 1e-10) over the last dead_window tokens
     n_resampled: int  # latents resampled in total (relu)
     resumed_from: int  # step the run resumed from (0 = fresh)
@@ -118,7 +120,10 @@ def as_activations(acts: Any, d_in: int | None = None) -> torch.Tensor:
                          "SAE was configured for or set d_in to n_heads*d_head of that hook")
     bad = sum(int((~torch.isfinite(x[s:s + 65536])).sum()) for s in range(0, x.shape[0], 65536))
     if bad:
-        raise ShapeError(f"activations hold {bad} NaN/inf values; re-harvest in float32 or drop those rows")
+        where = f"the activation cache {acts.path}" if hasattr(acts, "path") and hasattr(acts, "meta") else \
+            "the activation array"
+        raise ShapeError(f"{where} holds {bad} NaN/inf values; harvest again in float32 (delete the cache "
+                         "directory, or pass refresh=True to sae.harvest.harvest) or drop those rows")
     return x
 
 
@@ -256,7 +261,7 @@ class TrainState:
         mse = sq_err / bsz
         loss = mse + (self.l1(step) * l1_sum / bsz if c.architecture == "relu" else aux)
         metrics = {"loss": loss, "mse": mse, "nmse": mse / max(self.var_per_token, 1e-30),
-                   "l0": float(fired_counts.sum()) / bsz, "aux": aux}
+                   "l0": float(fired_counts.sum()) / bsz, "aux": aux, "dense": float(dense and c.architecture == "relu")}
         grads = {"W_encT": g_W_encT, "W_dec": g_W_dec, "b_enc": g_b_enc, "b_dec": g_b_dec}
         return grads, metrics, fired_counts
 
@@ -465,7 +470,7 @@ def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
         tr.load(ckpt)
     resumed_from = tr.step
     total = cfg.steps
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     start_step = tr.step
     while tr.step < total:
         metrics = tr.train_step()
@@ -479,10 +484,10 @@ def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
                 progress(s, total, f"step {s}/{total} L0 {metrics['l0']:.1f} NMSE {metrics['nmse']:.3f}")
         if ckpt is not None and (s % checkpoint_every == 0 or s == total):
             tr.save(ckpt)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     tr.sae.W_enc.data = tr.p["W_encT"].T.contiguous()  # detach from the trainer's layout
     trained = (tr.step - start_step) * cfg.batch_size
     return TrainResult(sae=tr.sae, history=pd.DataFrame(tr.history), steps=tr.step,
                        n_tokens=tr.step * cfg.batch_size, seconds=seconds,
-                       tokens_per_s=trained / seconds if seconds > 0 else float("nan"),
+                       tokens_per_s=trained / seconds if seconds > 0 else float("nan"), cpu_seconds=cpu_seconds,
                        log10_density=tr.log10_density(), n_resampled=tr.n_resampled, resumed_from=resumed_from)

@@ -132,7 +132,7 @@ def test_checkpoint_errors(tmp_path, rng):
 
 
 @pytest.mark.parametrize("acts, match", [
-    (torch.full((10, 8), float("nan")), "activations hold 80 NaN/inf values"),
+    (torch.full((10, 8), float("nan")), "the activation array holds 80 NaN/inf values"),
     (torch.zeros(10, 9), "activations have width 9 but the SAE has d_in=8"),
     (torch.zeros(0, 8), "must be \\[tokens, d_in\\] with >= 1 token"),
     (torch.zeros(2, 3, 8), "must be \\[tokens, d_in\\]"),
