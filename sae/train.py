@@ -261,7 +261,8 @@ class TrainState:
         mse = sq_err / bsz
         loss = mse + (self.l1(step) * l1_sum / bsz if c.architecture == "relu" else aux)
         metrics = {"loss": loss, "mse": mse, "nmse": mse / max(self.var_per_token, 1e-30),
-                   "l0": float(fired_counts.sum()) / bsz, "aux": aux, "dense": float(dense and c.architecture == "relu")}
+                   "l0": float(fired_counts.sum()) / bsz, "aux": aux,
+                   "dense": float(dense and c.architecture == "relu")}
         grads = {"W_encT": g_W_encT, "W_dec": g_W_dec, "b_enc": g_b_enc, "b_dec": g_b_dec}
         return grads, metrics, fired_counts
 
@@ -409,7 +410,8 @@ class TrainState:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (KeyError, TypeError, ValueError, SafetensorError) as exc:
-            raise CorruptCheckpointError(f"{path}: not a LensLab SAE checkpoint ({exc}); delete it to start over") from exc
+            raise CorruptCheckpointError(f"{path}: not a LensLab SAE checkpoint ({exc}); delete it or pass "
+                                         "resume=False (lenslab sae train --no-resume) to start over") from exc
         if state.get("version") != CHECKPOINT_VERSION:
             raise CorruptCheckpointError(f"{path}: checkpoint version {state.get('version')!r}, expected "
                                          f"{CHECKPOINT_VERSION!r}; delete it to start over")
@@ -417,10 +419,12 @@ class TrainState:
             diff = sorted(k for k in set(state["cfg"]) | set(self.cfg.to_dict())
                           if state["cfg"].get(k) != self.cfg.to_dict().get(k))
             raise ConfigError(f"{path}: the checkpoint was written with a different config (differs in {diff}); "
-                              "train with the same config, delete the checkpoint, or pass resume=False")
+                              "train with the same config, delete the checkpoint, or pass resume=False "
+                              "(lenslab sae train --no-resume)")
         if state["data"] != self.data_signature():
             raise ConfigError(f"{path}: the checkpoint was trained on other activations ({state['data']} vs "
-                              f"{self.data_signature()}); resume on the same activations or pass resume=False")
+                              f"{self.data_signature()}); resume on the same activations or pass resume=False "
+                              "(lenslab sae train --no-resume)")
         for n in _PARAMS:
             self.p[n].copy_(tensors[n])
             self.m[n].copy_(tensors[f"adam_m.{n}"])

@@ -31,7 +31,8 @@ def _float64_grads(tr: TrainState, x: torch.Tensor, step: int):
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 2e-6), ("bfloat16", 2e-2)])
 def test_dense_relu_gradients_match_float64_autograd(dtype, tol, rng):
-    """bfloat16 rounds GEMM inputs and outputs (relative 2^-9 each): its gradients agree to ~1e-2 (W_enc, the longest chain: 1.3e-2 here; the old dense path did the same)."""
+    """bfloat16 rounds GEMM inputs and outputs (relative 2^-9 each): its gradients agree to ~1e-2
+    (W_enc, the longest chain: 1.3e-2 here; the previous dense path did the same)."""
     cfg = SAEConfig(d_in=48, d_sae=256, architecture="relu", l1_coefficient=3.0, l1_warmup_steps=0,
                     batch_size=512, dtype=dtype)
     x = torch.from_numpy(rng.standard_normal((512, 48)).astype(np.float32) * 2 + 0.3)
