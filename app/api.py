@@ -278,3 +278,4 @@ from app.api_batch import BatchItem, analyze_many  # noqa: E402,F401
 from app.api_sae import (SAEEvaluation, TrainedSAE, evaluate_sae, find_sae, has_sae_eval,  # noqa: E402,F401
                          has_sae_features, list_saes, load_sae, sae_features, sae_polysemantic, sae_prompt,
                          stored_sae_eval, stored_sae_features, train_sae)
+from app.api_sae_saelens import export_saelens, import_saelens  # noqa: E402,F401

@@ -28,6 +28,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -188,16 +189,24 @@ def train_sae(source: Any = "minilm", layer: int = 0, *, architecture: str = "to
               dtype: str = "float32", texts: Sequence[str] | None = None, per_package: int | None = None,
               max_tokens: int = 128, eval_fraction: float = 0.1, store: Store | str | None = None,
               refresh: bool = False, progress: Progress | None = None, trust_pickle: bool = False,
-              **cfg_fields: Any) -> TrainedSAE:
+              resume: bool = True, checkpoint_every: int = 500, **cfg_fields: Any) -> TrainedSAE:
     """Harvest hook_z of ``layer`` on the training texts and train an SAE, cached in the store.
 
     ``architecture`` "topk" (``k``, default 32) or "relu" (``l1_coefficient``, default 1.0);
     width ``d_sae`` or ``expansion`` x d_in; ``cfg_fields``: any other ``SAEConfig`` field
-    (``resample_steps``, ``aux_k``, ``lr_decay_fraction`` ...). Raises ConfigError for an
-    unknown layer (listing the valid ones) or a bad setting, SourceError for a model without
-    attention layers.
+    (``resample_steps``, ``aux_k``, ``lr_decay_fraction`` ...). The settings are checked before
+    the model boots or the corpus is harvested.
+
+    Training checkpoints every ``checkpoint_every`` steps to one file per (model, request):
+    ``<activation cache root>/sae-checkpoints/<hash>.safetensors``. An interrupted call (KeyboardInterrupt,
+    also from ``progress``) leaves it there; the same call again resumes from it (``resume=False``
+    starts over) and ends with the SAE an uninterrupted run stores, bit for bit. The checkpoint
+    is deleted once the SAE is stored.
+
+    Raises ConfigError for an unknown layer (listing the valid ones) or a bad setting,
+    SourceError for a model without attention layers, CorruptCheckpointError for an unreadable
+    checkpoint (``resume=False`` overwrites it).
     """
-    from sae.config import SAEConfig
     from sae.harvest import check_layer, harvest
     from sae.train import config_from_cache, train_sae as fit
 
@@ -209,17 +218,18 @@ def train_sae(source: Any = "minilm", layer: int = 0, *, architecture: str = "to
         l1_coefficient = 1.0 if l1_coefficient is None else l1_coefficient
         if k is not None:
             raise ConfigError("k applies to topk SAEs only; drop it or use architecture='topk'")
+    else:
+        raise ConfigError(f"SAE architecture {architecture!r} is unknown; use 'relu' (L1 penalty) or 'topk' "
+                          "(fixed L0)")
     if d_sae is not None:
         expansion = None
-    unknown = sorted(set(cfg_fields) - set(SAEConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"unknown SAE setting(s) {unknown}; valid: {', '.join(SAEConfig.__dataclass_fields__)}")
-    src = open_source(source, trust_pickle=trust_pickle)
-    st = _store(store)
-    build_texts, corpus = _corpus("train", texts, per_package, seed, eval_fraction)
     arch = {"k": k} if architecture == "topk" else {"l1_coefficient": float(l1_coefficient)}
     fields = {"architecture": architecture, **arch, "n_tokens": int(n_tokens), "batch_size": int(batch_size),
               "lr": float(lr), "seed": int(seed), "dtype": dtype, **cfg_fields}
+    _check_settings(fields, d_sae=d_sae, expansion=expansion, checkpoint_every=checkpoint_every)
+    src = open_source(source, trust_pickle=trust_pickle)
+    st = _store(store)
+    build_texts, corpus = _corpus("train", texts, per_package, seed, eval_fraction)
     request = {"version": REQUEST_VERSION, "layer": int(layer), "expansion": expansion, "d_sae": d_sae,
                "fields": fields, "corpus": {**corpus, "max_tokens": int(max_tokens)}}
     request = _canonical(request)
@@ -232,14 +242,46 @@ def train_sae(source: Any = "minilm", layer: int = 0, *, architecture: str = "to
     cache = harvest(src, int(layer), build_texts(), max_tokens=max_tokens, dtype=dtype, bridge=bridge,
                     progress=_sub(progress, "harvest"))
     cfg = config_from_cache(cache, d_sae=d_sae, expansion=expansion, **fields)
-    result = fit(cache, cfg, progress=_sub(progress, "train"))
+    ckpt = _checkpoint_path(src.fingerprint, request)
+    result = fit(cache, cfg, progress=_sub(progress, "train"), checkpoint=ckpt, checkpoint_every=checkpoint_every,
+                 resume=resume, log_every=max(1, min(25, checkpoint_every)))
     meta = {"request": request, "source_spec": _spec(src), "source_label": src.label, "harvest": cache.meta}
     key = store_io.put_sae(st, result.sae, result, params=store_io.sae_params(cfg, corpus=request["corpus"]),
                            meta=meta, label=src.label)
+    ckpt.unlink(missing_ok=True)
     from app.api import register
 
     register(src, st)  # the model's row keeps its real kind and size
     return load_sae(key, st)
+
+
+def _check_settings(fields: dict, *, d_sae: int | None, expansion: int | None, checkpoint_every: int) -> None:
+    """Fail on a bad setting before anything slow (booting the model, building the corpus,
+    harvesting): the ``SAEConfig`` these fields make, with a stand-in d_in (the real one comes
+    from the hook) that cannot fail the checks which depend on it."""
+    from sae.config import SAEConfig
+
+    unknown = sorted(set(fields) - set(SAEConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"unknown SAE setting(s) {unknown}; valid: {', '.join(SAEConfig.__dataclass_fields__)}")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every={checkpoint_every!r} must be an integer >= 1 (steps between checkpoints)")
+    if d_sae is None:
+        if isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 1:
+            raise ConfigError(f"SAE config expansion={expansion!r}: must be an integer >= 1 (d_sae = expansion x "
+                              "d_in); pass expansion >= 1 or d_sae")
+    width = d_sae if d_sae is not None else 1_000_000  # wide enough for any k when only the expansion is known
+    probe = {n: v for n, v in fields.items() if n not in ("hook_name", "layer", "n_heads", "d_head", "d_in")}
+    SAEConfig(d_in=1, d_sae=width, **probe)  # raises ConfigError naming the field, the constraint and the fix
+
+
+def _checkpoint_path(fingerprint: str, request: dict) -> Path:
+    """The checkpoint file of a training request on the model ``fingerprint``."""
+    from analysis.store import canonical_json
+    from sae.harvest import default_cache_root
+
+    digest = hashlib.sha256(canonical_json({"fingerprint": fingerprint, "request": request}).encode()).hexdigest()
+    return default_cache_root() / "sae-checkpoints" / f"{digest[:32]}.safetensors"
 
 
 def _reopen(trained: TrainedSAE, source: Any = None) -> Source:

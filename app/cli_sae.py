@@ -6,6 +6,8 @@
     lenslab sae features minilm --layer 3 --feature 12     # dashboard data; one feature's contexts
     lenslab sae ls                                         # stored SAEs with their metrics
     lenslab sae train ./my-model --layer 1 --texts notes.txt  # your own texts, one per line
+    lenslab sae export minilm out/sae --layer 3            # SAELens format (SAE.load_from_disk)
+    lenslab sae import out/sae minilm --layer 3            # a SAELens-format SAE into the store
 
 ``eval`` and ``features`` use the newest stored SAE of SOURCE at LAYER (``--sae KEY`` picks
 another). Registered on the main app in ``app/cli.py``; errors are LensLab's typed errors
@@ -101,18 +103,29 @@ def train(
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 compute (harvest and training matmuls).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation and batches.")] = 0,
     texts: TextsOpt = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an interrupted run of the same "
+                                                                      "command from its checkpoint (default), or "
+                                                                      "start over.")] = True,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 500,
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
 ) -> None:
-    """Harvest hook_z of LAYER on the docstring corpus and train an SAE on it (stored; reused if present)."""
+    """Harvest hook_z of LAYER on the docstring corpus and train an SAE on it (stored; reused if present).
+    Interrupted (Ctrl-C), the same command resumes from the last checkpoint."""
     from app import api
 
     extra = {"k": k} if architecture == "topk" else {"l1_coefficient": l1}
-    trained = _run(f"SAE on {source} layer {layer}", api.train_sae, source, layer, architecture=architecture,
-                   expansion=expansion, d_sae=d_sae, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
-                   per_package=per_package, max_tokens=max_tokens, dtype="bfloat16" if bf16 else "float32",
-                   seed=seed, texts=_texts(texts), store=store, refresh=refresh, **extra)
+    try:
+        trained = _run(f"SAE on {source} layer {layer}", api.train_sae, source, layer, architecture=architecture,
+                       expansion=expansion, d_sae=d_sae, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
+                       per_package=per_package, max_tokens=max_tokens, dtype="bfloat16" if bf16 else "float32",
+                       seed=seed, texts=_texts(texts), store=store, refresh=refresh, resume=resume,
+                       checkpoint_every=checkpoint_every, **extra)
+    except KeyboardInterrupt:
+        _err.print(f"training interrupted; its last checkpoint (every {checkpoint_every} steps) is kept: run the same "
+                   "command again to resume, or add --no-resume to start over", highlight=False)
+        raise
     if as_json:
         typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict(),
                                "training": {k_: _safe(v) for k_, v in trained.training.items()
@@ -209,6 +222,44 @@ def features(
     if lt is not None:
         typer.echo("  boosts:     " + " ".join(repr(t) for t in lt["boosted"]))
         typer.echo("  suppresses: " + " ".join(repr(t) for t in lt["suppressed"]))
+
+
+@sae_app.command("export")
+def export(
+    source: SourceArg,
+    directory: Annotated[Path, typer.Argument(help="Directory to write (cfg.json, sae_weights.safetensors, "
+                                                   "sparsity.safetensors).")],
+    layer: LayerOpt = 0,
+    sae: SaeOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Write the SAE in SAELens's format (SAELens: SAE.load_from_disk(DIRECTORY))."""
+    from app import api
+
+    key = api.find_sae(source, layer, sae, store=store)
+    out = api.export_saelens(key, directory, store=store)
+    _err.print(f"SAE {key[:12]} written to {out} (SAELens format)", highlight=False)
+
+
+@sae_app.command("import")
+def import_(
+    directory: Annotated[Path, typer.Argument(help="A SAELens SAE directory (cfg.json + sae_weights.safetensors).")],
+    source: SourceArg,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Attention layer it reads (default: the "
+                                                                       "layer of its cfg.json hook).")] = None,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Store a SAELens-format SAE as an SAE of SOURCE, after checking its d_in against the hook's width."""
+    from app import api
+
+    trained = api.import_saelens(directory, source, layer, store=store)
+    if as_json:
+        typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict()},
+                              indent=1))
+        return
+    _err.print(f"{trained.name}: stored as {trained.key[:12]}; next: lenslab sae eval {source} --layer "
+               f"{trained.sae.cfg.layer} --sae {trained.key[:12]}", highlight=False)
 
 
 @sae_app.command("ls")

@@ -17,36 +17,47 @@ One run, one table, every ratio measured in this run on MiniLM ``blocks.L.attn.h
     switched off there): the same shuffled float32 activation file, the same first
     ``--n-tokens`` rows (SAELens reads them in file order, LensLab in its own seeded
     permutation; each token is seen once), the same d_sae, batch 4096, lr 1.2e-3, betas
-    (0.9, 0.99), the same torch thread count. Held-out metrics on the last ``--eval-tokens``
-    rows (tokens of held-out documents), computed by ``sae.metrics.reconstruction_metrics``
-    on both SAEs (SAELens's read back through ``sae.saelens_format.load_saelens``); the
-    peer's own numbers are printed beside them. TopK (same k) is the primary comparison;
-    ReLU (``--relu``) is secondary: L0 is matched through ``--relu-l1`` / ``--relu-l1-saelens``.
+    (0.9, 0.99), the same torch thread count, and for ReLU the same L1 warm-up (LensLab's
+    default, 5% of the steps, passed to SAELens as ``l1_warm_up_steps``). Held-out metrics on
+    the last ``--eval-tokens`` rows (tokens of held-out documents), computed by
+    ``sae.metrics.reconstruction_metrics`` on both SAEs (SAELens's read back through
+    ``sae.saelens_format.load_saelens``); the peer's own numbers are printed beside them.
+    TopK (same k) and ReLU (``--relu``; L0 matched through ``--relu-l1`` /
+    ``--relu-l1-saelens``) are compared the same way.
 
-Goals printed with the table: training tokens/s >= 3x SAELens's at L0 within +-10% and
-NMSE <= 1.05x SAELens's; harvest tokens/s >= the plain HF eager forward. Training tokens/s is
-batch / the median wall time of the second half of the steps (the steady state), best of
-``--speed-rounds`` interleaved rounds per tool (SAELens, LensLab, SAELens, ...), each a fresh
-SAE trained ``--speed-steps`` (TopK) or ``--relu-speed-steps`` (ReLU) steps. The cores are
-shared and this runs under ``nice``: load from other processes comes and goes for minutes, so
-one long run per tool would compare one tool's quiet minute with the other's busy one;
-interleaved short rounds see the same load. The quality numbers come from one full
-``--n-tokens`` run per tool, whose own speed is shown beside them.
+How training speed is measured: every tool trains ``--speed-rounds`` full-length runs of
+``--n-tokens`` tokens, interleaved (SAELens, LensLab float32, LensLab bf16, SAELens, ...: the
+cores are shared and this runs under ``nice``, so load from other processes comes and goes;
+interleaving gives every tool the same load). The primary number is the median over the rounds
+of the wall-clock tokens/s of the whole training loop: a ReLU run's dense early phase (until its
+L0 falls below ``sae.train.DENSE_ABOVE_DENSITY`` of d_sae, the "switch step"), resampling and
+the L1 warm-up all count. Beside it: the steady state (batch / median step time after the
+switch; SAELens is always dense: every step after the first) and tokens per CPU-second
+(``time.process_time`` over the same loop, all threads). Every run's per-step wall time and L0
+go to a JSON file (``--log``), and the table's notes give each tool's L0 at a few steps. Quality
+comes from each tool's first-round SAE (both tools are seeded, so every round trains the same
+SAE).
+
+Goals printed with the table: whole-run training tokens/s >= 3x SAELens's at L0 within +-10%
+and NMSE <= 1.05x SAELens's; harvest tokens/s >= the plain HF eager forward.
 
 SAELens runs at its fastest setting by default (bf16 autocast: 1.6-1.7x its float32 speed here,
 for TopK and ReLU alike); ``--saelens-precisions float32,bf16`` adds its float32 run. The ReLU
-L1 defaults (LensLab 0.87, SAELens 1.0) match L0 (~62-65) on this data at 100 steps: the two
-losses share a form, but SAELens starts its decoder at norm 0.1 and weights |f| by decoder
-norms, so equal coefficients do not give equal L0. Re-tune them for another layer or length.
+L1 defaults (LensLab 0.87, SAELens 1.4) match held-out L0 on this data at 100 steps with the shared
+5-step L1 warm-up (measured: 65.4 and 67.3; SAELens at 1.0, the old default tuned without its
+warm-up, reaches 128): the two losses share a form, but SAELens starts its decoder at norm 0.1 and
+weights |f| by decoder norms, so equal coefficients do not give equal L0. Re-tune them for another
+layer or length.
 
 Options: ``--layer 3`` ``--d-sae 6144`` ``--k 32`` ``--n-tokens 409600`` (100 steps of 4096)
 ``--eval-tokens 16384`` ``--threads 2`` ``--harvest-tokens 12000`` ``--rounds 3`` ``--relu``
-``--relu-l1 0.87`` ``--relu-l1-saelens 1.0`` ``--saelens-precisions bf16``
-``--ours-dtypes float32,bfloat16`` ``--speed-rounds 3`` ``--speed-steps 8``
-``--relu-speed-steps 32`` ``--skip-harvest`` ``--skip-saelens``. The training activations are
-harvested once (~2 min) and cached under ``<user cache>/lenslab/bench/sae-acts-*.npy``.
-Defaults take ~4 min on 2 quiet cores after the first harvest, ~8 min when they are busy;
-``--relu`` adds about as much again.
+``--relu-l1 0.87`` ``--relu-l1-saelens 1.4`` ``--saelens-precisions bf16``
+``--ours-dtypes float32,bfloat16`` ``--speed-rounds 3`` ``--log FILE`` ``--skip-harvest``
+``--skip-saelens``. The training activations are harvested once (~2 min) and cached under
+``<user cache>/lenslab/bench/sae-acts-*.npy``. ``make bench-sae`` (= ``--relu``, defaults
+otherwise) trains 3 x (SAELens + LensLab float32 + LensLab bf16) x (TopK + ReLU) = 18 runs of
+100 steps: ~15 min on 2 quiet cores after the first harvest (SAELens ~50-60 s a run, LensLab
+~10-30 s), plus ~3 min of harvest timing.
 """
 
 from __future__ import annotations
@@ -61,6 +72,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -257,14 +269,15 @@ def heldout_metrics(sae, x: torch.Tensor) -> dict[str, float]:
     return {"l0": m.l0, "nmse": m.nmse, "dead": m.dead_fraction}
 
 
-def run_saelens(npy: Path, arch: str, args, *, autocast: bool, l1: float | None, n_tokens: int,
+def run_saelens(npy: Path, arch: str, args, *, autocast: bool, l1: float | None, l1_warmup: int, n_tokens: int,
                 save: Path | None) -> dict:
     """Train in ``.venv-saelens`` (``saelens_peer.py train``); its JSON report. No ``save`` =
     a timing-only run (no held-out evaluation)."""
     cmd = [str(SAELENS_PYTHON), str(PEER), "train", "--acts", str(npy), "--architecture", arch,
            "--d-sae", str(args.d_sae), "--k", str(args.k), "--lr", str(args.lr), "--batch", str(args.batch),
            "--n-tokens", str(n_tokens), "--eval-tokens", str(args.eval_tokens), "--seed", str(args.seed),
-           "--threads", str(args.threads), "--hook-name", f"blocks.{args.layer}.attn.hook_z"]
+           "--threads", str(args.threads), "--hook-name", f"blocks.{args.layer}.attn.hook_z",
+           "--l1-warmup", str(l1_warmup)]
     cmd += ["--save", str(save)] if save is not None else ["--skip-eval"]
     if l1 is not None:
         cmd += ["--l1", str(l1)]
@@ -277,16 +290,23 @@ def run_saelens(npy: Path, arch: str, args, *, autocast: bool, l1: float | None,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_ours(x_train: torch.Tensor, arch: str, args, meta: dict, *, dtype: str, l1: float | None, n_tokens: int):
+def ours_config(x_train: torch.Tensor, arch: str, args, meta: dict, *, dtype: str, l1: float | None, n_tokens: int):
+    """LensLab's ``SAEConfig`` for this benchmark (its defaults: L1 warm-up 5% of the steps,
+    resampling at 10/20/30/40% for ReLU; AuxK for TopK)."""
     from sae.config import SAEConfig
-    from sae.train import train_sae
 
     kw = {"k": args.k} if arch == "topk" else {"l1_coefficient": l1}
-    cfg = SAEConfig(d_in=x_train.shape[1], d_sae=args.d_sae, architecture=arch, lr=args.lr, betas=(0.9, 0.99),
-                    batch_size=args.batch, n_tokens=n_tokens, seed=args.seed, dtype=dtype,
-                    hook_name=meta["hook_name"], layer=args.layer, n_heads=meta["n_heads"], d_head=meta["d_head"],
-                    source_fingerprint=meta["fingerprint"], source_label=meta["source_label"], **kw)
-    return train_sae(x_train[:n_tokens], cfg, log_every=1)  # every step logged: per-step wall times
+    return SAEConfig(d_in=x_train.shape[1], d_sae=args.d_sae, architecture=arch, lr=args.lr, betas=(0.9, 0.99),
+                     batch_size=args.batch, n_tokens=n_tokens, seed=args.seed, dtype=dtype,
+                     hook_name=meta["hook_name"], layer=args.layer, n_heads=meta["n_heads"], d_head=meta["d_head"],
+                     source_fingerprint=meta["fingerprint"], source_label=meta["source_label"], **kw)
+
+
+def run_ours(x_train: torch.Tensor, arch: str, args, meta: dict, *, dtype: str, l1: float | None, n_tokens: int):
+    from sae.train import train_sae
+
+    cfg = ours_config(x_train, arch, args, meta, dtype=dtype, l1=l1, n_tokens=n_tokens)
+    return train_sae(x_train[:n_tokens], cfg, log_every=1)  # every step logged: per-step wall times and L0
 
 
 def step_seconds(history) -> np.ndarray:
@@ -294,30 +314,89 @@ def step_seconds(history) -> np.ndarray:
     return np.diff(np.concatenate([[0.0], history["seconds"].to_numpy(dtype=float)]))
 
 
-def _median_tps(batch: int, steps: np.ndarray | list[float], *, second_half: bool = False) -> float:
-    """batch / median step seconds (of the second half of the steps when ``second_half``)."""
-    st = np.asarray(steps, dtype=float)
-    return batch / float(np.median(st[len(st) // 2:] if second_half else st))
+@dataclass(frozen=True, eq=False)
+class Run:
+    """One full-length training run of one tool."""
+
+    tool: str
+    seconds: float  # wall time of the training loop
+    cpu_seconds: float  # process CPU time (all threads) over the same loop
+    step_s: np.ndarray  # [steps] wall time of every step
+    l0: np.ndarray  # [steps] L0 of every training batch
+    switch: int | None  # first step on the sparse path (LensLab ReLU); 1 = sparse from the start; None = never
+    n_tokens: int
+
+    @property
+    def wall_tps(self) -> float:
+        return self.n_tokens / self.seconds
+
+    @property
+    def cpu_tps(self) -> float:
+        return self.n_tokens / self.cpu_seconds
+
+    def steady_tps(self, batch: int) -> float:
+        """batch / median step time from the switch step on (from step 2 when the tool starts
+        sparse or never switches): the steady state, dense phase excluded."""
+        start = self.switch - 1 if self.switch is not None and self.switch > 1 else 1  # 0-based first step
+        tail = self.step_s[start:]
+        return batch / float(np.median(tail)) if len(tail) else float("nan")
 
 
-def training_section(args, src, bridge) -> tuple[list[list[str]], list[str]]:
-    """(b): for each architecture, interleaved short speed rounds (best kept), then one full
-    run per tool for the held-out quality metrics (its own speed is shown too)."""
+def peer_run(tool: str, peer: dict) -> Run:
+    return Run(tool, peer["train_seconds"], peer["cpu_seconds"], np.asarray(peer["step_seconds"], dtype=float),
+               np.asarray(peer["step_l0"], dtype=float), None, peer["n_tokens"])
+
+
+def our_run(tool: str, res) -> Run:
+    h = res.history
+    dense = h["dense"].to_numpy(dtype=float) if "dense" in h else np.zeros(len(h))
+    sparse_steps = np.flatnonzero(dense == 0)
+    switch = int(h["step"].iloc[sparse_steps[0]]) if len(sparse_steps) else None
+    return Run(tool, res.seconds, res.cpu_seconds, step_seconds(h), h["l0"].to_numpy(dtype=float), switch,
+               res.n_tokens)
+
+
+def l0_trajectory(run: Run) -> str:
+    """L0 at a few steps (and around the switch): "1: 3072, 5: 1450, ...". The full per-step log
+    is in the JSON file."""
+    n = len(run.l0)
+    marks = {1, 2, 5, 10, 20, 50, n // 2, n}
+    if run.switch and run.switch > 1:
+        marks |= {run.switch - 1, run.switch}
+    return ", ".join(f"{s}: {run.l0[s - 1]:.0f}" for s in sorted(m for m in marks if 1 <= m <= n))
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}" if len(values) > 1 else ""
+
+
+def training_section(args, src, bridge) -> tuple[list[list[str]], list[str], dict]:
+    """(b): for each architecture, ``--speed-rounds`` interleaved full-length runs per tool
+    (SAELens, LensLab, SAELens, ...); speed = median over the rounds; held-out quality from the
+    first round's SAEs (both tools are seeded: every round trains the same SAE)."""
     from sae.saelens_format import load_saelens
 
     npy, meta = training_acts(args, src, bridge)
     data = torch.from_numpy(np.load(npy))
     x_train, x_eval = data[:args.n_tokens], data[-args.eval_tokens:]
+    steps = args.n_tokens // args.batch
+    l1_warmup = ours_config(x_train, "relu", args, meta, dtype="float32", l1=args.relu_l1,
+                            n_tokens=args.n_tokens).l1_warmup
     rows: list[list[str]] = []
-    notes = [f"training: {args.n_tokens:,} tokens ({args.n_tokens // args.batch} steps of {args.batch}), d_in "
-             f"{data.shape[1]}, d_sae {args.d_sae}, lr {args.lr}, betas (0.9, 0.99), {args.threads} torch threads "
-             f"per tool; held-out {args.eval_tokens:,} tokens from held-out documents; activations {npy.name}",
-             f"training tokens/s = batch / median wall time of the second half of the steps, best of "
-             f"{args.speed_rounds} interleaved rounds per tool (SAELens, LensLab, SAELens, ...: both see the same "
-             f"load), each from a fresh SAE: {args.speed_steps} steps for TopK, {args.relu_speed_steps} for ReLU (a "
-             "LensLab ReLU SAE runs dense matmuls until its L0 drops below 3% of d_sae, ~14 steps here, then sparse "
-             "ones: the second half measures the steady state); 'full run' = batch / median step over the "
-             f"{args.n_tokens // args.batch}-step quality run, and its wall-clock tokens/s (dense phase included)",
+    runlog: dict = {"args": vars(args), "runs": []}
+    notes = [f"training: {args.n_tokens:,} tokens ({steps} steps of {args.batch}), d_in {data.shape[1]}, d_sae "
+             f"{args.d_sae}, lr {args.lr}, betas (0.9, 0.99), {args.threads} torch threads per tool; held-out "
+             f"{args.eval_tokens:,} tokens from held-out documents; activations {npy.name}",
+             f"training tokens/s = trained tokens / wall time of the whole training loop (ReLU: its dense early "
+             f"phase, resampling and all), median of {args.speed_rounds} full-length runs per tool interleaved "
+             "SAELens, LensLab, SAELens, ... so both see the same load (the range over the rounds is in the notes); "
+             "'steady' = batch / median step time after the tool's switch to its sparse path (LensLab ReLU: the "
+             "'switch step', when L0 falls below sae.train.DENSE_ABOVE_DENSITY of d_sae; LensLab TopK is sparse "
+             "from step 1; SAELens is always dense, so its steady state is every step after the first); tokens per "
+             "CPU-s = trained tokens / process_time of the loop (all threads)",
+             f"ReLU: both tools ramp the L1 coefficient linearly over the same {l1_warmup} steps "
+             "(LensLab's default, 5% of the steps; SAELens l1_warm_up_steps); LensLab resamples dead latents at "
+             "10/20/30/40% of the steps (its default; inside the timed loop), SAELens does not resample",
              "training data: SAELens reads the shared file's first rows in file order (already shuffled); LensLab "
              "gets exactly those rows and visits them in its own seeded permutation (each token once either way)",
              "NMSE (table) = sum||x_hat - x||^2 / sum||x - mean||^2 on the held-out tokens, computed by "
@@ -332,58 +411,73 @@ def training_section(args, src, bridge) -> tuple[list[list[str]], list[str]]:
     for arch, l1_ours, l1_theirs in archs:
         label = f"TopK k={args.k}" if arch == "topk" else "ReLU"
         peer_arch = "standard" if arch == "relu" else arch
-        speed_tokens = (args.speed_steps if arch == "topk" else args.relu_speed_steps) * args.batch
         theirs_name = {ac: f"SAELens SAETrainer, {'bf16 autocast' if ac else 'float32'}" for ac in precisions}
         ours_name = {d: f"LensLab sae.train.train_sae, {d}" for d in dtypes}
-        speed: dict[str, float] = {}
+        runs: dict[str, list[Run]] = {}
+        quality: dict[str, tuple[dict, str]] = {}
         for r in range(args.speed_rounds):
             for ac in precisions:
-                log(f"{label} speed round {r + 1}/{args.speed_rounds}: {theirs_name[ac]}")
-                peer = run_saelens(npy, peer_arch, args, autocast=ac, l1=l1_theirs, n_tokens=speed_tokens, save=None)
-                speed[theirs_name[ac]] = max(speed.get(theirs_name[ac], 0.0),
-                                             _median_tps(args.batch, peer["step_seconds"], second_half=True))
+                name = theirs_name[ac]
+                log(f"{label} run {r + 1}/{args.speed_rounds}: {name}")
+                save = tmp / f"saelens-{arch}-{int(ac)}" if r == 0 else None
+                peer = run_saelens(npy, peer_arch, args, autocast=ac, l1=l1_theirs, l1_warmup=l1_warmup,
+                                   n_tokens=args.n_tokens, save=save)
+                runs.setdefault(name, []).append(peer_run(name, peer))
+                if r == 0:
+                    quality[name] = (heldout_metrics(load_saelens(save), x_eval),
+                                     f"SAELens {peer['sae_lens_version']}; peer's own: L0 {peer['l0']:.1f}, NMSE "
+                                     f"{peer['fvu']:.4f} (vs |x|^2: {peer['nmse']:.4f}), save/load_from_disk diff "
+                                     f"{peer['reload_max_abs_diff']:.1e}"
+                                     + (f"; l1 {l1_theirs}" if arch == "relu" else ""))
             for d in dtypes:
-                log(f"{label} speed round {r + 1}/{args.speed_rounds}: {ours_name[d]}")
-                res = run_ours(x_train, arch, args, meta, dtype=d, l1=l1_ours, n_tokens=speed_tokens)
-                speed[ours_name[d]] = max(speed.get(ours_name[d], 0.0),
-                                          _median_tps(args.batch, step_seconds(res.history), second_half=True))
-        results = []  # (tool, best-round tokens/s, full-run median tokens/s, full-run wall tokens/s, metrics, notes)
-        for ac in precisions:
-            log(f"{label} full run: {theirs_name[ac]}")
-            save = tmp / f"saelens-{arch}-{int(ac)}"
-            peer = run_saelens(npy, peer_arch, args, autocast=ac, l1=l1_theirs, n_tokens=args.n_tokens, save=save)
-            m = heldout_metrics(load_saelens(save), x_eval)
-            results.append((theirs_name[ac].replace("SAELens", f"SAELens {peer['sae_lens_version']}"),
-                            speed[theirs_name[ac]], peer["tokens_per_s_median_step"], peer["tokens_per_s"], m,
-                            f"peer's own: L0 {peer['l0']:.1f}, NMSE {peer['fvu']:.4f} (vs |x|^2: {peer['nmse']:.4f}), "
-                            f"save/load_from_disk diff {peer['reload_max_abs_diff']:.1e}"
-                            + (f"; l1 {l1_theirs}" if arch == "relu" else "")))
-        for d in dtypes:
-            log(f"{label} full run: {ours_name[d]}")
-            res = run_ours(x_train, arch, args, meta, dtype=d, l1=l1_ours, n_tokens=args.n_tokens)
-            m = heldout_metrics(res.sae, x_eval)
-            results.append((ours_name[d], speed[ours_name[d]], _median_tps(args.batch, step_seconds(res.history)),
-                            res.tokens_per_s, m, f"{res.steps} steps in {res.seconds:.1f} s"
-                            + (f"; l1 {l1_ours}" if arch == "relu" else "")))
-        theirs = [r for r in results if r[0].startswith("SAELens")]
-        ours = [r for r in results if r[0].startswith("LensLab")]
-        ref = max(theirs, key=lambda r: r[1]) if theirs else None
-        for tool, best_tps, full_med, full_wall, m, extra in results:
-            ratio = f"{best_tps / ref[1]:.2f}x" if ref else ""
-            rows.append([f"train {label}", tool, f"{best_tps:,.0f}", ratio, f"{full_med:,.0f} ({full_wall:,.0f})",
-                         f"{m['l0']:.1f}", f"{m['nmse']:.4f}", f"{m['dead']:.3f}", extra])
+                name = ours_name[d]
+                log(f"{label} run {r + 1}/{args.speed_rounds}: {name}")
+                res = run_ours(x_train, arch, args, meta, dtype=d, l1=l1_ours, n_tokens=args.n_tokens)
+                runs.setdefault(name, []).append(our_run(name, res))
+                if r == 0:
+                    quality[name] = (heldout_metrics(res.sae, x_eval),
+                                     f"{res.n_resampled} latents resampled"
+                                     + (f"; l1 {l1_ours}" if arch == "relu" else ""))
+        summary = {}
+        for name, rs in runs.items():
+            wall = [x.wall_tps for x in rs]
+            summary[name] = {"wall": float(np.median(wall)), "steady": float(np.median([x.steady_tps(args.batch)
+                                                                                         for x in rs])),
+                             "cpu": float(np.median([x.cpu_tps for x in rs])), "spread": _spread(wall),
+                             "switch": rs[0].switch, "l0": l0_trajectory(rs[0])}
+            runlog["runs"] += [{"architecture": arch, "tool": name, "round": i + 1, "seconds": x.seconds,
+                                "cpu_seconds": x.cpu_seconds, "switch_step": x.switch,
+                                "step_seconds": x.step_s.tolist(), "step_l0": x.l0.tolist()} for i, x in enumerate(rs)]
+        theirs = [n for n in summary if n.startswith("SAELens")]
+        ours = [n for n in summary if n.startswith("LensLab")]
+        ref = max(theirs, key=lambda n: summary[n]["wall"]) if theirs else None
+        for name, sm in summary.items():
+            m, extra = quality[name]
+            ratio = f"{sm['wall'] / summary[ref]['wall']:.2f}x" if ref else ""
+            switch = ("none (always dense)" if name.startswith("SAELens")
+                      else "1 (sparse from the start)" if sm["switch"] == 1
+                      else "never" if sm["switch"] is None else str(sm["switch"]))
+            spread = f"; wall tokens/s over the rounds {sm['spread']}" if sm["spread"] else ""
+            rows.append([f"train {label}", name, f"{sm['wall']:,.0f}", ratio, f"{sm['steady']:,.0f}",
+                         f"{sm['cpu']:,.0f}", switch, f"{m['l0']:.1f}", f"{m['nmse']:.4f}", f"{m['dead']:.3f}",
+                         f"{extra}{spread}"])
+            notes.append(f"{label}, {name}: training-batch L0 by step {sm['l0']}")
         if ref:
-            best = max(ours, key=lambda r: r[1])
-            ratio_speed = best[1] / ref[1]
-            l0_ok = abs(best[4]["l0"] - ref[4]["l0"]) <= L0_TOL * ref[4]["l0"]
-            nmse_ratio = best[4]["nmse"] / ref[4]["nmse"]
+            best = max(ours, key=lambda n: summary[n]["wall"])
+            ratio_speed = summary[best]["wall"] / summary[ref]["wall"]
+            ratio_steady = summary[best]["steady"] / summary[ref]["steady"]
+            mb, mr = quality[best][0], quality[ref][0]
+            l0_ok = abs(mb["l0"] - mr["l0"]) <= L0_TOL * mr["l0"]
+            nmse_ratio = mb["nmse"] / mr["nmse"]
             ok = ratio_speed >= SPEED_GOAL and l0_ok and nmse_ratio <= NMSE_GOAL
-            rows.append([f"train {label}", f"goal: fastest LensLab ({best[0].split(', ')[-1]}) vs fastest SAELens "
-                         f"({ref[0].split(', ')[-1]})", "", f"{ratio_speed:.2f}x (>= {SPEED_GOAL:g}x)", "",
-                         f"ratio {best[4]['l0'] / ref[4]['l0']:.3f} ({'matched' if l0_ok else 'NOT matched'} +-10%)",
+            rows.append([f"train {label}", f"goal: fastest LensLab ({best.split(', ')[-1]}) vs fastest SAELens "
+                         f"({ref.split(', ')[-1]}), whole-run wall tokens/s", "",
+                         f"{ratio_speed:.2f}x (>= {SPEED_GOAL:g}x)",
+                         f"{ratio_steady:.2f}x", "", "",
+                         f"ratio {mb['l0'] / mr['l0']:.3f} ({'matched' if l0_ok else 'NOT matched'} +-10%)",
                          f"ratio {nmse_ratio:.3f} (<= {NMSE_GOAL})", "", "met" if ok else "NOT met"])
     shutil.rmtree(tmp, ignore_errors=True)
-    return rows, notes
+    return rows, notes, runlog
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,16 +497,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved harvest rounds (best kept)")
     parser.add_argument("--relu", action="store_true", help="also compare ReLU SAEs (secondary)")
     parser.add_argument("--relu-l1", type=float, default=0.87, help="LensLab's ReLU L1 coefficient")
-    parser.add_argument("--relu-l1-saelens", type=float, default=1.0, help="SAELens's ReLU l1_coefficient")
+    parser.add_argument("--relu-l1-saelens", type=float, default=1.4, help="SAELens's ReLU l1_coefficient")
     parser.add_argument("--saelens-precisions", default="bf16", help="SAELens runs: float32 and/or bf16 "
                         "(SAETrainerConfig.autocast)")
     parser.add_argument("--ours-dtypes", default="float32,bfloat16", help="LensLab runs: SAEConfig.dtype values")
-    parser.add_argument("--speed-rounds", type=int, default=3, help="interleaved training speed rounds (best kept)")
-    parser.add_argument("--speed-steps", type=int, default=8, help="steps per TopK training speed round")
-    parser.add_argument("--relu-speed-steps", type=int, default=32, help="steps per ReLU training speed round")
+    parser.add_argument("--speed-rounds", type=int, default=3, help="interleaved full-length training runs per tool "
+                        "(median reported)")
+    parser.add_argument("--log", type=Path, default=None, help="JSON file for every run's per-step wall time and L0 "
+                        "(default: <bench cache>/sae-bench-<time>.json)")
     parser.add_argument("--skip-harvest", action="store_true")
     parser.add_argument("--skip-saelens", action="store_true")
     args = parser.parse_args(argv)
+    if args.speed_rounds < 1:
+        raise SystemExit(f"--speed-rounds {args.speed_rounds} must be >= 1")
     if args.n_tokens % args.batch:
         raise SystemExit(f"--n-tokens {args.n_tokens} must be a multiple of --batch {args.batch}")
     if not args.skip_saelens and not SAELENS_PYTHON.exists():
@@ -431,18 +528,26 @@ def main(argv: list[str] | None = None) -> int:
         r, n = harvest_section(args, src, bridge)
         rows += r
         notes += n
-    r, n = training_section(args, src, bridge)
+    r, n, runlog = training_section(args, src, bridge)
     rows += r
     notes += n
-    header = ["part", "tool", "tokens/s", "ratio", "full run tokens/s: median step (wall)", "L0 (held-out)",
-              "NMSE (held-out)", "dead", "notes"]
-    print(markdown(header, rows))
+    if args.log is None:
+        from benchmarks.models import bench_cache_dir
+
+        args.log = bench_cache_dir() / f"sae-bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    args.log.write_text(json.dumps({**runlog, "args": {k: str(v) for k, v in vars(args).items()}}))
+    notes.append(f"per-step wall time and L0 of every run: {args.log}")
+    header = ["part", "tool", "tokens/s", "ratio", "steady tokens/s (after switch)", "tokens per CPU-s",
+              "switch step", "L0 (held-out)", "NMSE (held-out)", "dead", "notes"]
+    print(markdown(header, [row + [""] * (len(header) - len(row)) for row in rows]))
     print()
     print(f"- {dt.date.today().isoformat()}, {platform.processor() or platform.machine()}, "
           f"{len(os.sched_getaffinity(0))} usable cores, torch {torch.__version__} ({args.threads} threads); "
           f"load average (1/5/15 min) {load0} at start, {_load()} at end; total {time.perf_counter() - start:.0f} s")
     print("- ratios: harvest rows vs the plain HF eager float32 forward (best of the interleaved rounds); training "
-          "rows vs the fastest SAELens configuration")
+          "rows vs the fastest SAELens configuration (median whole-run wall tokens/s; the goal row also gives the "
+          "steady-state ratio)")
     for n in notes:
         print(f"- {n}")
     return 0

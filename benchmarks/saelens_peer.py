@@ -18,7 +18,10 @@ Modes (each prints one JSON object on stdout)::
 ``SAETrainer.fit()`` alone (SAE construction, data loading and the optimiser set-up are
 excluded); tokens/s = trained samples / that time, and also batch / the median step time
 (each step timed between consecutive batch requests: robust to bursts of load from other
-processes), and per CPU-second of the process (``time.process_time``, all threads). Switched off, as in SAELens's runner defaults or because it is I/O and not
+processes), and per CPU-second of the process (``time.process_time``, all threads). Every
+step's L0 is logged too (``StepLog``: the growth of the trainer's own firing counter, read at
+each batch request, between steps). ``--l1-warmup`` sets ``l1_warm_up_steps`` (the benchmark
+passes LensLab's, 5% of the steps). Switched off, as in SAELens's runner defaults or because it is I/O and not
 training: wandb logging (``log_to_wandb=False``), the evaluator (``None``), checkpoints
 (``n_checkpoints=0``, ``save_final_checkpoint=False``), activation normalisation (``"none"``),
 autocast (off unless ``--autocast``), ``torch.compile`` (off, the runner's default); tqdm is
@@ -80,17 +83,42 @@ from sae_lens.saes.sae import SAEMetadata  # noqa: E402
 from sae_lens.training.sae_trainer import SAETrainer  # noqa: E402
 
 
-def batches(train: torch.Tensor, batch_size: int, stamps: list[float] | None = None) -> Iterator[torch.Tensor]:
+class StepLog:
+    """Wall-clock stamp and L0 of every SAETrainer step, read between steps (at each batch
+    request), so nothing is added inside a step. L0 of a step = the growth of the trainer's own
+    firing counter (``act_freq_scores``, which it updates every step for its dead-feature
+    bookkeeping) / the batch size."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.l0: list[float] = []
+        self.trainer: Any = None
+        self._seen = (0.0, 0)
+
+    def mark(self) -> None:
+        self.stamps.append(time.perf_counter())
+        t = self.trainer
+        if t is None or len(self.stamps) == 1:  # the first request: no step yet
+            return
+        total, n = float(t.act_freq_scores.sum()), int(t.n_frac_active_samples)
+        last_total, last_n = self._seen
+        # n <= last_n: the trainer reset its window (every feature_sampling_window steps) before
+        # this request and dropped the last step's counts
+        self.l0.append((total - last_total) / (n - last_n) if n > last_n else float("nan"))
+        self._seen = (total, n)
+
+
+def batches(train: torch.Tensor, batch_size: int, log: StepLog | None = None) -> Iterator[torch.Tensor]:
     """Endless in-order batches [batch_size, d_in] of ``train`` (wraps; drops the last partial).
-    With ``stamps``, appends ``time.perf_counter()`` at every request: one step per interval."""
+    With ``log``, calls ``log.mark()`` at every request: one step per interval."""
     n_full = train.shape[0] // batch_size
     if n_full == 0:
         raise SystemExit(f"saelens_peer: {train.shape[0]} training rows < batch {batch_size}; "
                          "harvest more tokens or lower --batch")
     i = 0
     while True:
-        if stamps is not None:
-            stamps.append(time.perf_counter())
+        if log is not None:
+            log.mark()
         start = (i % n_full) * batch_size
         yield train[start:start + batch_size]
         i += 1
@@ -111,10 +139,10 @@ def build_sae(architecture: str, d_in: int, d_sae: int, k: int, l1: float, l1_wa
 
 
 def train_sae(sae: Any, train: torch.Tensor, n_tokens: int, batch: int, lr: float,
-              betas: tuple[float, float], autocast: bool) -> tuple[SAETrainer, float, list[float], float]:
+              betas: tuple[float, float], autocast: bool) -> tuple[SAETrainer, float, list[float], float, list[float]]:
     """Run SAETrainer.fit over ``n_tokens`` samples; returns the trainer, the fit() seconds, the
     wall time of every step (between consecutive batch requests; the last step ends when fit()
-    returns) and the CPU seconds of fit() (all threads of this process).
+    returns), the CPU seconds of fit() (all threads of this process) and the L0 of every step.
 
     Constant LR (the trainer's default scheduler); ``lr_end`` = lr / 10 as the runner's config sets it.
     """
@@ -124,13 +152,15 @@ def train_sae(sae: Any, train: torch.Tensor, n_tokens: int, batch: int, lr: floa
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False,
         logger=LoggingConfig(log_to_wandb=False),
     )
-    stamps: list[float] = []
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches(train, batch, stamps), evaluator=None)
+    log = StepLog()
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches(train, batch, log), evaluator=None)
+    log.trainer = trainer
     c0, t0 = time.process_time(), time.perf_counter()
     trainer.fit()
     t1, c1 = time.perf_counter(), time.process_time()
-    ends = stamps[1:] + [t1]
-    return trainer, t1 - t0, [b - a for a, b in zip(stamps, ends)], c1 - c0
+    log.mark()  # the last step's L0 (its stamp is not used: the last step ends at t1)
+    ends = log.stamps[1:-1] + [t1]
+    return trainer, t1 - t0, [b - a for a, b in zip(log.stamps, ends)], c1 - c0, log.l0
 
 
 @torch.no_grad()
@@ -168,14 +198,16 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"saelens_peer: --eval-tokens {a.eval_tokens} >= {data.shape[0]} rows")
     train, held_out = data[:-a.eval_tokens], data[-a.eval_tokens:]
     sae = build_sae(a.architecture, data.shape[1], a.d_sae, a.k, a.l1, a.l1_warmup, a.hook_name)
-    trainer, seconds, step_s, cpu_s = train_sae(sae, train, a.n_tokens, a.batch, a.lr, (a.beta1, a.beta2), a.autocast)
+    trainer, seconds, step_s, cpu_s, step_l0 = train_sae(sae, train, a.n_tokens, a.batch, a.lr, (a.beta1, a.beta2),
+                                                         a.autocast)
     out = {
         "tool": "sae_lens", "sae_lens_version": sae_lens.__version__, "torch_version": torch.__version__,
         "threads": torch.get_num_threads(), "architecture": a.architecture, "d_in": int(data.shape[1]),
         "d_sae": a.d_sae, "k": a.k if a.architecture == "topk" else None,
-        "l1_coefficient": a.l1 if a.architecture != "topk" else None, "lr": a.lr, "batch": a.batch,
+        "l1_coefficient": a.l1 if a.architecture != "topk" else None,
+        "l1_warmup_steps": a.l1_warmup if a.architecture != "topk" else None, "lr": a.lr, "batch": a.batch,
         "n_tokens": trainer.n_training_samples, "steps": trainer.n_training_steps, "train_seconds": seconds,
-        "tokens_per_s": trainer.n_training_samples / seconds, "step_seconds": step_s,
+        "tokens_per_s": trainer.n_training_samples / seconds, "step_seconds": step_s, "step_l0": step_l0,
         "median_step_s": float(np.median(step_s)), "cpu_seconds": cpu_s,
         "tokens_per_cpu_s": trainer.n_training_samples / cpu_s, "tokens_per_s_median_step": a.batch / float(np.median(step_s)),
         "autocast": a.autocast,
@@ -248,8 +280,8 @@ def cmd_tiny(a: argparse.Namespace) -> dict[str, Any]:
             torch.manual_seed(1)
             sae = build_sae(arch, d_in, d_sae, k=4, l1=2.0, l1_warmup=0, hook_name=hook, reshape=reshape,
                             model_name="saelens-tiny-fixture")
-            trainer, _, _, _ = train_sae(sae, data, n_tokens=40 * 256, batch=256, lr=1e-2, betas=(0.9, 0.99),
-                                   autocast=False)
+            trainer = train_sae(sae, data, n_tokens=40 * 256, batch=256, lr=1e-2, betas=(0.9, 0.99),
+                                autocast=False)[0]
             trained[arch, hook] = sae, trainer
         sae, trainer = trained[arch, hook]
         out_dir = root / name

@@ -6,7 +6,8 @@ Analysis names: ``"sae"`` (a trained SAE), ``"sae-eval"`` (its evaluation), ``"s
 model's (``cfg.source_fingerprint``).
 
 - "sae": arrays ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc`` [d_sae], ``b_dec``
-  [d_in], ``log10_density`` [d_sae] (training); table = training history; meta = {"cfg": ...,
+  [d_in], ``log10_density`` [d_sae] (training, or an imported SAELens ``sparsity``); table =
+  training history; meta = {"cfg": ...,
   "training": {steps, n_tokens, seconds, tokens_per_s, n_resampled, resumed_from}, ...extra}.
 - "sae-eval": arrays ``density`` [d_sae], ``density_hist`` [50], ``density_edges`` [51];
   meta = {"metrics": scalars (``SAEEval.scalars()``), "sae_key": ...}.
@@ -38,11 +39,15 @@ def sae_params(cfg: SAEConfig, **extra: Any) -> dict[str, Any]:
     return {**cfg.to_dict(), **extra}
 
 
-def sae_to_result(sae: SAE, train: Any = None, *, meta: Mapping[str, Any] | None = None) -> Result:
-    """A Result holding the SAE's weights (and, given a ``TrainResult``, its history and density)."""
+def sae_to_result(sae: SAE, train: Any = None, *, meta: Mapping[str, Any] | None = None,
+                  log10_density: np.ndarray | None = None) -> Result:
+    """A Result holding the SAE's weights (and, given a ``TrainResult``, its history and density;
+    ``log10_density`` [d_sae] stores a density without one, e.g. an imported SAELens sparsity)."""
     arrays = {n: getattr(sae, n).detach().to(torch.float32).cpu().numpy() for n in _WEIGHTS}
     out_meta: dict[str, Any] = {"cfg": sae.cfg.to_dict(), **dict(meta or {})}
     table = None
+    if log10_density is not None:
+        arrays["log10_density"] = np.asarray(log10_density, dtype=np.float32).reshape(-1)
     if train is not None:
         arrays["log10_density"] = np.asarray(train.log10_density, dtype=np.float32)
         table = train.history
@@ -73,7 +78,8 @@ def sae_from_result(result: Result) -> SAE:
 
 
 def put_sae(store: Store, sae: SAE, train: Any = None, *, params: Mapping[str, Any] | None = None,
-            meta: Mapping[str, Any] | None = None, label: str | None = None) -> str:
+            meta: Mapping[str, Any] | None = None, label: str | None = None,
+            log10_density: np.ndarray | None = None) -> str:
     """Store a trained SAE under "sae" (registering its model); returns the entry key."""
     fp = sae.cfg.source_fingerprint
     if not fp:
@@ -82,8 +88,21 @@ def put_sae(store: Store, sae: SAE, train: Any = None, *, params: Mapping[str, A
     # keep the model's own record (kind, sizes) when the store already knows it
     store.register_model(fp, label or sae.cfg.source_label or fp[:12], "sae-source", replace=False)
     info = store.put(fp, ANALYSIS_SAE, dict(params) if params is not None else sae_params(sae.cfg), CODE_VERSION,
-                     sae_to_result(sae, train, meta=meta))
+                     sae_to_result(sae, train, meta=meta, log10_density=log10_density))
     return info.key
+
+
+def stored_log10_density(result: Result) -> np.ndarray | None:
+    """The entry's ``log10_density`` [d_sae] (None when it has none); CorruptEntryError when its
+    length is not d_sae."""
+    a = result.arrays.get("log10_density")
+    if a is None:
+        return None
+    d_sae = int(dict(result.meta).get("cfg", {}).get("d_sae", -1))
+    if a.shape != (d_sae,):
+        raise CorruptEntryError(f"stored log10_density has shape {tuple(a.shape)}, expected ({d_sae},); retrain or "
+                                "re-import the SAE")
+    return np.array(a, dtype=np.float32)  # a writable copy
 
 
 def get_sae(store: Store, key: str) -> SAE:

@@ -3,12 +3,14 @@
 The loop computes gradients by hand (no autograd graph), exploiting sparsity:
 
 - encoder pre-activations ``(x - b_dec) W_enc + b_enc`` as one dense matmul [batch, d_sae], in
-  ``cfg.dtype`` (bfloat16 runs ~3x faster on CPUs with bf16 matmul units);
+  ``cfg.dtype`` (bfloat16 runs ~5x faster here), b_enc folded in as a ones column, written into a
+  buffer reused across steps;
 - the active set (top-k per row, or the positive entries of a ReLU SAE once it is sparse)
   becomes a CSR pattern; its exact float32 values come from ``torch.sparse.sampled_addmm``
   (so bf16 only decides *which* latents fire), the decoder is a sparse x dense product, and the
   gradients of W_dec, W_enc, b_enc, b_dec are sparse products over the same pattern;
-- while a ReLU SAE is still dense (early training) the same math runs as dense matmuls.
+- while a ReLU SAE is still dense (early training: L0 above ``DENSE_ABOVE_DENSITY`` of d_sae)
+  the same math runs as dense matmuls (``sae.dense_relu``).
 
 Loss (mean over the batch): ``||x_hat - x||^2 + l1 * sum|f|`` (relu) or
 ``||x_hat - x||^2 + aux`` (topk, AuxK of Gao et al. 2024: the residual x - x_hat, detached,
@@ -52,11 +54,17 @@ import torch
 from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError
 from sae.config import SAEConfig
 from sae.model import SAE
-from sae.sparse import Pattern
+from sae.dense_relu import Workspace, dense_relu_gradients, encoder_matrix, with_columns
+from sae.sparse import Pattern, positive
 
 Progress = Callable[[int, int, str], None]
 CHECKPOINT_VERSION = "sae-ckpt-1"
-DENSE_BELOW_SPARSITY = 0.03  # a ReLU batch with more than 3% of latents active uses the dense path
+# A ReLU step runs the dense path while the previous step's L0 exceeds this fraction of d_sae
+# (per compute dtype), else the sparse one. Measured crossover of the two paths' step times on this
+# project's 2-core CPU (d_in 384, d_sae 6144, batch 4096; 1 and 2 threads): ~3.5-4% of d_sae in
+# bfloat16, ~14% in float32 (its dense GEMMs cost ~5x the bf16 ones; the sparse products are float32
+# in both). A fixed threshold (not timing at run time) keeps a run a function of (cfg, step, state).
+DENSE_ABOVE_DENSITY = {"bfloat16": 0.035, "float32": 0.14}
 _EPS = 1e-8
 _PARAMS = ("W_encT", "W_dec", "b_enc", "b_dec")  # optimiser layout (W_encT = W_enc.T)
 
@@ -66,11 +74,13 @@ class TrainResult:
     """A trained SAE and what training measured."""
 
     sae: SAE
-    history: pd.DataFrame  # one row per logged step: step, tokens, lr, loss, mse, nmse, l0, aux, dead_fraction
+    history: pd.DataFrame  # one row per logged step: step, tokens, lr, loss, mse, nmse, l0, aux, dense (1 = the
+    # dense ReLU path ran), dead_fraction, seconds (cumulative wall time)
     steps: int  # optimiser steps taken in total (including any before a resume)
     n_tokens: int  # training tokens seen in total
     seconds: float  # wall time of this call's training loop
     tokens_per_s: float  # tokens this call trained on / seconds
+    cpu_seconds: float  # CPU time of this process (all threads) over the same loop (time.process_time)
     log10_density: np.ndarray  # [d_sae] log10(firing frequency + 1e-10) over the last dead_window tokens
     n_resampled: int  # latents resampled in total (relu)
     resumed_from: int  # step the run resumed from (0 = fresh)
@@ -110,7 +120,10 @@ def as_activations(acts: Any, d_in: int | None = None) -> torch.Tensor:
                          "SAE was configured for or set d_in to n_heads*d_head of that hook")
     bad = sum(int((~torch.isfinite(x[s:s + 65536])).sum()) for s in range(0, x.shape[0], 65536))
     if bad:
-        raise ShapeError(f"activations hold {bad} NaN/inf values; re-harvest in float32 or drop those rows")
+        where = f"the activation cache {acts.path}" if hasattr(acts, "path") and hasattr(acts, "meta") else \
+            "the activation array"
+        raise ShapeError(f"{where} holds {bad} NaN/inf values; harvest again in float32 (delete the cache "
+                         "directory, or pass refresh=True to sae.harvest.harvest) or drop those rows")
     return x
 
 
@@ -151,6 +164,7 @@ class TrainState:
         if cfg.b_dec_init == "mean":
             self.p["b_dec"].copy_(self.mean)
         self._perm_cache: dict[int, torch.Tensor] = {}
+        self.ws = Workspace()  # [batch, d_sae] buffers reused across steps
 
     # -- data -----------------------------------------------------------------------------
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -224,20 +238,20 @@ class TrainState:
         c, p, cd = self.cfg, self.p, self.cd
         bsz = x.shape[0]
         xc = x - p["b_dec"]
-        if cd == torch.float32:
-            pre = (xc @ p["W_encT"].T).add_(p["b_enc"])
-        else:
-            pre = (xc.to(cd) @ p["W_encT"].to(cd).T).add_(p["b_enc"].to(cd))
+        xc1 = with_columns(xc, (1.0,), cd)  # [xc | 1]: b_enc rides in the encoder GEMM
+        pre = torch.matmul(xc1, encoder_matrix(p["W_encT"], p["b_enc"], cd).T,
+                           out=self.ws.get("pre", (bsz, c.d_sae), cd))  # [batch, d_sae] in cd
         aux = 0.0
         if dense is None:
-            dense = c.architecture == "relu" and self.l0_est > DENSE_BELOW_SPARSITY * c.d_sae
+            dense = c.architecture == "relu" and self.l0_est > DENSE_ABOVE_DENSITY[c.dtype] * c.d_sae
         if dense and c.architecture == "relu":
-            out = self._dense_relu(x, xc, pre, step)
+            d = dense_relu_gradients(xc, xc1, pre, p["W_dec"], p["W_encT"], self.l1(step), self.ws)
+            out = (d.W_dec, d.W_encT, d.b_enc, d.b_dec, d.fired, d.sq_err, d.l1_sum)
         else:
             if c.architecture == "topk":
                 pattern = Pattern.from_topk(pre.topk(c.k, dim=-1, sorted=False)[1], c.d_sae)
             else:
-                pattern = Pattern.from_mask(pre > 0)
+                pattern = Pattern.from_mask(positive(pre))
             out = self._sparse(x, xc, pattern, step)
             if c.architecture == "topk":
                 dead = self.last_fired <= step - 1 - c.dead_window_steps
@@ -247,7 +261,8 @@ class TrainState:
         mse = sq_err / bsz
         loss = mse + (self.l1(step) * l1_sum / bsz if c.architecture == "relu" else aux)
         metrics = {"loss": loss, "mse": mse, "nmse": mse / max(self.var_per_token, 1e-30),
-                   "l0": float(fired_counts.sum()) / bsz, "aux": aux}
+                   "l0": float(fired_counts.sum()) / bsz, "aux": aux,
+                   "dense": float(dense and c.architecture == "relu")}
         grads = {"W_encT": g_W_encT, "W_dec": g_W_dec, "b_enc": g_b_enc, "b_dec": g_b_dec}
         return grads, metrics, fired_counts
 
@@ -257,30 +272,10 @@ class TrainState:
             self._rs = frozenset(self.cfg.resample_schedule)
         return self._rs
 
-    def _dense_relu(self, x, xc, pre, step):
-        c, p, cd = self.cfg, self.p, self.cd
-        bsz = x.shape[0]
-        W_dec_cd = p["W_dec"].to(cd)
-        active = pre > 0
-        f = pre.clamp_min_(0)  # pre is not needed after this
-        x_hat = (f @ W_dec_cd).float().add_(p["b_dec"])
-        err = x_hat.sub_(x)
-        sq_err = float(err.pow(2).sum())
-        g = err.mul_(2.0 / bsz)
-        g_cd = g.to(cd)
-        g_W_dec = (f.T @ g_cd).float()
-        l1_sum = float(f.sum(dtype=torch.float32))
-        g_pre = (g_cd @ W_dec_cd.T).add_(self.l1(step) / bsz).mul_(active)
-        g_W_encT = (g_pre.T @ xc.to(cd)).float()
-        g_b_enc = g_pre.sum(0, dtype=torch.float32)
-        g_b_dec = g.sum(0) - g_b_enc @ p["W_encT"]
-        fired_counts = active.sum(0, dtype=torch.float64)
-        return g_W_dec, g_W_encT, g_b_enc, g_b_dec, fired_counts, sq_err, l1_sum
-
     def _sparse(self, x, xc, pattern: Pattern, step):
         c, p = self.cfg, self.p
         bsz = x.shape[0]
-        v = pattern.sample(xc, p["W_encT"].T).add_(p["b_enc"][pattern.cols])
+        v = pattern.sample(xc, p["W_encT"].T).add_(pattern.gather(p["b_enc"]))
         active = v > 0
         v.clamp_min_(0)
         x_hat = pattern.matmul(v, p["W_dec"]).add_(p["b_dec"])
@@ -297,8 +292,7 @@ class TrainState:
         g_W_encT = pattern.t_matmul(g_v, xc)
         g_b_enc = torch.zeros(c.d_sae).index_add_(0, pattern.cols, g_v)
         g_b_dec = g.sum(0) - g_b_enc @ p["W_encT"]
-        fired_counts = torch.zeros(c.d_sae, dtype=torch.float64).index_add_(
-            0, pattern.cols, active.to(torch.float64))
+        fired_counts = torch.bincount(pattern.cols[active], minlength=c.d_sae)
         self._last = (pattern, err)  # err (= x_hat - x, scaled by 2/B) for AuxK
         return g_W_dec, g_W_encT, g_b_enc, g_b_dec, fired_counts, sq_err, l1_sum
 
@@ -314,7 +308,7 @@ class TrainState:
         resid = err_scaled.mul(-bsz / 2.0)  # x - x_hat, treated as a constant target
         top = pre.index_select(1, dead_idx).topk(ka, dim=-1, sorted=False)[1]
         pat = Pattern.from_topk(dead_idx[top], c.d_sae)
-        va = pat.sample(xc, p["W_encT"].T).add_(p["b_enc"][pat.cols])
+        va = pat.sample(xc, p["W_encT"].T).add_(pat.gather(p["b_enc"]))
         active = va > 0
         va.clamp_min_(0)
         aerr = pat.matmul(va, p["W_dec"]).sub_(resid)
@@ -354,12 +348,12 @@ class TrainState:
         g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + step)
         sample = torch.randint(0, self.n, (min(c.resample_sample, max(self.n, 1)),), generator=g)
         losses = torch.empty(sample.shape[0])
-        W_enc_cd, W_dec_cd = p["W_encT"].to(self.cd).T, p["W_dec"].to(self.cd)
-        for s in range(0, sample.shape[0], 4096):
-            xs = self.x.index_select(0, sample[s:s + 4096])
-            f = ((xs - p["b_dec"]).to(self.cd) @ W_enc_cd).add_(p["b_enc"].to(self.cd)).clamp_min_(0)
-            x_hat = (f @ W_dec_cd).float().add_(p["b_dec"])
-            losses[s:s + 4096] = (x_hat - xs).pow(2).sum(1)
+        W1, W_dec_cd = encoder_matrix(p["W_encT"], p["b_enc"], self.cd), p["W_dec"].to(self.cd)
+        buf, chunk = self.ws.get("pre", (c.batch_size, c.d_sae), self.cd), c.batch_size
+        for s in range(0, sample.shape[0], chunk):
+            xc = self.x.index_select(0, sample[s:s + chunk]) - p["b_dec"]
+            f = torch.matmul(with_columns(xc, (1.0,), self.cd), W1.T, out=buf[:xc.shape[0]]).relu_()
+            losses[s:s + chunk] = (f @ W_dec_cd).float().sub_(xc).pow_(2).sum(1)  # ||x_hat - x||^2
         weights = losses.pow(2)
         if not bool(weights.sum() > 0):
             weights = torch.ones_like(weights)
@@ -416,7 +410,8 @@ class TrainState:
             with safe_open(str(path), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (KeyError, TypeError, ValueError, SafetensorError) as exc:
-            raise CorruptCheckpointError(f"{path}: not a LensLab SAE checkpoint ({exc}); delete it to start over") from exc
+            raise CorruptCheckpointError(f"{path}: not a LensLab SAE checkpoint ({exc}); delete it or pass "
+                                         "resume=False (lenslab sae train --no-resume) to start over") from exc
         if state.get("version") != CHECKPOINT_VERSION:
             raise CorruptCheckpointError(f"{path}: checkpoint version {state.get('version')!r}, expected "
                                          f"{CHECKPOINT_VERSION!r}; delete it to start over")
@@ -424,10 +419,12 @@ class TrainState:
             diff = sorted(k for k in set(state["cfg"]) | set(self.cfg.to_dict())
                           if state["cfg"].get(k) != self.cfg.to_dict().get(k))
             raise ConfigError(f"{path}: the checkpoint was written with a different config (differs in {diff}); "
-                              "train with the same config, delete the checkpoint, or pass resume=False")
+                              "train with the same config, delete the checkpoint, or pass resume=False "
+                              "(lenslab sae train --no-resume)")
         if state["data"] != self.data_signature():
             raise ConfigError(f"{path}: the checkpoint was trained on other activations ({state['data']} vs "
-                              f"{self.data_signature()}); resume on the same activations or pass resume=False")
+                              f"{self.data_signature()}); resume on the same activations or pass resume=False "
+                              "(lenslab sae train --no-resume)")
         for n in _PARAMS:
             self.p[n].copy_(tensors[n])
             self.m[n].copy_(tensors[f"adam_m.{n}"])
@@ -477,7 +474,7 @@ def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
         tr.load(ckpt)
     resumed_from = tr.step
     total = cfg.steps
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     start_step = tr.step
     while tr.step < total:
         metrics = tr.train_step()
@@ -491,10 +488,10 @@ def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
                 progress(s, total, f"step {s}/{total} L0 {metrics['l0']:.1f} NMSE {metrics['nmse']:.3f}")
         if ckpt is not None and (s % checkpoint_every == 0 or s == total):
             tr.save(ckpt)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     tr.sae.W_enc.data = tr.p["W_encT"].T.contiguous()  # detach from the trainer's layout
     trained = (tr.step - start_step) * cfg.batch_size
     return TrainResult(sae=tr.sae, history=pd.DataFrame(tr.history), steps=tr.step,
                        n_tokens=tr.step * cfg.batch_size, seconds=seconds,
-                       tokens_per_s=trained / seconds if seconds > 0 else float("nan"),
+                       tokens_per_s=trained / seconds if seconds > 0 else float("nan"), cpu_seconds=cpu_seconds,
                        log10_density=tr.log10_density(), n_resampled=tr.n_resampled, resumed_from=resumed_from)

@@ -260,6 +260,30 @@ def test_feature_browser_shows_contexts_histogram_heads_and_logits(filled_store,
     assert not at.exception and any("feature index 640 is out of range" in e.value for e in at.error)
 
 
+def test_feature_browser_density_search_lists_the_features_in_range(filled_store, prepared):
+    fd = prepared.fd
+    density = np.asarray(fd.density, dtype=float)
+    log10 = np.log10(np.where(density > 0, density, np.nan))
+    at = open_page("sae_features")
+    lo, hi = at.slider(key="sae_density_range").value
+    assert lo <= np.nanmin(log10) and np.nanmax(log10) <= hi  # the full range of live features
+    mid = float(np.round(np.nanmedian(log10), 1))
+    at.slider(key="sae_density_range").set_range(lo, mid).run()
+    at.radio(key="sae_sort").set_value("density").run()
+    assert not at.exception and not at.error
+    hits = [df.value for df in at.dataframe if "log10_density" in df.value.columns][0]
+    want = np.flatnonzero((density > 0) & (log10 <= mid + 1e-9))
+    want = want[np.argsort(-density[want], kind="stable")][:200]
+    assert 0 < len(want) < int((density > 0).sum())  # the range leaves some live features out
+    assert sorted(hits["feature"]) == sorted(want.tolist())
+    assert np.all(np.diff(hits["density"].to_numpy()) <= 0)  # densest first
+    dead = int((density == 0).sum())
+    assert any(f"{len(want)} live features in range ({dead} dead)" in c.value for c in at.caption)
+    at.radio(key="sae_sort").set_value("feature").run()
+    hits = [df.value for df in at.dataframe if "log10_density" in df.value.columns][0]
+    assert list(hits["feature"]) == sorted(want.tolist())
+
+
 def test_prompt_page_shows_features_per_token_and_dfa(filled_store, prepared):
     from app import api
 

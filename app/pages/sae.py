@@ -42,6 +42,9 @@ with st.expander("Train an SAE", expanded=table.empty):
         n_tokens = c7.number_input("Training tokens", min_value=1000, value=500_000, step=10_000, key="sae_tokens")
         per_package = c8.number_input("Docstrings per package", min_value=1, value=100, step=10, key="sae_docs",
                                       help="Training texts: this many docstrings of each package of the corpus.")
+        start_over = st.checkbox("Start over", value=False, key="sae_start_over",
+                                 help="An interrupted run with the same settings resumes from its last checkpoint "
+                                      "(every 500 steps); tick to train from step 0 instead.")
         submitted = st.form_submit_button("Train", type="primary")
     if submitted:
         try:
@@ -56,7 +59,7 @@ with st.expander("Train an SAE", expanded=table.empty):
                                                   api.train_sae, spec.strip(), int(layer), architecture=arch,
                                                   expansion=int(expansion), n_tokens=int(n_tokens),
                                                   per_package=int(per_package), store=store,
-                                                  **extra)
+                                                  resume=not start_over, **extra)
             if trained is not None:
                 st.session_state[sae_state.SAE_STATE] = trained.key
                 st.rerun()
