@@ -407,7 +407,7 @@ def markdown_report(shape: LlamaShape, shards: list[Path], t_write: float, large
             from benchmarks.weights import agreement
 
             a = agreement(pd.read_parquet(root / "lenslab.parquet"), pd.read_parquet(root / "ww.parquet"))
-            rows.append(["agreement", f"{a.n_matched} layers both analyse", f"max |d alpha| {a.max_abs_alpha:.2e}",
+            rows.append(["agreement", f"{a.n_matched} layers both analyse", f"max abs d alpha {a.max_abs_alpha:.2e}",
                          "", "", f"max rel d stable rank {a.max_rel_stable_rank:.2e}, spectral norm "
                          f"{a.max_rel_spectral_norm:.2e}"])
     header = ["tool", "what", "result", "time", "peak RSS", "memory goal"]
