@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from analysis.errors import ConfigError, LensLabError
+from app.cli_tables import print_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LensLab: interpretability and weight-analysis workbench.")
@@ -117,9 +118,7 @@ def analyze(
         out.add_column(c, justify="left" if c in ("matrix", "shape", "status") else "right", overflow="fold")
     for row in table.sort_values("kappa").to_dict(orient="records"):
         out.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols])
-    console = Console()
-    # Piped or under `make run` rich assumes 80 columns and folds every tensor name; print full rows instead.
-    (console if console.is_terminal else Console(width=160)).print(out)
+    print_table(out)
 
 
 @app.command()
@@ -196,7 +195,7 @@ def store_ls(
     for e in entries:
         out.add_row(e.key[:12], labels.get(e.fingerprint, e.fingerprint[:12]), e.analysis,
                     json.dumps(e.params)[:60], str(e.n_bytes))
-    Console().print(out)
+    print_table(out)
 
 
 @store_app.command("rm")
@@ -287,7 +286,7 @@ def experiment_kappatune(
     for row in summary.to_dict(orient="records"):
         out.add_row(row["arm"], f"{row['n_tensors_mean']:.0f}", f"{row['n_params_mean']:,.0f}",
                     pm(row, "accuracy", ".3f"), pm(row, "drift", ".4f"), pm(row, "spearman", ".4f"))
-    Console().print(out)
+    print_table(out)
     console.print("stored; see the Experiments page of `lenslab dashboard`")
 
 

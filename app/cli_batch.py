@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from analysis.errors import SourceError
+from app.cli_tables import print_table
 
 BATCH_OPTIONS = ("executor", "workers", "ray_address", "by_tensor")
 
@@ -58,7 +58,7 @@ def analyze_batch(sources: list[str], *, analysis: str, as_json: bool, refresh: 
         for i in items:
             out.add_row(i.source, i.status, str(i.n_matrices), f"{i.seconds:.1f}" if i.status == "computed" else "",
                         (i.fingerprint or "")[:12])
-        Console().print(out)
+        print_table(out)
         console.print("stored; `lenslab analyze SOURCE` or the dashboard shows one model's table")
     for i in failed:
         console.print(f"[red]failed:[/red] {i.source}: {i.error}", highlight=False)

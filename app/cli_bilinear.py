@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from app.cli_tables import print_table
+
 bilinear_app = typer.Typer(no_args_is_help=True, help="Bilinear MLPs: train the tiny models, decompose GLU layers "
                                                       "into eigenvectors.")
 _err = Console(stderr=True)
@@ -127,7 +129,7 @@ def decompose(
     for row, lam in zip(rep.table.to_dict(orient="records"), dec.eigenvalues):
         out.add_row(row["direction"], f"{row['effective_rank']:.2f}", " ".join(f"{v:+.3g}" for v in lam[:top]),
                     f"{row['top4_share']:.2f}")
-    Console().print(out)
+    print_table(out)
     for k, metrics in _curve_summary(rep).items():
         typer.echo(f"keep {k:>3} eigenvectors per direction: "
                    + ", ".join(f"{m} {v:.3f}" for m, v in metrics.items()))

@@ -52,8 +52,9 @@ def _echo_json(table) -> None:
 
 
 def _print_table(table, columns: list[str], title: str, headers: dict[str, str] | None = None) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from app.cli_tables import print_table
 
     out = Table(title=title)
     for c in columns:
@@ -61,7 +62,7 @@ def _print_table(table, columns: list[str], title: str, headers: dict[str, str] 
                        overflow="fold")
     for row in table.to_dict(orient="records"):
         out.add_row(*[f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns])
-    Console().print(out)
+    print_table(out)
 
 
 @mmoe_app.command("train")

@@ -25,6 +25,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from app.cli_tables import print_table
+
 sae_app = typer.Typer(no_args_is_help=True, help="Attention-output SAEs: train, evaluate, feature dashboards.")
 _err = Console(stderr=True)
 
@@ -81,7 +83,7 @@ def _print_metrics(title: str, metrics: dict) -> None:
         v = metrics.get(name)
         if v is not None:
             out.add_row(label, format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else str(v))
-    Console().print(out)
+    print_table(out)
 
 
 @sae_app.command("train")
@@ -209,7 +211,7 @@ def features(
     for r in poly.table.to_dict(orient="records"):
         out.add_row(*[str(r[c]) for c in ("head", "n_belonging", "n_top", "n_families", "family_sizes",
                                           "polysemantic", "families")])
-    Console().print(out)
+    print_table(out)
     if feature is None:
         return
     heads = "" if fd.head_attribution is None else " ".join(f"H{h}:{w:.2f}" for h, w in
@@ -279,4 +281,4 @@ def ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
     for r in table.to_dict(orient="records"):
         out.add_row(*[r[c][:12] if c == "key" else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
                       for c in cols])
-    Console().print(out)
+    print_table(out)

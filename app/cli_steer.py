@@ -22,6 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from app.cli_tables import print_table
+
 steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: extract from contrast sets, apply, measure the "
                                                    "dose-response, orthogonalise weights.")
 _err = Console(stderr=True)
@@ -68,7 +70,7 @@ def _print_table(table, title: str, fmt: str = ".4g") -> None:
         out.add_column(str(c), justify="left" if table[c].dtype == object else "right")
     for row in table.to_dict(orient="records"):
         out.add_row(*[format(v, fmt) if isinstance(v, float) else str(v) for v in row.values()])
-    Console().print(out)
+    print_table(out)
 
 
 @steer_app.command("extract")
