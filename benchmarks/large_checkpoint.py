@@ -189,7 +189,7 @@ def _checkpoint_matches(directory: Path, shape: LlamaShape, seed: int, shard_byt
 
 
 # -- children: each tool runs in its own process so its peak RSS is its own ------------------------
-def _proc_status(pid: int | str = "self") -> dict[str, int]:
+def proc_status(pid: int | str = "self") -> dict[str, int]:
     """Memory fields of ``/proc/PID/status`` in bytes (VmHWM = peak RSS of the process image;
     RssAnon / RssFile = its anonymous and file-backed resident pages now)."""
     out = {}
@@ -206,7 +206,7 @@ def _proc_status(pid: int | str = "self") -> dict[str, int]:
 def _child_lenslab(directory: str, out: str) -> dict:
     from app import api
 
-    base = _proc_status()["VmHWM"]
+    base = proc_status()["VmHWM"]
     with tempfile.TemporaryDirectory(prefix="lenslab-bench-store-") as store:
         t0 = time.perf_counter()
         ws = api.analyze(directory, store=store)
@@ -219,7 +219,7 @@ def _child_lenslab(directory: str, out: str) -> dict:
             "matrices": len(ws.table), "ok": int((ws.table["status"] == "ok").sum()),
             "routes": ws.table["route"].value_counts().to_dict(), "conditioning_rows": len(cond),
             "largest": _largest_rows(ws.table),
-            "baseline_rss": base, "vm_hwm": _proc_status()["VmHWM"]}
+            "baseline_rss": base, "vm_hwm": proc_status()["VmHWM"]}
 
 
 def _largest_rows(table) -> list[dict]:
@@ -237,14 +237,14 @@ def _child_weightwatcher(directory: str, out: str) -> dict:
     import weightwatcher
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
-    base = _proc_status()["VmHWM"]
+    base = proc_status()["VmHWM"]
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
         df = weightwatcher.WeightWatcher(model=directory).analyze()
     seconds = time.perf_counter() - t0
     df.to_parquet(out)
-    return {"seconds": seconds, "matrices": len(df), "baseline_rss": base, "vm_hwm": _proc_status()["VmHWM"],
+    return {"seconds": seconds, "matrices": len(df), "baseline_rss": base, "vm_hwm": proc_status()["VmHWM"],
             "version": weightwatcher.__version__}
 
 
@@ -264,7 +264,7 @@ def run_child(tool: str, directory: Path, out: Path, timeout: float | None = Non
     peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     timed_out = False
     while proc.poll() is None:
-        for k, v in _proc_status(proc.pid).items():
+        for k, v in proc_status(proc.pid).items():
             if k in peaks:
                 peaks[k] = max(peaks[k], v)
         if timeout is not None and time.perf_counter() - t0 > timeout:

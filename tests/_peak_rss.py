@@ -19,15 +19,9 @@ import tempfile
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-def status() -> dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
+from benchmarks.large_checkpoint import proc_status as status  # noqa: E402  (/proc/self/status in bytes)
 
 
 def measure(call) -> dict:
@@ -73,7 +67,6 @@ def ill_conditioned(rows: int, cols: int, dtype: str):
 
 
 def main(argv: list[str]) -> int:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if argv[0] == "svd":
         from analysis import singular_values as sv
