@@ -18,7 +18,6 @@ Key = sha256 of the canonical JSON of (fingerprint, analysis, params, code_versi
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import sqlite3
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import ConfigError, CorruptEntryError, StoreError
+from analysis.table_codec import from_parquet, to_parquet
 
 ENV_VAR = "LENSLAB_STORE"
 _SCHEMA = """
@@ -226,9 +226,7 @@ class Store:
         key = entry_key(fingerprint, analysis, params, code_version)
         blobs: dict[str, tuple[bytes, str]] = {}
         if result.table is not None:
-            buf = io.BytesIO()
-            result.table.to_parquet(buf, index=False)
-            blobs["table_blob"] = (buf.getvalue(), ".parquet")
+            blobs["table_blob"] = (to_parquet(result.table), ".parquet")
         if result.arrays:
             from safetensors.numpy import save
 
@@ -275,7 +273,7 @@ class Store:
         arrays: dict[str, np.ndarray] = {}
         try:
             if table_blob:
-                table = pd.read_parquet(io.BytesIO(self._read_blob(table_blob, key)))
+                table = from_parquet(self._read_blob(table_blob, key))
             if arrays_blob:
                 from safetensors.numpy import load
 
