@@ -34,3 +34,33 @@ def figure_array(value) -> np.ndarray:
         shape = [int(s) for s in str(value.get("shape", len(a))).split(",")]
         return a.reshape(shape)
     return np.array(value, dtype=float)
+
+
+F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
+
+
+def assert_close_f32(actual, desired, *, ulps: float = 64, per_leading_index: bool = False) -> None:
+    """Assert two float32 computations of the same activations agree to ``ulps`` units of float32
+    rounding *of their magnitude*: |actual - desired| <= ulps * eps32 * scale, elementwise, with
+    scale = max |desired| (over each leading index, e.g. each layer, with ``per_leading_index``).
+
+    Why this bound: padding, batching, thread count and hook order change the blocking and the
+    summation order of the float32 GEMMs and reductions (lengths up to d_mlp) that produce an
+    activation, and each of the ~2 per block rounds relative to the largest values it sums. Those
+    differences were measured at up to ~6 eps32 of the magnitude on MiniLM (1.24e-5 on values near
+    16 under CPU load), so a fixed ``atol=1e-5`` fails on larger activations while being loose on
+    small ones. 64 eps32 (7.6e-6 of the magnitude) is ten times the measured worst and still four
+    orders of magnitude below what a real bug gives (a padded token leaking into attention moves
+    activations by >= 1e-2 of their magnitude).
+    """
+    actual, desired = np.asarray(actual, dtype=np.float64), np.asarray(desired, dtype=np.float64)
+    assert actual.shape == desired.shape, (actual.shape, desired.shape)
+    if per_leading_index and desired.ndim > 1:
+        scale = np.abs(desired).reshape(len(desired), -1).max(1).reshape((-1,) + (1,) * (desired.ndim - 1))
+    else:
+        scale = np.abs(desired).max(initial=0.0)
+    bound = ulps * F32_EPS * np.maximum(scale, np.finfo(np.float32).tiny)
+    err = np.abs(actual - desired)
+    worst = np.unravel_index(int(np.argmax(err - bound)), err.shape) if err.size else ()
+    assert (err <= bound).all(), (f"float32 values differ by {err[worst]:.3e} at {worst} (value {desired[worst]:.4g}); "
+                                  f"bound {ulps:g} eps32 x scale = {np.broadcast_to(bound, err.shape)[worst]:.3e}")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from _support import assert_close_f32
 from analysis.errors import ConfigError, SourceError
 from sae.config import SAEConfig, hook_name_for
 from sae.harvest import boot, harvest, open_activation_cache, sae_corpus, tokenize
@@ -65,7 +66,7 @@ def test_harvest_matches_hf_forward_per_text(mixtral_dir, mixtral, tmp_path):
         rows = cache.doc_ids == i
         np.testing.assert_array_equal(cache.token_ids[rows], x)
         np.testing.assert_array_equal(cache.positions[rows], np.arange(len(x)))
-        np.testing.assert_allclose(cache.acts[rows], z.numpy(), atol=1e-5)
+        assert_close_f32(cache.acts[rows], z.numpy())
     assert not cache.acts.flags.writeable
 
 

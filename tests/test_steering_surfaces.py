@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from _support import figure_array, run_cli
+from _support import assert_close_f32, figure_array, run_cli
 from _tiny_llama import make_tiny_llama
 
 from analysis import steering as S
@@ -33,7 +33,7 @@ def test_api_extraction_is_cached_and_matches_the_analysis(lm_dir, store, monkey
 
     ext = api.steer_extract(lm_dir, "numpy-torch", position="mean", store=store)
     direct = S.extract(open_source(lm_dir).boot_bridge(), load_contrasts("numpy-torch"), position="mean")
-    np.testing.assert_allclose(ext.vectors, direct.vectors, atol=1e-5)
+    assert_close_f32(ext.vectors, direct.vectors, per_leading_index=True)
     np.testing.assert_allclose(ext.table["auc_test"], direct.table["auc_test"])
     (entry,) = api.stored_extractions(store=store)
     assert entry.params["position"] == "mean" and entry.params["contrast"] == "numpy-torch"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _support import assert_close_f32
 from _tiny_llama import make_tiny_llama
 from _tiny_mixtral import make_tiny_mixtral
 
@@ -335,7 +336,7 @@ def test_resid_pre_of_a_block_is_the_output_of_the_one_before(tmp_path):
     with steering(bridge, v, alpha=1.5, layers=[1], hook="resid_post"):
         post, _ = logits(bridge)
     plain, _ = logits(bridge)
-    torch.testing.assert_close(pre, post, atol=1e-5, rtol=0)
+    assert_close_f32(pre, post)
     assert float((pre - plain)[mask].abs().max()) > 1e-2
 
 
