@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app.page_errors import run_page
 from app.state import store_root
 
 st.set_page_config(page_title="LensLab", page_icon=":material/biotech:", layout="wide")
@@ -31,4 +32,4 @@ PAGES = [
 
 page = st.navigation(PAGES)
 st.sidebar.caption(f"Store: `{store_root()}`")
-page.run()
+run_page(page)  # a failure is one short line in the browser; its traceback goes to the server log
