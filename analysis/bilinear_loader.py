@@ -253,14 +253,19 @@ def canonical_spec(spec: str | None) -> str:
     return f"{kind}:{arg}"
 
 
+def direction_file(spec: str | None) -> str | None:
+    """The path a ``vector:PATH`` or ``sae:PATH:i`` direction spec reads, as written (before ``~`` is
+    expanded); None for the kinds that read no file."""
+    kind, _, arg = canonical_spec(spec).partition(":")
+    return arg if kind == "vector" else arg.rpartition(":")[0] if kind == "sae" else None
+
+
 def spec_params(spec: str | None) -> dict[str, Any]:
     """Store parameters of a direction spec: the canonical spec, plus the sha256 of the file a
     ``vector:`` / ``sae:`` spec reads (so an edited file is not served from the cache)."""
     canon = canonical_spec(spec)
-    kind, _, arg = canon.partition(":")
     params: dict[str, Any] = {"direction": canon}
-    path = Path(arg).expanduser() if kind == "vector" else Path(arg.rpartition(":")[0]).expanduser() \
-        if kind == "sae" else None
+    path = Path(text).expanduser() if (text := direction_file(canon)) is not None else None
     if path is not None:
         path = path / "sae_weights.safetensors" if path.is_dir() else path
         if not path.is_file():

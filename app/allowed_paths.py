@@ -15,6 +15,13 @@ reveal anything about files outside the roots. A typed directory inside the root
 links out of them either (a symlinked ``model.safetensors`` or shard): it is refused, naming the
 link but not its target. The CLI and the Python API are not restricted:
 they run with the user's own rights.
+
+Every value the dashboard hands to an ``app.api`` function as a file goes through ``check_typed_path``,
+by way of one helper per kind of value: ``check_source`` (a model typed into a form),
+``check_stored_source`` (the model a stored result came from, reopened to measure, evaluate or
+generate), ``check_contrasts`` (a contrast set, typed or stored) and ``check_direction`` (the file of a
+``vector:PATH`` / ``sae:PATH:i`` direction spec). ``tests/test_dashboard_paths.py`` scans the pages
+for API calls whose file arguments do not come straight from one of them.
 """
 
 from __future__ import annotations
@@ -80,3 +87,37 @@ def _check_directory_links(spec: str, resolved: Path, roots: tuple[Path, ...], w
         raise SourceError(f"{spec[:200]!r}: {', '.join(outside[:5])} links to a file outside the directories this "
                           f"dashboard may read; copy the {what}'s files into {spec[:200]!r} instead of linking "
                           f"them, or restart the dashboard with --allowed-root DIR (or {ENV_VAR}=DIR)")
+
+
+def check_source(spec: str, *, what: str = "model") -> str:
+    """A model source typed into a page: a bundled name (``minilm``, ``bilinear-lm``, ...) or a path inside
+    the allowed roots; returned unchanged, SourceError otherwise."""
+    from analysis.sources import BUNDLED
+
+    return check_typed_path(spec, names=BUNDLED, what=what)
+
+
+def check_stored_source(spec: str | None) -> str | None:
+    """The source a stored result records (its bundled name or path), checked like a typed one before it is
+    reopened; None or "" (a result computed from an in-memory model) is returned as None, so the API
+    says what to pass instead."""
+    return check_source(spec) if spec else None
+
+
+def check_contrasts(spec: str) -> str:
+    """A contrast set: a bundled name (also as ``bundled:NAME``, a stored set's origin) or a path to a
+    ``.jsonl`` file inside the allowed roots; returned unchanged, SourceError otherwise."""
+    from analysis.contrasts import bundled_contrasts
+
+    names = bundled_contrasts()
+    return check_typed_path(spec, names=[*names, *(f"bundled:{n}" for n in names)], what="contrast set")
+
+
+def check_direction(spec: str | None) -> str | None:
+    """A bilinear direction spec, returned unchanged: the file of ``vector:PATH`` or ``sae:PATH:i`` must lie
+    inside the allowed roots (SourceError naming PATH otherwise); the other kinds read no file."""
+    from analysis.bilinear_loader import direction_file
+
+    if (path := direction_file(spec)) is not None:
+        check_typed_path(path, what="direction file")
+    return spec

@@ -230,7 +230,7 @@ def dashboard(
     script = Path(__file__).with_name("dashboard.py")
     cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.address", host,
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--client.toolbarMode", "viewer"]
+           "--client.toolbarMode", "viewer", "--client.showErrorDetails", "none"]
     console.print(f"dashboard on http://{host}:{port} (store {env['LENSLAB_STORE']})")
     raise typer.Exit(subprocess.call(cmd, env=env))
 

@@ -4,13 +4,17 @@ Pages read the results store (``$LENSLAB_STORE``) and launch analyses with a pro
 they never compute metrics themselves. To add a page, create ``app/pages/<name>.py`` and
 append one ``st.Page`` line to ``PAGES`` below. A page's first statement should be
 ``store = app.state.get_store()``: it also reroutes a page Streamlit ran without this script
-(its legacy mode for a ``pages/`` folder, see ``app/state.py``).
+(its legacy mode for a ``pages/`` folder, see ``app/state.py``). Pages run under
+``app.page_errors.run_page``: an error a page does not catch is one short line in the browser and
+a traceback in the server log. A value a page hands to ``app.api`` as a file goes through
+``app.allowed_paths`` (``tests/test_dashboard_paths.py`` checks every page for it).
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
+from app.page_errors import run_page
 from app.state import store_root
 
 st.set_page_config(page_title="LensLab", page_icon=":material/biotech:", layout="wide")
@@ -31,4 +35,4 @@ PAGES = [
 
 page = st.navigation(PAGES)
 st.sidebar.caption(f"Store: `{store_root()}`")
-page.run()
+run_page(page)  # a failure is one short line in the browser; its traceback goes to the server log

@@ -8,6 +8,7 @@ import streamlit as st
 
 from analysis.store import Store
 from app import api
+from app.allowed_paths import check_source, check_stored_source
 from app.state import run_with_st_progress
 
 SAE_STATE = "lenslab_sae"  # store key of the SAE last picked on any SAE page
@@ -62,6 +63,26 @@ def sae_picker(store: Store, table, *, key: str, label: str = "SAE"):
     choice = st.selectbox(label, keys, index=index, key=key, format_func=lambda k: by_key[k]["name"])
     st.session_state[SAE_STATE] = choice
     return by_key[choice]
+
+
+def train(spec: str, layer: int, **kwargs):
+    """``api.train_sae`` on a typed source (refused outside the dashboard's allowed roots)."""
+    return api.train_sae(check_source(spec), layer, **kwargs)
+
+
+def evaluate(key: str, source: str, **kwargs):
+    """``api.evaluate_sae`` of the SAE ``key``, reopening its stored ``source`` only inside the allowed roots."""
+    return api.evaluate_sae(key, source=check_stored_source(source), **kwargs)
+
+
+def features(key: str, source: str, **kwargs):
+    """``api.sae_features`` of the SAE ``key``, reopening its stored ``source`` only inside the allowed roots."""
+    return api.sae_features(key, source=check_stored_source(source), **kwargs)
+
+
+def prompt(key: str, source: str, text: str, **kwargs):
+    """``api.sae_prompt`` with the SAE ``key``, reopening its stored ``source`` only inside the allowed roots."""
+    return api.sae_prompt(key, text, source=check_stored_source(source), **kwargs)
 
 
 def run_with_progress(label: str, fn, *args, **kwargs):

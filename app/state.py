@@ -17,6 +17,7 @@ import streamlit as st
 from analysis.errors import LensLabError
 from analysis.spectra import WeightSpectra
 from analysis.store import ModelInfo, Store, default_store_root
+from app.allowed_paths import check_source
 
 DASHBOARD = Path(__file__).with_name("dashboard.py")
 MODEL_STATE = "lenslab_model"  # fingerprint of the model last picked on any page
@@ -117,7 +118,7 @@ def analyze_with_progress(spec: str, store: Store, *, refresh: bool = False) -> 
     from app import api
 
     try:
-        check_typed_source(spec)
+        source = check_source(spec)
     except LensLabError as exc:
         st.error(str(exc))
         return None
@@ -129,22 +130,13 @@ def analyze_with_progress(spec: str, store: Store, *, refresh: bool = False) -> 
 
     start = time.perf_counter()
     try:
-        ws = api.analyze(spec, store=store, refresh=refresh, progress=progress)
+        ws = api.analyze(source, store=store, refresh=refresh, progress=progress)
     except LensLabError as exc:
         bar.empty()
         st.error(str(exc))
         return None
     bar.progress(1.0, text=f"Analysed {spec}: {len(ws.table)} matrices in {time.perf_counter() - start:.1f} s")
     return ws
-
-
-def check_typed_source(spec: str, *, what: str = "model") -> str:
-    """A model source typed into a page: a bundled name, or a path inside the dashboard's allowed
-    roots (``app.allowed_paths``); raises SourceError otherwise. Pages call it before opening."""
-    from analysis.sources import BUNDLED
-    from app.allowed_paths import check_typed_path
-
-    return check_typed_path(spec, names=BUNDLED, what=what)
 
 
 def clear_caches() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,3 +69,31 @@ def models_root(tmp_path_factory):
         root = tmp_path_factory.mktemp("models")
         mp.setenv(tiny_models.MODELS_ENV, str(root))
         yield root
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def page_errors_expected():
+    """Requested by a test that makes a dashboard page fail on purpose (see ``_page_errors_fail_the_test``)."""
+
+
+@pytest.fixture(autouse=True)
+def _page_errors_fail_the_test(request):
+    """A dashboard page that fails shows one ``st.error`` line (``app.page_errors``), not an AppTest exception,
+    so ``assert not at.exception`` no longer sees it: any failure a page logged fails the test, unless the test
+    requests ``page_errors_expected``."""
+    handler = _Records()
+    logger = logging.getLogger("lenslab.dashboard")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    if "page_errors_expected" not in request.fixturenames:
+        assert not handler.records, [f"{r.levelname}: {r.getMessage()}" for r in handler.records]

@@ -160,6 +160,7 @@ def test_dashboard_command_binds_loopback_and_passes_allowed_roots(monkeypatch, 
     (cmd, env), (_, env2) = calls
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--client.toolbarMode") + 1] == "viewer"  # no Deploy button
+    assert cmd[cmd.index("--client.showErrorDetails") + 1] == "none"  # no traceback or server path in the browser
     assert ENV_VAR not in env or env[ENV_VAR] == os.environ.get(ENV_VAR)
     assert env2[ENV_VAR] == os.pathsep.join([str((tmp_path / "a").resolve()), str((tmp_path / "b").resolve())])
 
@@ -169,6 +170,13 @@ def test_streamlit_config_binds_loopback():
     assert config["server"]["address"] == "127.0.0.1"
     assert config["browser"]["gatherUsageStats"] is False
     assert config["client"]["toolbarMode"] == "viewer"
+    assert config["client"]["showErrorDetails"] == "none"
+
+
+def test_show_error_details_none_is_an_option_of_the_installed_streamlit():
+    from streamlit import config
+
+    assert "none" in {o.value for o in config.ShowErrorDetailsConfigOptions}
 
 
 # -- pickle and remote code ------------------------------------------------------------------------------

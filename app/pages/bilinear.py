@@ -20,7 +20,8 @@ from analysis.bilinear_report import explain
 from analysis.errors import LensLabError
 from app import api
 from app import charts_bilinear as charts
-from app.state import check_typed_source, get_store
+from app.allowed_paths import check_direction, check_source
+from app.state import get_store
 
 N_IMAGES = 4  # top positive and top negative eigenvectors shown as images
 FLASH = "bilinear_flash"
@@ -39,11 +40,12 @@ def _decompose_with_progress(spec: str, layer: int, direction: str, expert: int 
         bar.progress(min(done / total, 1.0) if total else 0.0, text=f"{spec}: {item}")
 
     start = time.perf_counter()
-    try:
-        check_typed_source(spec)  # a path must lie inside the dashboard's allowed roots
-        if spec in TRAINED:  # train (or find in the cache) first, with its own progress
-            api.bilinear_train(TRAINED[spec], progress=lambda d, t, item: progress(d, t, f"training: {item}"))
-        rep = api.bilinear_decompose(spec, layer=layer, direction=direction or None, expert=expert, store=store,
+    try:  # typed paths (the source, a vector: or sae: direction file) must lie inside the allowed roots
+        source = check_source(spec)
+        checked_direction = check_direction(direction or None)
+        if source in TRAINED:  # train (or find in the cache) first, with its own progress
+            api.bilinear_train(TRAINED[source], progress=lambda d, t, item: progress(d, t, f"training: {item}"))
+        rep = api.bilinear_decompose(source, layer=layer, direction=checked_direction, expert=expert, store=store,
                                      progress=progress)
     except LensLabError as exc:
         bar.empty()

@@ -16,7 +16,8 @@ import streamlit as st
 
 from app import api
 from app import charts_experts as charts
-from app.state import check_typed_source, get_store, run_with_st_progress
+from app.allowed_paths import check_source
+from app.state import get_store, run_with_st_progress
 
 FLASH = "experts_flash"
 ABLATION_COLUMNS = ["expert", "load", "usage", "n_flipped", "accuracy_drop", "n_classes_hurt", "polysemanticity",
@@ -35,7 +36,7 @@ def _report(store_root: str, key: str):
 
 def _routing(spec: str, **kwargs):
     """``api.experts_routing`` on a typed source, refused outside the dashboard's allowed roots."""
-    return api.experts_routing(check_typed_source(spec), **kwargs)
+    return api.experts_routing(check_source(spec), **kwargs)
 
 
 def _run(label: str, fn, *args, **kwargs):

@@ -49,8 +49,9 @@ else:
 
 st.subheader("Analyse a model")
 with st.form("analyse"):
-    spec = st.text_input("Source", value="minilm", help="A bundled model name (minilm), a Hugging Face model "
-                         "directory, a .safetensors file or a shard index on this machine.")
+    spec = st.text_input("Source", value="minilm", key="home_source",
+                         help="A bundled model name (minilm), a Hugging Face model directory, a .safetensors file "
+                              "or a shard index on this machine.")
     refresh = st.checkbox("Recompute even if stored", value=False)
     submitted = st.form_submit_button("Analyse", type="primary")
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from analysis.errors import LensLabError, SourceError
 from app import api
 from app import charts_sae as charts
 from app import sae_state
-from app.state import check_typed_source, get_store
+from app.state import get_store
 
 METRIC_COLUMNS = ["name", "l0", "nmse", "explained_variance", "loss_recovered", "dead_fraction", "dense_fraction",
                   "n_train_tokens", "features"]
@@ -46,23 +45,18 @@ with st.expander("Train an SAE", expanded=table.empty):
                                  help="An interrupted run with the same settings resumes from its last checkpoint "
                                       "(every 500 steps); tick to train from step 0 instead.")
         submitted = st.form_submit_button("Train", type="primary")
-    if submitted:
-        try:
-            if not spec.strip():
-                raise SourceError("The source is empty; type minilm or a path to a model.")
-            check_typed_source(spec.strip())  # a path must lie inside the dashboard's allowed roots
-        except LensLabError as exc:
-            st.error(str(exc))
-        else:
-            extra = {"k": int(k)} if arch == "topk" else {"l1_coefficient": float(l1)}
-            trained = sae_state.run_with_progress(f"Training an SAE on {spec.strip()} layer {int(layer)}",
-                                                  api.train_sae, spec.strip(), int(layer), architecture=arch,
-                                                  expansion=int(expansion), n_tokens=int(n_tokens),
-                                                  per_package=int(per_package), store=store,
-                                                  resume=not start_over, **extra)
-            if trained is not None:
-                st.session_state[sae_state.SAE_STATE] = trained.key
-                st.rerun()
+    if submitted and not spec.strip():
+        st.error("The source is empty; type minilm or a path to a model.")
+    elif submitted:  # sae_state.train refuses a path outside the dashboard's allowed roots
+        extra = {"k": int(k)} if arch == "topk" else {"l1_coefficient": float(l1)}
+        trained = sae_state.run_with_progress(f"Training an SAE on {spec.strip()} layer {int(layer)}",
+                                              sae_state.train, spec.strip(), int(layer), architecture=arch,
+                                              expansion=int(expansion), n_tokens=int(n_tokens),
+                                              per_package=int(per_package), store=store, resume=not start_over,
+                                              **extra)
+        if trained is not None:
+            st.session_state[sae_state.SAE_STATE] = trained.key
+            st.rerun()
 
 if table.empty:
     st.info("No SAEs in the store yet. Press **Train** above, or run "
@@ -82,10 +76,12 @@ features = sae_state.load_features(store, key)
 
 b1, b2, _ = st.columns([1, 1, 3])
 if evaluation is None and b1.button("Evaluate", key="sae_eval_button", type="primary"):
-    if sae_state.run_with_progress("Evaluating the SAE", api.evaluate_sae, key, store=store) is not None:
+    if sae_state.run_with_progress("Evaluating the SAE", sae_state.evaluate, key, row["source"],
+                                   store=store) is not None:
         st.rerun()
 if features is None and b2.button("Compute feature data", key="sae_features_button"):
-    if sae_state.run_with_progress("Computing feature data", api.sae_features, key, store=store) is not None:
+    if sae_state.run_with_progress("Computing feature data", sae_state.features, key, row["source"],
+                                   store=store) is not None:
         st.rerun()
 
 st.subheader(row["name"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import api
 from app import charts_sae as charts
 from app import sae_state
 from app.state import get_store
@@ -34,7 +33,8 @@ if submitted:
     if not text.strip():
         st.error("The prompt is empty; type some text.")
     else:
-        res = sae_state.run_with_progress("Running the prompt", api.sae_prompt, row["key"], text, store=store)
+        res = sae_state.run_with_progress("Running the prompt", sae_state.prompt, row["key"], row["source"], text,
+                                          store=store)
         if res is not None:
             st.session_state[RESULT] = (row["key"], res)
 

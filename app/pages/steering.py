@@ -18,8 +18,8 @@ import streamlit as st
 from analysis.errors import LensLabError
 from app import api
 from app import charts_steering as charts
-from app.allowed_paths import check_typed_path
-from app.state import check_typed_source, get_store, run_with_st_progress
+from app.allowed_paths import check_contrasts, check_source
+from app.state import get_store, run_with_st_progress
 
 FLASH = "steer_flash"
 HOOKS = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
@@ -30,32 +30,29 @@ def _load(store_root: str, key: str):
     return api.load_extraction(key, store_root)
 
 
+# The API calls of this page: typed paths and the stored source and contrast set (reopened to measure) must
+# lie inside the dashboard's allowed roots; a refusal is a SourceError, shown by run_with_st_progress.
+def _extract_api(spec: str, contrasts: str, **kwargs):
+    return api.steer_extract(check_source(spec), check_contrasts(contrasts), **kwargs)
+
+
+def _dose_api(source: str, vec, contrasts: str, **kwargs):
+    return api.steer_dose_response(check_source(source), vec, check_contrasts(contrasts), **kwargs)
+
+
+def _sweep_api(source: str, contrasts: str, **kwargs):
+    return api.steer_sweep(check_source(source), check_contrasts(contrasts), **kwargs)
+
+
 def _extract(spec: str, contrasts: str, hook: str, position: str, store) -> bool:
-    try:
-        check_typed_source(spec)  # a typed path must lie inside the dashboard's allowed roots
-        check_typed_path(contrasts, names=api.contrast_sets(), what="contrast set")
-    except LensLabError as exc:
-        st.error(str(exc))
-        return False
     start = time.perf_counter()
-    ext = run_with_st_progress(f"Extracting {contrasts} from {spec}", api.steer_extract, spec, contrasts, hook=hook,
+    ext = run_with_st_progress(f"Extracting {contrasts} from {spec}", _extract_api, spec, contrasts, hook=hook,
                                position=position, store=store, flash_key=FLASH)
     if ext is None:
         return False
     st.session_state[FLASH] = (f"Extracted {len(ext.layers)} layers × {len(ext.methods)} methods of "
                                f"{ext.meta['contrast']} from {spec} in {time.perf_counter() - start:.1f} s.")
     return True
-
-
-def _measure(label: str, fn, source: str, *args, **kwargs):
-    """``fn(source, *args, **kwargs)`` under st.progress; the stored source is reopened, so it must
-    pass the same check as a typed one. None after st.error."""
-    try:
-        check_typed_source(source)
-    except LensLabError as exc:
-        st.error(str(exc))
-        return None
-    return run_with_st_progress(label, fn, source, *args, flash_key=FLASH, **kwargs)
 
 
 store = get_store()
@@ -122,14 +119,14 @@ alphas = tuple(sorted(set(alphas) | {float(alpha)}))
 
 st.subheader("Dose-response on the held-out pairs")
 try:
-    dr = api.stored_dose_response(vec.fingerprint, vec, ext.meta["contrast_origin"], alphas=alphas, scale=scale,
-                                  store=store)
+    dr = api.stored_dose_response(vec.fingerprint, vec, check_contrasts(ext.meta["contrast_origin"]), alphas=alphas,
+                                  scale=scale, store=store)
 except LensLabError as exc:
     st.error(str(exc))
     dr = None
 if dr is None and st.button("Measure dose-response", key="steer_measure"):
-    dr = _measure("Steering", api.steer_dose_response, source, vec, ext.meta["contrast_origin"], alphas=alphas,
-                  scale=scale, store=store)
+    dr = run_with_st_progress("Steering", _dose_api, source, vec, ext.meta["contrast_origin"], alphas=alphas,
+                              scale=scale, store=store, flash_key=FLASH)
 if dr is not None:
     st.plotly_chart(charts.dose_response(dr.table, dr.kind, f"Dose-response · layer {layer} · {method} · {scale}"),
                     key="steer_dose")
@@ -142,13 +139,14 @@ st.caption(f"Each layer steered with its own {method} vector at α = {float(alph
 sweep_args = {"alpha": float(alpha), "method": method, "hook": ext.meta["hook"], "position": ext.meta["position"],
               "scale": scale}
 try:
-    sweep = api.stored_layer_sweep(vec.fingerprint, ext.meta["contrast_origin"], store=store, **sweep_args)
+    sweep = api.stored_layer_sweep(vec.fingerprint, check_contrasts(ext.meta["contrast_origin"]), store=store,
+                                   **sweep_args)
 except LensLabError as exc:
     st.error(str(exc))
     sweep = None
 if sweep is None and st.button("Run layer sweep", key="steer_sweep"):
-    sweep = _measure("Sweeping layers", api.steer_sweep, source, ext.meta["contrast_origin"], store=store,
-                     **sweep_args)
+    sweep = run_with_st_progress("Sweeping layers", _sweep_api, source, ext.meta["contrast_origin"], store=store,
+                                 flash_key=FLASH, **sweep_args)
 if sweep is not None:
     st.plotly_chart(charts.layer_sweep(sweep, f"Layer sweep · α = {float(alpha):+g} · {method} · {scale}"),
                     key="steer_sweep_chart")
@@ -160,8 +158,7 @@ st.subheader("Steered vs unsteered")
 prompt = st.text_input("Prompt", value="Returns a new", key="steer_prompt")
 if st.button("Generate", key="steer_generate"):
     try:
-        check_typed_source(source)
-        out = api.steer_generate(source, vec, prompt, alpha=float(alpha), scale=scale)
+        out = api.steer_generate(check_source(source), vec, prompt, alpha=float(alpha), scale=scale)
     except LensLabError as exc:
         st.error(str(exc))
     else:
