@@ -302,6 +302,21 @@ def test_cli_select_writes_a_peft_config(tmp_path, shared_store, minilm_table):
     assert result.stdout.splitlines() == list(select_tensors(minilm_table, 3, exclude="embeddings").params)
 
 
+def test_cli_select_table_on_piped_stderr_keeps_tensor_names_whole(shared_store, minilm_table):
+    """`lenslab select ... 2>log`: the summary table goes to stderr at the piped width, not folded at 80."""
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "select", "minilm", "-b", "5", "--store",
+                           str(shared_store.root)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    params = list(select_tensors(minilm_table, 5).params)
+    assert proc.stdout.splitlines() == params
+    assert max(len(p) for p in params) > 40  # long enough to be folded in an 80-column table
+    for p in params:
+        assert any(f" {p} " in line for line in proc.stderr.splitlines()), (p, proc.stderr)
+
+
 def test_cli_bad_budget_exits_2_with_one_line(tmp_path):
     exe = shutil.which("lenslab", path=str(Path(sys.executable).parent)) or "lenslab"
     env = {**os.environ, "LENSLAB_STORE": str(tmp_path / "s"), "COLUMNS": "300"}
