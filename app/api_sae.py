@@ -148,9 +148,15 @@ class TrainedSAE:
 
 
 def sae_name(meta: dict) -> str:
-    """Short label: "minilm L3 topk 3072 (k=32)"."""
+    """Short label: "minilm L3 topk 3072 (k=32)", "minilm L3 relu 3072 (l1=2.0)"; an imported ReLU
+    SAE whose file records no L1 coefficient says "(l1 not recorded)"."""
     c = meta.get("cfg", {})
-    extra = f"k={c.get('k')}" if c.get("architecture") == "topk" else f"l1={c.get('l1_coefficient')}"
+    if c.get("architecture") == "topk":
+        extra = f"k={c.get('k')}"
+    elif meta.get("l1_coefficient_recorded", True):
+        extra = f"l1={c.get('l1_coefficient')}"
+    else:
+        extra = "l1 not recorded"
     label = meta.get("source_spec") or c.get("source_label") or c.get("source_fingerprint", "")[:8]
     short = os.path.basename(str(label)) or label
     return f"{short} L{c.get('layer')} {c.get('architecture')} {c.get('d_sae')} ({extra})"
