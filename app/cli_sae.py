@@ -243,12 +243,16 @@ def export(
     sae: SaeOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Write the SAE in SAELens's format (SAELens: SAE.load_from_disk(DIRECTORY))."""
+    """Write the SAE in SAELens's format (SAELens: SAE.load_from_disk(DIRECTORY)). Its cfg.json says
+    reshape_activations "hook_z": SAELens's encode expects [..., n_heads, d_head], not the flat [N, d_in]."""
     from app import api
 
     key = api.find_sae(source, layer, sae, store=store)
     out = api.export_saelens(key, directory, store=store)
-    _err.print(f"SAE {key[:12]} written to {out} (SAELens format)", highlight=False)
+    cfg = api.load_sae(key, store=store).sae.cfg
+    heads = f"[..., {cfg.n_heads}, {cfg.d_head}]" if cfg.n_heads else "[..., n_heads, d_head]"
+    _err.print(f"SAE {key[:12]} written to {out} (SAELens format); SAELens's encode reads hook_z as {heads} "
+               f"(reshape_activations 'hook_z'): reshape flat [N, {cfg.d_in}] activations first", highlight=False)
 
 
 @sae_app.command("import")

@@ -222,8 +222,11 @@ def test_export_import_round_trip_through_the_store(llama, tmp_path):
 
     # the CLI: export from the store, import into a third one; the files are the same bytes
     runner = CliRunner()
-    res = runner.invoke(app, ["sae", "export", str(llama), str(tmp_path / "cli"), "--layer", "1", "--store", str(a)])
+    res = runner.invoke(app, ["sae", "export", str(llama), str(tmp_path / "cli"), "--layer", "1", "--store", str(a)],
+                        env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output
+    assert "SAELens's encode reads hook_z as [..., 4, 8]" in res.stderr and "flat [N, 32]" in res.stderr
+    assert json.loads((tmp_path / "cli" / "cfg.json").read_text())["reshape_activations"] == "hook_z"
     for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
         assert (tmp_path / "cli" / name).read_bytes() == (out / name).read_bytes(), name
     res = runner.invoke(app, ["sae", "import", str(tmp_path / "cli"), str(llama), "--json", "--store",
