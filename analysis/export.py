@@ -8,9 +8,17 @@
   ``re.fullmatch`` (prefix-tolerant in the same way). Selected parameters that are not a
   module's ``.weight`` (fused expert stacks such as ``…experts.gate_up_proj``) go to
   ``target_parameters``;
-- ``axolotl``: a YAML fragment ``unfrozen_parameters:`` with one ``^name$`` regex per
-  parameter (axolotl matches them with ``re.match``), under a comment header that says
-  which model, ranker and budget produced it.
+  Parameters on the model's root module (names without a dot) are refused: PEFT cannot
+  target them (``get_peft_model`` raises "Targeting an nn.Parameter on the top-level module
+  is not supported");
+- ``axolotl``: a YAML fragment ``unfrozen_parameters:`` with one regex per parameter, under a
+  comment header that says which model, ranker and budget produced it. Axolotl
+  (``utils/freeze.py``, ``LayerNamePattern``) rewrites every ``.`` not followed by ``+`` into
+  ``\.`` and then tests the pattern with ``re.match``, so ``\.`` would turn into "a backslash,
+  then any character" and match nothing. The patterns therefore write a literal dot as
+  ``[.]`` (the same under axolotl's rewrite and under plain ``re``) and accept any module
+  prefix, like the PEFT list: ``^(?:.+[.])?encoder[.]layer[.]0[.]output[.]dense[.]weight$``
+  matches that parameter of the bare model and of a model holding it under ``bert.``.
 
 ``freeze_to_selection`` applies a selection to a live ``nn.Module``.
 """
@@ -49,6 +57,23 @@ def module_regex(modules: Iterable[str]) -> str:
     return rf"(?:.*\.)?(?:{alts})"
 
 
+def axolotl_regex(name: str) -> str:
+    """The ``unfrozen_parameters`` regex of parameter ``name``: matches (with ``re.match``, before
+    or after axolotl's dot rewrite) ``name`` itself or any name ending in ``"." + name``."""
+    return "^(?:.+[.])?" + "[.]".join(re.escape(part) for part in name.split(".")) + "$"
+
+
+def _check_not_root(selection: Selection) -> None:
+    """Refuse parameters that sit on the root module: PEFT cannot wrap them (see module docstring)."""
+    root = [p for p in selection.params if "." not in p]
+    if root:
+        drop = "|".join(re.escape(p) for p in root)
+        raise ConfigError(f"selected parameter(s) {root[:3]} sit on the model's root module, which PEFT cannot "
+                          "target (get_peft_model: 'Targeting an nn.Parameter on the top-level module is not "
+                          f"supported'); leave them out with --exclude '^({drop})$' (API: exclude=...), or export "
+                          "format params or axolotl, which train them fully")
+
+
 def _peft(selection: Selection, r: int, alpha: float, dropout: float, as_regex: bool) -> str:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise ConfigError(f"lora_r {r!r} must be an integer >= 1, e.g. 8")
@@ -56,6 +81,7 @@ def _peft(selection: Selection, r: int, alpha: float, dropout: float, as_regex: 
         raise ConfigError(f"lora_alpha {alpha!r} must be a number > 0, e.g. 16")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ConfigError(f"lora_dropout {dropout!r} must lie in [0, 1), e.g. 0.05")
+    _check_not_root(selection)
     modules = [module_path(p) for p in selection.params if p.endswith(".weight")]
     fused = [p for p in selection.params if not p.endswith(".weight")]
     cfg: dict = {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "bias": "none",
@@ -73,13 +99,14 @@ def _peft(selection: Selection, r: int, alpha: float, dropout: float, as_regex: 
 
 def _axolotl(selection: Selection) -> str:
     header = [
-        "# LensLab tensor selection for axolotl (regexes matched with re.match against parameter names)",
+        "# LensLab tensor selection for axolotl: one regex per parameter, matched with re.match against parameter",
+        "# names (a literal dot is written [.]; any module prefix such as bert. is accepted)",
         f"# model fingerprint: {selection.fingerprint or 'unknown'}",
         f"# ranker: {selection.ranker}" + (f" (seed {selection.seed})" if selection.seed is not None else ""),
         f"# budget: {selection.budget}: {len(selection.params)} of {len(selection.candidates)} tensors, "
         f"{selection.n_params_selected:,} of {selection.n_params_total:,} parameters",
     ]
-    body = yaml.safe_dump({"unfrozen_parameters": [f"^{re.escape(p)}$" for p in selection.params]},
+    body = yaml.safe_dump({"unfrozen_parameters": [axolotl_regex(p) for p in selection.params]},
                           sort_keys=False, default_flow_style=False, width=10_000)
     return "\n".join(header) + "\n" + body
 

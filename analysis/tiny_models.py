@@ -9,7 +9,11 @@
 Both LMs are trained on the docstring corpus (``analysis.corpus.docstring_corpus``, split by
 package with ``corpus.split``) with their own byte-level BPE tokenizer (``tokenizers``), saved
 with ``PreTrainedTokenizerFast.save_pretrained`` next to ``model.safetensors``: the directory
-boots with ``TransformerBridge.boot_transformers(dir)`` offline.
+boots with ``TransformerBridge.boot_transformers(dir)`` offline. transformers 5 writes
+``tokenizer_class: "TokenizersBackend"``, a class transformers 4.x does not have (``AutoTokenizer``
+raises), so ``tokenizer_config.json`` is rewritten to name ``PreTrainedTokenizerFast``, which both
+major versions load (5 aliases it to ``TokenizersBackend``). Cached models saved before this get
+the same rewrite when they are reused (no retraining).
 
 Cache: ``<user cache>/lenslab/models/<kind>-<hash>`` (``$LENSLAB_MODELS`` overrides the root),
 hash = sha256 of the full config (seed and steps included) and ``TRAIN_VERSION``. A model is
@@ -175,7 +179,33 @@ def _reuse(kind: str, target: Path, config: dict[str, Any], needs: tuple[str, ..
     info = read_training_info(target)
     if info.get("config") != config or info.get("version") != TRAIN_VERSION:
         return None
+    portable_tokenizer_config(target)  # a model cached before the rewrite existed
     return TrainedModel(kind, target, config, info.get("metrics", {}), reused=True)
+
+
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # loads in transformers 4.x and 5.x
+
+
+def portable_tokenizer_config(d: Path) -> bool:
+    """Make ``d/tokenizer_config.json`` name ``PORTABLE_TOKENIZER_CLASS`` (see the module docstring);
+    the file is replaced atomically. Returns True when it was rewritten; a missing or unreadable
+    file is left alone (loading the tokenizer reports it)."""
+    path = Path(d) / "tokenizer_config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(cfg, dict) or cfg.get("tokenizer_class") == PORTABLE_TOKENIZER_CLASS:
+        return False
+    cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache: the model still loads with transformers 5
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _tmp_dir(target: Path) -> Path:
@@ -364,6 +394,7 @@ def train_tiny_lm(kind: str = "bilinear-llama", out_dir: str | os.PathLike | Non
         model.save_pretrained(tmp, safe_serialization=True)
         PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                 unk_token="<unk>", model_max_length=max(128, cfg.ctx)).save_pretrained(tmp)
+        portable_tokenizer_config(tmp)
         _write_info(tmp, kind, config, metrics)
         final = _publish(tmp, target, needs, config, force)
     finally:

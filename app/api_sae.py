@@ -148,9 +148,15 @@ class TrainedSAE:
 
 
 def sae_name(meta: dict) -> str:
-    """Short label: "minilm L3 topk 3072 (k=32)"."""
+    """Short label: "minilm L3 topk 3072 (k=32)", "minilm L3 relu 3072 (l1=2.0)"; an imported ReLU
+    SAE whose file records no L1 coefficient says "(l1 not recorded)"."""
     c = meta.get("cfg", {})
-    extra = f"k={c.get('k')}" if c.get("architecture") == "topk" else f"l1={c.get('l1_coefficient')}"
+    if c.get("architecture") == "topk":
+        extra = f"k={c.get('k')}"
+    elif meta.get("l1_coefficient_recorded", True):
+        extra = f"l1={c.get('l1_coefficient')}"
+    else:
+        extra = "l1 not recorded"
     label = meta.get("source_spec") or c.get("source_label") or c.get("source_fingerprint", "")[:8]
     short = os.path.basename(str(label)) or label
     return f"{short} L{c.get('layer')} {c.get('architecture')} {c.get('d_sae')} ({extra})"
@@ -318,8 +324,10 @@ def find_sae(source: Any, layer: int, key: str | None = None, store: Store | str
 # -- evaluation -----------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class SAEEvaluation:
-    """Stored evaluation: ``metrics`` (l0, mse, nmse, explained_variance, cosine, dead_fraction,
-    dense_fraction, loss_clean/sae/zero, loss_recovered ...), ``density`` [d_sae] on the eval tokens."""
+    """Stored evaluation: ``metrics`` (l0, mse, nmse, explained_variance_saelens (= 1 - nmse),
+    explained_variance_sklearn (variance-weighted), cosine, dead_fraction, dense_fraction,
+    loss_clean/sae/zero, loss_recovered ...; ``sae.metrics`` defines them), ``density`` [d_sae]
+    on the eval tokens."""
 
     key: str
     metrics: dict
@@ -331,7 +339,8 @@ class SAEEvaluation:
         m, c = self.metrics, self.meta.get("corpus", {})
         loss = self.meta.get("loss", "")
         return (f"{m.get('n_tokens', '?')} held-out tokens ({c.get('split', 'given texts')}); loss recovered "
-                f"{'from ' + loss if loss else 'not measured'}; explained variance around the per-dimension mean.")
+                f"{'from ' + loss if loss else 'not measured'}; explained variance: SAELens's = 1 - NMSE; "
+                "sklearn's = variance-weighted, around the residual's mean.")
 
 
 def _eval_entries(st: Store, sae_key: str) -> list[EntryInfo]:
@@ -386,8 +395,10 @@ def evaluate_sae(key: str, *, texts: Sequence[str] | None = None, loss: bool = T
 
 
 def _evaluation(key: str, result) -> SAEEvaluation:
+    from sae.metrics import upgrade_scalars
+
     meta = dict(result.meta)
-    return SAEEvaluation(key, dict(meta.get("metrics", {})), np.asarray(result.arrays["density"]), meta)
+    return SAEEvaluation(key, upgrade_scalars(meta.get("metrics", {})), np.asarray(result.arrays["density"]), meta)
 
 
 def has_sae_eval(key: str, store: Store | str | None = None) -> bool:
@@ -523,19 +534,21 @@ def sae_prompt(key: str, text: str, *, source: Any = None, store: Store | str | 
 
 # -- listing ---------------------------------------------------------------------------------------
 LIST_COLUMNS = ["key", "name", "source", "model", "layer", "architecture", "d_in", "d_sae", "k", "l1_coefficient",
-                "n_train_tokens", "l0", "nmse", "explained_variance", "cosine", "loss_recovered", "dead_fraction",
-                "dense_fraction", "features", "created"]
+                "n_train_tokens", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "cosine",
+                "loss_recovered", "dead_fraction", "dense_fraction", "features", "created"]
 
 
 def list_saes(store: Store | str | None = None) -> pd.DataFrame:
     """One row per stored SAE, newest first, with its newest evaluation's metrics (NaN when not
     evaluated) and whether feature data is stored (index reads only; never computes)."""
+    from sae.metrics import upgrade_scalars
+
     st = _store(store)
     labels = {m.fingerprint: m.label for m in st.models()}
     evals: dict[str, dict] = {}
     for e in st.list(analysis=EVAL):
         if e.code_version == EVAL_VERSION:
-            evals.setdefault(e.params.get("sae"), e.meta.get("metrics", {}))
+            evals.setdefault(e.params.get("sae"), upgrade_scalars(e.meta.get("metrics", {})))
     with_features = {e.params.get("sae") for e in st.list(analysis=FEATURES) if e.code_version == feat.CODE_VERSION}
     rows = []
     for e in _sae_entries(st):
@@ -545,8 +558,9 @@ def list_saes(store: Store | str | None = None) -> pd.DataFrame:
                      "architecture": c.get("architecture"), "d_in": c.get("d_in"), "d_sae": c.get("d_sae"),
                      "k": c.get("k"), "l1_coefficient": c.get("l1_coefficient") if c.get("architecture") == "relu"
                      else None, "n_train_tokens": e.meta.get("training", {}).get("n_tokens"),
-                     **{name: m.get(name, np.nan) for name in ("l0", "nmse", "explained_variance", "cosine",
-                                                               "loss_recovered", "dead_fraction", "dense_fraction")},
+                     **{name: m.get(name, np.nan) for name in ("l0", "nmse", "explained_variance_saelens",
+                                                               "explained_variance_sklearn", "cosine", "loss_recovered",
+                                                               "dead_fraction", "dense_fraction")},
                      "features": e.key in with_features, "created": pd.Timestamp(e.created, unit="s")})
     return pd.DataFrame(rows, columns=LIST_COLUMNS)
 

@@ -60,7 +60,7 @@ def import_saelens(directory: str | os.PathLike, source: Any = "minilm", layer: 
     on an error.
     """
     from sae.harvest import check_layer, head_shape
-    from sae.saelens_format import load_saelens, load_saelens_sparsity
+    from sae.saelens_format import load_saelens, load_saelens_sparsity, saelens_l1_coefficient
 
     d = Path(directory)
     sae = load_saelens(d)
@@ -101,6 +101,8 @@ def import_saelens(directory: str | os.PathLike, source: Any = "minilm", layer: 
     st = _store(store)
     meta = {"request": request, "source_spec": _spec(src), "source_label": src.label,
             "imported_from": str(d.resolve())}
+    if cfg.architecture == "relu" and saelens_l1_coefficient(d) is None:
+        meta["l1_coefficient_recorded"] = False  # the label says so instead of showing the default 1.0
     key = store_io.put_sae(st, mine, params=store_io.sae_params(mine.cfg, imported=tag, corpus=request["corpus"]),
                            meta=meta, label=src.label,
                            log10_density=None if sparsity is None else sparsity.numpy())

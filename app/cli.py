@@ -163,7 +163,7 @@ def select(
     for row in sel.candidates[sel.candidates["selected"]].to_dict(orient="records"):
         out.add_row(str(row["rank"]), row["tensor"], row["shape"], f"{row['kappa']:.4g}",
                     f"{row['welore_fraction']:.3f}", f"{row['n_params']:,}")
-    console.print(out)
+    print_table(out, stderr=True)  # stdout carries the export
     if sel.excluded:
         console.print(f"excluded (non-finite weights): {', '.join(sel.excluded)}")
     if output is None:

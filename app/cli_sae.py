@@ -3,6 +3,7 @@
     lenslab sae train minilm --layer 3                     # TopK SAE, 8x width, docstring corpus
     lenslab sae train minilm --layer 3 --architecture relu --l1 2
     lenslab sae eval minilm --layer 3                      # L0, NMSE, explained variance, loss recovered
+    lenslab sae eval minilm --layer 3 --no-loss            # skip loss recovered (MiniLM's MLM head)
     lenslab sae features minilm --layer 3 --feature 12     # dashboard data; one feature's contexts
     lenslab sae ls                                         # stored SAEs with their metrics
     lenslab sae train ./my-model --layer 1 --texts notes.txt  # your own texts, one per line
@@ -40,9 +41,13 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 RefreshOpt = Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")]
 TextsOpt = Annotated[Optional[Path], typer.Option("--texts", help="A text file, one text per line, used instead of "
                                                                   "the docstring corpus.")]
-METRICS = (("l0", "L0", ".2f"), ("nmse", "NMSE", ".4f"), ("explained_variance", "explained variance", ".4f"),
+METRICS = (("l0", "L0", ".2f"), ("nmse", "NMSE", ".4f"),
+           ("explained_variance_saelens", "explained variance (SAELens: 1 - NMSE)", ".4f"),
+           ("explained_variance_sklearn", "explained variance (sklearn: variance-weighted)", ".4f"),
            ("cosine", "cosine", ".4f"), ("loss_recovered", "loss recovered", ".4f"),
            ("dead_fraction", "dead features", ".2%"), ("dense_fraction", "dense features", ".2%"))
+EV_NOTE = ("EV SAELens = 1 - NMSE, SAELens's explained_variance; EV sklearn = sklearn's variance-weighted "
+           "explained_variance_score, which ignores a constant offset of the reconstruction (see sae/metrics.py)")
 
 
 def _texts(path: Path | None) -> list[str] | None:
@@ -146,16 +151,19 @@ def evaluate(
     layer: LayerOpt = 0,
     sae: SaeOpt = None,
     texts: TextsOpt = None,
+    loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Measure loss recovered (default). MiniLM needs "
+                                                                "its MLM head for it, trained once (~5 min) and "
+                                                                "cached; --no-loss skips it.")] = True,
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
 ) -> None:
-    """Evaluate the SAE on held-out docstrings (or --texts): L0, NMSE, explained variance, loss recovered,
-    dead/dense fractions."""
+    """Evaluate the SAE on held-out docstrings (or --texts): L0, NMSE, explained variance (SAELens's and
+    sklearn's), loss recovered, dead/dense fractions."""
     from app import api
 
     key = api.find_sae(source, layer, sae, store=store)
-    ev = _run(f"evaluating SAE {key[:12]}", api.evaluate_sae, key, texts=_texts(texts), store=store,
+    ev = _run(f"evaluating SAE {key[:12]}", api.evaluate_sae, key, texts=_texts(texts), loss=loss, store=store,
               refresh=refresh)
     if as_json:
         typer.echo(json.dumps({"key": key, "metrics": {k: _safe(v) for k, v in ev.metrics.items()}}, indent=1))
@@ -235,12 +243,16 @@ def export(
     sae: SaeOpt = None,
     store: StoreOpt = None,
 ) -> None:
-    """Write the SAE in SAELens's format (SAELens: SAE.load_from_disk(DIRECTORY))."""
+    """Write the SAE in SAELens's format (SAELens: SAE.load_from_disk(DIRECTORY)). Its cfg.json says
+    reshape_activations "hook_z": SAELens's encode expects [..., n_heads, d_head], not the flat [N, d_in]."""
     from app import api
 
     key = api.find_sae(source, layer, sae, store=store)
     out = api.export_saelens(key, directory, store=store)
-    _err.print(f"SAE {key[:12]} written to {out} (SAELens format)", highlight=False)
+    cfg = api.load_sae(key, store=store).sae.cfg
+    heads = f"[..., {cfg.n_heads}, {cfg.d_head}]" if cfg.n_heads else "[..., n_heads, d_head]"
+    _err.print(f"SAE {key[:12]} written to {out} (SAELens format); SAELens's encode reads hook_z as {heads} "
+               f"(reshape_activations 'hook_z'): reshape flat [N, {cfg.d_in}] activations first", highlight=False)
 
 
 @sae_app.command("import")
@@ -274,10 +286,12 @@ def ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(json.dumps([{k: _safe(v) for k, v in r.items()} for r in table.to_dict(orient="records")],
                               indent=1))
         return
-    out = Table(title=f"{len(table)} stored SAE(s)")
-    cols = ["key", "name", "l0", "nmse", "explained_variance", "loss_recovered", "dead_fraction", "features"]
+    out = Table(title=f"{len(table)} stored SAE(s)", caption=EV_NOTE)
+    cols = ["key", "name", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",
+            "dead_fraction", "features"]
+    headers = {"explained_variance_saelens": "EV SAELens", "explained_variance_sklearn": "EV sklearn"}
     for c in cols:
-        out.add_column(c, overflow="fold")
+        out.add_column(headers.get(c, c), overflow="fold")
     for r in table.to_dict(orient="records"):
         out.add_row(*[r[c][:12] if c == "key" else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
                       for c in cols])

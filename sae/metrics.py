@@ -5,12 +5,22 @@ Definitions (x, x_hat: [tokens, d_in]; mu = per-dimension mean of x over the eva
 - ``l0``: mean number of active (> 0) latents per token.
 - ``mse``: mean over tokens of ||x - x_hat||^2.
 - ``nmse``: sum ||x - x_hat||^2 / sum ||x - mu||^2 (MSE relative to predicting the mean;
-  Gao et al. 2024; equals SAELens 6's ``1 - explained_variance``).
-- ``explained_variance``: 1 - sum_d Var_t(x_d - x_hat_d) / sum_d Var_t(x_d), variances around
-  the per-dimension means (sklearn's ``explained_variance_score(..., "variance_weighted")``).
-  It differs from 1 - nmse by the squared mean residual. Older SAELens computed variance
-  around zero (1 - sum ||x - x_hat||^2 / sum ||x||^2), which flatters activations with a large
-  mean; that number is reported as ``explained_variance_around_zero`` for comparison only.
+  Gao et al. 2024).
+- Explained variance, two definitions, both reported under names that say which:
+
+  - ``explained_variance_saelens`` = 1 - nmse: SAELens's ``explained_variance`` (6.x,
+    ``sae_lens/evals.py`` ``ExplainedVarianceCalculator``: 1 - E||x - x_hat||^2 / (E||x||^2 -
+    ||E x||^2), every token weighted equally). Compare this one with SAELens's numbers.
+  - ``explained_variance_sklearn``: 1 - sum_d Var_t(x_d - x_hat_d) / sum_d Var_t(x_d), the
+    residual's variance around its own per-dimension mean (sklearn's
+    ``explained_variance_score(..., multioutput="variance_weighted")``). It ignores a constant
+    offset of the reconstruction, so it is >= the SAELens value; they differ by the squared mean
+    residual, sum_d (mean_t e_d)^2, over sum_d Var_t(x_d).
+
+  Stored results from before the split hold the sklearn value under ``explained_variance``;
+  ``upgrade_scalars`` renames it and derives the SAELens value from ``nmse``. Older SAELens
+  divided by ||x||^2 instead (variance around zero), which flatters activations with a large
+  mean; that number is ``explained_variance_around_zero``, for comparison only.
 - ``cosine``: mean over tokens of cos(x, x_hat) (tokens with x = 0 or x_hat = 0 count 0).
 - feature density: fraction of tokens on which a latent is > 0; ``dead_fraction``: latents
   with density 0; ``dense_fraction``: density > ``dense_threshold`` (default 0.1).
@@ -24,7 +34,7 @@ Definitions (x, x_hat: [tokens, d_in]; mu = per-dimension mean of x over the eva
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -47,7 +57,8 @@ class ReconstructionMetrics:
     l0: float
     mse: float
     nmse: float
-    explained_variance: float
+    explained_variance_saelens: float  # 1 - nmse, as SAELens reports "explained_variance"
+    explained_variance_sklearn: float  # variance-weighted, around the residual's mean
     explained_variance_around_zero: float  # the old, biased definition; for comparison only
     cosine: float
     dead_fraction: float
@@ -162,11 +173,25 @@ def reconstruction_metrics(sae: SAE, acts: Any, *, chunk: int = 4096,
     return ReconstructionMetrics(
         n_tokens=n, l0=float(fires.sum()) / n, mse=sq_err / n,
         nmse=sq_err / sq_dev if sq_dev > 0 else nan,
-        explained_variance=1 - var_err / var_x if var_x > 0 else nan,
+        explained_variance_saelens=1 - sq_err / sq_dev if sq_dev > 0 else nan,
+        explained_variance_sklearn=1 - var_err / var_x if var_x > 0 else nan,
         explained_variance_around_zero=1 - sq_err / sq_x if sq_x > 0 else nan,
         cosine=cos_sum / n, dead_fraction=float((density == 0).mean()),
         dense_fraction=float((density > dense_threshold).mean()), dense_threshold=dense_threshold,
         density=density, density_hist=hist)
+
+
+def upgrade_scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored metrics dict with today's names: the ambiguous ``explained_variance`` of results
+    stored before the split becomes ``explained_variance_sklearn`` (what it held), and
+    ``explained_variance_saelens`` is derived as 1 - ``nmse`` when missing."""
+    out = dict(metrics)
+    if "explained_variance" in out:
+        out.setdefault("explained_variance_sklearn", out.pop("explained_variance"))
+    if "explained_variance_saelens" not in out and "nmse" in out:
+        nmse = out["nmse"]
+        out["explained_variance_saelens"] = 1 - float(nmse) if isinstance(nmse, (int, float)) else float("nan")
+    return out
 
 
 @dataclass(frozen=True, eq=False)

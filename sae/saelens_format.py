@@ -18,6 +18,8 @@ A directory with
 
 Files are written to temp names and renamed into place (``os.replace``), weights first and
 ``cfg.json`` last, so an interrupted save never leaves a cfg pointing at missing weights.
+A ReLU SAE's ``l1_coefficient`` is read from the file (``file_l1_coefficient``); when the
+file records none, the config keeps the default 1.0 and ``saelens_l1_coefficient`` says None.
 Loading validates the cfg keys and the safetensors header before reading any tensor:
 malformed files raise ``CorruptCheckpointError``; valid but unsupported settings (another
 architecture, activation normalisation) raise ``ConfigError``.
@@ -143,6 +145,27 @@ def _hook_name(cfg: dict[str, Any], path: Path) -> str:
     return name
 
 
+def file_l1_coefficient(cfg: dict[str, Any]) -> Any:
+    """The L1 coefficient a ``cfg.json`` dict records, or None: ``metadata.lenslab_config`` (ours),
+    top-level ``l1_coefficient`` (SAELens training checkpoints and pre-6 saves), or
+    ``metadata.training_architecture_details`` (SAELens 6 saves of a trained SAE)."""
+    meta = cfg.get("metadata") or {}
+    ours = meta.get("lenslab_config")
+    details = meta.get("training_architecture_details")
+    for where in (ours, cfg, details):
+        if isinstance(where, dict) and where.get("l1_coefficient") is not None:
+            return where["l1_coefficient"]
+    return None
+
+
+def saelens_l1_coefficient(directory: str | os.PathLike) -> float | None:
+    """The L1 coefficient recorded in the ``cfg.json`` of an SAE directory (see
+    ``file_l1_coefficient``); None when the file does not record one (a TopK SAE, or a ReLU SAE
+    saved without its training settings)."""
+    value = file_l1_coefficient(_read_cfg(Path(directory)))
+    return None if value is None else float(value)
+
+
 def load_saelens(directory: str | os.PathLike) -> SAE:
     """Read an SAE in SAELens format (ours or one SAELens wrote). Weights become float32.
 
@@ -177,8 +200,10 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
             arch = _SAELENS_TO_ARCH[arch_name]
             layer = int(HOOK_RE.match(hook).group(1))
             n_heads, d_head = meta.get("n_heads"), meta.get("d_head")
+            l1 = file_l1_coefficient(cfg) if arch == "relu" else None
             sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch,
                                 k=int(cfg["k"]) if arch == "topk" else None,
+                                **({} if l1 is None else {"l1_coefficient": float(l1)}),
                                 hook_name=hook_name_for(layer), layer=layer,
                                 n_heads=int(n_heads) if n_heads is not None and d_head is not None else None,
                                 d_head=int(d_head) if n_heads is not None and d_head is not None else None,

@@ -107,6 +107,25 @@ def test_tiny_lm_trains_and_boots_transformer_bridge(tiny_lm):
     assert {"blocks.1.mlp.hook_in", "blocks.1.mlp.hook_out", "blocks.1.ln2.hook_normalized"} <= set(cache.keys())
 
 
+def test_tiny_lm_tokenizer_config_names_a_class_both_transformers_majors_load(tiny_lm):
+    """transformers 5 saves tokenizer_class "TokenizersBackend", which 4.x cannot load; we save
+    "PreTrainedTokenizerFast" (checked by hand: 4.57.6 and 5.25 load it with AutoTokenizer). A
+    model cached with the old name is rewritten when reused, without retraining."""
+    from transformers import AutoTokenizer
+
+    path = tiny_lm.path / "tokenizer_config.json"
+    assert json.loads(path.read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tok = AutoTokenizer.from_pretrained(tiny_lm.path)
+    assert tok.pad_token == "<pad>" and tok("def f(x)")["input_ids"]
+    old = json.loads(path.read_text())
+    old["tokenizer_class"] = "TokenizersBackend"  # what a model cached before the fix holds
+    path.write_text(json.dumps(old))
+    again = tiny_models.train_tiny_lm("bilinear-llama", steps=12, **TINY_LM)
+    assert again.reused and again.path == tiny_lm.path
+    assert json.loads(path.read_text()) == {**old, "tokenizer_class": "PreTrainedTokenizerFast"}
+    assert not tiny_models.portable_tokenizer_config(tiny_lm.path)  # already portable: left alone
+
+
 @pytest.fixture(scope="module")
 def sae_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("sae")

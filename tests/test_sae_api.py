@@ -12,6 +12,7 @@ and densities written and read back.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -221,8 +222,11 @@ def test_export_import_round_trip_through_the_store(llama, tmp_path):
 
     # the CLI: export from the store, import into a third one; the files are the same bytes
     runner = CliRunner()
-    res = runner.invoke(app, ["sae", "export", str(llama), str(tmp_path / "cli"), "--layer", "1", "--store", str(a)])
+    res = runner.invoke(app, ["sae", "export", str(llama), str(tmp_path / "cli"), "--layer", "1", "--store", str(a)],
+                        env={"COLUMNS": "300"})
     assert res.exit_code == 0, res.output
+    assert "SAELens's encode reads hook_z as [..., 4, 8]" in res.stderr and "flat [N, 32]" in res.stderr
+    assert json.loads((tmp_path / "cli" / "cfg.json").read_text())["reshape_activations"] == "hook_z"
     for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
         assert (tmp_path / "cli" / name).read_bytes() == (out / name).read_bytes(), name
     res = runner.invoke(app, ["sae", "import", str(tmp_path / "cli"), str(llama), "--json", "--store",
@@ -253,6 +257,34 @@ def test_saelens_written_sae_imported_and_evaluated(name, layer, llama16, tmp_pa
     assert ev.metrics["n_tokens"] > 0 and np.isfinite(ev.metrics["nmse"]) and np.isfinite(ev.metrics["loss_recovered"])
     table = api.list_saes(tmp_path / "s")
     assert list(table["key"]) == [imported.key] and table["nmse"][0] == pytest.approx(ev.metrics["nmse"])
+
+
+def test_imported_relu_sae_label_shows_the_files_l1_coefficient(llama16, tmp_path):
+    """The label of an imported ReLU SAE carries the l1_coefficient of its cfg.json (2.0 in the fixture),
+    not LensLab's default 1.0; a file that records none says so."""
+    from app import api
+
+    store = tmp_path / "s"
+    imported = api.import_saelens(FIXTURE / "standard", llama16, store=store)
+    assert imported.sae.cfg.l1_coefficient == 2.0
+    assert imported.name.endswith("L0 relu 32 (l1=2.0)"), imported.name
+    bare = tmp_path / "bare"
+    shutil.copytree(FIXTURE / "standard", bare)
+    cfg = json.loads((bare / "cfg.json").read_text())
+    del cfg["metadata"]["training_architecture_details"]
+    (bare / "cfg.json").write_text(json.dumps(cfg))
+    with torch.no_grad():  # other weights: another store entry
+        from safetensors.torch import load_file, save_file
+
+        w = load_file(bare / "sae_weights.safetensors")
+        w["b_enc"] = w["b_enc"] + 0.5
+        save_file(w, bare / "sae_weights.safetensors")
+    unknown = api.import_saelens(bare, llama16, store=store)
+    assert unknown.name.endswith("L0 relu 32 (l1 not recorded)"), unknown.name
+    names = set(api.list_saes(store)["name"])
+    assert imported.name in names and unknown.name in names
+    res = run_cli("sae", "ls", store=store)
+    assert "(l1=2.0)" in res.stdout and "(l1 not recorded)" in res.stdout and "(l1=1.0)" not in res.stdout
 
 
 def test_import_rejects_an_sae_whose_d_in_mismatches_the_hook(llama, tmp_path):

@@ -1,8 +1,9 @@
 """SAE evaluation metrics (sae/metrics.py) against numpy float64 and scikit-learn.
 
 Independent truths: numpy computations of every definition, scikit-learn's
-``explained_variance_score(..., multioutput="variance_weighted")``, and loss functions whose
-values are known in closed form.
+``explained_variance_score(..., multioutput="variance_weighted")``, SAELens's explained variance
+(``sae_lens/evals.py`` ``ExplainedVarianceCalculator``, 6.x: 1 - E||x - x_hat||^2 / (E||x||^2 -
+||E x||^2)) written out in numpy, and loss functions whose values are known in closed form.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from sklearn.metrics import explained_variance_score
 from analysis.errors import ShapeError
 from sae.config import SAEConfig
 from sae.metrics import (DENSITY_EDGES, LossRecovered, evaluate, loss_recovered, reconstruction_metrics,
-                         recovered_fraction, sae_patch)
+                         recovered_fraction, sae_patch, upgrade_scalars)
 from sae.model import SAE
 
 
@@ -44,10 +45,13 @@ def test_reconstruction_metrics_match_numpy(arch, k, rng):
     assert got.mse == pytest.approx((err ** 2).sum(1).mean(), rel=1e-9)
     assert got.nmse == pytest.approx((err ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum(), rel=1e-9)
     ev = explained_variance_score(xd, x_hat, multioutput="variance_weighted")
-    assert got.explained_variance == pytest.approx(ev, rel=1e-9)
+    assert got.explained_variance_sklearn == pytest.approx(ev, rel=1e-9)
+    saelens = 1 - (err ** 2).sum(1).mean() / ((xd ** 2).sum(1).mean() - (xd.mean(0) ** 2).sum())
+    assert got.explained_variance_saelens == pytest.approx(saelens, rel=1e-9)
+    assert got.explained_variance_saelens == pytest.approx(1 - got.nmse, rel=1e-12)
     around_zero = 1 - (err ** 2).sum() / (xd ** 2).sum()
     assert got.explained_variance_around_zero == pytest.approx(around_zero, rel=1e-9)
-    assert abs(got.explained_variance - around_zero) > 0.05  # activations with a mean: the old bug shows
+    assert abs(got.explained_variance_sklearn - around_zero) > 0.05  # activations with a mean: the old bug shows
     cos = (xd * x_hat).sum(1) / (np.linalg.norm(xd, axis=1) * np.linalg.norm(x_hat, axis=1))
     assert got.cosine == pytest.approx(cos.mean(), rel=1e-6)
     density = (f > 0).mean(0)
@@ -78,13 +82,33 @@ def test_explained_variance_differs_from_one_minus_nmse_by_the_mean_residual(rng
         sae.b_dec.zero_()
     x = rng.standard_normal((500, 6)).astype(np.float32)
     exact = reconstruction_metrics(sae, x)
-    assert exact.nmse == pytest.approx(0, abs=1e-12) and exact.explained_variance == pytest.approx(1)
+    assert exact.nmse == pytest.approx(0, abs=1e-12) and exact.explained_variance_sklearn == pytest.approx(1)
+    assert exact.explained_variance_saelens == pytest.approx(1)
     assert exact.cosine == pytest.approx(1, abs=1e-6) and exact.l0 == pytest.approx(6)
     Offset.delta = torch.tensor([0.5, 0, 0, 0, 0, -0.5])
     off = reconstruction_metrics(sae, x)
     xd = x.astype(np.float64)
-    assert off.explained_variance == pytest.approx(1, abs=1e-6)
+    assert off.explained_variance_sklearn == pytest.approx(1, abs=1e-6)
     assert off.nmse == pytest.approx(0.5 * len(x) / ((xd - xd.mean(0)) ** 2).sum(), rel=1e-6)
+    assert off.explained_variance_saelens == pytest.approx(1 - off.nmse, rel=1e-12)
+    assert off.explained_variance_saelens < off.explained_variance_sklearn - 1e-4  # SAELens counts the offset
+
+
+def test_scalars_name_both_explained_variances_and_old_results_upgrade(rng):
+    sae = _sae(rng)
+    x = (rng.standard_normal((400, 12)) + 2).astype(np.float32)
+    s = evaluate(sae, x).scalars()
+    assert "explained_variance" not in s  # the ambiguous name is gone
+    assert s["explained_variance_saelens"] == pytest.approx(1 - s["nmse"], rel=1e-12)
+    assert upgrade_scalars(s) == s  # today's results pass through unchanged
+    # a result stored before the split: the sklearn value under "explained_variance", no SAELens value
+    old = {k: v for k, v in s.items() if not k.startswith("explained_variance_s")}
+    old["explained_variance"] = s["explained_variance_sklearn"]
+    new = upgrade_scalars(old)
+    assert "explained_variance" not in new
+    assert new["explained_variance_sklearn"] == s["explained_variance_sklearn"]
+    assert new["explained_variance_saelens"] == pytest.approx(s["explained_variance_saelens"], rel=1e-12)
+    assert np.isnan(upgrade_scalars({"nmse": float("nan")})["explained_variance_saelens"])
 
 
 def test_metrics_reject_wrong_width(rng):

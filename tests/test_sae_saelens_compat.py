@@ -31,7 +31,7 @@ import torch
 
 from sae.config import SAEConfig
 from sae.model import SAE
-from sae.saelens_format import load_saelens, load_saelens_sparsity, save_saelens
+from sae.saelens_format import load_saelens, load_saelens_sparsity, saelens_l1_coefficient, save_saelens
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "data" / "saelens_tiny"
@@ -67,6 +67,33 @@ def test_load_keeps_inference_weights_exactly(name):
         assert list(p.shape) == ref["shape"]
         assert p.sum().item() == pytest.approx(ref["sum"], rel=1e-6, abs=1e-6)
         assert p.abs().sum().item() == pytest.approx(ref["abs_sum"], rel=1e-6)
+
+
+def _copy_with_cfg(name: str, dest: Path, edit) -> Path:
+    """A copy of fixture ``name`` in ``dest`` whose cfg.json is ``edit(cfg)``."""
+    import shutil
+
+    shutil.copytree(FIXTURE / name, dest)
+    cfg = json.loads((dest / "cfg.json").read_text())
+    edit(cfg)
+    (dest / "cfg.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def test_load_reads_the_l1_coefficient_the_file_records(tmp_path):
+    """SAELens 6 keeps a trained ReLU SAE's l1_coefficient in metadata.training_architecture_details
+    (2.0 in the fixture), a training checkpoint or a pre-6 save at the top level."""
+    assert load_saelens(FIXTURE / "standard").cfg.l1_coefficient == 2.0
+    assert saelens_l1_coefficient(FIXTURE / "standard") == 2.0
+    top = _copy_with_cfg("standard", tmp_path / "top", lambda c: (c["metadata"].pop("training_architecture_details"),
+                                                                   c.update(l1_coefficient=0.25)))
+    assert load_saelens(top).cfg.l1_coefficient == 0.25 and saelens_l1_coefficient(top) == 0.25
+    bare = _copy_with_cfg("standard", tmp_path / "bare", lambda c: c["metadata"].pop("training_architecture_details"))
+    assert saelens_l1_coefficient(bare) is None
+    assert saelens_l1_coefficient(FIXTURE / "topk") is None
+    ours = tmp_path / "ours"
+    save_saelens(load_saelens(top), ours)  # our own export keeps it through metadata.lenslab_config
+    assert load_saelens(ours).cfg.l1_coefficient == 0.25 and saelens_l1_coefficient(ours) == 0.25
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED["saes"]))

@@ -63,7 +63,8 @@ def test_api_serves_stored_results_without_recomputing(prepared, llama, monkeypa
     np.testing.assert_array_equal(fd.top_rows, prepared.fd.top_rows)
     table = api.list_saes(prepared.root)
     assert list(table["key"]) == [prepared.key] and bool(table["features"][0])
-    for m in ("l0", "nmse", "explained_variance", "loss_recovered", "dead_fraction", "dense_fraction"):
+    for m in ("l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",
+              "dead_fraction", "dense_fraction"):
         assert table[m][0] == pytest.approx(prepared.ev.metrics[m], nan_ok=True)
     assert prepared.ev.metrics["l0"] == pytest.approx(4.0)  # topk: exactly k latents per token
 
@@ -184,6 +185,64 @@ def test_cli_train_eval_features(llama, tmp_path):
     assert "feature index 999 is out of range: this SAE has 48 features" in str(res.exception)
     res = runner.invoke(app, ["sae", "ls", "--store", str(store)], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and out["key"][:12] in res.output
+
+
+def test_evaluations_stored_before_the_explained_variance_split_still_load(prepared, tmp_path):
+    """An "sae-eval" entry written before the split holds the sklearn value as ``explained_variance``:
+    the API, `sae ls` and `sae eval` read it under today's names, with the SAELens value = 1 - NMSE."""
+    from typer.testing import CliRunner
+
+    from analysis.store import Result, Store
+    from app import api
+    from app.api_sae import EVAL, EVAL_VERSION
+    from app.cli import app
+
+    root = tmp_path / "store"
+    shutil.copytree(prepared.root, root)
+    st = Store(root)
+    metrics = {k: v for k, v in prepared.ev.metrics.items() if not k.startswith("explained_variance_s")}
+    metrics["explained_variance"] = 0.75
+    result = Result(None, {"density": prepared.ev.density}, {"metrics": metrics, "sae_key": prepared.key})
+    st.put(prepared.trained.sae.cfg.source_fingerprint, EVAL, {"sae": prepared.key, "old": True}, EVAL_VERSION,
+           result)
+    held = api.stored_sae_eval(prepared.key, store=st)
+    assert "explained_variance" not in held.metrics and held.metrics["explained_variance_sklearn"] == 0.75
+    assert held.metrics["explained_variance_saelens"] == pytest.approx(1 - metrics["nmse"], rel=1e-12)
+    row = api.list_saes(st).iloc[0]
+    assert row["explained_variance_sklearn"] == 0.75
+    assert row["explained_variance_saelens"] == pytest.approx(1 - metrics["nmse"], rel=1e-12)
+    res = CliRunner().invoke(app, ["sae", "ls", "--store", str(root)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "EV SAELens" in res.output and "EV sklearn" in res.output and "0.75" in res.output
+    assert "EV SAELens = 1 - NMSE" in res.output
+
+
+def test_cli_eval_no_loss_skips_loss_recovered(prepared, llama, tmp_path, monkeypatch):
+    """`lenslab sae eval --no-loss` never builds a loss function (for MiniLM: never trains its MLM head)."""
+    from typer.testing import CliRunner
+
+    from app.cli import app
+    from sae import lm_loss
+
+    def boom(*a, **k):
+        raise AssertionError("loss recovered was computed despite --no-loss")
+
+    monkeypatch.setattr(lm_loss, "loss_fn_for", boom)
+    root = tmp_path / "store"
+    shutil.copytree(prepared.root, root)
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(HELD[:20]))
+    args = ["sae", "eval", str(llama), "--layer", "1", "--texts", str(held), "--no-loss", "--store", str(root)]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)["metrics"]
+    assert "loss_recovered" not in m and m["explained_variance_saelens"] == pytest.approx(1 - m["nmse"], rel=1e-12)
+    res = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "explained variance (SAELens: 1 - NMSE)" in res.output
+    assert "explained variance (sklearn: variance-weighted)" in res.output
+    assert "loss recovered not measured" in res.output
 
 
 # ------------------------------------------------------------------------------------ dashboard

@@ -17,8 +17,8 @@ from app import charts_sae as charts
 from app import sae_state
 from app.state import get_store
 
-METRIC_COLUMNS = ["name", "l0", "nmse", "explained_variance", "loss_recovered", "dead_fraction", "dense_fraction",
-                  "n_train_tokens", "features"]
+METRIC_COLUMNS = ["name", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",
+                  "dead_fraction", "dense_fraction", "n_train_tokens", "features"]
 
 store = get_store()
 st.title("Attention SAEs")
@@ -65,7 +65,11 @@ if table.empty:
 
 show = table[[c for c in METRIC_COLUMNS if c in table.columns]]
 st.dataframe(show, hide_index=True, key="sae_table",
-             column_config={"explained_variance": st.column_config.NumberColumn(format="%.3f"),
+             column_config={"explained_variance_saelens": st.column_config.NumberColumn(
+                                "EV SAELens", format="%.3f", help="1 - NMSE: SAELens's explained_variance"),
+                            "explained_variance_sklearn": st.column_config.NumberColumn(
+                                "EV sklearn", format="%.3f", help="sklearn's variance-weighted explained variance "
+                                                                  "(ignores a constant offset of the reconstruction)"),
                             "nmse": st.column_config.NumberColumn(format="%.3f"),
                             "loss_recovered": st.column_config.NumberColumn(format="%.3f")})
 
@@ -89,9 +93,10 @@ if evaluation is None:
     st.info(f"Not evaluated yet: press **Evaluate** or run `lenslab sae eval {row['source']} --layer {row['layer']}`.")
 else:
     m = evaluation.metrics
-    cols = st.columns(6)
+    cols = st.columns(7)
     for col, (name, label, fmt) in zip(cols, [("l0", "L0", ".1f"), ("nmse", "NMSE", ".3f"),
-                                              ("explained_variance", "explained var.", ".3f"),
+                                              ("explained_variance_saelens", "EV (SAELens)", ".3f"),
+                                              ("explained_variance_sklearn", "EV (sklearn)", ".3f"),
                                               ("loss_recovered", "loss recovered", ".3f"),
                                               ("dead_fraction", "dead", ".1%"), ("dense_fraction", "dense", ".1%")]):
         v = m.get(name)
