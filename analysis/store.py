@@ -89,7 +89,7 @@ class Store:
                                  f"pass --store DIR or set {ENV_VAR} to a writable directory") from exc
             self.read_only_reason = " ".join(str(exc).split()) or type(exc).__name__
             with self._connection("opening the store read-only") as con:
-                con.execute("SELECT count(*) FROM entries").fetchone()
+                con.execute("SELECT 1 FROM entries LIMIT 1").fetchall()
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -194,7 +194,8 @@ class Store:
     @staticmethod
     def _intact(path: Path) -> bool:
         try:
-            return hashlib.sha256(path.read_bytes()).hexdigest() == path.name.split(".", 1)[0]
+            with path.open("rb") as f:  # streamed: blobs (SAE weights) can be large
+                return hashlib.file_digest(f, "sha256").hexdigest() == path.name.split(".", 1)[0]
         except OSError:
             return False
 

@@ -200,16 +200,7 @@ def dashboard(
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--client.toolbarMode", "viewer"]
     console.print(f"dashboard on http://{host}:{port} (store {env['LENSLAB_STORE']})")
-    child = subprocess.Popen(cmd, env=env)
-    try:
-        rc = child.wait()
-    except KeyboardInterrupt:  # streamlit got the same SIGINT: let it shut down, then report 130
-        try:
-            child.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-        raise
+    rc = subprocess.call(cmd, env=env)  # Ctrl-C reaches streamlit too; call() then re-raises it here (exit 130)
     if rc != 0:
         error(f"streamlit exited with code {rc} (its messages are above); the store is unchanged")
         raise typer.Exit(rc)
