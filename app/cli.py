@@ -1,14 +1,18 @@
 """The ``lenslab`` command line. Every command reads and writes the same store as the API and
 the dashboard (``--store DIR`` or ``$LENSLAB_STORE``; default: the user's cache dir).
 
-Errors LensLab raises on purpose are printed as one line (``error: …``) with exit code 2.
+Exit codes (``app/cli_exit.py``): 0 done; 1 unexpected error or a failed child process (its
+code is passed on); 2 a typed LensLab error or a usage error, printed as one line
+(``error: …``); 130 interrupted (Ctrl-C), with one line saying what was kept.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from analysis.errors import ConfigError, LensLabError
+from analysis.errors import ConfigError
 from app.cli_tables import print_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LensLab: interpretability and weight-analysis workbench.")
-store_app = typer.Typer(no_args_is_help=True, help="List or delete stored results.")
+from app.cli_store import store_app  # noqa: E402  (lenslab store ls|rm|check)
 app.add_typer(store_app, name="store")
 from app.cli_mmoe import register as _register_mmoe  # noqa: E402  (lenslab mmoe ..., lenslab experts)
 _register_mmoe(app)
@@ -172,44 +176,6 @@ def select(
         console.print(f"wrote {fmt} selection to {output}")
 
 
-@store_app.command("ls")
-def store_ls(
-    store: StoreOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Fingerprint prefix.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """List stored results, newest first."""
-    from app import api
-
-    st = api.open_store(store)
-    labels = {m.fingerprint: m.label for m in st.models()}
-    entries = st.list(fingerprint=model)
-    if as_json:
-        typer.echo(json.dumps([{"key": e.key, "fingerprint": e.fingerprint, "model": labels.get(e.fingerprint),
-                                "analysis": e.analysis, "params": e.params, "code_version": e.code_version,
-                                "created": e.created, "n_bytes": e.n_bytes} for e in entries], indent=1))
-        return
-    out = Table(title=f"store {st.root}: {len(entries)} entries")
-    for c in ("key", "model", "analysis", "params", "bytes"):
-        out.add_column(c)
-    for e in entries:
-        out.add_row(e.key[:12], labels.get(e.fingerprint, e.fingerprint[:12]), e.analysis,
-                    json.dumps(e.params)[:60], str(e.n_bytes))
-    print_table(out)
-
-
-@store_app.command("rm")
-def store_rm(
-    key: Annotated[str, typer.Argument(help="Entry key or model fingerprint prefix (>= 4 characters).")],
-    store: StoreOpt = None,
-) -> None:
-    """Delete entries by key or model fingerprint prefix."""
-    from app import api
-
-    n = api.open_store(store).delete(key)
-    typer.echo(f"deleted {n} entr{'y' if n == 1 else 'ies'}")
-
-
 @app.command()
 def dashboard(
     host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 unless you mean to share it.")] = "127.0.0.1",
@@ -220,8 +186,10 @@ def dashboard(
                                "current dir, LensLab's models dir and the Hugging Face cache).")] = None,
 ) -> None:
     """Start the Streamlit dashboard on HOST:PORT (127.0.0.1 by default)."""
+    _check_port(host, port)  # first: a busy port is reported at once
     from app import api
     from app.allowed_paths import ENV_VAR as ALLOWED_ROOT_VAR
+    from app.cli_exit import error
 
     env = dict(os.environ)
     env["LENSLAB_STORE"] = str(api.open_store(store).root)
@@ -232,7 +200,34 @@ def dashboard(
            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--client.toolbarMode", "viewer", "--client.showErrorDetails", "none"]
     console.print(f"dashboard on http://{host}:{port} (store {env['LENSLAB_STORE']})")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    rc = subprocess.call(cmd, env=env)  # Ctrl-C reaches streamlit too; call() then re-raises it here (exit 130)
+    if rc != 0:
+        error(f"streamlit exited with code {rc} (its messages are above); the store is unchanged")
+        raise typer.Exit(rc)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Raise ConfigError unless a server could listen on HOST:PORT now (checked before streamlit starts,
+    which would otherwise fail later or pick another port)."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} is not a TCP port; give a number from 1 to 65535 (default 8501)")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host!r} does not resolve ({exc.strerror}); pass an address of this machine, "
+                          "e.g. 127.0.0.1") from exc
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closing socket is no clash
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"port {port} on {host} is already in use; pass --port with a free port (e.g. "
+                                  f"--port {port + 1}) or stop the server listening there") from exc
+            if exc.errno == errno.EACCES:
+                raise ConfigError(f"port {port} on {host} needs privileges ({exc.strerror}); pass --port with a "
+                                  "port above 1023") from exc
+            # anything else (e.g. an address family this host lacks): streamlit decides, its code is passed on
 
 
 @experiment_app.command("kappatune")
@@ -290,26 +285,12 @@ def experiment_kappatune(
     console.print("stored; see the Experiments page of `lenslab dashboard`")
 
 
-def main() -> None:
-    """Console-script entry point: typed LensLab errors become one line and exit code 2."""
-    try:
-        app(standalone_mode=False)
-    except LensLabError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: nothing partial was stored")
-        sys.exit(130)
-    except (typer.Exit, SystemExit) as exc:
-        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
-        sys.exit(code or 0)
-    except Exception as exc:  # click usage errors
-        import click
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the command on ``argv`` (default ``sys.argv[1:]``) and exit
+    with its code (``app/cli_exit.py``: 0, 1, 2 for a typed error or usage error, 130 on Ctrl-C)."""
+    from app.cli_exit import run
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    sys.exit(run(app, sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

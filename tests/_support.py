@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 # the console script of the venv running the tests
 LENSLAB = shutil.which("lenslab", path=str(Path(sys.executable).parent)) or "lenslab"
@@ -64,3 +66,25 @@ def assert_close_f32(actual, desired, *, ulps: float = 64, per_leading_index: bo
     worst = np.unravel_index(int(np.argmax(err - bound)), err.shape) if err.size else ()
     assert (err <= bound).all(), (f"float32 values differ by {err[worst]:.3e} at {worst} (value {desired[worst]:.4g}); "
                                   f"bound {ulps:g} eps32 x scale = {np.broadcast_to(bound, err.shape)[worst]:.3e}")
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "2m"):
+    """Mount a small tmpfs at ``path`` for the block (skips the test when mounting is not permitted);
+    ``remount_read_only(path)`` makes it read-only even for root."""
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command: cannot make a small or read-only file system")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({done.stderr.strip()}); the patched-writer tests "
+                    "cover the same paths")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount_read_only(path: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)

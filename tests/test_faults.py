@@ -1,20 +1,30 @@
 """Fault tests of the results store (bounded in time): writers killed with SIGKILL at random
-moments and at each step of a put, and several processes writing and reading at once."""
+moments and at each step of a put, several processes writing and reading at once, a full disk
+and a read-only file system (small tmpfs mounts), and Ctrl-C through the command line."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from _store_writer import FP, PHASES, SHARED_BASE, expected, is_whole
+from _support import remount_read_only, run_cli, tmpfs
+from analysis.errors import StoreError
 from analysis.store import Store
+from app.cli_exit import INTERRUPTED_DEFAULT
 
 WRITER = str(Path(__file__).with_name("_store_writer.py"))
 KILL_ROUNDS = 20
@@ -111,3 +121,129 @@ def test_three_processes_writing_and_reading_200_entries_each(tmp_path):
     want = sorted([*range(0, n), *range(1000, 1000 + n), *range(2000, 2000 + n),
                    *range(SHARED_BASE, SHARED_BASE + shared)])
     assert got == want  # nothing lost, nothing duplicated (the shared entries were written 3 times)
+
+
+# ------------------------------------------------------------------------- a full disk, a read-only store
+def test_full_disk_is_a_typed_error_and_earlier_entries_stay_byte_identical(tmp_path):
+    size = 20_000  # ~0.2 MB of blobs per entry
+    with tmpfs(tmp_path / "mnt", "2m") as mnt:
+        filler = mnt / "filler"
+        filler.write_bytes(b"\0" * 300_000)
+        store, stored = Store(mnt / "store"), []
+        with pytest.raises(StoreError, match=f"store {mnt / 'store'} is full.*No space left on device.*free space "
+                                             "on its disk or pass --store DIR.*results stored before are intact"):
+            for i in range(100):
+                store.put(FP, "entry", {"i": i}, "v1", expected(i, size))
+                stored.append(i)
+        assert len(stored) >= 2
+        blobs = {p: p.read_bytes() for p in store.blob_dir.glob("*/*")}
+        store = Store(mnt / "store")  # a full store still opens, lists and reads
+        assert sorted(e.params["i"] for e in store.list()) == stored
+        assert all(is_whole(store.get(FP, "entry", {"i": i}, "v1"), i, size) for i in stored)
+        assert not any(store.tmp_dir.iterdir())
+        filler.unlink()  # room again: the next write succeeds, the earlier blobs are untouched
+        store.put(FP, "entry", {"i": 100}, "v1", expected(100, size))
+        assert is_whole(store.get(FP, "entry", {"i": 100}, "v1"), 100, size)
+        assert {p: p.read_bytes() for p in blobs} == blobs
+        with sqlite3.connect(store.index_path) as con:
+            assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_read_only_file_system_store_lists_and_reads_and_refuses_writes(tmp_path):
+    size = 1000
+    with tmpfs(tmp_path / "mnt", "8m") as mnt:
+        root = mnt / "store"
+        writer = Store(root)
+        for i in range(2):
+            writer.put(FP, "entry", {"i": i}, "v1", expected(i, size))
+        writer.register_model(FP, "model-a", "safetensors")
+        blobs = {p: p.read_bytes() for p in writer.blob_dir.glob("*/*")}
+        remount_read_only(mnt)  # read-only even for root, unlike chmod
+        store = Store(root)
+        assert "Read-only file system" in store.read_only_reason
+        assert sorted(e.params["i"] for e in store.list()) == [0, 1]
+        assert all(is_whole(store.get(FP, "entry", {"i": i}, "v1"), i, size) for i in (0, 1))
+        assert [m.label for m in store.models()] == ["model-a"]
+        assert store.check().ok
+        for call in (lambda: store.put(FP, "entry", {"i": 2}, "v1", expected(2, size)),
+                     lambda: store.delete(FP[:8]), lambda: store.register_model(FP, "renamed", "safetensors")):
+            with pytest.raises(StoreError, match=f"store {root} is read-only.*Read-only file system.*can still be "
+                                                 "listed and read.*pass --store DIR"):
+                call()
+        listing = json.loads(run_cli("store", "ls", "--json", store=root).stdout)
+        assert sorted(e["key"] for e in listing) == sorted(e.key for e in store.list())
+        refused = run_cli("store", "rm", FP[:8], store=root, check=False)
+        assert refused.returncode == 2 and refused.stderr.startswith(f"error: store {root} is read-only")
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert {p: p.read_bytes() for p in store.blob_dir.glob("*/*")} == blobs
+
+
+# ------------------------------------------------------------------------- Ctrl-C through the command line
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+# `lenslab` with each weight matrix slowed to 0.1 s, so there is time to interrupt it mid-analysis
+SLOW_CLI = ("import time\nimport analysis.spectra as s\nreal = s.weight_matrices\n"
+            "def slow(*a, **k):\n    time.sleep(0.1)\n    return real(*a, **k)\n"
+            "s.weight_matrices = slow\nfrom app.cli import main\nmain()\n")
+
+
+def _interrupt_when(cmd: list[str], env: dict, seen: Callable[[bytes], bool]) -> tuple[int, list[str]]:
+    """Run ``cmd`` with rich's progress drawn on its (piped) stderr, send one SIGINT as soon as
+    ``seen(stderr so far)``, and return its exit code and final screen lines."""
+    env = {**os.environ, "COLUMNS": "200", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", **env}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    err = b""
+    try:
+        while not seen(err):
+            chunk = os.read(p.stderr.fileno(), 65536)
+            assert chunk, f"exited ({p.wait()}) before it was working: {err.decode(errors='replace')[-2000:]}"
+            err += chunk
+        p.send_signal(signal.SIGINT)
+        _, rest = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    lines = [ln.split("\r")[-1].strip() for ln in _ANSI.sub(b"", err + rest).decode(errors="replace").split("\n")]
+    return p.returncode, [ln for ln in lines if ln]
+
+
+def test_ctrl_c_during_analyze_exits_130_with_one_line_and_keeps_the_store(tmp_path, rng):
+    small, big = tmp_path / "small.safetensors", tmp_path / "big.safetensors"
+    save_file({"w": torch.from_numpy(rng.standard_normal((8, 4)).astype(np.float32))}, str(small))
+    save_file({f"t{i:03d}.weight": torch.from_numpy(rng.standard_normal((16, 16)).astype(np.float32))
+               for i in range(100)}, str(big))
+    store = tmp_path / "store"
+    run_cli("analyze", str(small), store=store)
+    before = Store(store).list()
+    rc, lines = _interrupt_when([sys.executable, "-c", SLOW_CLI, "analyze", str(big)], {"LENSLAB_STORE": str(store)},
+                                lambda err: re.search(rb"/100\S* t0\d\d\.weight", err) is not None)
+    assert rc == 130, lines
+    assert lines[-1] == INTERRUPTED_DEFAULT and sum("interrupted" in ln for ln in lines) == 1
+    assert not any("Traceback" in ln for ln in lines)
+    after = _assert_consistent(store, 0, checked={e.key for e in before})
+    assert after.list() == before  # nothing partial; the earlier entry as it was
+    assert after.check().ok  # no orphan, no temp file
+    out = run_cli("analyze", str(big), "--json", store=store)  # the same command then completes
+    assert len(json.loads(out.stdout)) == 100
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_sae_train_exits_130_and_keeps_its_checkpoint(tmp_path):
+    from _tiny_llama import make_tiny_llama
+
+    llama, texts, store, acts = make_tiny_llama(tmp_path / "model"), tmp_path / "t.txt", tmp_path / "s", tmp_path / "a"
+    words = ["tensor", "array", "frame", "model", "value", "index", "shape", "file"]
+    texts.write_text("\n".join(f"the {a} of a {b} returns a new {c}" for a in words for b in words for c in words[:3]))
+    cmd = [sys.executable, "-m", "app.cli", "sae", "train", str(llama), "--layer", "1", "--architecture", "relu",
+           "--d-sae", "32", "--tokens", str(10**8), "--batch-size", "128", "--checkpoint-every", "20",
+           "--texts", str(texts)]
+
+    def past_first_checkpoint(err: bytes) -> bool:
+        return any(int(s) > 20 for s in re.findall(rb"step (\d+)/", err))
+
+    rc, lines = _interrupt_when(cmd, {"LENSLAB_STORE": str(store), "LENSLAB_ACTIVATIONS": str(acts)},
+                                past_first_checkpoint)
+    assert rc == 130, lines
+    assert lines[-1].startswith("training interrupted; its last checkpoint (every 20 steps) is kept")
+    assert sum("interrupted" in ln for ln in lines) == 1 and not any("Traceback" in ln for ln in lines)
+    assert len(list((acts / "sae-checkpoints").glob("*.safetensors"))) == 1
+    assert _assert_consistent(store, 0).list() == []  # no partial SAE entry
