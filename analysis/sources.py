@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,14 +30,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analysis.errors import CorruptCheckpointError, SourceError, UnsafeCheckpointError
+from analysis.safetensors_io import HEADER_LIMIT, Entry, check_regular, read_entry, read_header, read_small_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens.model_bridge import TransformerBridge
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,107 +179,16 @@ class Source:
 
 
 _FLOAT_NAMES = {"F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16"}
-_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                   "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
-_ST_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-                    "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and validate a safetensors header without reading tensor data.
 
     Raises CorruptCheckpointError when the file is truncated, the header is not JSON, or
-    any tensor's offsets disagree with its shape/dtype or run past the end of the file.
+    any tensor's shape, offsets or overlap with another tensor is inconsistent; SourceError
+    when the path is not a readable regular file.
     """
-    return _read_header(path)[0]
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(validated header, byte offset of the data section) of a safetensors file."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptCheckpointError(
-                    f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length); "
-                    "the file is truncated: re-export or re-download it")
-            (n,) = struct.unpack("<Q", head)
-            if n > _HEADER_LIMIT or 8 + n > size:
-                raise CorruptCheckpointError(
-                    f"{path}: safetensors header declares {n} bytes but the file has {size - 8} after the length; "
-                    "the file is truncated or not safetensors: re-export or re-download it")
-            raw = f.read(n)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read ({exc.strerror}); check the path and its permissions") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
-        raise CorruptCheckpointError(f"{path}: safetensors header is not valid UTF-8 JSON ({exc}); "
-                                     "the file is corrupt: re-export or re-download it") from exc
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
-    data_len = size - 8 - n
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
-            numel = 1
-            for d in shape:
-                if type(d) is not int or d < 0:  # JSON true/false are not sizes
-                    raise ValueError(d)
-                numel *= d
-            want = numel * _ST_DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}; "
-                                         "the file is corrupt: re-export it") from exc
-        if not (type(start) is int and type(end) is int and 0 <= start <= end) or end - start != want:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} declares offsets {start}..{end} but {dtype}{shape} needs {want} bytes; "
-                "the file is corrupt: re-export it")
-        if end > data_len:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} ends at byte {end} but the file holds {data_len} data bytes; "
-                "the file is truncated: re-download or re-export it")
-    return header, 8 + n
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """Where one tensor's bytes are: file, absolute byte range, dtype and shape."""
-
-    path: Path
-    start: int
-    end: int
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def _read_entry(e: _Entry, name: str) -> torch.Tensor:
-    """Read one tensor's bytes into a new buffer of exactly its size (bounded ``readinto``)."""
-    nbytes = e.end - e.start
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
-    got = 0
-    try:
-        with e.path.open("rb", buffering=0) as f:
-            f.seek(e.start)
-            while got < nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-    except OSError as exc:
-        raise SourceError(f"{e.path}: cannot read tensor {name!r} ({exc.strerror}); check the file") from exc
-    if got != nbytes:
-        raise CorruptCheckpointError(f"{e.path}: tensor {name!r} needs {nbytes} bytes from offset {e.start} but the "
-                                     f"file ended after {got}; it was truncated after opening: re-download it")
-    return buf.view(_ST_TORCH_DTYPES[e.dtype]).reshape(e.shape)
+    return read_header(path)[0]
 
 
 class SafetensorsSource(Source):
@@ -293,18 +200,18 @@ class SafetensorsSource(Source):
                  weight_map: dict[str, Path] | None = None) -> None:
         super().__init__(label, hf_dir)
         self.files = files
-        self._where: dict[str, _Entry] = {}
+        self._where: dict[str, Entry] = {}
         self._infos_list: list[TensorInfo] = []
         for path in files:
-            header, data_start = _read_header(path)
+            header, data_start = read_header(path)
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
                 if weight_map is not None and weight_map.get(name, path) != path:
                     continue
                 start, end = meta["data_offsets"]
-                self._where[name] = _Entry(path, data_start + start, data_start + end, meta["dtype"],
-                                           tuple(meta["shape"]))
+                self._where[name] = Entry(path, data_start + start, data_start + end, meta["dtype"],
+                                          tuple(meta["shape"]))
                 self._infos_list.append(TensorInfo(name, tuple(meta["shape"]), meta["dtype"]))
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._where))
@@ -317,7 +224,7 @@ class SafetensorsSource(Source):
         return list(self._infos_list)
 
     def _read(self, name: str) -> torch.Tensor:
-        return _read_entry(self._where[name], name)
+        return read_entry(self._where[name], name)
 
     def _compute_fingerprint(self) -> str:
         key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files)
@@ -337,6 +244,7 @@ class PickleSource(Source):
 
     def __init__(self, label: str, path: Path, hf_dir: Path | None = None) -> None:
         super().__init__(label, hf_dir)
+        check_regular(path)
         warnings.warn(f"{path}: loading a pickle checkpoint (trust_pickle=True); "
                       "only weights are read (weights_only=True)", stacklevel=3)
         try:
@@ -431,12 +339,10 @@ def _from_dir(label: str, d: Path, trust_pickle: bool) -> Source:
 
 
 def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
+    raw = read_small_file(index, HEADER_LIMIT, "shard index")  # SourceError for a FIFO, CorruptCheckpointError if huge
     try:
-        if index.stat().st_size > _HEADER_LIMIT:
-            raise CorruptCheckpointError(f"{index}: {index.stat().st_size} bytes is far more than a shard index "
-                                         f"holds (limit {_HEADER_LIMIT}); the file is not a shard index")
-        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        weight_map = json.loads(raw.decode("utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object); "
                                      "re-download the checkpoint") from exc
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -448,7 +354,7 @@ def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
         p = index.parent / shard
         try:
             inside = p.resolve().is_relative_to(root)
-            present = p.is_file()
+            present = p.exists()  # a FIFO or directory is refused by name when read
         except (OSError, ValueError) as exc:  # name too long, embedded NUL, ...
             raise CorruptCheckpointError(f"{index}: shard name {shard[:80]!r} is not a usable file name ({exc}); "
                                          "the index is corrupt: re-download the checkpoint") from exc

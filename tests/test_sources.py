@@ -244,3 +244,53 @@ def test_fingerprint_is_blake2b_of_names_dtypes_shapes_and_bytes(minilm, st_file
             h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         assert Source._compute_fingerprint(src) == h.hexdigest()  # the hashing itself, not the per-file memo
         assert src.fingerprint == h.hexdigest()
+
+
+def test_overlapping_tensors_are_refused_like_safetensors_does(tmp_path):
+    from safetensors import safe_open
+
+    def write(name, header, n_data):
+        raw = json.dumps(header).encode()
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * n_data)
+        return path
+
+    overlap = write("overlap.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12)
+    with pytest.raises(Exception, match="invalid offset"):
+        safe_open(str(overlap), "pt")  # the reference refuses it too
+    with pytest.raises(CorruptCheckpointError, match="tensors 'a' and 'b' overlap"):
+        open_source(overlap)
+    aliased = write("aliased.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                            "b": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, 8)
+    with pytest.raises(CorruptCheckpointError, match="overlap"):
+        open_source(aliased)
+    empty = tmp_path / "empty-tensors.safetensors"  # zero-size tensors share an offset legitimately
+    save_file({"a": torch.zeros(0, 3), "b": torch.ones(2), "c": torch.zeros(0)}, str(empty))
+    assert {n: tuple(t.shape) for n, t in open_source(empty).iter_tensors()} == {"a": (0, 3), "b": (2,), "c": (0,)}
+
+
+@pytest.mark.timeout(30)  # before the fix, opening the FIFO blocked forever
+@pytest.mark.parametrize("layout", ["file", "in-directory", "shard-index", "shard"])
+def test_fifos_and_other_special_files_are_refused_without_blocking(tmp_path, layout):
+    import os
+
+    d = tmp_path / "m"
+    d.mkdir()
+    if layout == "file":
+        os.mkfifo(spec := d / "model.safetensors")
+    elif layout == "in-directory":
+        os.mkfifo(d / "weights.safetensors")
+        spec = d
+    elif layout == "shard-index":
+        os.mkfifo(spec := d / SAFETENSORS_INDEX)
+    else:
+        os.mkfifo(d / "s1.safetensors")
+        (d / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": {"w": "s1.safetensors"}}))
+        spec = d
+    with pytest.raises(SourceError, match=r"is a named pipe \(FIFO\), not a regular file"):
+        open_source(spec)
+    other = tmp_path / "other"
+    (other / "w.safetensors").mkdir(parents=True)  # a directory that looks like a weights file
+    with pytest.raises(SourceError, match="is a directory, not a regular file"):
+        open_source(other)
