@@ -8,12 +8,13 @@ A *source spec* is one of
 - a single ``.safetensors`` file, or a sharded index file;
 - an in-memory ``torch.nn.Module`` (notebooks).
 
-Weights are read tensor by tensor, never the whole checkpoint at once: a safetensors tensor
-is read with one bounded ``readinto`` into a buffer of exactly its size (no memory map, so the
-pages of tensors already analysed do not stay in the process's resident set). Pickle
-checkpoints (``.bin``/``.pt``/``.pth``) are refused unless ``trust_pickle=True``, and even
-then load with ``torch.load(weights_only=True)`` and a warning.
-``trust_remote_code`` is never switched on.
+Weights are read tensor by tensor, never the whole checkpoint at once, from headers that are
+validated first (``analysis.safetensors_io``); a tensor name defined in two files is refused.
+A directory is resolved as transformers resolves it, and one that names two different weights
+files is refused (``analysis.source_layout``); before a model boots, ``Source.model_dir`` checks
+that transformers will load exactly the checkpoint that was fingerprinted. Pickle checkpoints
+(``.bin``/``.pt``/``.pth``) are refused unless ``trust_pickle=True``, and even then load with
+``torch.load(weights_only=True)`` and a warning. ``trust_remote_code`` is never switched on.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from analysis.errors import CorruptCheckpointError, SourceError, UnsafeCheckpointError
+from analysis import source_layout as layout
+from analysis.errors import AmbiguousSourceError, CorruptCheckpointError, SourceError, UnsafeCheckpointError
 from analysis.safetensors_io import HEADER_LIMIT, Entry, check_regular, read_entry, read_header, read_small_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens.model_bridge import TransformerBridge
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFETENSORS_INDEX = layout.SAFETENSORS_INDEX
+PICKLE_SUFFIXES = layout.PICKLE_SUFFIXES
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,9 +100,11 @@ class Source:
 
     kind: str = "abstract"
 
-    def __init__(self, label: str, hf_dir: Path | None = None) -> None:
+    def __init__(self, label: str, hf_dir: Path | None = None, checkpoint: Path | None = None) -> None:
         self.label = label
         self.hf_dir = hf_dir
+        # the one file (single weights file or shard index) a loader opens; None for several files
+        self.checkpoint = checkpoint
         self._fingerprint: str | None = None
         self._info_cache: list[TensorInfo] | None = None
 
@@ -154,14 +158,29 @@ class Source:
     def n_params(self) -> int:
         return sum(i.n_params for i in self.weight_infos())
 
-    def boot_bridge(self, *, dtype: torch.dtype = torch.float32) -> TransformerBridge:
-        """Boot a TransformerLens 4 ``TransformerBridge`` on CPU, offline, without remote code."""
+    def model_dir(self) -> Path:
+        """The Hugging Face directory to load this model from, checked: transformers'
+        ``from_pretrained`` of it opens exactly the checkpoint this source fingerprinted, so
+        activations and weights come from the same tensors. Raises SourceError otherwise."""
         if self.hf_dir is None:
             raise SourceError(
                 f"{self.label}: activations need a Hugging Face directory (config.json + tokenizer); "
                 "point the source at the model's directory instead of a bare weights file"
             )
-        return boot_bridge_from_dir(self.hf_dir, dtype=dtype)
+        loads = layout.transformers_checkpoint(self.hf_dir)
+        if self.checkpoint is None or loads is None or loads.resolve() != self.checkpoint.resolve():
+            mine = self.checkpoint.name if self.checkpoint else layout.file_names(getattr(self, "files", []))
+            raise SourceError(
+                f"{self.hf_dir}: transformers would load {loads.name if loads else 'no weights file'} from this "
+                f"directory, but this source's weights are {mine}; activations must come from the fingerprinted "
+                f"weights: make them the directory's only weights (one file named {layout.SAFETENSORS_SINGLE}, "
+                f"or {layout.SAFETENSORS_INDEX} with its shards), or use this source for weight analyses only")
+        return self.hf_dir
+
+    def boot_bridge(self, *, dtype: torch.dtype = torch.float32) -> TransformerBridge:
+        """Boot a TransformerLens 4 ``TransformerBridge`` on CPU, offline, without remote code, from
+        exactly the checkpoint that was fingerprinted (``model_dir``)."""
+        return boot_bridge_from_dir(self.model_dir(), dtype=dtype)
 
     def describe(self) -> dict[str, Any]:
         """Summary for the store's model table."""
@@ -197,8 +216,8 @@ class SafetensorsSource(Source):
     kind = "safetensors"
 
     def __init__(self, label: str, files: list[Path], hf_dir: Path | None = None,
-                 weight_map: dict[str, Path] | None = None) -> None:
-        super().__init__(label, hf_dir)
+                 weight_map: dict[str, Path] | None = None, checkpoint: Path | None = None) -> None:
+        super().__init__(label, hf_dir, checkpoint if checkpoint is not None or len(files) != 1 else files[0])
         self.files = files
         self._where: dict[str, Entry] = {}
         self._infos_list: list[TensorInfo] = []
@@ -207,8 +226,10 @@ class SafetensorsSource(Source):
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                if weight_map is not None and weight_map.get(name, path) != path:
-                    continue
+                if name in self._where:
+                    raise AmbiguousSourceError(
+                        f"{label}: tensor {name!r} is defined in both {self._where[name].path} and {path}; a loader "
+                        "keeps only one of the two: delete the stale file, or point the source at one file")
                 start, end = meta["data_offsets"]
                 self._where[name] = Entry(path, data_start + start, data_start + end, meta["dtype"],
                                           tuple(meta["shape"]))
@@ -219,6 +240,11 @@ class SafetensorsSource(Source):
                 raise CorruptCheckpointError(
                     f"{label}: the shard index lists {len(missing)} tensors no shard holds (first: {missing[0]!r}); "
                     "a shard is missing or stale: re-download the checkpoint")
+            moved = next((n for n, p in weight_map.items() if self._where[n].path != p), None)
+            if moved is not None:
+                raise CorruptCheckpointError(
+                    f"{label}: the shard index puts {moved!r} in {weight_map[moved].name} but "
+                    f"{self._where[moved].path.name} holds it; the index is stale: re-download the checkpoint")
 
     def _infos(self) -> list[TensorInfo]:
         return list(self._infos_list)
@@ -243,7 +269,7 @@ class PickleSource(Source):
     kind = "pickle"
 
     def __init__(self, label: str, path: Path, hf_dir: Path | None = None) -> None:
-        super().__init__(label, hf_dir)
+        super().__init__(label, hf_dir, path)
         check_regular(path)
         warnings.warn(f"{path}: loading a pickle checkpoint (trust_pickle=True); "
                       "only weights are read (weights_only=True)", stacklevel=3)
@@ -257,6 +283,8 @@ class PickleSource(Source):
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise SourceError(f"{path}: expected a flat state dict of tensors; save one with model.state_dict()")
         self._state: dict[str, torch.Tensor] = state
+        if hf_dir is not None:
+            layout.trust_pickle_dir(hf_dir)
 
     def _infos(self) -> list[TensorInfo]:
         return [TensorInfo(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in self._state.items()]
@@ -303,13 +331,18 @@ def _torch_dtype_name(dtype: torch.dtype) -> str:
 
 def boot_bridge_from_dir(hf_dir: Path, *, dtype: torch.dtype = torch.float32,
                          hf_model: torch.nn.Module | None = None) -> TransformerBridge:
-    """Boot a ``TransformerBridge`` from a local directory, offline and without remote code."""
+    """Boot a ``TransformerBridge`` from a local directory, offline and without remote code; a
+    directory whose weights transformers would unpickle is refused unless this process opened
+    that pickle with ``trust_pickle=True`` (prefer ``open_source(dir).boot_bridge()``, which
+    also checks the weights are the fingerprinted ones)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformer_lens.model_bridge import TransformerBridge
 
     if not (hf_dir / "config.json").is_file():
         raise SourceError(f"{hf_dir}: no config.json; a TransformerBridge needs a Hugging Face model directory")
+    if hf_model is None:
+        layout.refuse_untrusted_pickle(hf_dir)
     try:
         return TransformerBridge.boot_transformers(str(hf_dir), device="cpu", dtype=dtype,
                                                    trust_remote_code=False, hf_model=hf_model)
@@ -319,23 +352,18 @@ def boot_bridge_from_dir(hf_dir: Path, *, dtype: torch.dtype = torch.float32,
 
 
 def _from_dir(label: str, d: Path, trust_pickle: bool) -> Source:
-    index = d / SAFETENSORS_INDEX
     hf_dir = d if (d / "config.json").is_file() else None
-    if index.is_file():
-        return _from_index(label, index, hf_dir)
-    single = d / "model.safetensors"
-    files = [single] if single.is_file() else sorted(d.glob("*.safetensors"))
-    if files:
+    kind, files = layout.weights_in_dir(d)  # AmbiguousSourceError for a directory naming two weights files
+    if kind == "index":
+        return _from_index(label, files[0], hf_dir)
+    if kind == "safetensors":
         return SafetensorsSource(label, files, hf_dir)
-    pickles = [p for s in PICKLE_SUFFIXES for p in sorted(d.glob(f"*{s}"))]
-    if pickles:
-        if not trust_pickle:
-            raise UnsafeCheckpointError(
-                f"{d}: only pickle checkpoints ({pickles[0].name}) found; pickle can run arbitrary code. "
-                "Convert to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the file")
-        return PickleSource(label, pickles[0], hf_dir)
-    raise SourceError(f"{d}: no model.safetensors, {SAFETENSORS_INDEX} or *.safetensors in this directory; "
-                      "point the source at a Hugging Face model directory or a .safetensors file")
+    if not trust_pickle:
+        raise UnsafeCheckpointError(
+            f"{d}: only pickle checkpoints ({files[0].name}) found; pickle can run arbitrary code. "
+            "Convert to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the file")
+    layout.refuse_several_pickles(d, files)
+    return PickleSource(label, files[0], hf_dir)
 
 
 def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
@@ -366,7 +394,7 @@ def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
                                          "re-download the checkpoint")
         shards[name] = p
     files = sorted(set(shards.values()))
-    return SafetensorsSource(label, files, hf_dir, weight_map=shards)
+    return SafetensorsSource(label, files, hf_dir, weight_map=shards, checkpoint=index)
 
 
 def open_source(spec: str | os.PathLike | torch.nn.Module | Source, *, trust_pickle: bool = False) -> Source:

@@ -159,7 +159,7 @@ def test_dashboard_refuses_a_fifo_instead_of_hanging(dashboard_store, roots):
     assert not dashboard_store.models()
 
 
-def test_cli_refuses_fifos(tmp_path):
+def test_cli_refuses_fifos_and_ambiguous_directories(tmp_path):
     import subprocess
 
     from _support import LENSLAB
@@ -168,7 +168,16 @@ def test_cli_refuses_fifos(tmp_path):
     env = {**os.environ, "LENSLAB_STORE": str(tmp_path / "s")}
     out = subprocess.run([LENSLAB, "analyze", str(fifo)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "not a regular file" in out.stderr
+    mixed = tmp_path / "mixed"
+    _model(mixed / "model.safetensors")
+    torch.save({"layers.0.mlp.up.weight": torch.zeros(12, 8)}, mixed / "pytorch_model.bin")
+    from app import cli
 
+    from analysis.errors import AmbiguousSourceError
+
+    result = CliRunner().invoke(cli.app, ["analyze", str(mixed), "--store", str(tmp_path / "s")])
+    assert isinstance(result.exception, AmbiguousSourceError)  # the console script prints it, exit code 2
+    assert "safetensors weights (model.safetensors) and pickle weights (pytorch_model.bin)" in str(result.exception)
 
 
 # -- binding and launch --------------------------------------------------------------------------------
