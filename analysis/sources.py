@@ -39,6 +39,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SAFETENSORS_INDEX = layout.SAFETENSORS_INDEX
 PICKLE_SUFFIXES = layout.PICKLE_SUFFIXES
+# 2: integer/bool tensors (buffers such as position_ids) are no longer hashed, and the version is
+# hashed first, so no result stored under a version-1 fingerprint is served for a version-2 one.
+FINGERPRINT_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,16 +144,22 @@ class Source:
 
     @property
     def fingerprint(self) -> str:
-        """Content hash of every tensor (name, dtype, shape, bytes): stable across copies and
-        runs, different when any weight changes. 32 hex characters."""
+        """Content hash of every weight (name, dtype, shape, bytes), in name order: stable across
+        copies, containers and runs, different when any weight changes. Integer and bool tensors
+        (buffers such as ``position_ids``, which ``save_pretrained`` may drop) are not weights and
+        are not hashed; every other dtype is. 32 hex characters; the store keys results by it."""
         if self._fingerprint is None:
             self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
 
     def _compute_fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
-        for name, t in self.iter_tensors():
-            h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
+        h.update(f"lenslab-fingerprint-{FINGERPRINT_VERSION}\n".encode())
+        for info in self.tensor_infos():
+            if info.dtype in _INTEGER_NAMES:
+                continue
+            t = self._read(info.name)
+            h.update(f"{info.name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
             h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # a buffer: no copy
         return h.hexdigest()
 
@@ -198,6 +207,9 @@ class Source:
 
 
 _FLOAT_NAMES = {"F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16"}
+# safetensors' and torch's spellings of integer and bool dtypes: buffers, not weights (not fingerprinted)
+_INTEGER_NAMES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL",
+                  "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"}
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
