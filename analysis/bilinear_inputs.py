@@ -20,6 +20,7 @@ import torch
 from analysis import bilinear_loader as loader
 from analysis.bilinear_loader import GluRef
 from analysis.errors import ConfigError, ShapeError, SourceError
+from analysis.source_layout import from_pretrained_kwargs
 from analysis.sources import Source
 
 
@@ -90,8 +91,10 @@ def load_hf_model(src: Source) -> torch.nn.Module:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    model_dir = src.model_dir()  # transformers loads exactly the fingerprinted weights from here
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(src.hf_dir), dtype=torch.float32, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False,
+                                                     **from_pretrained_kwargs(model_dir))
     except (OSError, ValueError, KeyError) as exc:
         raise SourceError(f"{src.hf_dir}: transformers could not load this model ({exc})") from exc
     return model.eval()

@@ -33,3 +33,8 @@ class CorruptEntryError(StoreError):
 
 class ConfigError(LensLabError, ValueError):
     """A parameter (budget, format, ranker, ...) is out of range or unknown."""
+
+
+class AmbiguousSourceError(SourceError):
+    """A directory or set of files gives more than one answer to "which weights?" (two weights files
+    a loader could pick, or one tensor defined in two files)."""

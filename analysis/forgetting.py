@@ -178,8 +178,11 @@ def build_task_data(config: ForgettingConfig) -> TaskData:
 
 
 def load_encoder(hf_dir: str | Path) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a local BERT-style encoder directory, offline, without the pooler."""
+    """(model, tokenizer) of a local BERT-style encoder directory, offline, without the pooler;
+    weights from safetensors only unless the directory's pickle was opened with the trust flag."""
     import os
+
+    from analysis.source_layout import from_pretrained_kwargs
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
@@ -191,9 +194,9 @@ def load_encoder(hf_dir: str | Path) -> tuple[nn.Module, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         try:
-            model = AutoModel.from_pretrained(hf_dir, add_pooling_layer=False)
+            model = AutoModel.from_pretrained(hf_dir, add_pooling_layer=False, **from_pretrained_kwargs(hf_dir))
         except TypeError:
-            model = AutoModel.from_pretrained(hf_dir)
+            model = AutoModel.from_pretrained(hf_dir, **from_pretrained_kwargs(hf_dir))
     except (OSError, ValueError, KeyError) as exc:
         raise SourceError(f"{hf_dir}: cannot load an encoder and tokenizer from this directory ({exc}); the "
                           "forgetting experiment needs a Hugging Face encoder directory such as 'minilm'") from exc

@@ -256,7 +256,10 @@ def collect_routing(src, texts: Sequence[str], domains: Sequence[str], *, max_to
     if len(texts) != len(domains) or not texts:
         raise ShapeError(f"need one domain per text and at least one text; got {len(texts)} texts, "
                          f"{len(domains)} domains")
-    tokenizer = AutoTokenizer.from_pretrained(src.hf_dir)
+    from analysis.source_layout import from_pretrained_kwargs
+
+    model_dir = src.model_dir()  # transformers loads exactly the fingerprinted weights from here
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     bridge = src.boot_bridge()
     n_layers = int(bridge.cfg.n_layers)
     names = {f"blocks.{i}.mlp.{h}" for i in range(n_layers) for h in ("hook_expert_indices", "gate.hook_out")}
@@ -265,7 +268,7 @@ def collect_routing(src, texts: Sequence[str], domains: Sequence[str], *, max_to
     if backend == "hf":  # a fresh HF model: the bridge's wrapped one records each router several times
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(src.hf_dir).eval()
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, **from_pretrained_kwargs(model_dir)).eval()
     domain_names = tuple(dict.fromkeys(domains))
     dom_index = {d: i for i, d in enumerate(domain_names)}
     ids_all, dom_all, doc_all, idx_all, prob_all = [], [], [], [], []

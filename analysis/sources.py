@@ -8,12 +8,13 @@ A *source spec* is one of
 - a single ``.safetensors`` file, or a sharded index file;
 - an in-memory ``torch.nn.Module`` (notebooks).
 
-Weights are read tensor by tensor, never the whole checkpoint at once: a safetensors tensor
-is read with one bounded ``readinto`` into a buffer of exactly its size (no memory map, so the
-pages of tensors already analysed do not stay in the process's resident set). Pickle
-checkpoints (``.bin``/``.pt``/``.pth``) are refused unless ``trust_pickle=True``, and even
-then load with ``torch.load(weights_only=True)`` and a warning.
-``trust_remote_code`` is never switched on.
+Weights are read tensor by tensor, never the whole checkpoint at once, from headers that are
+validated first (``analysis.safetensors_io``); a tensor name defined in two files is refused.
+A directory is resolved as transformers resolves it, and one that names two different weights
+files is refused (``analysis.source_layout``); before a model boots, ``Source.model_dir`` checks
+that transformers will load exactly the checkpoint that was fingerprinted. Pickle checkpoints
+(``.bin``/``.pt``/``.pth``) are refused unless ``trust_pickle=True``, and even then load with
+``torch.load(weights_only=True)`` and a warning. ``trust_remote_code`` is never switched on.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,15 +30,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from analysis.errors import CorruptCheckpointError, SourceError, UnsafeCheckpointError
+from analysis import source_layout as layout
+from analysis.errors import AmbiguousSourceError, CorruptCheckpointError, SourceError, UnsafeCheckpointError
+from analysis.safetensors_io import HEADER_LIMIT, Entry, check_regular, read_entry, read_header, read_small_file
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens.model_bridge import TransformerBridge
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+SAFETENSORS_INDEX = layout.SAFETENSORS_INDEX
+PICKLE_SUFFIXES = layout.PICKLE_SUFFIXES
+# 2: integer/bool tensors (buffers such as position_ids) are no longer hashed, and the version is
+# hashed first, so no result stored under a version-1 fingerprint is served for a version-2 one.
+FINGERPRINT_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +103,11 @@ class Source:
 
     kind: str = "abstract"
 
-    def __init__(self, label: str, hf_dir: Path | None = None) -> None:
+    def __init__(self, label: str, hf_dir: Path | None = None, checkpoint: Path | None = None) -> None:
         self.label = label
         self.hf_dir = hf_dir
+        # the one file (single weights file or shard index) a loader opens; None for several files
+        self.checkpoint = checkpoint
         self._fingerprint: str | None = None
         self._info_cache: list[TensorInfo] | None = None
 
@@ -139,16 +144,22 @@ class Source:
 
     @property
     def fingerprint(self) -> str:
-        """Content hash of every tensor (name, dtype, shape, bytes): stable across copies and
-        runs, different when any weight changes. 32 hex characters."""
+        """Content hash of every weight (name, dtype, shape, bytes), in name order: stable across
+        copies, containers and runs, different when any weight changes. Integer and bool tensors
+        (buffers such as ``position_ids``, which ``save_pretrained`` may drop) are not weights and
+        are not hashed; every other dtype is. 32 hex characters; the store keys results by it."""
         if self._fingerprint is None:
             self._fingerprint = self._compute_fingerprint()
         return self._fingerprint
 
     def _compute_fingerprint(self) -> str:
         h = hashlib.blake2b(digest_size=16)
-        for name, t in self.iter_tensors():
-            h.update(f"{name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
+        h.update(f"lenslab-fingerprint-{FINGERPRINT_VERSION}\n".encode())
+        for info in self.tensor_infos():
+            if info.dtype in _INTEGER_NAMES:
+                continue
+            t = self._read(info.name)
+            h.update(f"{info.name}|{str(t.dtype)}|{tuple(t.shape)}\n".encode())
             h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # a buffer: no copy
         return h.hexdigest()
 
@@ -156,14 +167,29 @@ class Source:
     def n_params(self) -> int:
         return sum(i.n_params for i in self.weight_infos())
 
-    def boot_bridge(self, *, dtype: torch.dtype = torch.float32) -> TransformerBridge:
-        """Boot a TransformerLens 4 ``TransformerBridge`` on CPU, offline, without remote code."""
+    def model_dir(self) -> Path:
+        """The Hugging Face directory to load this model from, checked: transformers'
+        ``from_pretrained`` of it opens exactly the checkpoint this source fingerprinted, so
+        activations and weights come from the same tensors. Raises SourceError otherwise."""
         if self.hf_dir is None:
             raise SourceError(
                 f"{self.label}: activations need a Hugging Face directory (config.json + tokenizer); "
                 "point the source at the model's directory instead of a bare weights file"
             )
-        return boot_bridge_from_dir(self.hf_dir, dtype=dtype)
+        loads = layout.transformers_checkpoint(self.hf_dir)
+        if self.checkpoint is None or loads is None or loads.resolve() != self.checkpoint.resolve():
+            mine = self.checkpoint.name if self.checkpoint else layout.file_names(getattr(self, "files", []))
+            raise SourceError(
+                f"{self.hf_dir}: transformers would load {loads.name if loads else 'no weights file'} from this "
+                f"directory, but this source's weights are {mine}; activations must come from the fingerprinted "
+                f"weights: make them the directory's only weights (one file named {layout.SAFETENSORS_SINGLE}, "
+                f"or {layout.SAFETENSORS_INDEX} with its shards), or use this source for weight analyses only")
+        return self.hf_dir
+
+    def boot_bridge(self, *, dtype: torch.dtype = torch.float32) -> TransformerBridge:
+        """Boot a TransformerLens 4 ``TransformerBridge`` on CPU, offline, without remote code, from
+        exactly the checkpoint that was fingerprinted (``model_dir``)."""
+        return boot_bridge_from_dir(self.model_dir(), dtype=dtype)
 
     def describe(self) -> dict[str, Any]:
         """Summary for the store's model table."""
@@ -181,107 +207,19 @@ class Source:
 
 
 _FLOAT_NAMES = {"F64", "F32", "F16", "BF16", "float64", "float32", "float16", "bfloat16"}
-_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                   "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-
-
-_ST_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                    "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-                    "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+# safetensors' and torch's spellings of integer and bool dtypes: buffers, not weights (not fingerprinted)
+_INTEGER_NAMES = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL",
+                  "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"}
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
     """Parse and validate a safetensors header without reading tensor data.
 
     Raises CorruptCheckpointError when the file is truncated, the header is not JSON, or
-    any tensor's offsets disagree with its shape/dtype or run past the end of the file.
+    any tensor's shape, offsets or overlap with another tensor is inconsistent; SourceError
+    when the path is not a readable regular file.
     """
-    return _read_header(path)[0]
-
-
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(validated header, byte offset of the data section) of a safetensors file."""
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptCheckpointError(
-                    f"{path}: {size} bytes is too short for a safetensors file (needs an 8-byte header length); "
-                    "the file is truncated: re-export or re-download it")
-            (n,) = struct.unpack("<Q", head)
-            if n > _HEADER_LIMIT or 8 + n > size:
-                raise CorruptCheckpointError(
-                    f"{path}: safetensors header declares {n} bytes but the file has {size - 8} after the length; "
-                    "the file is truncated or not safetensors: re-export or re-download it")
-            raw = f.read(n)
-    except OSError as exc:
-        raise SourceError(f"{path}: cannot read ({exc.strerror}); check the path and its permissions") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
-        raise CorruptCheckpointError(f"{path}: safetensors header is not valid UTF-8 JSON ({exc}); "
-                                     "the file is corrupt: re-export or re-download it") from exc
-    if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
-    data_len = size - 8 - n
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = meta["dtype"], meta["shape"], meta["data_offsets"]
-            numel = 1
-            for d in shape:
-                if type(d) is not int or d < 0:  # JSON true/false are not sizes
-                    raise ValueError(d)
-                numel *= d
-            want = numel * _ST_DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(f"{path}: tensor {name!r} has a malformed header entry {meta!r}; "
-                                         "the file is corrupt: re-export it") from exc
-        if not (type(start) is int and type(end) is int and 0 <= start <= end) or end - start != want:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} declares offsets {start}..{end} but {dtype}{shape} needs {want} bytes; "
-                "the file is corrupt: re-export it")
-        if end > data_len:
-            raise CorruptCheckpointError(
-                f"{path}: tensor {name!r} ends at byte {end} but the file holds {data_len} data bytes; "
-                "the file is truncated: re-download or re-export it")
-    return header, 8 + n
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """Where one tensor's bytes are: file, absolute byte range, dtype and shape."""
-
-    path: Path
-    start: int
-    end: int
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def _read_entry(e: _Entry, name: str) -> torch.Tensor:
-    """Read one tensor's bytes into a new buffer of exactly its size (bounded ``readinto``)."""
-    nbytes = e.end - e.start
-    buf = torch.empty(nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
-    got = 0
-    try:
-        with e.path.open("rb", buffering=0) as f:
-            f.seek(e.start)
-            while got < nbytes:
-                n = f.readinto(view[got:])
-                if not n:
-                    break
-                got += n
-    except OSError as exc:
-        raise SourceError(f"{e.path}: cannot read tensor {name!r} ({exc.strerror}); check the file") from exc
-    if got != nbytes:
-        raise CorruptCheckpointError(f"{e.path}: tensor {name!r} needs {nbytes} bytes from offset {e.start} but the "
-                                     f"file ended after {got}; it was truncated after opening: re-download it")
-    return buf.view(_ST_TORCH_DTYPES[e.dtype]).reshape(e.shape)
+    return read_header(path)[0]
 
 
 class SafetensorsSource(Source):
@@ -290,21 +228,23 @@ class SafetensorsSource(Source):
     kind = "safetensors"
 
     def __init__(self, label: str, files: list[Path], hf_dir: Path | None = None,
-                 weight_map: dict[str, Path] | None = None) -> None:
-        super().__init__(label, hf_dir)
+                 weight_map: dict[str, Path] | None = None, checkpoint: Path | None = None) -> None:
+        super().__init__(label, hf_dir, checkpoint if checkpoint is not None or len(files) != 1 else files[0])
         self.files = files
-        self._where: dict[str, _Entry] = {}
+        self._where: dict[str, Entry] = {}
         self._infos_list: list[TensorInfo] = []
         for path in files:
-            header, data_start = _read_header(path)
+            header, data_start = read_header(path)
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
-                if weight_map is not None and weight_map.get(name, path) != path:
-                    continue
+                if name in self._where:
+                    raise AmbiguousSourceError(
+                        f"{label}: tensor {name!r} is defined in both {self._where[name].path} and {path}; a loader "
+                        "keeps only one of the two: delete the stale file, or point the source at one file")
                 start, end = meta["data_offsets"]
-                self._where[name] = _Entry(path, data_start + start, data_start + end, meta["dtype"],
-                                           tuple(meta["shape"]))
+                self._where[name] = Entry(path, data_start + start, data_start + end, meta["dtype"],
+                                          tuple(meta["shape"]))
                 self._infos_list.append(TensorInfo(name, tuple(meta["shape"]), meta["dtype"]))
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self._where))
@@ -312,12 +252,17 @@ class SafetensorsSource(Source):
                 raise CorruptCheckpointError(
                     f"{label}: the shard index lists {len(missing)} tensors no shard holds (first: {missing[0]!r}); "
                     "a shard is missing or stale: re-download the checkpoint")
+            moved = next((n for n, p in weight_map.items() if self._where[n].path != p), None)
+            if moved is not None:
+                raise CorruptCheckpointError(
+                    f"{label}: the shard index puts {moved!r} in {weight_map[moved].name} but "
+                    f"{self._where[moved].path.name} holds it; the index is stale: re-download the checkpoint")
 
     def _infos(self) -> list[TensorInfo]:
         return list(self._infos_list)
 
     def _read(self, name: str) -> torch.Tensor:
-        return _read_entry(self._where[name], name)
+        return read_entry(self._where[name], name)
 
     def _compute_fingerprint(self) -> str:
         key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in self.files)
@@ -336,7 +281,8 @@ class PickleSource(Source):
     kind = "pickle"
 
     def __init__(self, label: str, path: Path, hf_dir: Path | None = None) -> None:
-        super().__init__(label, hf_dir)
+        super().__init__(label, hf_dir, path)
+        check_regular(path)
         warnings.warn(f"{path}: loading a pickle checkpoint (trust_pickle=True); "
                       "only weights are read (weights_only=True)", stacklevel=3)
         try:
@@ -349,6 +295,8 @@ class PickleSource(Source):
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise SourceError(f"{path}: expected a flat state dict of tensors; save one with model.state_dict()")
         self._state: dict[str, torch.Tensor] = state
+        if hf_dir is not None:
+            layout.trust_pickle_dir(hf_dir)
 
     def _infos(self) -> list[TensorInfo]:
         return [TensorInfo(k, tuple(v.shape), _torch_dtype_name(v.dtype)) for k, v in self._state.items()]
@@ -395,13 +343,18 @@ def _torch_dtype_name(dtype: torch.dtype) -> str:
 
 def boot_bridge_from_dir(hf_dir: Path, *, dtype: torch.dtype = torch.float32,
                          hf_model: torch.nn.Module | None = None) -> TransformerBridge:
-    """Boot a ``TransformerBridge`` from a local directory, offline and without remote code."""
+    """Boot a ``TransformerBridge`` from a local directory, offline and without remote code; a
+    directory whose weights transformers would unpickle is refused unless this process opened
+    that pickle with ``trust_pickle=True`` (prefer ``open_source(dir).boot_bridge()``, which
+    also checks the weights are the fingerprinted ones)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformer_lens.model_bridge import TransformerBridge
 
     if not (hf_dir / "config.json").is_file():
         raise SourceError(f"{hf_dir}: no config.json; a TransformerBridge needs a Hugging Face model directory")
+    if hf_model is None:
+        layout.refuse_untrusted_pickle(hf_dir)
     try:
         return TransformerBridge.boot_transformers(str(hf_dir), device="cpu", dtype=dtype,
                                                    trust_remote_code=False, hf_model=hf_model)
@@ -411,32 +364,25 @@ def boot_bridge_from_dir(hf_dir: Path, *, dtype: torch.dtype = torch.float32,
 
 
 def _from_dir(label: str, d: Path, trust_pickle: bool) -> Source:
-    index = d / SAFETENSORS_INDEX
     hf_dir = d if (d / "config.json").is_file() else None
-    if index.is_file():
-        return _from_index(label, index, hf_dir)
-    single = d / "model.safetensors"
-    files = [single] if single.is_file() else sorted(d.glob("*.safetensors"))
-    if files:
+    kind, files = layout.weights_in_dir(d)  # AmbiguousSourceError for a directory naming two weights files
+    if kind == "index":
+        return _from_index(label, files[0], hf_dir)
+    if kind == "safetensors":
         return SafetensorsSource(label, files, hf_dir)
-    pickles = [p for s in PICKLE_SUFFIXES for p in sorted(d.glob(f"*{s}"))]
-    if pickles:
-        if not trust_pickle:
-            raise UnsafeCheckpointError(
-                f"{d}: only pickle checkpoints ({pickles[0].name}) found; pickle can run arbitrary code. "
-                "Convert to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the file")
-        return PickleSource(label, pickles[0], hf_dir)
-    raise SourceError(f"{d}: no model.safetensors, {SAFETENSORS_INDEX} or *.safetensors in this directory; "
-                      "point the source at a Hugging Face model directory or a .safetensors file")
+    if not trust_pickle:
+        raise UnsafeCheckpointError(
+            f"{d}: only pickle checkpoints ({files[0].name}) found; pickle can run arbitrary code. "
+            "Convert to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the file")
+    layout.refuse_several_pickles(d, files)
+    return PickleSource(label, files[0], hf_dir)
 
 
 def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
+    raw = read_small_file(index, HEADER_LIMIT, "shard index")  # SourceError for a FIFO, CorruptCheckpointError if huge
     try:
-        if index.stat().st_size > _HEADER_LIMIT:
-            raise CorruptCheckpointError(f"{index}: {index.stat().st_size} bytes is far more than a shard index "
-                                         f"holds (limit {_HEADER_LIMIT}); the file is not a shard index")
-        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        weight_map = json.loads(raw.decode("utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CorruptCheckpointError(f"{index}: not a valid shard index (needs a 'weight_map' object); "
                                      "re-download the checkpoint") from exc
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -448,7 +394,7 @@ def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
         p = index.parent / shard
         try:
             inside = p.resolve().is_relative_to(root)
-            present = p.is_file()
+            present = p.exists()  # a FIFO or directory is refused by name when read
         except (OSError, ValueError) as exc:  # name too long, embedded NUL, ...
             raise CorruptCheckpointError(f"{index}: shard name {shard[:80]!r} is not a usable file name ({exc}); "
                                          "the index is corrupt: re-download the checkpoint") from exc
@@ -460,7 +406,7 @@ def _from_index(label: str, index: Path, hf_dir: Path | None) -> Source:
                                          "re-download the checkpoint")
         shards[name] = p
     files = sorted(set(shards.values()))
-    return SafetensorsSource(label, files, hf_dir, weight_map=shards)
+    return SafetensorsSource(label, files, hf_dir, weight_map=shards, checkpoint=index)
 
 
 def open_source(spec: str | os.PathLike | torch.nn.Module | Source, *, trust_pickle: bool = False) -> Source:

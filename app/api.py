@@ -160,7 +160,7 @@ def kappatune_experiment(source: str | os.PathLike | Source = "minilm", *, budge
 
     def compute():
         table = analyze(src, store=st).table if set(config.arms) & set(fg.SELECTION_ARMS) else None
-        model, tokenizer = fg.load_encoder(src.hf_dir)
+        model, tokenizer = fg.load_encoder(src.model_dir())
         return fg.to_result(fg.kappatune_forgetting(model, tokenizer, table, config, progress=progress))
 
     result = st.cached(src.fingerprint, fg.ANALYSIS, config.params(), fg.CODE_VERSION, compute, refresh=refresh)

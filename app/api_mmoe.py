@@ -142,7 +142,7 @@ def mmoe_features(spec: DataSpec | None = None, *, store: Store | str | None = N
               "seed": spec.seed, "pooling": "mean+l2", "versions": _corpus_versions(spec.packages)}
 
     def compute() -> Result:
-        X = tr.embed_texts(src.hf_dir, [d.text for d in items], max_tokens=spec.max_tokens, progress=progress)
+        X = tr.embed_texts(src.model_dir(), [d.text for d in items], max_tokens=spec.max_tokens, progress=progress)
         table = pd.DataFrame({"text": [d.text for d in items], "package": [d.package for d in items],
                               "qualname": [d.qualname for d in items]})
         return Result(table=table, arrays={"X": X}, meta={"n": len(items), "d_model": int(X.shape[1])})

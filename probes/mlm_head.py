@@ -100,10 +100,12 @@ def _load_mlm_model(hf_dir: Path):
     from transformers import AutoTokenizer, BertForMaskedLM
     from transformers.utils import logging as hf_logging
 
+    from analysis.source_layout import from_pretrained_kwargs
+
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "cls.* newly initialised" is exactly what we are about to fix
     try:
-        model = BertForMaskedLM.from_pretrained(hf_dir)
+        model = BertForMaskedLM.from_pretrained(hf_dir, **from_pretrained_kwargs(hf_dir))
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise SourceError(f"{hf_dir}: cannot load a BERT masked-LM and tokenizer ({exc}); the MLM head needs a "
@@ -154,7 +156,7 @@ def train_mlm_head(source: Any = "minilm", config: MLMHeadConfig | None = None, 
     if not force and (hit := _reuse(target, src.fingerprint, config)) is not None:
         return hit
     t0 = time.perf_counter()
-    model, tokenizer = _load_mlm_model(Path(src.hf_dir))
+    model, tokenizer = _load_mlm_model(src.model_dir())
     texts = [d.text for d in docstring_corpus()]
     rng = np.random.default_rng(config.seed)
     texts = [texts[i] for i in rng.permutation(len(texts))[:config.n_texts]]

@@ -5,6 +5,7 @@ allocation (checked under an address-space limit in a child process)."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from _bounded_pytest import bounded_batch, run_bounded
-from analysis.errors import SourceError
+from analysis.errors import CorruptCheckpointError, SourceError
 from analysis.sources import open_source
 
 pytestmark = pytest.mark.timeout(180)  # per test; the bounded batch below has its own
@@ -72,7 +73,7 @@ _dims = st.one_of(st.integers(-3, 6), st.just(2**40), st.just(2**62), st.text(ma
                   st.floats(0, 4))
 _entry = st.fixed_dictionaries({
     "dtype": st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F99", "", "f32"]),
-    "shape": st.lists(_dims, max_size=4),
+    "shape": st.one_of(st.lists(_dims, max_size=4), st.lists(_dims, min_size=30, max_size=300)),
     "data_offsets": st.lists(st.one_of(st.integers(-8, 64), st.just(2**63 - 1), st.booleans()), min_size=0,
                              max_size=3),
 })
@@ -176,6 +177,44 @@ def test_pathological_json_headers(tmp_path, raw):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * 4)
     with pytest.raises(SourceError):
         open_source(path)
+
+
+_BIG = 2**62
+_BOMBS = {  # name: (shape, data_offsets, message); each opened in well under a second
+    "300-dims-of-2**62": ([_BIG] * 300, [0, 4], "declares 300 dimensions"),
+    "300k-dims-6MB-file": ([_BIG] * 300_000, [0, 4], "declares 300000 dimensions"),
+    "33-dims": ([1] * 33, [0, 4], "declares 33 dimensions"),
+    "[2**63, 0]": ([2**63, 0], [0, 0], "dimension 9223372036854775808"),
+    "[2**64, 0]": ([2**64, 0], [0, 0], "dimension 18446744073709551616"),
+    "[2**62, 2**62, 0]": ([_BIG, _BIG, 0], [0, 0], "overflows 64 bits"),
+    "[2**32]*8": ([2**32] * 8, [0, 4], "overflows 64 bits"),
+    "[0]+[2**40]*31": ([0] + [2**40] * 31, [0, 0], "overflows 64 bits"),
+    "negative": ([-1, 4], [0, 4], "dimension -1"),
+    "fractional": ([1.5], [0, 4], "dimension 1.5"),
+    "offsets-2**64": ([1], [0, 2**64], "declares offsets"),
+    "offsets-not-a-pair": ([1], [0, 4, 8], "not two integers"),
+}
+
+
+@pytest.mark.parametrize("name", list(_BOMBS))
+def test_header_bombs_are_typed_errors(tmp_path, name):
+    """Shapes that are huge, deep or overflowing: a CorruptCheckpointError naming the value, from a
+    check linear in the header's size (before: a crash formatting a 5000-digit number, minutes of
+    quadratic arithmetic on 300 000 dimensions, or an untyped overflow inside torch.reshape)."""
+    shape, offsets, message = _BOMBS[name]
+    raw = json.dumps({"w": {"dtype": "F32", "shape": shape, "data_offsets": offsets}}).encode()
+    path = tmp_path / "bomb.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * 4)
+    with pytest.raises(CorruptCheckpointError, match=re.escape(message)):
+        for _, t in open_source(path).iter_tensors():
+            t.sum()
+
+
+def test_the_most_dimensions_accepted_still_open(tmp_path):
+    path = tmp_path / "deep.safetensors"
+    save_file({"w": torch.ones([1] * 31 + [2]), "z": torch.zeros([2**31, 0, 2**31 - 1])}, str(path))
+    assert {n: tuple(t.shape) for n, t in open_source(path).iter_tensors()} == {"w": (1,) * 31 + (2,),
+                                                                                 "z": (2**31, 0, 2**31 - 1)}
 
 
 @pytest.mark.parametrize("spec", ["a\x00b", "x" * 5000, "~no-such-user-xyz/model", "\udcff"], ids=repr)

@@ -146,6 +146,40 @@ def test_dashboard_never_loads_pickle(dashboard_store, roots):
     assert not dashboard_store.models()
 
 
+@pytest.mark.usefixtures("streamlit_caches_cleared")
+def test_dashboard_refuses_a_fifo_instead_of_hanging(dashboard_store, roots):
+    """A FIFO named model.safetensors used to block the dashboard session forever."""
+    allowed, _ = roots
+    os.mkfifo(fifo := allowed / "model.safetensors")
+    at = AppTest.from_file(DASHBOARD, default_timeout=60).run()
+    at.text_input[0].input(str(fifo))
+    at.button[0].click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "is a named pipe (FIFO), not a regular file" in at.error[0].value
+    assert not dashboard_store.models()
+
+
+def test_cli_refuses_fifos_and_ambiguous_directories(tmp_path):
+    import subprocess
+
+    from _support import LENSLAB
+
+    os.mkfifo(fifo := tmp_path / "model.safetensors")
+    env = {**os.environ, "LENSLAB_STORE": str(tmp_path / "s")}
+    out = subprocess.run([LENSLAB, "analyze", str(fifo)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "not a regular file" in out.stderr
+    mixed = tmp_path / "mixed"
+    _model(mixed / "model.safetensors")
+    torch.save({"layers.0.mlp.up.weight": torch.zeros(12, 8)}, mixed / "pytorch_model.bin")
+    from app import cli
+
+    from analysis.errors import AmbiguousSourceError
+
+    result = CliRunner().invoke(cli.app, ["analyze", str(mixed), "--store", str(tmp_path / "s")])
+    assert isinstance(result.exception, AmbiguousSourceError)  # the console script prints it, exit code 2
+    assert "safetensors weights (model.safetensors) and pickle weights (pytorch_model.bin)" in str(result.exception)
+
+
 # -- binding and launch --------------------------------------------------------------------------------
 
 def test_dashboard_command_binds_loopback_and_passes_allowed_roots(monkeypatch, tmp_path):

@@ -230,17 +230,107 @@ def test_trained_bundled_names_resolve_to_tiny_models():
     assert set(sources.TRAINED_NAMES) <= set(sources.BUNDLED)
 
 
-def test_fingerprint_is_blake2b_of_names_dtypes_shapes_and_bytes(minilm, st_file):
-    """The documented definition, computed from safetensors' own reader with a byte copy per tensor
-    (as the fingerprint was before it hashed the buffers directly): the values are unchanged."""
+def _reference_fingerprint(path, *, version: int) -> str:
+    """The documented definition, from safetensors' own reader with a byte copy per tensor. Version
+    2 (current): a version line, then name|dtype|shape and bytes of every non-integer tensor in name
+    order. Version 1 (before): every tensor, integer buffers included, no version line."""
     import hashlib
 
+    h = hashlib.blake2b(digest_size=16)
+    if version == 2:
+        h.update(b"lenslab-fingerprint-2\n")
+    tensors = load_file(str(path))
+    for name in sorted(tensors):
+        t = tensors[name]
+        if version == 2 and not (t.is_floating_point() or t.is_complex()):
+            continue
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_fingerprint_is_blake2b_of_names_dtypes_shapes_and_bytes_of_weights(minilm, st_file):
+    """Both sources hold an integer buffer (position_ids): it is not hashed, and no fingerprint equals
+    the version-1 value, so results stored under version 1 are never served for version 2."""
     for src, path in ((minilm, minilm.files[0]), (open_source(st_file), st_file)):
-        h = hashlib.blake2b(digest_size=16)
-        tensors = load_file(str(path))
-        for name in sorted(tensors):
-            t = tensors[name]
-            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-            h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        assert Source._compute_fingerprint(src) == h.hexdigest()  # the hashing itself, not the per-file memo
-        assert src.fingerprint == h.hexdigest()
+        want = _reference_fingerprint(path, version=2)
+        assert Source._compute_fingerprint(src) == want  # the hashing itself, not the per-file memo
+        assert src.fingerprint == want
+        assert src.fingerprint != _reference_fingerprint(path, version=1)
+
+
+def test_fingerprint_ignores_integer_buffers(tmp_path, small_weights):
+    """Documented: integer buffers are not weights. Dropping or changing one keeps the fingerprint."""
+    base = tmp_path / "base.safetensors"
+    save_file(small_weights, str(base))
+    variants = {"dropped": {k: v for k, v in small_weights.items() if k != "position_ids"},
+                "changed": {**small_weights, "position_ids": torch.arange(10) * 3},
+                "added": {**small_weights, "token_type_ids": torch.zeros(1, 10, dtype=torch.int64),
+                          "attn.mask": torch.ones(4, dtype=torch.bool)}}
+    for name, tensors in variants.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        assert open_source(tmp_path / f"{name}.safetensors").fingerprint == open_source(base).fingerprint, name
+
+
+def test_minilm_resaved_with_save_pretrained_has_the_bundled_fingerprint(tmp_path, minilm):
+    """save_pretrained drops the position_ids buffer; all 103 weight tensors are byte-identical, so the
+    fingerprint (and every cached result) is the bundled model's."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(minilm.hf_dir, use_safetensors=True)
+    model.save_pretrained(tmp_path / "resaved")
+    resaved = open_source(tmp_path / "resaved")
+    names = {i.name for i in resaved.tensor_infos()}
+    assert "embeddings.position_ids" in {i.name for i in minilm.tensor_infos()} - names
+    assert len(resaved.weight_infos()) == len(minilm.weight_infos()) == 103
+    assert resaved.fingerprint == minilm.fingerprint
+
+
+def test_overlapping_tensors_are_refused_like_safetensors_does(tmp_path):
+    from safetensors import safe_open
+
+    def write(name, header, n_data):
+        raw = json.dumps(header).encode()
+        path = tmp_path / name
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\x00" * n_data)
+        return path
+
+    overlap = write("overlap.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                            "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12)
+    with pytest.raises(Exception, match="invalid offset"):
+        safe_open(str(overlap), "pt")  # the reference refuses it too
+    with pytest.raises(CorruptCheckpointError, match="tensors 'a' and 'b' overlap"):
+        open_source(overlap)
+    aliased = write("aliased.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                                            "b": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, 8)
+    with pytest.raises(CorruptCheckpointError, match="overlap"):
+        open_source(aliased)
+    empty = tmp_path / "empty-tensors.safetensors"  # zero-size tensors share an offset legitimately
+    save_file({"a": torch.zeros(0, 3), "b": torch.ones(2), "c": torch.zeros(0)}, str(empty))
+    assert {n: tuple(t.shape) for n, t in open_source(empty).iter_tensors()} == {"a": (0, 3), "b": (2,), "c": (0,)}
+
+
+@pytest.mark.timeout(30)  # before the fix, opening the FIFO blocked forever
+@pytest.mark.parametrize("layout", ["file", "in-directory", "shard-index", "shard"])
+def test_fifos_and_other_special_files_are_refused_without_blocking(tmp_path, layout):
+    import os
+
+    d = tmp_path / "m"
+    d.mkdir()
+    if layout == "file":
+        os.mkfifo(spec := d / "model.safetensors")
+    elif layout == "in-directory":
+        os.mkfifo(d / "weights.safetensors")
+        spec = d
+    elif layout == "shard-index":
+        os.mkfifo(spec := d / SAFETENSORS_INDEX)
+    else:
+        os.mkfifo(d / "s1.safetensors")
+        (d / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": {"w": "s1.safetensors"}}))
+        spec = d
+    with pytest.raises(SourceError, match=r"is a named pipe \(FIFO\), not a regular file"):
+        open_source(spec)
+    other = tmp_path / "other"
+    (other / "w.safetensors").mkdir(parents=True)  # a directory that looks like a weights file
+    with pytest.raises(SourceError, match="is a directory, not a regular file"):
+        open_source(other)
