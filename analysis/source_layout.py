@@ -13,8 +13,13 @@ same file. transformers 5 picks, in a local directory, the first of
 answers (``AmbiguousSourceError`` naming the files and the fix):
 
 - ``model.safetensors`` beside ``model.safetensors.index.json`` (one would be silently ignored);
-- safetensors weights beside pickle weights (``pytorch_model*.bin`` or its index);
+- safetensors weights under another name than ``model.safetensors`` (or its index) beside pickle
+  weights (``pytorch_model*.bin`` or its index): transformers would load the pickle;
 - several pickle files and no ``pytorch_model.bin`` (which one holds the weights?).
+
+``model.safetensors`` (or its index) beside ``pytorch_model.bin``, as a git clone of a Hub repo
+holds them, is not ambiguous: transformers takes the safetensors first, which is what LensLab
+fingerprints, and the pickle is never read.
 
 Files that are not weights (``training_args.bin``, ``optimizer.pt``, ...) beside safetensors
 weights are ignored, as transformers ignores them. ``transformers_checkpoint`` tells which file
@@ -110,7 +115,7 @@ def weights_in_dir(d: Path) -> tuple[Kind, list[Path]]:
                    else sorted(d.glob("*.safetensors")))
     pickle_weights = sorted(d.glob("pytorch_model*.bin")) + ([d / PICKLE_INDEX] if (d / PICKLE_INDEX).is_file()
                                                               else [])
-    if safetensors and pickle_weights:
+    if safetensors and pickle_weights and not (single.is_file() or index.is_file()):
         raise AmbiguousSourceError(
             f"{d}: holds safetensors weights ({file_names(safetensors)}) and pickle weights "
             f"({file_names(pickle_weights)}); a loader may take either: delete or move the pickle weights (keep the "

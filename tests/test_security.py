@@ -169,7 +169,7 @@ def test_cli_refuses_fifos_and_ambiguous_directories(tmp_path):
     out = subprocess.run([LENSLAB, "analyze", str(fifo)], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "not a regular file" in out.stderr
     mixed = tmp_path / "mixed"
-    _model(mixed / "model.safetensors")
+    _model(mixed / "weights.safetensors")  # not model.safetensors: transformers would load the pickle instead
     torch.save({"layers.0.mlp.up.weight": torch.zeros(12, 8)}, mixed / "pytorch_model.bin")
     from app import cli
 
@@ -177,7 +177,7 @@ def test_cli_refuses_fifos_and_ambiguous_directories(tmp_path):
 
     result = CliRunner().invoke(cli.app, ["analyze", str(mixed), "--store", str(tmp_path / "s")])
     assert isinstance(result.exception, AmbiguousSourceError)  # the console script prints it, exit code 2
-    assert "safetensors weights (model.safetensors) and pickle weights (pytorch_model.bin)" in str(result.exception)
+    assert "safetensors weights (weights.safetensors) and pickle weights (pytorch_model.bin)" in str(result.exception)
 
 
 # -- binding and launch --------------------------------------------------------------------------------

@@ -140,6 +140,24 @@ def test_safetensors_beside_a_pickle_is_refused_and_never_unpickled(tmp_path, mi
     assert refuse_unpickling == []
 
 
+def test_a_hub_clone_with_model_safetensors_and_pytorch_model_bin_boots_the_safetensors(tmp_path, minilm,
+                                                                                       refuse_unpickling):
+    """A git clone of a Hugging Face repo often holds both formats. transformers takes model.safetensors
+    before pytorch_model.bin (with or without use_safetensors), which is the file LensLab fingerprints:
+    no ambiguity, so it opens and boots, and the .bin is never read."""
+    d = _minilm_copy(minilm, tmp_path / "hub-clone")
+    (d / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not read")
+    src = open_source(d)
+    assert src.files == [d / "model.safetensors"] and src.fingerprint == minilm.fingerprint
+    assert layout.transformers_checkpoint(d) == d / "model.safetensors"
+    bridge = src.boot_bridge()
+    q = "encoder.layer.0.attention.self.query.weight"
+    booted = next(v for k, v in bridge.original_model.named_parameters()
+                  if "layer.0." in k and "query" in k and k.endswith("weight"))
+    assert torch.equal(booted.detach(), src.tensor(q))
+    assert refuse_unpickling == []
+
+
 def test_training_files_beside_safetensors_are_not_weights(tmp_path):
     """A Trainer checkpoint (model.safetensors + training_args.bin + optimizer.pt) is not ambiguous."""
     d = _tiny_dir(tmp_path / "checkpoint-10")
