@@ -5,6 +5,7 @@
     python tests/_peak_rss.py sae ARCH DTYPE D_IN D_SAE BATCH TOKENS STEPS
                                                        # sae.train.train_sae on random activations
                                                        # (a numpy array: copied in, as a cache is)
+    python tests/_peak_rss.py steer N_PAIRS BATCH       # steering.collect on MiniLM, N short pairs
 
 Imports and a warm-up call run first (so lazily loaded libraries are resident), then the peak
 resident size is reset (``/proc/self/clear_refs`` = 5) and the call runs while a thread polls
@@ -94,6 +95,24 @@ def _sae(arch: str, dtype: str, d_in: str, d_sae: str, batch: str, tokens: str, 
     return report
 
 
+def _steer(n_pairs: int, batch: int) -> dict:
+    """``steering.collect`` of N short MiniLM pairs in batches of BATCH pairs (0: one forward)."""
+    from analysis import steering
+    from analysis.contrasts import parse_contrasts
+    from analysis.sources import open_source
+
+    words = ["tensor", "array", "frame", "model", "value", "index", "shape", "file"]
+    lines = [json.dumps({"positive": f"numpy returns an {words[i % 8]} number {i}",
+                         "negative": f"torch returns a {words[(i + 3) % 8]} number {i}"}) for i in range(n_pairs)]
+    cs = parse_contrasts("\n".join(lines))
+    bridge = open_source("minilm").boot_bridge()
+    bridge.eval()
+    size = batch if batch > 0 else n_pairs
+    warm = min(size, 64)
+    steering.collect(bridge, parse_contrasts("\n".join(lines[:warm])), batch_size=warm)  # warm-up: same batch shape
+    return measure(lambda: steering.collect(bridge, cs, batch_size=size).pos.shape)
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if argv[0] == "svd":
@@ -120,8 +139,10 @@ def main(argv: list[str]) -> int:
             report = measure(lambda: len(api.analyze(directory, store=os.path.join(store, "s")).table))
     elif argv[0] == "sae":
         report = _sae(*argv[1:])
+    elif argv[0] == "steer":
+        report = _steer(int(argv[1]), int(argv[2]))
     else:
-        raise SystemExit(f"unknown scenario {argv[0]!r}; use svd, analyze or sae")
+        raise SystemExit(f"unknown scenario {argv[0]!r}; use svd, analyze, sae or steer")
     print(json.dumps(report))
     return 0
 
