@@ -159,8 +159,8 @@ OVERSIZED = [
     (dict(d_sae=10 ** 9), r"would need about 48,913\.1 GiB \(d_in=384, d_sae=1000000000, batch_size=4096, topk, "
                           r"float32\) but the memory limit is 16\.0 GiB \(LENSLAB_MEMORY_LIMIT=16G\)\. Largest part: "
                           r"the training step's \[batch_size, d_sae\] buffers, 32,424\.9 GiB \(then weights and Adam "
-                          r"state 16,488\.1 GiB, batch copies 0\.0586 GiB\)\. To fit, lower batch_size \(--batch-size\) "
-                          r"or d_sae / expansion"),
+                          r"state 16,488\.1 GiB, batch copies 0\.0586 GiB\)\. To fit, lower batch_size "
+                          r"\(--batch-size\) or d_sae / expansion"),
     (dict(expansion=100_000), r"d_sae=38400000, .* Largest part: the training step's \[batch_size, d_sae\] buffers"),
     (dict(batch_size=10 ** 8), r"batch_size=100000000, .* To fit, lower batch_size"),
     (dict(d_sae=10 ** 8, batch_size=16, architecture="relu"),
