@@ -154,6 +154,17 @@ def _layer_vectors(pos: np.ndarray, neg: np.ndarray, methods: Sequence[str], *, 
     return {m: out[m] for m in methods}
 
 
+def check_k(k: int, d_model: int | None = None) -> int:
+    """``k`` (SVD directions kept per layer) when it is an integer in 1..d_model, else ConfigError
+    (the padded (n_layers, k, d_model) array of a huge k would not fit in memory)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k={k!r} must be an integer >= 1 (SVD directions per layer)")
+    if d_model is not None and k > d_model:
+        raise ConfigError(f"k={k} SVD directions per layer is more than a layer has (at most d_model={d_model}); "
+                          f"ask for k <= {d_model} (--k)")
+    return int(k)
+
+
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
@@ -208,6 +219,7 @@ def extract_directions(acts: Activations, contrasts: ContrastSet, *, methods: Se
                        k: int = 4, C: float = 1.0, progress: Progress | None = None) -> SteeringExtraction:
     """Directions and per-layer separability from collected activations (pure; no model)."""
     methods = check_methods(methods)
+    k = check_k(k, int(acts.pos.shape[-1]))
     train = np.array([p.split == "train" for p in contrasts.pairs])
     test = ~train
     rows, vectors, svd_dirs, svd_vals = [], [], [], []
@@ -255,6 +267,7 @@ def extract(bridge: Any, contrasts: ContrastSet, *, hook: str = "resid_post", la
     methods = check_methods(methods)
     rule = PositionRule.parse(position)
     batch_size = check_batch_size(batch_size)
+    k = check_k(k, int(bridge.cfg.d_model))
     acts = collect(bridge, contrasts, hook=hook, layers=layers, position=rule, padding_side=padding_side,
                    max_tokens=max_tokens, batch_size=batch_size, progress=progress)
     ext = extract_directions(acts, contrasts, methods=methods, k=k, C=C, progress=progress)

@@ -109,6 +109,7 @@ def steer_extract(source: str | os.PathLike | Source = "bilinear-lm", contrasts:
     methods = st.check_methods(methods)
     rule = st.PositionRule.parse(position)
     batch_size = st.check_batch_size(batch_size)
+    k = st.check_k(k)
     src = open_source(source)
     st_ = _store(store)
     params = {"contrast": cs.name, "contrast_fingerprint": cs.fingerprint, "hook": hook, "position": str(rule),
