@@ -459,6 +459,9 @@ def sae_features(key: str, *, texts: Sequence[str] | None = None, source: Any = 
     params = {"sae": trained.key, "corpus": corpus, "settings": s}
 
     def compute():
+        from sae.memory import check_feature_data_memory
+
+        check_feature_data_memory(cfg.d_sae, s)  # before the model boots
         src = _reopen(trained, source)
         bridge = _bridge(src)
         cache = harvest(src, cfg.layer, build_texts(), max_tokens=corpus["max_tokens"], bridge=bridge,

@@ -44,6 +44,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from analysis.errors import ConfigError
 from analysis.memory import MemoryLimit, gib, memory_limit
 
@@ -131,6 +133,36 @@ def check_training_memory(**settings: object) -> TrainingMemory:
     if limit is not None and est.total > limit.bytes:
         raise ConfigError(refusal(est, limit))
     return est
+
+
+def feature_data_bytes(d_sae: int, settings: dict) -> int:
+    """About the peak bytes of ``sae.features.feature_data``'s per-feature arrays for these
+    settings (its nonzero activations are bounded separately by ``max_nonzeros``): per feature,
+    (n_top + n_intervals x n_per_interval) context windows of before + 1 + after tokens at 80
+    bytes per token while they are built (row indices, neighbour lookups, masks, ids, activations)
+    plus 24 per window, 16 per histogram bin, 8 per interval edge, 24 per logit kept. Measured:
+    ~47 bytes per window token (d_sae 512, 1,100 windows of 17 tokens per feature: 637 MiB peak
+    growth, of which ~190 MiB the 3.2 million nonzeros, against an estimate of 743 MiB)."""
+    v = {}
+    for name in ("n_top", "n_intervals", "n_per_interval", "before", "after", "n_bins", "n_logits"):
+        if isinstance(settings[name], bool) or not isinstance(settings[name], (int, np.integer)):
+            raise ConfigError(f"feature-data setting {name}={settings[name]!r} must be an integer")
+        v[name] = max(int(settings[name]), 0)
+    window = v["before"] + 1 + v["after"]
+    rows = v["n_top"] + v["n_intervals"] * v["n_per_interval"]
+    return d_sae * (rows * (80 * window + 24) + 16 * v["n_bins"] + 8 * (v["n_intervals"] + 1) + 24 * v["n_logits"])
+
+
+def check_feature_data_memory(d_sae: int, settings: dict) -> int:
+    """``feature_data_bytes``, or ConfigError when it exceeds ``memory_limit()``."""
+    need = feature_data_bytes(d_sae, settings)
+    limit = memory_limit()
+    if limit is not None and need > limit.bytes:
+        shown = ", ".join(f"{k}={settings[k]}" for k in ("n_top", "n_intervals", "n_per_interval", "before", "after",
+                                                        "n_bins", "n_logits"))
+        raise ConfigError(f"feature data of {d_sae:,} features would need about {gib(need)} ({shown}) but the memory "
+                          f"limit is {limit.describe()}; lower n_per_interval, n_top or the context (before/after)")
+    return need
 
 
 def hook_width(hf_dir: object) -> int | None:

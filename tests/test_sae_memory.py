@@ -25,6 +25,7 @@ from _support import run_cli
 
 from analysis import memory
 from analysis.errors import ConfigError
+from app import api  # imported before any test patches api_sae._bridge: api_sae_saelens binds it at import
 from sae import memory as sae_memory
 from sae.memory import hook_width, training_bytes
 
@@ -171,8 +172,6 @@ OVERSIZED = [
 
 @pytest.mark.parametrize("kw, match", OVERSIZED, ids=[str(k) for k, _ in OVERSIZED])
 def test_api_refuses_oversized_settings_before_booting(kw, match, no_boot, tmp_path):
-    from app import api
-
     with pytest.raises(ConfigError, match=match):
         api.train_sae("minilm", 3, store=tmp_path / "s", **kw)
 
@@ -251,3 +250,42 @@ def test_measured_peak_rss_growth_is_below_the_estimate(run):
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)
     assert rep["estimate"] / 2 <= rep["growth"] <= rep["estimate"], rep
+
+
+# ------------------------------------------------------------------------- feature data
+def test_feature_data_bytes_by_hand():
+    from sae.features import DEFAULTS
+    from sae.memory import feature_data_bytes
+
+    s = {**DEFAULTS, "n_top": 10, "n_intervals": 5, "n_per_interval": 5, "before": 12, "after": 4, "n_bins": 40,
+         "n_logits": 10}
+    assert feature_data_bytes(3072, s) == 3072 * ((10 + 25) * (80 * 17 + 24) + 16 * 40 + 8 * 6 + 24 * 10)
+    with pytest.raises(ConfigError, match=r"feature-data setting n_top='many' must be an integer"):
+        feature_data_bytes(8, {**s, "n_top": "many"})
+
+
+def test_oversized_feature_settings_are_refused_before_booting(tmp_path, monkeypatch):
+    """An SAE imported from the SAELens fixture (d_sae 32); huge per-feature samples refused
+    before its model (a tiny Llama) boots again."""
+    from _tiny_llama import make_tiny_llama
+
+    from analysis.sources import Source
+    from app import api_sae
+
+    llama16 = make_tiny_llama(tmp_path / "llama16", d_model=16)
+    imported = api.import_saelens(Path(__file__).parent / "data" / "saelens_tiny" / "topk", llama16,
+                                  store=tmp_path / "s")
+
+    def boom(*a, **k):
+        raise AssertionError("the model was booted before the feature settings were checked")
+
+    monkeypatch.setattr(api_sae, "_bridge", boom)
+    monkeypatch.setattr(Source, "boot_bridge", boom)
+    monkeypatch.setenv(memory.ENV_VAR, "1G")
+    with pytest.raises(ConfigError, match=r"feature data of 32 features would need about 206\.2 GiB \(n_top=10, "
+                                          r"n_intervals=5, n_per_interval=1000000, .*\) but the memory limit is 1\.0 "
+                                          r"GiB \(LENSLAB_MEMORY_LIMIT=1G\); lower n_per_interval"):
+        api.sae_features(imported.key, texts=TEXTS, store=tmp_path / "s", n_per_interval=1_000_000)
+
+
+TEXTS = ["the tensor of a frame returns a new array", "a value with the index of each shape"]
