@@ -239,10 +239,11 @@ def train_sae(source: Any = "minilm", layer: int = 0, *, architecture: str = "to
         for e in _sae_entries(st, src.fingerprint):
             if e.meta.get("request") == request:
                 return load_sae(e.key, st)
-    _check_memory(fields, d_sae, expansion, hook_width(src.hf_dir))  # before the model boots, from config.json
+    width = hook_width(src.hf_dir)  # n_heads * d_head from config.json, without booting
+    _check_memory(fields, d_sae, expansion, width)  # before the model boots
     bridge = _bridge(src)
     check_layer(bridge, int(layer))  # an unknown layer fails before the corpus is built
-    if hook_width(src.hf_dir) is None:  # no config.json to read the width from: the booted hook's width
+    if width is None:  # no config.json to read the width from: the booted hook's width, before harvesting
         _check_memory(fields, d_sae, expansion, int(np.prod(head_shape(bridge))))
     cache = harvest(src, int(layer), build_texts(), max_tokens=max_tokens, dtype=dtype, bridge=bridge,
                     progress=_sub(progress, "harvest"))

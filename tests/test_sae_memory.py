@@ -289,3 +289,23 @@ def test_oversized_feature_settings_are_refused_before_booting(tmp_path, monkeyp
 
 
 TEXTS = ["the tensor of a frame returns a new array", "a value with the index of each shape"]
+
+
+def test_without_config_json_the_booted_width_is_checked_before_harvesting(tmp_path, monkeypatch):
+    """An in-memory HF model (a ModuleSource has no hf_dir): the hook width comes from the booted
+    bridge, and the refusal still comes before the corpus is harvested."""
+    from transformers import AutoModelForCausalLM
+
+    from _tiny_llama import make_tiny_llama
+    from sae import harvest
+
+    module = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / "llama"))  # hook_z: 4 heads x 8
+
+    def boom(*a, **k):
+        raise AssertionError("the corpus was harvested before the memory estimate was checked")
+
+    monkeypatch.setattr(harvest, "harvest", boom)
+    monkeypatch.setenv(memory.ENV_VAR, "1G")
+    with pytest.raises(ConfigError, match=r"\(d_in=32, d_sae=10000000, batch_size=4096, topk, float32\) but the "
+                                          r"memory limit is 1\.0 GiB"):
+        api.train_sae(module, 0, d_sae=10_000_000, texts=TEXTS, store=tmp_path / "s")
