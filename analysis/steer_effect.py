@@ -34,11 +34,13 @@ from analysis.contrasts import ContrastSet
 from analysis.errors import ConfigError
 from analysis.steer_hooks import check_alpha, steering, steering_hooks
 from analysis.steer_vectors import SteeringVector
+from analysis.steer_collect import pad_id, pad_rows, run_activations, token_rows
 from analysis.steering import hook_name, tokenize
 
 LM_COLUMNS = ("alpha", "logp_pos", "logp_neg", "delta_pos", "delta_neg", "kl", "nll")
 ENCODER_COLUMNS = ("alpha", "cos_pos", "shift", "margin", "masked_loss")
 DEFAULT_ALPHAS = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0)
+BATCH_TEXTS = 64  # texts per forward pass: memory holds one batch's logits (batch x pos x vocab), not the set's
 Progress = Callable[[int, int, str], None]
 
 
@@ -99,46 +101,56 @@ def lm_dose_response(bridge: Any, vector: SteeringVector | np.ndarray, texts: Se
     alphas = check_alphas(alphas)
     steering_hooks(bridge, vector, alpha=1.0, layers=layers, hook=hook, scale=scale)  # validate before any work
     pos_ids, neg_ids = concept_ids(bridge, concept_pos), concept_ids(bridge, concept_neg)
-    ids, mask = tokenize(bridge, texts, padding_side="right", max_tokens=max_tokens)
-    real = mask.to(torch.bool)
-    nxt = torch.zeros_like(real)
-    nxt[:, :-1] = real[:, :-1] & real[:, 1:]  # positions whose next token is real
-    logp0 = _lm_logprobs(bridge, ids, mask)
-    rows = []
-    for i, alpha in enumerate(alphas):
+    rows_tok = token_rows(bridge, texts, max_tokens=max_tokens)
+    sums = {alpha: np.zeros(4) for alpha in alphas}  # logp_pos, logp_neg, kl (over real positions), nll
+    n_real = n_next = 0
+    starts = range(0, len(rows_tok), BATCH_TEXTS)
+    for b, start in enumerate(starts):  # texts in batches, so memory holds one batch's logits
         if progress:
-            progress(i, len(alphas), f"alpha {alpha:+g}")
-        if alpha == 0.0:
-            logp = logp0
-        else:
-            with _apply(bridge, vector, alpha, layers, hook, scale):
-                logp = _lm_logprobs(bridge, ids, mask)
-        kl = (logp0.exp() * (logp0 - logp)).sum(-1)
-        nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        row = {"alpha": alpha, "logp_pos": float(torch.logsumexp(logp[..., pos_ids], -1)[real].mean()),
-               "logp_neg": float(torch.logsumexp(logp[..., neg_ids], -1)[real].mean()) if neg_ids else float("nan"),
-               "kl": float(kl[real].mean()), "nll": float(nll[nxt[:, :-1]].mean())}
-        rows.append(row)
+            progress(b, len(starts), f"texts {start + 1}-{min(start + BATCH_TEXTS, len(texts))} of {len(texts)}")
+        ids, mask = pad_rows(rows_tok[start:start + BATCH_TEXTS], pad_id(bridge), "right")
+        real = mask.to(torch.bool)
+        nxt = real[:, :-1] & real[:, 1:]  # positions whose next token is real
+        logp0 = _lm_logprobs(bridge, ids, mask)
+        for alpha in alphas:
+            if alpha == 0.0:
+                logp = logp0
+            else:
+                with _apply(bridge, vector, alpha, layers, hook, scale):
+                    logp = _lm_logprobs(bridge, ids, mask)
+            kl = (logp0.exp() * (logp0 - logp)).sum(-1)
+            nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+            sums[alpha] += [float(torch.logsumexp(logp[..., pos_ids], -1)[real].sum()),
+                            float(torch.logsumexp(logp[..., neg_ids], -1)[real].sum()) if neg_ids else float("nan"),
+                            float(kl[real].sum()), float(nll[nxt].sum())]
+        n_real += int(real.sum())
+        n_next += int(nxt.sum())
+    rows = [{"alpha": alpha, "logp_pos": s_[0] / n_real, "logp_neg": s_[1] / n_real, "kl": s_[2] / n_real,
+             "nll": s_[3] / n_next if n_next else float("nan")} for alpha, s_ in sums.items()]
     table = pd.DataFrame(rows)
     base = table.loc[table["alpha"] == 0.0].iloc[0]
     table["delta_pos"] = table["logp_pos"] - base["logp_pos"]
     table["delta_neg"] = table["logp_neg"] - base["logp_neg"]
     if progress:
-        progress(len(alphas), len(alphas), "done")
-    return DoseResponse(table[list(LM_COLUMNS)], "lm", {"n_texts": len(texts), "n_positions": int(real.sum()),
+        progress(len(starts), len(starts), "done")
+    return DoseResponse(table[list(LM_COLUMNS)], "lm", {"n_texts": len(texts), "n_positions": n_real,
                                                         "concept_pos": list(concept_pos),
                                                         "concept_neg": list(concept_neg), "scale": scale})
 
 
 @torch.no_grad()
 def sentence_embeddings(bridge: Any, texts: Sequence[str], *, max_tokens: int = 128) -> torch.Tensor:
-    """Unit-norm mean-pooled last-layer embeddings (n, d_model) float32 under whatever hooks are attached."""
+    """Unit-norm mean-pooled last-layer embeddings (n, d_model) float32 under whatever hooks are
+    attached; ``BATCH_TEXTS`` texts per forward pass, each stopped at the last block (no logits)."""
     from analysis.forgetting import mean_pool
 
-    ids, mask = tokenize(bridge, texts, padding_side="right", max_tokens=max_tokens)
+    rows = token_rows(bridge, texts, max_tokens=max_tokens)
     last = hook_name(bridge, int(bridge.cfg.n_layers) - 1, "resid_post")
-    _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=[last], return_type=None)
-    return mean_pool(cache[last], mask)
+    out = []
+    for start in range(0, len(rows), BATCH_TEXTS):
+        ids, mask = pad_rows(rows[start:start + BATCH_TEXTS], pad_id(bridge), "right")
+        out.append(mean_pool(run_activations(bridge, ids, mask, [last])[last], mask))
+    return torch.cat(out)
 
 
 def encoder_dose_response(bridge: Any, vector: SteeringVector | np.ndarray, texts: Sequence[str],

@@ -1,18 +1,6 @@
-"""Steering directions from contrast sets: activation collection and per-layer direction extraction.
-
-One batched forward pass per contrast set (every positive and negative text, train and test)
-records the activations at one hook of every requested layer; a *position rule* reduces each
-text's (pos, d_model) activations to one d_model vector:
-
-- ``last``: the last real (non-padding) token;
-- ``mean``: the mean over real tokens;
-- ``index:K``: the K-th real token (Python indexing; ``index:-2`` is the second to last). It
-  compares the same token slot of both texts of a pair, so every pair must have the same
-  number of tokens.
-
-Padding may sit on either side (``padding_side``): positions are found from the attention
-mask, and the bridge derives position ids from the mask, so a text's activations do not depend
-on its batch neighbours or on the padding side.
+"""Steering directions from contrast sets: per-layer direction extraction from the activations
+``analysis.steer_collect`` collects (in batches of contrast pairs; its hook names, position
+rules, tokenisation and ``collect`` are re-exported here).
 
 Directions per layer (all in activation units; ``d̄`` = mean paired difference positive − negative
 over the training pairs, ``û`` a unit direction):
@@ -41,213 +29,21 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from analysis.contrasts import ContrastSet
 from analysis.errors import ConfigError, ShapeError
+from analysis.steer_collect import (DEFAULT_BATCH_PAIRS, HOOKS, PADDING_SIDES, Activations,  # noqa: F401
+                                    PositionRule, Progress, check_batch_size, check_layers, collect, hook_name,
+                                    n_layers, pad_rows, run_activations, select_positions, token_rows, tokenize)
 
 CODE_VERSION = "steering-2"  # 2: logistic fitted to tol 1e-8; NaN rows for failed fits
-HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 METHODS = ("mean_diff", "pca", "logistic")
-PADDING_SIDES = ("right", "left")
-Progress = Callable[[int, int, str], None]
-
-
-# -- hooks and positions ------------------------------------------------------------------------
-def n_layers(bridge: Any) -> int:
-    return int(bridge.cfg.n_layers)
-
-
-def hook_name(bridge: Any, layer: int, hook: str) -> str:
-    """``blocks.{layer}.hook_{hook}``, validated against the bridge's hooks (ConfigError lists the valid ones)."""
-    if hook not in HOOKS:
-        raise ConfigError(f"unknown hook {hook!r}; choose one of {', '.join(HOOKS)}")
-    n = n_layers(bridge)
-    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < n:
-        raise ConfigError(f"layer {layer!r} does not exist: this model has layers 0..{n - 1}")
-    name = f"blocks.{int(layer)}.hook_{hook}"
-    if name not in bridge.hook_dict:
-        valid = sorted({k.split(".hook_")[-1] for k in bridge.hook_dict if k.startswith(f"blocks.{int(layer)}.hook_")})
-        raise ConfigError(f"this model has no hook {name!r}; hooks of block {int(layer)}: {', '.join(valid)}")
-    return name
-
-
-def check_layers(bridge: Any, layers: Sequence[int] | None) -> tuple[int, ...]:
-    """The layers as a sorted tuple (None = all), each validated."""
-    n = n_layers(bridge)
-    if layers is None:
-        return tuple(range(n))
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < n:
-            raise ConfigError(f"layer {layer!r} does not exist: this model has layers 0..{n - 1}")
-        out.append(int(layer))
-    if not out:
-        raise ConfigError(f"no layers given; name at least one of 0..{n - 1}")
-    return tuple(sorted(set(out)))
-
-
-@dataclass(frozen=True, slots=True)
-class PositionRule:
-    """How a text's activations (pos, d_model) become one vector: ``last``, ``mean`` or ``index:K``."""
-
-    kind: str
-    index: int = 0
-
-    @classmethod
-    def parse(cls, spec: str | int | PositionRule) -> PositionRule:
-        if isinstance(spec, PositionRule):
-            return spec
-        if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
-            return cls("index", int(spec))
-        if isinstance(spec, str):
-            s = spec.strip().lower()
-            if s in ("last", "mean"):
-                return cls(s)
-            if s.startswith("index:"):
-                try:
-                    return cls("index", int(s[6:]))
-                except ValueError:
-                    pass
-        raise ConfigError(f"unknown position rule {spec!r}; use last, mean or index:K (e.g. index:0, index:-2)")
-
-    @property
-    def needs_equal_lengths(self) -> bool:
-        return self.kind == "index"
-
-    def __str__(self) -> str:
-        return f"index:{self.index}" if self.kind == "index" else self.kind
-
-
-def select_positions(acts: torch.Tensor, mask: torch.Tensor, rule: PositionRule | str) -> torch.Tensor:
-    """Reduce activations (batch, pos, d_model) to (batch, d_model) by ``rule`` over real tokens.
-
-    ``mask`` (batch, pos) is 1 on real tokens, 0 on padding (either side).
-    """
-    rule = PositionRule.parse(rule)
-    if acts.ndim != 3 or mask.shape != acts.shape[:2]:
-        raise ShapeError(f"expected acts (batch, pos, d_model) and mask (batch, pos), got {tuple(acts.shape)} and "
-                         f"{tuple(mask.shape)}")
-    m = mask.to(torch.bool)
-    lengths = m.sum(1)
-    if bool((lengths == 0).any()):
-        raise ShapeError(f"row {int(torch.nonzero(lengths == 0)[0])} has no real tokens; drop empty texts")
-    if rule.kind == "mean":
-        w = m.unsqueeze(-1).to(acts.dtype)
-        return (acts * w).sum(1) / lengths.unsqueeze(-1).to(acts.dtype)
-    out = []
-    for i in range(acts.shape[0]):
-        real = torch.nonzero(m[i]).squeeze(-1)
-        k = -1 if rule.kind == "last" else rule.index
-        if not -len(real) <= k < len(real):
-            raise ConfigError(f"position index:{k} is outside text {i}, which has {len(real)} tokens; "
-                              "use a smaller index, or last / mean")
-        out.append(acts[i, real[k]])
-    return torch.stack(out)
-
-
-# -- tokenisation and collection --------------------------------------------------------------
-def tokenize(bridge: Any, texts: Sequence[str], *, padding_side: str = "right",
-             max_tokens: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (batch, pos) int64 and attention mask (batch, pos), padded on ``padding_side``.
-
-    Causal LMs get their BOS token prepended when the tokenizer does not add it (as the tiny
-    LMs were trained, ``<s> text``); encoders get the tokenizer's own special tokens.
-    """
-    if padding_side not in PADDING_SIDES:
-        raise ConfigError(f"padding_side={padding_side!r} must be one of {', '.join(PADDING_SIDES)}")
-    if not texts:
-        raise ConfigError("no texts to tokenise")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:
-        raise ConfigError(f"max_tokens={max_tokens!r} must be an integer >= 2")
-    tok = bridge.tokenizer
-    rows = [list(ids) for ids in tok(list(texts), add_special_tokens=True, truncation=True,
-                                     max_length=max_tokens)["input_ids"]]
-    bos = getattr(tok, "bos_token_id", None)
-    if getattr(bridge.cfg, "attention_dir", "causal") == "causal" and bos is not None:
-        rows = [r if r[:1] == [bos] else [bos, *r][:max_tokens] for r in rows]
-    if any(len(r) == 0 for r in rows):
-        raise ConfigError("a text tokenised to no tokens; drop empty texts")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if padding_side == "right" else slice(width - len(r), width)
-        ids[i, sl] = torch.tensor(r, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def run_activations(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Activations (batch, pos, d_model) float32 at ``names`` from one forward pass (no logits
-    beyond the last requested block are needed, but the bridge runs the full model)."""
-    _, cache = bridge.run_with_cache(ids, attention_mask=mask, names_filter=list(names), return_type=None)
-    return {n: cache[n].to(torch.float32) for n in names}
-
-
-@dataclass(frozen=True, eq=False)
-class Activations:
-    """Reduced activations of a contrast set at one hook.
-
-    pos / neg: (n_layers, n_pairs, d_model) float64, pairs in ``ContrastSet.pairs`` order;
-    act_norm: (n_layers,) mean ‖h‖ over every real token of every text; lengths: (2, n_pairs)
-    token counts (positive, negative).
-    """
-
-    layers: tuple[int, ...]
-    pos: np.ndarray
-    neg: np.ndarray
-    act_norm: np.ndarray
-    lengths: np.ndarray
-
-
-def collect(bridge: Any, contrasts: ContrastSet, *, hook: str = "resid_post", layers: Sequence[int] | None = None,
-            position: str | PositionRule = "last", padding_side: str = "right", max_tokens: int = 128) -> Activations:
-    """Run every text of ``contrasts`` through ``bridge`` in one batch and reduce by ``position``."""
-    rule = PositionRule.parse(position)
-    layers = check_layers(bridge, layers)
-    names = [hook_name(bridge, layer, hook) for layer in layers]
-    pos_texts, neg_texts = contrasts.texts()
-    n = len(pos_texts)
-    ids, mask = tokenize(bridge, pos_texts + neg_texts, padding_side=padding_side, max_tokens=max_tokens)
-    lengths = mask.sum(1).numpy().reshape(2, n)
-    if rule.needs_equal_lengths and (bad := np.flatnonzero(lengths[0] != lengths[1])).size:
-        shown = ", ".join(f"{contrasts.pairs[i].id} ({lengths[0, i]} vs {lengths[1, i]} tokens)" for i in bad[:4])
-        raise ConfigError(f"position rule {rule} compares the same token slot of both texts, but {bad.size} pair(s) "
-                          f"differ in token length: {shown}; use position last or mean, or rewrite those pairs")
-    acts = run_activations(bridge, ids, mask, names)
-    m = mask.to(torch.bool)
-    pos, neg, norms = [], [], []
-    for name in names:
-        a = acts[name]
-        norms.append(float(a.norm(dim=-1)[m].mean()))
-        red = select_positions(a, mask, rule).to(torch.float64).numpy()
-        pos.append(red[:n])
-        neg.append(red[n:])
-    out = Activations(layers, np.stack(pos), np.stack(neg), np.array(norms), lengths)
-    _check_pairs_differ(out, rule, hook)
-    return out
-
-
-def _check_pairs_differ(acts: Activations, rule: PositionRule, hook: str) -> None:
-    """ConfigError when both texts of every pair have the same activations at every layer (to
-    float32 rounding): the position sees only what the two texts share, e.g. ``index:0`` on a
-    causal LM, which is the BOS token."""
-    gap = np.abs(acts.pos - acts.neg).max()
-    scale = max(float(np.abs(acts.pos).max()), float(np.abs(acts.neg).max()), 1e-30)
-    if gap <= 1e-6 * scale:
-        raise ConfigError(f"position {rule} gives both texts of every pair identical activations at {hook} of every "
-                          f"layer (largest |positive − negative| = {gap:.1e}): that token sees only what the two texts "
-                          "share (index:0 on a causal LM is the BOS token), so there is no direction to extract; use "
-                          "position last or mean, or an index past the tokens the pairs share")
 
 
 # -- directions (pure) ----------------------------------------------------------------------------
@@ -358,6 +154,17 @@ def _layer_vectors(pos: np.ndarray, neg: np.ndarray, methods: Sequence[str], *, 
     return {m: out[m] for m in methods}
 
 
+def check_k(k: int, d_model: int | None = None) -> int:
+    """``k`` (SVD directions kept per layer) when it is an integer in 1..d_model, else ConfigError
+    (the padded (n_layers, k, d_model) array of a huge k would not fit in memory)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k={k!r} must be an integer >= 1 (SVD directions per layer)")
+    if d_model is not None and k > d_model:
+        raise ConfigError(f"k={k} SVD directions per layer is more than a layer has (at most d_model={d_model}); "
+                          f"ask for k <= {d_model} (--k)")
+    return int(k)
+
+
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
@@ -412,13 +219,14 @@ def extract_directions(acts: Activations, contrasts: ContrastSet, *, methods: Se
                        k: int = 4, C: float = 1.0, progress: Progress | None = None) -> SteeringExtraction:
     """Directions and per-layer separability from collected activations (pure; no model)."""
     methods = check_methods(methods)
+    k = check_k(k, int(acts.pos.shape[-1]))
     train = np.array([p.split == "train" for p in contrasts.pairs])
     test = ~train
     rows, vectors, svd_dirs, svd_vals = [], [], [], []
     for li, layer in enumerate(acts.layers):
         if progress:
             progress(li, len(acts.layers), f"directions at layer {layer}")
-        pos, neg = acts.pos[li], acts.neg[li]
+        pos, neg = acts.pos[li].astype(np.float64), acts.neg[li].astype(np.float64)  # float32 values, exactly
         vecs = _layer_vectors(pos[train], neg[train], methods, C=C, layer=layer)
         dirs, vals = svd_directions(pos[train], neg[train], k)
         pad = k - len(vals)
@@ -452,14 +260,16 @@ def extract_directions(acts: Activations, contrasts: ContrastSet, *, methods: Se
 
 def extract(bridge: Any, contrasts: ContrastSet, *, hook: str = "resid_post", layers: Sequence[int] | None = None,
             position: str | PositionRule = "last", methods: Sequence[str] = METHODS, padding_side: str = "right",
-            max_tokens: int = 128, k: int = 4, C: float = 1.0, progress: Progress | None = None) -> SteeringExtraction:
-    """Collect activations (one batched forward pass) and extract every method's direction per layer."""
+            max_tokens: int = 128, k: int = 4, C: float = 1.0, batch_size: int = DEFAULT_BATCH_PAIRS,
+            progress: Progress | None = None) -> SteeringExtraction:
+    """Collect activations (``batch_size`` contrast pairs per forward pass) and extract every
+    method's direction per layer."""
     methods = check_methods(methods)
     rule = PositionRule.parse(position)
-    if progress:
-        progress(0, 1, f"forward pass over {2 * len(contrasts.pairs)} texts")
+    batch_size = check_batch_size(batch_size)
+    k = check_k(k, int(bridge.cfg.d_model))
     acts = collect(bridge, contrasts, hook=hook, layers=layers, position=rule, padding_side=padding_side,
-                   max_tokens=max_tokens)
+                   max_tokens=max_tokens, batch_size=batch_size, progress=progress)
     ext = extract_directions(acts, contrasts, methods=methods, k=k, C=C, progress=progress)
     ext.meta.update({"hook": hook, "position": str(rule), "padding_side": padding_side, "max_tokens": max_tokens,
                      "d_model": int(acts.pos.shape[-1]), "n_layers_model": n_layers(bridge)})

@@ -209,11 +209,13 @@ def train_sae(source: Any = "minilm", layer: int = 0, *, architecture: str = "to
     starts over) and ends with the SAE an uninterrupted run stores, bit for bit. The checkpoint
     is deleted once the SAE is stored.
 
-    Raises ConfigError for an unknown layer (listing the valid ones) or a bad setting,
+    Raises ConfigError for an unknown layer (listing the valid ones), a bad setting, or settings
+    whose estimated memory (``sae.memory``) exceeds the limit (checked before the model boots),
     SourceError for a model without attention layers, CorruptCheckpointError for an unreadable
     checkpoint (``resume=False`` overwrites it).
     """
-    from sae.harvest import check_layer, harvest
+    from sae.harvest import check_layer, harvest, head_shape
+    from sae.memory import hook_width
     from sae.train import config_from_cache, train_sae as fit
 
     if architecture == "topk":
@@ -243,8 +245,12 @@ def train_sae(source: Any = "minilm", layer: int = 0, *, architecture: str = "to
         for e in _sae_entries(st, src.fingerprint):
             if e.meta.get("request") == request:
                 return load_sae(e.key, st)
+    width = hook_width(src.hf_dir)  # n_heads * d_head from config.json, without booting
+    _check_memory(fields, d_sae, expansion, width)  # before the model boots
     bridge = _bridge(src)
     check_layer(bridge, int(layer))  # an unknown layer fails before the corpus is built
+    if width is None:  # no config.json to read the width from: the booted hook's width, before harvesting
+        _check_memory(fields, d_sae, expansion, int(np.prod(head_shape(bridge))))
     cache = harvest(src, int(layer), build_texts(), max_tokens=max_tokens, dtype=dtype, bridge=bridge,
                     progress=_sub(progress, "harvest"))
     cfg = config_from_cache(cache, d_sae=d_sae, expansion=expansion, **fields)
@@ -279,6 +285,17 @@ def _check_settings(fields: dict, *, d_sae: int | None, expansion: int | None, c
     width = d_sae if d_sae is not None else 1_000_000  # wide enough for any k when only the expansion is known
     probe = {n: v for n, v in fields.items() if n not in ("hook_name", "layer", "n_heads", "d_head", "d_in")}
     SAEConfig(d_in=1, d_sae=width, **probe)  # raises ConfigError naming the field, the constraint and the fix
+
+
+def _check_memory(fields: dict, d_sae: int | None, expansion: int | None, d_in: int | None) -> None:
+    """ConfigError when training these settings on a hook ``d_in`` wide would exceed the memory
+    limit (``sae.memory``); nothing to check while ``d_in`` is unknown."""
+    from sae.memory import check_training_memory
+
+    if d_in is not None:
+        check_training_memory(d_in=d_in, d_sae=d_sae if d_sae is not None else expansion * d_in,
+                              batch_size=fields["batch_size"], architecture=fields["architecture"],
+                              dtype=fields["dtype"])
 
 
 def _checkpoint_path(fingerprint: str, request: dict) -> Path:
@@ -454,6 +471,9 @@ def sae_features(key: str, *, texts: Sequence[str] | None = None, source: Any = 
     params = {"sae": trained.key, "corpus": corpus, "settings": s}
 
     def compute():
+        from sae.memory import check_feature_data_memory
+
+        check_feature_data_memory(cfg.d_sae, s)  # before the model boots
         src = _reopen(trained, source)
         bridge = _bridge(src)
         cache = harvest(src, cfg.layer, build_texts(), max_tokens=corpus["max_tokens"], bridge=bridge,

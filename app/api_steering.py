@@ -98,12 +98,18 @@ def _register(src: Source, st_: Store) -> None:
 def steer_extract(source: str | os.PathLike | Source = "bilinear-lm", contrasts: str | os.PathLike | ContrastSet =
                   "numpy-torch", *, hook: str = "resid_post", position: str = "last",
                   methods: Sequence[str] = st.METHODS, layers: Sequence[int] | None = None,
-                  padding_side: str = "right", max_tokens: int = 128, k: int = 4, store: Store | str | None = None,
+                  padding_side: str = "right", max_tokens: int = 128, k: int = 4,
+                  batch_size: int = st.DEFAULT_BATCH_PAIRS, store: Store | str | None = None,
                   refresh: bool = False, progress: Progress | None = None) -> st.SteeringExtraction:
-    """Per-layer steering directions of ``contrasts`` in ``source`` (``analysis.steering.extract``), cached."""
+    """Per-layer steering directions of ``contrasts`` in ``source`` (``analysis.steering.extract``), cached.
+
+    ``batch_size``: contrast pairs per forward pass (bounds memory whatever the set's size; the
+    directions agree across batch sizes to float32 rounding, so it is not part of the cache key)."""
     cs = load_contrasts(contrasts)
     methods = st.check_methods(methods)
     rule = st.PositionRule.parse(position)
+    batch_size = st.check_batch_size(batch_size)
+    k = st.check_k(k)
     src = open_source(source)
     st_ = _store(store)
     params = {"contrast": cs.name, "contrast_fingerprint": cs.fingerprint, "hook": hook, "position": str(rule),
@@ -114,7 +120,8 @@ def steer_extract(source: str | os.PathLike | Source = "bilinear-lm", contrasts:
         _, bridge = bridge_for(src)
         with _LOCK:
             ext = st.extract(bridge, cs, hook=hook, layers=layers, position=rule, methods=methods,
-                             padding_side=padding_side, max_tokens=max_tokens, k=k, progress=progress)
+                             padding_side=padding_side, max_tokens=max_tokens, k=k, batch_size=batch_size,
+                             progress=progress)
         ext.meta.update({"fingerprint": src.fingerprint, "source": src.label, "contrast_origin": cs.origin})
         return st.to_result(ext)
 

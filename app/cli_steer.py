@@ -91,6 +91,8 @@ def extract(
                                                                 ".gguf: resid_post of layer N >= 1 becomes "
                                                                 "direction.N (llama.cpp never steers block 0).")] = None,
     padding_side: Annotated[str, typer.Option("--padding-side", help="right | left")] = "right",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Contrast pairs per forward pass (bounds memory "
+                                                                 "whatever the file's size).")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-layer table as JSON.")] = False,
     refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,
     store: StoreOpt = None,
@@ -101,7 +103,8 @@ def extract(
     from app import api
 
     ext = _run(f"extracting {contrasts} from {source}", api.steer_extract, source, contrasts, hook=hook,
-               position=position, padding_side=padding_side, k=k, store=store, refresh=refresh)
+               position=position, padding_side=padding_side, k=k, batch_size=batch_size, store=store,
+               refresh=refresh)
     vec = api.steer_vector(ext, layer, method, k=k) if (out or gguf or layer is not None) else None
     if out is not None:
         api.save_steering_vector(vec, out)

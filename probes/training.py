@@ -221,6 +221,7 @@ class ProbeClassifier:
     def _build(self, d_in: int, n_classes: int) -> None:
         width = n_classes if self.hidden is None else int(self.hidden)
         self.budget_ = linear_params(d_in, width) if self.budget is None else int(self.budget)
+        self._check_memory(d_in, width, n_classes)
         if self.layer == "linear":
             first: nn.Module = nn.Linear(d_in, width)
             self.rank_ = None
@@ -232,6 +233,20 @@ class ProbeClassifier:
         self.layer_params_ = sum(p.numel() for p in first.parameters())
         self.n_params_ = sum(p.numel() for p in self.net_.parameters())
         self.n_classes_ = n_classes
+
+    def _check_memory(self, d_in: int, width: int, n_classes: int) -> None:
+        """ConfigError before any layer is allocated when the probe's parameters (the first
+        layer fills its budget at most) times 16 bytes (weights, gradients, AdamW's two moments)
+        exceed ``analysis.memory.memory_limit()``."""
+        from analysis.memory import gib, memory_limit
+
+        first = linear_params(d_in, width) if self.layer == "linear" else self.budget_
+        n = first + (0 if self.hidden is None else linear_params(width, n_classes))
+        limit = memory_limit()
+        if limit is not None and 16 * n > limit.bytes:
+            raise ConfigError(f"the probe ({self.describe()}) would need at least {gib(16 * n)} ({n:,} parameters x "
+                              f"16 bytes: weights, gradients, AdamW moments) but the memory limit is "
+                              f"{limit.describe()}; lower hidden (--hidden) or budget (--budget)")
 
     def _standardise(self, X: np.ndarray) -> torch.Tensor:
         X = np.asarray(X, dtype=np.float32)

@@ -54,6 +54,7 @@ import torch
 from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError
 from sae.config import SAEConfig
 from sae.model import SAE
+from sae.memory import check_training_memory
 from sae.dense_relu import Workspace, dense_relu_gradients, encoder_matrix, with_columns
 from sae.sparse import Pattern, positive
 
@@ -99,6 +100,15 @@ def config_from_cache(cache: Any, *, d_sae: int | None = None, expansion: int | 
                      hook_name=cache.hook_name, layer=cache.layer, n_heads=cache.n_heads, d_head=cache.d_head,
                      source_fingerprint=cache.fingerprint, source_label=str(cache.meta.get("source_label", "")),
                      **fields)
+
+
+def _copied_tokens(acts: Any) -> int:
+    """Rows ``as_activations`` will copy into memory: all of an activation cache or array, none of
+    a float32 contiguous tensor (already in memory, used as is)."""
+    if isinstance(acts, torch.Tensor) and acts.dtype == torch.float32 and acts.is_contiguous():
+        return 0
+    shape = getattr(getattr(acts, "acts", acts), "shape", ())
+    return int(shape[0]) if len(shape) == 2 else 0
 
 
 def as_activations(acts: Any, d_in: int | None = None) -> torch.Tensor:
@@ -455,7 +465,8 @@ def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
     the end (label: "step s/S L0 .. NMSE .."). With ``checkpoint`` (a file path), state is saved
     every ``checkpoint_every`` steps and at the end, and an existing checkpoint for the same
     config and activations is resumed from (``resume=False`` starts over). Raises ShapeError
-    (bad activations), ConfigError (a checkpoint for another config or other activations),
+    (bad activations), ConfigError (a checkpoint for another config or other activations; the
+    run's estimated memory, ``sae.memory``, above the limit: checked before anything is allocated),
     CorruptCheckpointError (an unreadable checkpoint). KeyboardInterrupt propagates and leaves
     the last checkpoint intact.
     """
@@ -467,6 +478,8 @@ def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
     if isinstance(meta, dict) and meta.get("hook_name") not in (None, cfg.hook_name):
         raise ConfigError(f"activations come from {meta['hook_name']} but the config says {cfg.hook_name}; "
                           "build the config with config_from_cache(cache, ...)")
+    check_training_memory(d_in=cfg.d_in, d_sae=cfg.d_sae, batch_size=cfg.batch_size, architecture=cfg.architecture,
+                          dtype=cfg.dtype, n_tokens=_copied_tokens(acts))
     x = as_activations(acts, cfg.d_in)
     tr = TrainState(cfg, x)
     ckpt = Path(checkpoint) if checkpoint is not None else None
