@@ -113,48 +113,39 @@ def check_store(store: Store, *, fix: bool = False, tmp_min_age_s: float = 600.0
                                                          if p.name not in referenced]
     temps = _files(store.tmp_dir, "*")
     orphan_bytes = sum(map(_size, orphans))
-    removed: list[Path] = []
-    if fix and (orphans or temps):
-        store._require_writable("collecting orphaned blobs")
-        now = time.time()
-        with store._connection("collecting orphaned blobs", write=True) as con:
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                used = _referenced(con)  # re-read under the lock: a writer may have committed meanwhile
-                for p in orphans:
-                    if p.name not in used:
-                        p.unlink(missing_ok=True)
-                        removed.append(p)
-                for p in temps:
-                    if _age(p, now) >= tmp_min_age_s:
-                        p.unlink(missing_ok=True)
-                        removed.append(p)
-                con.execute("COMMIT")
-            except BaseException:
-                store._rollback(con)
-                raise
+    removed = _delete_unreferenced(store, "collecting orphaned blobs", orphans, temps, blob_min_age_s=0.0,
+                                   tmp_min_age_s=tmp_min_age_s) if fix and (orphans or temps) else []
     return StoreCheck(store.root, index, len(rows or []), tuple(orphans), tuple(missing), tuple(corrupt),
                       tuple(unreadable), tuple(temps), tuple(removed), orphan_bytes)
 
 
 def collect_garbage(store: Store, older_than_s: float = 3600.0) -> int:
-    """Remove temp files left by killed writers and blobs no entry references, both older than
-    ``older_than_s`` seconds; returns the count (``Store.gc``)."""
-    store._require_writable("collecting garbage")
-    removed = 0
-    now = time.time()
-    with store._connection("collecting garbage", write=True) as con:
-        for p in _files(store.tmp_dir, "*"):
-            if _age(p, now) > older_than_s:
-                p.unlink(missing_ok=True)
-                removed += 1
+    """Remove temp files left by killed writers and blobs no entry references, both at least
+    ``older_than_s`` seconds old; returns the count (``Store.gc``)."""
+    return len(_delete_unreferenced(store, "collecting garbage", _files(store.blob_dir, "*/*"),
+                                    _files(store.tmp_dir, "*"), blob_min_age_s=older_than_s,
+                                    tmp_min_age_s=older_than_s))
+
+
+def _delete_unreferenced(store: Store, what: str, blobs: list[Path], temps: list[Path], *,
+                         blob_min_age_s: float, tmp_min_age_s: float) -> list[Path]:
+    """Delete the ``blobs`` no index row references and the ``temps``, each at least its minimum
+    age, under the index write lock (the references are re-read there: a writer may have committed
+    meanwhile). Returns what was deleted; StoreError if the store cannot be written."""
+    store._require_writable(what)
+    now, removed = time.time(), []
+    with store._connection(what, write=True) as con:
         con.execute("BEGIN IMMEDIATE")
         try:
             used = _referenced(con)
-            for p in _files(store.blob_dir, "*/*"):
-                if p.name not in used and _age(p, now) > older_than_s:
+            for p in blobs:
+                if p.name not in used and _age(p, now) >= blob_min_age_s:
                     p.unlink(missing_ok=True)
-                    removed += 1
+                    removed.append(p)
+            for p in temps:
+                if _age(p, now) >= tmp_min_age_s:
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
             con.execute("COMMIT")
         except BaseException:
             store._rollback(con)
