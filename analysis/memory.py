@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,3 +130,11 @@ def memory_limit() -> MemoryLimit | None:
     avail, how = got
     return MemoryLimit(int(avail * SAFETY_FRACTION),
                        f"{SAFETY_FRACTION:.0%} of the {gib(avail)} available now, {how}; set {ENV_VAR} to override")
+
+
+def require_fits(need_bytes: float, refusal: Callable[[MemoryLimit], str]) -> None:
+    """ConfigError(``refusal(limit)``) when ``need_bytes`` exceeds ``memory_limit()``; nothing when
+    it fits or the limit is unknown. Every heavy call checks its estimate through this."""
+    limit = memory_limit()
+    if limit is not None and need_bytes > limit.bytes:
+        raise ConfigError(refusal(limit))

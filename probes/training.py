@@ -238,15 +238,13 @@ class ProbeClassifier:
         """ConfigError before any layer is allocated when the probe's parameters (the first
         layer fills its budget at most) times 16 bytes (weights, gradients, AdamW's two moments)
         exceed ``analysis.memory.memory_limit()``."""
-        from analysis.memory import gib, memory_limit
+        from analysis.memory import gib, require_fits
 
         first = linear_params(d_in, width) if self.layer == "linear" else self.budget_
         n = first + (0 if self.hidden is None else linear_params(width, n_classes))
-        limit = memory_limit()
-        if limit is not None and 16 * n > limit.bytes:
-            raise ConfigError(f"the probe ({self.describe()}) would need at least {gib(16 * n)} ({n:,} parameters x "
-                              f"16 bytes: weights, gradients, AdamW moments) but the memory limit is "
-                              f"{limit.describe()}; lower hidden (--hidden) or budget (--budget)")
+        require_fits(16 * n, lambda limit: f"the probe ({self.describe()}) would need at least {gib(16 * n)} ({n:,} "
+                                           f"parameters x 16 bytes: weights, gradients, AdamW moments) but the memory "
+                                           f"limit is {limit.describe()}; lower hidden (--hidden) or budget (--budget)")
 
     def _standardise(self, X: np.ndarray) -> torch.Tensor:
         X = np.asarray(X, dtype=np.float32)

@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.errors import ConfigError
-from analysis.memory import MemoryLimit, gib, memory_limit
+from analysis.memory import MemoryLimit, gib, require_fits
 
 SD_BYTES = {"topk": 46, "relu": 54}  # per d_sae x d_in element (11.5 / 13.5 float32 copies)
 LATENT_BYTES = 40  # per latent: b_enc, its Adam moments, last_fired, counts, prev_counts
@@ -129,9 +129,7 @@ def check_training_memory(**settings: object) -> TrainingMemory:
     """``training_bytes(**settings)``, or ConfigError when it exceeds ``memory_limit()`` (no check
     when the limit is unknown)."""
     est = training_bytes(**settings)
-    limit = memory_limit()
-    if limit is not None and est.total > limit.bytes:
-        raise ConfigError(refusal(est, limit))
+    require_fits(est.total, lambda limit: refusal(est, limit))
     return est
 
 
@@ -156,12 +154,11 @@ def feature_data_bytes(d_sae: int, settings: dict) -> int:
 def check_feature_data_memory(d_sae: int, settings: dict) -> int:
     """``feature_data_bytes``, or ConfigError when it exceeds ``memory_limit()``."""
     need = feature_data_bytes(d_sae, settings)
-    limit = memory_limit()
-    if limit is not None and need > limit.bytes:
-        shown = ", ".join(f"{k}={settings[k]}" for k in ("n_top", "n_intervals", "n_per_interval", "before", "after",
-                                                        "n_bins", "n_logits"))
-        raise ConfigError(f"feature data of {d_sae:,} features would need about {gib(need)} ({shown}) but the memory "
-                          f"limit is {limit.describe()}; lower n_per_interval, n_top or the context (before/after)")
+    shown = ", ".join(f"{k}={settings[k]}" for k in ("n_top", "n_intervals", "n_per_interval", "before", "after",
+                                                    "n_bins", "n_logits"))
+    require_fits(need, lambda limit: f"feature data of {d_sae:,} features would need about {gib(need)} ({shown}) but "
+                                     f"the memory limit is {limit.describe()}; lower n_per_interval, n_top or the "
+                                     "context (before/after)")
     return need
 
 
