@@ -30,6 +30,7 @@ import torch
 
 from analysis.contrasts import ContrastSet
 from analysis.errors import ConfigError, ShapeError
+from analysis.forward import forward_until
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 PADDING_SIDES = ("right", "left")
@@ -181,28 +182,12 @@ def tokenize(bridge: Any, texts: Sequence[str], *, padding_side: str = "right",
     return pad_rows(token_rows(bridge, texts, max_tokens=max_tokens), pad_id(bridge), padding_side)
 
 
-class _StopForward(Exception):
-    """Raised once every requested hook has fired: the rest of the forward pass is not needed."""
-
-
 @torch.no_grad()
 def run_activations(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Activations (batch, pos, d_model) float32 at ``names`` from one forward pass that stops
     once the last of them has fired: no later blocks and no logits, which would cost batch x pos
     x vocab floats (MiniLM: 78 MB for 64 texts of 10 tokens, 6 GB for 4,000 such texts)."""
-    got: dict[str, torch.Tensor] = {}
-
-    def grabber(name: str):
-        def grab(t: torch.Tensor, hook: Any) -> None:
-            got[name] = t.detach().to(torch.float32)
-            if len(got) == len(names):
-                raise _StopForward
-        return grab
-
-    try:
-        bridge.run_with_hooks(ids, fwd_hooks=[(n, grabber(n)) for n in names], attention_mask=mask, return_type=None)
-    except _StopForward:
-        pass
+    got = {n: t.to(torch.float32) for n, t in forward_until(bridge, ids, mask, names).items()}
     if missing := [n for n in names if n not in got]:
         raise ShapeError(f"{', '.join(missing)} did not fire during the forward pass; the bridge does not route "
                          "this model through those hooks: choose another hook")

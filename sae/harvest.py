@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from analysis.errors import ConfigError, CorruptEntryError, SourceError
+from analysis.forward import forward_until
 from sae.config import HOOK_RE, hook_name_for
 
 Progress = Callable[[int, int, str], None]
@@ -55,10 +56,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FILES = ("acts.npy", "token_ids.npy", "doc_ids.npy", "positions.npy", "texts.json", "meta.json")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                     "merges.txt", "vocab.json")
-
-
-class _StopForward(Exception):
-    """Raised inside the hook_z hook: the rest of the forward pass is not needed."""
 
 
 # -- corpus -----------------------------------------------------------------------------------
@@ -293,24 +290,14 @@ def hook_z_batches(bridge: Any, layer: int, ids: Sequence[Sequence[int]], *, bat
     if dtype not in DTYPES:
         raise ConfigError(f"harvest dtype {dtype!r} is unknown; choose float32 or bfloat16")
     pad = pad_id if pad_id is not None else pad_id_of(bridge.tokenizer)
-    got: list[torch.Tensor] = []
-
-    def grab(z: torch.Tensor, hook: Any) -> None:
-        got.append(z.detach())
-        raise _StopForward
-
     for batch in pack_batches([len(x) for x in ids], batch_tokens):
         input_ids, mask = pad_batch([ids[i] for i in batch], pad)
-        got.clear()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            try:
-                bridge.run_with_hooks(input_ids, fwd_hooks=[(name, grab)], attention_mask=mask, return_type=None)
-            except _StopForward:
-                pass
-        if not got:
+            got = forward_until(bridge, input_ids, mask, [name])
+        if name not in got:
             raise SourceError(f"{name} did not fire during the forward pass; the bridge does not route this model's "
                               "attention through hook_z")
-        z = got[0]
+        z = got[name]
         yield batch, z.reshape(z.shape[0], z.shape[1], -1).float()
 
 
