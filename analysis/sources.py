@@ -75,11 +75,11 @@ TRAINED_NAMES = ("bilinear-digits", "bilinear-lm", "tiny-mixtral")
 
 
 def _trained(name: str) -> Callable[[], Path]:
-    """Locator of a small model LensLab trains itself offline (``analysis.tiny_models``):
+    """Locator of a small model LensLab trains itself offline (``analysis.models.tiny_lm``):
     trained on first use with progress on stderr, cached in the models dir after."""
 
     def locate() -> Path:
-        from analysis import tiny_models
+        from analysis.models import tiny_lm as tiny_models
 
         return tiny_models.BUNDLED_TRAINED[name]()
 

@@ -41,7 +41,7 @@ def allowed_roots() -> tuple[Path, ...]:
     if env.strip():
         roots = [Path(p).expanduser() for p in env.split(os.pathsep) if p.strip()]
     else:
-        from analysis import tiny_models
+        from analysis.models import tiny_lm as tiny_models
 
         hf_home = os.environ.get("HF_HOME") or Path("~/.cache/huggingface").expanduser()
         roots = [Path.cwd(), tiny_models.models_dir(), Path(hf_home)]
@@ -107,7 +107,7 @@ def check_stored_source(spec: str | None) -> str | None:
 def check_contrasts(spec: str) -> str:
     """A contrast set: a bundled name (also as ``bundled:NAME``, a stored set's origin) or a path to a
     ``.jsonl`` file inside the allowed roots; returned unchanged, SourceError otherwise."""
-    from analysis.contrasts import bundled_contrasts
+    from analysis.steering.contrasts import bundled_contrasts
 
     names = bundled_contrasts()
     return check_typed_path(spec, names=[*names, *(f"bundled:{n}" for n in names)], what="contrast set")
@@ -116,7 +116,7 @@ def check_contrasts(spec: str) -> str:
 def check_direction(spec: str | None) -> str | None:
     """A bilinear direction spec, returned unchanged: the file of ``vector:PATH`` or ``sae:PATH:i`` must lie
     inside the allowed roots (SourceError naming PATH otherwise); the other kinds read no file."""
-    from analysis.bilinear_loader import direction_file
+    from analysis.bilinear.loader import direction_file
 
     if (path := direction_file(spec)) is not None:
         check_typed_path(path, what="direction file")

@@ -15,10 +15,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analysis import spectra as spectra_mod
+from analysis.weights import spectra as spectra_mod
 from analysis.errors import SourceError
 from analysis.sources import Source, open_source
-from analysis.spectra import CONDITIONING_COLUMNS, Progress, WeightSpectra
+from analysis.weights.spectra import CONDITIONING_COLUMNS, Progress, WeightSpectra
 from analysis.store import Store
 
 SPECTRA = "spectra"
@@ -89,12 +89,12 @@ def default_store_dir() -> Path:
 def select(source: str | os.PathLike | torch.nn.Module | Source, budget, *, ranker: str = "lowest_kappa",
            include: str | None = None, exclude: str | None = None, seed: int = 0,
            store: Store | str | None = None, trust_pickle: bool = False, progress: Progress | None = None):
-    """KappaTune-style tensor selection (``analysis.selection.select_tensors``) on the cached spectra.
+    """KappaTune-style tensor selection (``analysis.weights.selection.select_tensors``) on the cached spectra.
 
         >>> sel = api.select("minilm", "20%", exclude="embeddings")
         >>> api.export(sel, "peft", "lora.json")
     """
-    from analysis.selection import Budget, select_tensors
+    from analysis.weights.selection import Budget, select_tensors
 
     budget = Budget.parse(budget)  # fail on a bad budget before any analysis runs
     src = open_source(source, trust_pickle=trust_pickle)
@@ -105,10 +105,10 @@ def select(source: str | os.PathLike | torch.nn.Module | Source, budget, *, rank
 
 def export(selection, fmt: str, path: str | os.PathLike | None = None, **opts) -> str:
     """Text of ``selection`` in ``fmt`` (params | peft | axolotl; ``opts`` as
-    ``analysis.export.export_selection``); also written atomically to ``path`` when given."""
+    ``analysis.weights.export.export_selection``); also written atomically to ``path`` when given."""
     import tempfile
 
-    from analysis.export import export_selection
+    from analysis.weights.export import export_selection
 
     text = export_selection(selection, fmt, **opts)
     if path is not None:
@@ -132,7 +132,7 @@ def export(selection, fmt: str, path: str | os.PathLike | None = None, **opts) -
 def kappatune_experiment(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "20%",
                          seeds: int = 3, steps: int = 100, store: Store | str | None = None,
                          progress: Progress | None = None, refresh: bool = False, **settings):
-    """KappaTune forgetting experiment (``analysis.forgetting``), cached in the store.
+    """KappaTune forgetting experiment (``analysis.weights.forgetting``), cached in the store.
 
     Fine-tunes ``source`` (a Hugging Face encoder directory; default the bundled MiniLM) on the
     docstring-package task with each arm (lowest_kappa, highest_kappa, random, full, head_only)
@@ -144,7 +144,7 @@ def kappatune_experiment(source: str | os.PathLike | Source = "minilm", *, budge
         >>> res = api.kappatune_experiment("minilm", seeds=3)
         >>> res.summary[["arm", "accuracy_mean", "drift_mean", "spearman_mean"]]
     """
-    from analysis import forgetting as fg
+    from analysis.weights import forgetting as fg
     from analysis.errors import ConfigError
 
     unknown = sorted(set(settings) - set(fg.ForgettingConfig.__dataclass_fields__))
@@ -172,7 +172,7 @@ def stored_kappatune_experiments(store: Store | str | None = None) -> list:
     """Stored forgetting experiments, newest first: ``(EntryInfo, ForgettingResult)`` pairs (never computes).
 
     Entries whose blobs fail their checksum are skipped."""
-    from analysis import forgetting as fg
+    from analysis.weights import forgetting as fg
     from analysis.errors import CorruptEntryError
 
     st = open_store(store)
@@ -196,9 +196,9 @@ BILINEAR_TRAIN_KINDS = {"digits": "bilinear-digits", "lm": "bilinear-llama", "mi
 
 def bilinear_train(kind: str = "digits", *, force: bool = False, progress=None, **overrides):
     """Train (or reuse from the model cache) ``digits`` | ``lm`` | ``mixtral``; ``overrides`` are
-    ``probes.bilinear.DigitsConfig`` / ``analysis.tiny_models.TinyLMConfig`` fields.
-    Returns ``analysis.tiny_models.TrainedModel`` (path, config, metrics such as test accuracy or loss)."""
-    from analysis import tiny_models
+    ``analysis.models.bilinear_digits.DigitsConfig`` / ``analysis.models.tiny_lm.TinyLMConfig`` fields.
+    Returns ``analysis.models.tiny_lm.TrainedModel`` (path, config, metrics such as test accuracy or loss)."""
+    from analysis.models import tiny_lm as tiny_models
     from analysis.errors import ConfigError
 
     if kind not in BILINEAR_TRAIN_KINDS:
@@ -211,7 +211,7 @@ def bilinear_train(kind: str = "digits", *, force: bool = False, progress=None, 
 def bilinear_params(layer: int = 0, direction: str | None = None, expert: int | None = None,
                     n_eval: int = 256) -> dict:
     """Store parameters of a decomposition (the direction spec in canonical form)."""
-    from analysis.bilinear_loader import spec_params
+    from analysis.bilinear.loader import spec_params
 
     return {"layer": int(layer), "expert": expert, "n_eval": int(n_eval), **spec_params(direction)}
 
@@ -222,12 +222,12 @@ def bilinear_decompose(source: str | os.PathLike | torch.nn.Module | Source = "b
                        trust_pickle: bool = False):
     """Eigendecomposition of the GLU / bilinear layer ``layer`` of ``source`` along ``direction``
     (``class:all``, ``token:the,def``, ``resid:3``, ``vector:u.npy``, ``sae:DIR:5``, ``hosvd:8``;
-    None = HOSVD), cached in the store. Returns ``analysis.bilinear_report.BilinearReport``.
+    None = HOSVD), cached in the store. Returns ``analysis.bilinear.report.BilinearReport``.
 
         >>> rep = api.bilinear_decompose("bilinear-digits", direction="class:all")
         >>> rep.images.shape           # (10 classes, 64 eigenvectors, 8, 8)
     """
-    from analysis import bilinear_report
+    from analysis.bilinear import report as bilinear_report
 
     params = bilinear_params(layer, direction, expert, n_eval)  # fails on a bad spec before any work
     src = open_source(source, trust_pickle=trust_pickle)
@@ -244,7 +244,7 @@ def bilinear_decompose(source: str | os.PathLike | torch.nn.Module | Source = "b
 
 def stored_bilinear(fingerprint: str | None = None, store: Store | str | None = None) -> list:
     """Index rows (``EntryInfo``) of stored decompositions, newest first (never computes)."""
-    from analysis import bilinear_report
+    from analysis.bilinear import report as bilinear_report
 
     st = open_store(store)
     return [e for e in st.list(fingerprint=fingerprint, analysis=BILINEAR)
@@ -253,7 +253,7 @@ def stored_bilinear(fingerprint: str | None = None, store: Store | str | None = 
 
 def load_bilinear(key: str, store: Store | str | None = None):
     """The stored decomposition with this entry key, or None."""
-    from analysis import bilinear_report
+    from analysis.bilinear import report as bilinear_report
 
     result = open_store(store).get_by_key(key)
     return bilinear_report.from_result(result) if result is not None else None

@@ -16,12 +16,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from analysis import spectra as spectra_mod
-from analysis.batch import SourceSummary, SpectraTask, expand_sources, merge_spectra, spectra_task, split_tensors, \
+from analysis.weights import spectra as spectra_mod
+from analysis.weights.batch import SourceSummary, SpectraTask, expand_sources, merge_spectra, spectra_task, split_tensors, \
     summarize_task
 from analysis.errors import LensLabError
 from analysis.executor import ExecutorConfig, make_executor, usable_cpus
-from analysis.spectra import Progress, WeightSpectra
+from analysis.weights.spectra import Progress, WeightSpectra
 from analysis.store import Store
 
 

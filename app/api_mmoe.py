@@ -11,10 +11,10 @@ Everything is cached in the results store (``store=``: a ``Store``, a directory 
 - ``mmoe.features``: MiniLM sentence embeddings of the docstring task (fingerprint = MiniLM's;
   params = corpus settings + installed package versions, so an upgrade re-embeds);
 - ``mmoe.probe``: one trained probe (weights, BatchNorm statistics, scaling, accuracies);
-- ``mmoe.specialisation``: one MMoE's expert report (``analysis.experts.specialisation``);
+- ``mmoe.specialisation``: one MMoE's expert report (``analysis.experts.specialisation.specialisation``);
 - ``mmoe.curve``: one row per expert count, what the specialisation figure plots;
 - ``mmoe.bias``: the bias-correction demo;
-- ``experts.routing``: routing statistics of a routed MoE (``analysis.routing``).
+- ``experts.routing``: routing statistics of a routed MoE (``analysis.experts.routing``).
 
 MMoE entries are keyed by a dataset fingerprint: for digits a hash of the data, for the
 docstring task MiniLM's fingerprint (the data id is in the params).
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import experts as ex
+from analysis.experts import specialisation as ex
 from analysis.errors import ConfigError, SourceError
 from analysis.store import Result, Store, entry_key
 from probes.training import DATASETS, DOC_PACKAGES, FeatureSet, ProbeClassifier
@@ -215,7 +215,7 @@ def mmoe_train(data: str = "digits", n_experts: int = 64, *, layer: str = "cp", 
 # -- specialisation -----------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class ExpertReport:
-    """One MMoE probe's experts (``analysis.experts.Specialisation`` as stored).
+    """One MMoE probe's experts (``analysis.experts.specialisation.Specialisation`` as stored).
 
     ``experts``: one row per expert; ``expert_class`` and ``per_class_drop`` (N, C);
     ``examples``: one row per (expert, rank) top-activating sample (expert, rank, sample,
@@ -395,7 +395,7 @@ def load_expert_report(key: str, store: Store | str | None = None) -> ExpertRepo
 # -- bias correction demo -----------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class BiasDemo:
-    """``analysis.experts.BiasCorrection`` plus the settings and class names of the run."""
+    """``analysis.experts.specialisation.BiasCorrection`` plus the settings and class names of the run."""
 
     target: str
     experts: tuple[int, ...]
@@ -471,9 +471,9 @@ def stored_bias_demos(store: Store | str | None = None) -> list[BiasDemo]:
 def experts_routing(source: Any = "tiny-mixtral", *, packages: Sequence[str] | None = None, per_package: int = 40,
                     max_tokens: int = 64, min_count: int = 5, seed: int = 0, store: Store | str | None = None,
                     refresh: bool = False, progress: Progress | None = None, trust_pickle: bool = False):
-    """Routing statistics of a routed MoE (``analysis.routing``) on docstrings, cached
+    """Routing statistics of a routed MoE (``analysis.experts.routing``) on docstrings, cached
     (``experts.routing``). Raises ConfigError for a model without routers."""
-    from analysis import routing
+    from analysis.experts import routing
     from analysis.sources import open_source
     from app import api
 
@@ -499,7 +499,7 @@ def experts_routing(source: Any = "tiny-mixtral", *, packages: Sequence[str] | N
 
 def stored_routing(store: Store | str | None = None) -> list:
     """(EntryInfo, RoutingStats) of every stored routing analysis, newest first (never computes)."""
-    from analysis import routing
+    from analysis.experts import routing
 
     st = _store(store)
     out = []

@@ -32,12 +32,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import steer_effect as eff
-from analysis import steering as st
-from analysis.contrasts import ContrastSet, bundled_contrasts, load_contrasts
+from analysis.steering import effect as eff
+from analysis.steering import extract as st
+from analysis.steering.contrasts import ContrastSet, bundled_contrasts, load_contrasts
 from analysis.errors import ConfigError
 from analysis.sources import Source, open_source
-from analysis.steer_vectors import SVD, SteeringVector, check_compatible, check_fingerprint, export_gguf, \
+from analysis.steering.vectors import SVD, SteeringVector, check_compatible, check_fingerprint, export_gguf, \
     from_extraction, load_vector, save_vector
 from analysis.store import Result, Store
 
@@ -57,13 +57,13 @@ def _store(store: Store | str | os.PathLike | None) -> Store:
 
 def bridge_for(source: str | os.PathLike | Source, *, mlm_head: bool = False) -> tuple[Source, Any]:
     """(source, TransformerBridge), booted once per process and model. ``mlm_head=True`` attaches
-    the trained masked-LM head of a BERT-style encoder (``probes.mlm_head``; trained on first use)."""
+    the trained masked-LM head of a BERT-style encoder (``analysis.models.mlm_head``; trained on first use)."""
     src = open_source(source)
     key = (src.fingerprint, mlm_head)
     with _LOCK:
         if key not in _BRIDGES:
             if mlm_head:
-                from probes.mlm_head import mlm_bridge
+                from analysis.models.mlm_head import mlm_bridge
 
                 _BRIDGES[key] = mlm_bridge(src)
             else:
@@ -101,7 +101,7 @@ def steer_extract(source: str | os.PathLike | Source = "bilinear-lm", contrasts:
                   padding_side: str = "right", max_tokens: int = 128, k: int = 4,
                   batch_size: int = st.DEFAULT_BATCH_PAIRS, store: Store | str | None = None,
                   refresh: bool = False, progress: Progress | None = None) -> st.SteeringExtraction:
-    """Per-layer steering directions of ``contrasts`` in ``source`` (``analysis.steering.extract``), cached.
+    """Per-layer steering directions of ``contrasts`` in ``source`` (``analysis.steering.extract.extract``), cached.
 
     ``batch_size``: contrast pairs per forward pass (bounds memory whatever the set's size; the
     directions agree across batch sizes to float32 rounding, so it is not part of the cache key)."""
@@ -145,7 +145,7 @@ def steer_vector(extraction: st.SteeringExtraction, layer: int | Sequence[int] |
 
 
 def save_steering_vector(vector: SteeringVector, path: str | os.PathLike) -> Path:
-    """Write a vector as safetensors with its provenance (``analysis.steer_vectors.save_vector``)."""
+    """Write a vector as safetensors with its provenance (``analysis.steering.vectors.save_vector``)."""
     return save_vector(vector, path)
 
 
@@ -178,7 +178,7 @@ def load_extraction(key: str, store: Store | str | None = None) -> st.SteeringEx
 
 # -- effect -------------------------------------------------------------------------------------
 def _masked_batch(bridge: Any, cs: ContrastSet, mask_seed: int = 0):
-    from analysis.masked_lm import mask_tokens
+    from analysis.models.masked_lm import mask_tokens
 
     pos, neg = cs.texts("test")
     return mask_tokens(bridge.tokenizer, pos + neg, seed=mask_seed)
@@ -207,7 +207,7 @@ def steer_dose_response(source: str | os.PathLike | Source, vector: SteeringVect
                         layers: Sequence[int] | None = None, scale: str = "absolute", capability: bool = True,
                         allow_foreign: bool = False, store: Store | str | None = None, refresh: bool = False,
                         progress: Progress | None = None) -> eff.DoseResponse:
-    """Dose-response of ``vector`` on the held-out split of ``contrasts`` (``analysis.steer_effect``), cached.
+    """Dose-response of ``vector`` on the held-out split of ``contrasts`` (``analysis.steering.effect``), cached.
 
     For an encoder, ``capability=True`` adds the masked-token loss (trains MiniLM's MLM head on
     first use, about a minute)."""
@@ -247,7 +247,7 @@ def stored_layer_sweep(fingerprint: str, contrasts: str | os.PathLike | Contrast
                        scale: str = "absolute", capability: bool = False,
                        store: Store | str | None = None) -> pd.DataFrame | None:
     """The stored layer sweep with exactly these settings, or None (never computes)."""
-    from analysis.steer_hooks import check_alpha
+    from analysis.steering.hooks import check_alpha
 
     params = _sweep_params(load_contrasts(contrasts), alpha=check_alpha(alpha), method=method, hook=hook,
                            position=position, scale=scale, capability=capability)
@@ -260,7 +260,7 @@ def steer_sweep(source: str | os.PathLike | Source, contrasts: str | os.PathLike
                 capability: bool = False, store: Store | str | None = None, refresh: bool = False,
                 progress: Progress | None = None) -> pd.DataFrame:
     """Layer sweep: each layer's own vector at ``alpha``; one row per layer (``steer_effect.layer_sweep``)."""
-    from analysis.steer_hooks import check_alpha
+    from analysis.steering.hooks import check_alpha
 
     alpha = check_alpha(alpha)
     cs = load_contrasts(contrasts)
@@ -310,8 +310,8 @@ def steer_orthogonalize(source: str | os.PathLike | Source, vector: SteeringVect
                         out_dir: str | os.PathLike, *, overwrite: bool = False, allow_foreign: bool = False,
                         progress: Progress | None = None):
     """Project the vector's direction(s) out of every residual writer and write a new checkpoint
-    (``analysis.orthogonalize``). Returns ``OrthogonalizedModel`` (path, changed tensors)."""
-    from analysis.orthogonalize import orthogonalize
+    (``analysis.steering.orthogonalize``). Returns ``OrthogonalizedModel`` (path, changed tensors)."""
+    from analysis.steering.orthogonalize import orthogonalize
 
     directions = vector if isinstance(vector, np.ndarray) else _vector(vector)
     return orthogonalize(source, directions, out_dir, overwrite=overwrite, allow_foreign=allow_foreign,

@@ -1,6 +1,6 @@
 """Plotly figure builders for the dashboard (pure: DataFrames/arrays in, figures out; no Streamlit).
 
-They draw only what an analysis stored: the spectra table (``analysis.spectra``) and the
+They draw only what an analysis stored: the spectra table (``analysis.weights.spectra``) and the
 singular values of one matrix. Nothing here fits or recomputes a metric, except the plotting
 density of the histogram and the fitted line evaluated from the stored ``alpha``/``xmin``.
 

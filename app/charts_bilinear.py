@@ -1,6 +1,6 @@
 """Plotly figure builders for the Bilinear MLPs page (pure: arrays in, figures out; no Streamlit).
 
-They draw what ``analysis.bilinear_report`` stored; nothing is recomputed except scaling an
+They draw what ``analysis.bilinear.report`` stored; nothing is recomputed except scaling an
 image to [-1, 1] for display.
 
 - ``eigen_spectrum(eigenvalues, label)``: λ_i against i (sorted by |λ|), bars coloured by sign.
@@ -18,7 +18,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.bilinear import TruncationCurve
+from analysis.bilinear.decompose import TruncationCurve
 from analysis.errors import ShapeError
 
 POS, NEG = "#d6604d", "#4393c3"

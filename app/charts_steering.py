@@ -1,8 +1,8 @@
 """Plotly figure builders for the Steering page (pure: stored tables in, figures out; no Streamlit).
 
 - ``separability(table)``: held-out AUC of each method's projection per layer, and the vector
-  norm relative to the typical activation norm (``analysis.steering`` columns).
-- ``dose_response(table, kind)``: the measured effect over α (``analysis.steer_effect``): for an
+  norm relative to the typical activation norm (``analysis.steering.extract`` columns).
+- ``dose_response(table, kind)``: the measured effect over α (``analysis.steering.effect``): for an
   LM the concept log-probabilities and the KL to the unsteered model; for an encoder the cosine
   shift toward the target class and the masked-token loss.
 - ``layer_sweep(table)``: the effect at one α with each layer's own vector.

@@ -1,10 +1,10 @@
 """LensLab dashboard: ``lenslab dashboard`` (or ``streamlit run app/dashboard.py``).
 
 Pages read the results store (``$LENSLAB_STORE``) and launch analyses with a progress bar;
-they never compute metrics themselves. To add a page, create ``app/pages/<name>.py`` and
-append one ``st.Page`` line to ``PAGES`` below. A page's first statement should be
-``store = app.state.get_store()``: it also reroutes a page Streamlit ran without this script
-(its legacy mode for a ``pages/`` folder, see ``app/state.py``). Pages run under
+they never compute metrics themselves. To add a page, create ``app/views/<name>.py`` and
+append one ``st.Page`` line to ``PAGES`` below. The folder is not named ``pages/``, so Streamlit
+never runs a page on its own (its legacy multipage mode): every request goes through this
+script's ``st.navigation``. A page's first statement is ``store = app.state.get_store()``. Pages run under
 ``app.page_errors.run_page``: an error a page does not catch is one short line in the browser and
 a traceback in the server log. A value a page hands to ``app.api`` as a file goes through
 ``app.allowed_paths`` (``tests/test_dashboard_paths.py`` checks every page for it).
@@ -21,16 +21,16 @@ st.set_page_config(page_title="LensLab", page_icon=":material/biotech:", layout=
 
 # The page list (paths relative to this file). Append new pages here.
 PAGES = [
-    st.Page("pages/home.py", title="Models", icon=":material/home:", default=True),
-    st.Page("pages/spectra.py", title="Conditioning & spectra", icon=":material/show_chart:"),
-    st.Page("pages/selection.py", title="KappaTune selection", icon=":material/checklist:"),
-    st.Page("pages/experiments.py", title="Experiments", icon=":material/science:"),
-    st.Page("pages/bilinear.py", title="Bilinear MLPs", icon=":material/grid_on:"),
-    st.Page("pages/experts.py", title="Experts", icon=":material/hub:"),
-    st.Page("pages/steering.py", title="Steering", icon=":material/tune:"),
-    st.Page("pages/sae.py", title="Attention SAEs", icon=":material/blur_on:"),
-    st.Page("pages/sae_features.py", title="SAE features", icon=":material/manage_search:"),
-    st.Page("pages/sae_prompt.py", title="SAE prompt", icon=":material/edit_note:"),
+    st.Page("views/home.py", title="Models", icon=":material/home:", default=True),
+    st.Page("views/spectra.py", title="Conditioning & spectra", icon=":material/show_chart:"),
+    st.Page("views/selection.py", title="KappaTune selection", icon=":material/checklist:"),
+    st.Page("views/experiments.py", title="Experiments", icon=":material/science:"),
+    st.Page("views/bilinear.py", title="Bilinear MLPs", icon=":material/grid_on:"),
+    st.Page("views/experts.py", title="Experts", icon=":material/hub:"),
+    st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
+    st.Page("views/sae.py", title="Attention SAEs", icon=":material/blur_on:"),
+    st.Page("views/sae_features.py", title="SAE features", icon=":material/manage_search:"),
+    st.Page("views/sae_prompt.py", title="SAE prompt", icon=":material/edit_note:"),
 ]
 
 page = st.navigation(PAGES)

@@ -8,18 +8,15 @@ share a key. ``st.cache_resource`` objects are shared by every session of the se
 
 from __future__ import annotations
 
-import runpy
 import time
-from pathlib import Path
 
 import streamlit as st
 
 from analysis.errors import LensLabError
-from analysis.spectra import WeightSpectra
+from analysis.weights.spectra import WeightSpectra
 from analysis.store import ModelInfo, Store, default_store_root
 from app.allowed_paths import check_source
 
-DASHBOARD = Path(__file__).with_name("dashboard.py")
 MODEL_STATE = "lenslab_model"  # fingerprint of the model last picked on any page
 
 
@@ -33,30 +30,8 @@ def _open_store(root: str) -> Store:
     return Store(root)
 
 
-def _run_entry_script_if_bypassed() -> None:
-    """Run ``app/dashboard.py`` (page config and page list) if Streamlit ran a page without it.
-
-    Streamlit treats a ``pages/`` folder next to the entry script as a legacy (v1) multipage
-    app until ``st.navigation`` has run once in the process: the first request for, say,
-    ``/spectra`` runs ``pages/spectra.py`` alone. Then we run the entry script in this same
-    script run (its ``st.navigation`` resolves the same URL to the same page, with the
-    widgets' state intact) and stop the bypassed copy. Pages call this before drawing anything.
-    """
-    from streamlit.runtime.pages_manager import PagesManager
-
-    if PagesManager.uses_pages_directory:
-        PagesManager.uses_pages_directory = False
-        runpy.run_path(str(DASHBOARD), run_name="__main__")
-        st.stop()
-
-
 def get_store() -> Store:
-    """The dashboard's store (one ``Store`` per root path, shared across sessions).
-
-    Every page calls this before drawing anything: it also makes sure the page runs under
-    the entry script's ``st.navigation``.
-    """
-    _run_entry_script_if_bypassed()
+    """The dashboard's store (one ``Store`` per root path, shared across sessions)."""
     return _open_store(store_root())
 
 

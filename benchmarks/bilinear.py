@@ -3,9 +3,9 @@
 Decomposing every output direction of a bilinear layer (the d_out residual basis vectors: the
 whole tensor's information) and a few directions (16), two ways, on random float64 layers:
 
-- efficient: ``analysis.bilinear.interaction_matrices`` builds Q(u) = sym(Wᵀ diag(Pᵀu) V)
+- efficient: ``analysis.bilinear.decompose.interaction_matrices`` builds Q(u) = sym(Wᵀ diag(Pᵀu) V)
   directly, chunked over directions; the (d_out, d_in, d_in) tensor is never formed;
-- naive: ``analysis.bilinear.naive_interaction_matrices`` materialises B (d_out, d_in, d_in)
+- naive: ``analysis.bilinear.decompose.naive_interaction_matrices`` materialises B (d_out, d_in, d_in)
   with einsum, then contracts it with the directions.
 
 Both then run the same batched ``eigendecompose``. Each (size, directions, path) runs in a fresh
@@ -40,7 +40,7 @@ def _rss_kb() -> int:
 def _child(path: str, dims: tuple[int, int, int], n_dirs: int | None, repeats: int, threads: int, conn) -> None:
     import torch
 
-    from analysis import bilinear as bl
+    from analysis.bilinear import decompose as bl
 
     torch.set_num_threads(threads)
     d_in, d_hidden, d_out = dims

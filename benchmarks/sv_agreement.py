@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.sv_agreement
 
 For every weight matrix of the bundled MiniLM: the singular values of
-``analysis.spectra.weight_spectra`` (float64 Gram route, float64 SVD fall-back above
+``analysis.weights.spectra.weight_spectra`` (float64 Gram route, float64 SVD fall-back above
 kappa 1e4) against ``torch.linalg.svdvals`` of the matrix upcast to float64. Prints the worst
 |s - s_svd| / s_max with the matrix, its kappa and route, the median, and the worst relative
 error of kappa. Measured 2026-12 (current code): worst 4.3e-13·s_max
@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from analysis.matrices import weight_matrices
+from analysis.weights.matrices import weight_matrices
 from analysis.sources import open_source
-from analysis.spectra import weight_spectra
+from analysis.weights.spectra import weight_spectra
 
 
 def measure(source: str = "minilm") -> list[dict]:

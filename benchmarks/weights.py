@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.matrices import weight_matrices
+from analysis.weights.matrices import weight_matrices
 from analysis.sources import Source
-from analysis.spectra import WeightSpectra, weight_spectra
+from analysis.weights.spectra import WeightSpectra, weight_spectra
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +77,13 @@ def svdvals_floor(src: Source, dtype: torch.dtype) -> Timing:
 
 
 def float64_core(src: Source, names: set[str] | None = None) -> Timing:
-    """Only the float64 singular values (Gram product + eigenvalues, ``analysis.singular_values.
+    """Only the float64 singular values (Gram product + eigenvalues, ``analysis.weights.singular_values.
     spectrum``) of every matrix (optionally only those of tensors in ``names``), read and held in
     memory beforehand, spread over LensLab's worker pool: no I/O, no metrics, no store. This is
     the float64 arithmetic of LensLab's route (m·n² for the Gram, ~4/3·n³ for the tridiagonal
     reduction; an SVD does more), so WeightWatcher's time over this one caps the speed-up any
     change to I/O, metrics or scheduling can bring."""
-    from analysis.singular_values import n_workers, parallel, spectrum
+    from analysis.weights.singular_values import n_workers, parallel, spectrum
 
     mats = [v.matrix for name, t in src.iter_tensors()
             if (names is None or name in names) and t.is_floating_point() and t.ndim >= 2 and 0 not in t.shape
@@ -173,7 +173,7 @@ class StoreTimes:
 
 def store_times(src: Source, repeats: int) -> StoreTimes:
     """``app.api.analyze(src, store=tmp)`` twice (second call timed) and ``Store.get`` alone."""
-    from analysis import spectra as spectra_mod
+    from analysis.weights import spectra as spectra_mod
     from app import api
 
     fp_time, _ = timed(lambda: Source._compute_fingerprint(src))  # the hash itself, memo bypassed

@@ -20,7 +20,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from analysis.bilinear import top_signed
+    from analysis.bilinear.decompose import top_signed
     from app import api
 
     ap = argparse.ArgumentParser()

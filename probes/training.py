@@ -5,7 +5,7 @@ Tasks (``FeatureSet``), both offline:
 - ``digits``: scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels / 16 as features.
 - ``docstrings``: which package a docstring comes from (``analysis.corpus``), features =
   MiniLM sentence embeddings (mean of the last hidden states over real tokens, L2-normalised;
-  ``analysis.forgetting.sentence_embeddings``). Computing them takes ~1 min on 2 cores; the
+  ``analysis.weights.forgetting.sentence_embeddings``). Computing them takes ~1 min on 2 cores; the
   API caches them in the store (``mmoe.features``).
 
 Both are split per class (stratified) into train and test with a fixed seed.
@@ -139,7 +139,7 @@ def docstring_items(packages: Sequence[str] = DOC_PACKAGES, *, per_package: int 
 def embed_texts(hf_dir: Any, texts: Sequence[str], *, max_tokens: int = 128, batch_size: int = 32,
                 progress: Progress | None = None) -> np.ndarray:
     """MiniLM-style sentence embeddings (n, d_model) float32: masked mean pooling + L2 norm."""
-    from analysis.forgetting import load_encoder, sentence_embeddings, tokenize
+    from analysis.weights.forgetting import load_encoder, sentence_embeddings, tokenize
 
     model, tokenizer = load_encoder(hf_dir)
     pad_id = int(getattr(tokenizer, "pad_token_id", 0) or 0)

@@ -4,8 +4,8 @@
   token) of a causal LM (bilinear-lm, tiny-mixtral, any ``*ForCausalLM``) on held-out texts,
   tokenised as the harvest does (``sae.harvest.tokenize``), right-padded, padding excluded.
 - ``masked_lm_loss_fn(bridge, layer, texts)``: masked-token cross-entropy of a BERT-style
-  encoder with a trained MLM head attached (``probes.mlm_head.mlm_bridge``), via
-  ``analysis.masked_lm.mask_tokens`` / ``masked_token_loss``.
+  encoder with a trained MLM head attached (``analysis.models.mlm_head.mlm_bridge``), via
+  ``analysis.models.masked_lm.mask_tokens`` / ``masked_token_loss``.
 - ``loss_fn_for(source, layer, texts)``: boots the right bridge for the source and picks one.
 
 ``patch`` receives hook_z [batch, pos, n_heads, d_head] and returns the replacement; ``None``
@@ -64,8 +64,8 @@ def causal_lm_loss_fn(bridge: Any, layer: int, texts: Sequence[str], *, max_toke
 def masked_lm_loss_fn(bridge: Any, layer: int, texts: Sequence[str], *, max_tokens: int = 128,
                       mask_rate: float = 0.15, seed: int = 0, batch_size: int = 32) -> LossFn:
     """Mean masked-token cross-entropy (nats) over ``texts``; ``bridge`` must carry a trained MLM
-    head (``probes.mlm_head.mlm_bridge(source)``)."""
-    from analysis.masked_lm import mask_tokens, masked_token_loss
+    head (``analysis.models.mlm_head.mlm_bridge(source)``)."""
+    from analysis.models.masked_lm import mask_tokens, masked_token_loss
 
     name = check_layer(bridge, layer)
     batch = mask_tokens(bridge.tokenizer, list(texts), mask_rate=mask_rate, seed=seed, max_tokens=max_tokens)
@@ -101,6 +101,6 @@ def loss_fn_for(source: Any, layer: int, texts: Sequence[Any], *, bridge: Any = 
         src, bridge = boot(src)
     if model_kind(bridge) == "causal":
         return causal_lm_loss_fn(bridge, layer, text_list, **kwargs)
-    from probes.mlm_head import mlm_bridge
+    from analysis.models.mlm_head import mlm_bridge
 
     return masked_lm_loss_fn(mlm_bridge(src), layer, text_list, **kwargs)

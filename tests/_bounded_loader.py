@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
             for _, t in open_source(path).iter_tensors():
                 t.sum()
     else:
-        from analysis.contrasts import load_contrasts
+        from analysis.steering.contrasts import load_contrasts
 
         def load(path: str) -> None:
             load_contrasts(path)

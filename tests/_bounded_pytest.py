@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
     import torch  # noqa: F401 - the large imports the tests make, before the limit
 
     from _bounded_loader import _status, limit_address_space
-    from analysis import contrasts, sources  # noqa: F401
+    from analysis import sources  # noqa: F401
+    from analysis.steering import contrasts
 
     limit_address_space(limit_mib)
     base = _status("VmHWM")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 APP = Path(__file__).resolve().parents[1] / "app"
-PAGES = sorted((APP / "pages").glob("*.py"))
+PAGES = sorted((APP / "views").glob("*.py"))
 MODULES = PAGES + [APP / "state.py", APP / "sae_state.py", APP / "dashboard.py"]  # all code the pages run
 FREE_TEXT = {"text_input", "text_area", "chat_input", "file_uploader", "data_editor"}
 OPTION_WIDGETS = {"selectbox", "multiselect"}  # free text only with accept_new_options=True

@@ -97,8 +97,8 @@ def _sae(arch: str, dtype: str, d_in: str, d_sae: str, batch: str, tokens: str, 
 
 def _steer(n_pairs: int, batch: int) -> dict:
     """``steering.collect`` of N short MiniLM pairs in batches of BATCH pairs (0: one forward)."""
-    from analysis import steering
-    from analysis.contrasts import parse_contrasts
+    from analysis.steering import extract as steering
+    from analysis.steering.contrasts import parse_contrasts
     from analysis.sources import open_source
 
     words = ["tensor", "array", "frame", "model", "value", "index", "shape", "file"]
@@ -116,7 +116,7 @@ def _steer(n_pairs: int, batch: int) -> dict:
 def main(argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if argv[0] == "svd":
-        from analysis import singular_values as sv
+        from analysis.weights import singular_values as sv
 
         rows, cols, dtype = int(argv[1]), int(argv[2]), argv[3]
         sv.spectrum(ill_conditioned(64, 16, dtype))  # warm-up: both routes' LAPACK calls
@@ -125,7 +125,7 @@ def main(argv: list[str]) -> int:
             report = measure(lambda: sv.spectrum(w)[1])
         report["matrix_bytes"] = w.numel() * w.element_size()
     elif argv[0] == "analyze":
-        from analysis import spectra
+        from analysis.weights import spectra
         from app import api
 
         directory, inflight = argv[1], int(argv[2]) << 20

@@ -13,7 +13,7 @@ def make_tiny_llama(d: Path, *, d_model: int = 32, n_layers: int = 2, seed: int 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from analysis.contrasts import bundled_contrasts, load_contrasts
+    from analysis.steering.contrasts import bundled_contrasts, load_contrasts
 
     texts = []
     for name in bundled_contrasts():

@@ -28,7 +28,8 @@ import atheris  # noqa: E402
 import torch  # noqa: E402,F401  (imported before instrumentation: only LensLab's modules are instrumented)
 
 with atheris.instrument_imports(include=["analysis"]):
-    from analysis import contrasts, sources
+    from analysis import sources
+    from analysis.steering import contrasts
     from analysis.errors import LensLabError
 
 TARGETS = ("checkpoint", "index", "contrasts")

@@ -63,7 +63,7 @@ def dashboard_store(tmp_path, monkeypatch, streamlit_caches_cleared) -> Store:
 @pytest.fixture(scope="module")
 def models_root(tmp_path_factory):
     """Models a test module trains go to a temp models dir, never the user's cache."""
-    from analysis import tiny_models
+    from analysis.models import tiny_lm as tiny_models
 
     with pytest.MonkeyPatch.context() as mp:
         root = tmp_path_factory.mktemp("models")

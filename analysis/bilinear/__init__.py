@@ -1,0 +1,1 @@
+"""Bilinear MLPs: eigendecomposition of GLU interaction matrices, direction specs, reports."""

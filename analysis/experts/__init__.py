@@ -1,0 +1,1 @@
+"""Experts: MMoE specialisation and bias correction, routing statistics of sparse MoE models."""

@@ -1,0 +1,1 @@
+"""Steering vectors: contrast sets, extraction, hooks, dose-response, vectors on disk, weight orthogonalisation."""

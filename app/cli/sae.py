@@ -1,0 +1,298 @@
+"""``lenslab sae``: attention-output SAEs (train, evaluate, feature dashboards) on hook_z.
+
+    lenslab sae train minilm --layer 3                     # TopK SAE, 8x width, docstring corpus
+    lenslab sae train minilm --layer 3 --architecture relu --l1 2
+    lenslab sae eval minilm --layer 3                      # L0, NMSE, explained variance, loss recovered
+    lenslab sae eval minilm --layer 3 --no-loss            # skip loss recovered (MiniLM's MLM head)
+    lenslab sae features minilm --layer 3 --feature 12     # dashboard data; one feature's contexts
+    lenslab sae ls                                         # stored SAEs with their metrics
+    lenslab sae train ./my-model --layer 1 --texts notes.txt  # your own texts, one per line
+    lenslab sae export minilm out/sae --layer 3            # SAELens format (SAE.load_from_disk)
+    lenslab sae import out/sae minilm --layer 3            # a SAELens-format SAE into the store
+
+``eval`` and ``features`` use the newest stored SAE of SOURCE at LAYER (``--sae KEY`` picks
+another). Registered on the main app in ``app/cli/__init__.py``; errors are LensLab's typed errors
+(one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from app.cli.tables import print_table
+
+sae_app = typer.Typer(no_args_is_help=True, help="Attention-output SAEs: train, evaluate, feature dashboards.")
+_err = Console(stderr=True)
+
+SourceArg = Annotated[str, typer.Argument(help="minilm, bilinear-lm, tiny-mixtral or a HF model directory.")]
+LayerOpt = Annotated[int, typer.Option("--layer", "-l", help="Attention layer (blocks.L.attn.hook_z).")]
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE or "
+                                                                  "the user cache dir).")]
+SaeOpt = Annotated[Optional[str], typer.Option("--sae", help="Store key (prefix) of the SAE; default: the newest "
+                                                             "SAE of SOURCE at LAYER.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+RefreshOpt = Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")]
+TextsOpt = Annotated[Optional[Path], typer.Option("--texts", help="A text file, one text per line, used instead of "
+                                                                  "the docstring corpus.")]
+METRICS = (("l0", "L0", ".2f"), ("nmse", "NMSE", ".4f"),
+           ("explained_variance_saelens", "explained variance (SAELens: 1 - NMSE)", ".4f"),
+           ("explained_variance_sklearn", "explained variance (sklearn: variance-weighted)", ".4f"),
+           ("cosine", "cosine", ".4f"), ("loss_recovered", "loss recovered", ".4f"),
+           ("dead_fraction", "dead features", ".2%"), ("dense_fraction", "dense features", ".2%"))
+EV_NOTE = ("EV SAELens = 1 - NMSE, SAELens's explained_variance; EV sklearn = sklearn's variance-weighted "
+           "explained_variance_score, which ignores a constant offset of the reconstruction (see sae/metrics.py)")
+
+
+def _texts(path: Path | None) -> list[str] | None:
+    from analysis.errors import ConfigError
+
+    if path is None:
+        return None
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--texts {path}: cannot read it as UTF-8 text ({exc}); give a text file, one text "
+                          "per line") from exc
+    texts = [ln for ln in lines if ln]
+    if not texts:
+        raise ConfigError(f"--texts {path}: the file holds no non-empty line; give one text per line")
+    return texts
+
+
+def _run(description: str, fn, *args, **kwargs):
+    from app.cli.options import run_with_progress
+
+    return run_with_progress(description, fn, *args, **kwargs)
+
+
+def _safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if hasattr(v, "item"):
+        return _safe(v.item())
+    return v
+
+
+def _print_metrics(title: str, metrics: dict) -> None:
+    out = Table(title=title)
+    out.add_column("metric")
+    out.add_column("value", justify="right")
+    for name, label, fmt in METRICS:
+        v = metrics.get(name)
+        if v is not None:
+            out.add_row(label, format(v, fmt) if isinstance(v, (int, float)) and math.isfinite(v) else str(v))
+    print_table(out)
+
+
+@sae_app.command("train")
+def train(
+    source: SourceArg,
+    layer: LayerOpt = 0,
+    architecture: Annotated[str, typer.Option("--architecture", "-a", help="topk | relu")] = "topk",
+    k: Annotated[int, typer.Option("--k", help="topk: latents kept per token (the L0).")] = 32,
+    l1: Annotated[float, typer.Option("--l1", help="relu: L1 coefficient.")] = 1.0,
+    expansion: Annotated[int, typer.Option("--expansion", help="d_sae = expansion x d_in.")] = 8,
+    d_sae: Annotated[Optional[int], typer.Option("--d-sae", help="Number of features (overrides --expansion).")] = None,
+    n_tokens: Annotated[int, typer.Option("--tokens", help="Training tokens (activations repeat in epochs).")]
+    = 2_000_000,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step.")] = 4096,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1.2e-3,
+    per_package: Annotated[Optional[int], typer.Option("--per-package", help="Docstrings per package (default all).")]
+    = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens kept per docstring.")] = 128,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 compute (harvest and training matmuls).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation and batches.")] = 0,
+    texts: TextsOpt = None,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an interrupted run of the same "
+                                                                      "command from its checkpoint (default), or "
+                                                                      "start over.")] = True,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 500,
+    as_json: JsonOpt = False,
+    refresh: RefreshOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Harvest hook_z of LAYER on the docstring corpus and train an SAE on it (stored; reused if present).
+    Interrupted (Ctrl-C), the same command resumes from the last checkpoint."""
+    from app import api
+
+    extra = {"k": k} if architecture == "topk" else {"l1_coefficient": l1}
+    try:
+        trained = _run(f"SAE on {source} layer {layer}", api.train_sae, source, layer, architecture=architecture,
+                       expansion=expansion, d_sae=d_sae, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
+                       per_package=per_package, max_tokens=max_tokens, dtype="bfloat16" if bf16 else "float32",
+                       seed=seed, texts=_texts(texts), store=store, refresh=refresh, resume=resume,
+                       checkpoint_every=checkpoint_every, **extra)
+    except KeyboardInterrupt:
+        _err.print(f"training interrupted; its last checkpoint (every {checkpoint_every} steps) is kept: run the same "
+                   "command again to resume, or add --no-resume to start over", highlight=False)
+        raise
+    if as_json:
+        typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict(),
+                               "training": {k_: _safe(v) for k_, v in trained.training.items()
+                                            if not isinstance(v, (list, dict))}}, indent=1))
+        return
+    cfg = trained.sae.cfg
+    _err.print(f"{trained.name}: d_in {cfg.d_in} ({cfg.n_heads} heads x {cfg.d_head}), d_sae {cfg.d_sae}; "
+               f"store key {trained.key[:12]}", highlight=False)
+    _print_metrics("training (last steps)", trained.training)
+    _err.print(f"next: lenslab sae eval {source} --layer {layer}", highlight=False)
+
+
+@sae_app.command("eval")
+def evaluate(
+    source: SourceArg,
+    layer: LayerOpt = 0,
+    sae: SaeOpt = None,
+    texts: TextsOpt = None,
+    loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Measure loss recovered (default). MiniLM needs "
+                                                                "its MLM head for it, trained once (~5 min) and "
+                                                                "cached; --no-loss skips it.")] = True,
+    as_json: JsonOpt = False,
+    refresh: RefreshOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Evaluate the SAE on held-out docstrings (or --texts): L0, NMSE, explained variance (SAELens's and
+    sklearn's), loss recovered, dead/dense fractions."""
+    from app import api
+
+    key = api.find_sae(source, layer, sae, store=store)
+    ev = _run(f"evaluating SAE {key[:12]}", api.evaluate_sae, key, texts=_texts(texts), loss=loss, store=store,
+              refresh=refresh)
+    if as_json:
+        typer.echo(json.dumps({"key": key, "metrics": {k: _safe(v) for k, v in ev.metrics.items()}}, indent=1))
+        return
+    _print_metrics(f"SAE {key[:12]} on {source} layer {layer}", ev.metrics)
+    _err.print(ev.caption, highlight=False)
+
+
+@sae_app.command("features")
+def features(
+    source: SourceArg,
+    layer: LayerOpt = 0,
+    sae: SaeOpt = None,
+    feature: Annotated[Optional[int], typer.Option("--feature", "-f", help="Print this feature's top contexts "
+                                                                           "and logit effects.")] = None,
+    top: Annotated[int, typer.Option("--top", help="Contexts printed for --feature.")] = 5,
+    texts: TextsOpt = None,
+    as_json: JsonOpt = False,
+    refresh: RefreshOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Compute and store the SAE's feature dashboard data; print the polysemantic-head table
+    (and one feature's top contexts with --feature)."""
+    from app import api
+
+    key = api.find_sae(source, layer, sae, store=store)
+    fd = _run(f"feature data of SAE {key[:12]}", api.sae_features, key, texts=_texts(texts), store=store,
+              refresh=refresh)
+    if feature is not None:
+        fd.check_feature(feature)
+    poly = api.sae_polysemantic(key, store=store, features=fd)
+    if as_json:
+        out = {"key": key, "n_features": fd.d_sae, "dead": int((fd.density == 0).sum()),
+               "polysemantic_heads": poly.n_polysemantic, "heads_counted": poly.n_counted,
+               "heads": [{k: _safe(v) for k, v in r.items()} for r in poly.table.to_dict(orient="records")]}
+        if feature is not None:
+            lt = fd.logit_table(feature)
+            out["feature"] = {"index": feature, "density": float(fd.density[feature]),
+                              "max_act": float(fd.max_act[feature]),
+                              "head_attribution": None if fd.head_attribution is None
+                              else fd.head_attribution[feature].tolist(),
+                              "contexts": [{"tokens": c.tokens, "acts": c.acts.tolist(), "centre": c.centre,
+                                            "activation": c.activation} for c in fd.contexts(feature)[:top]],
+                              "boosted": None if lt is None else list(lt["boosted"]),
+                              "suppressed": None if lt is None else list(lt["suppressed"])}
+        typer.echo(json.dumps(out, indent=1))
+        return
+    _err.print(f"{fd.d_sae} features, {int((fd.density == 0).sum())} dead; {poly.n_polysemantic} of {poly.n_counted} "
+               "heads carry >= 2 unrelated feature families", highlight=False)
+    out = Table(title="heads: top features and their families")
+    for c in ("head", "n_belonging", "n_top", "n_families", "family_sizes", "polysemantic", "families"):
+        out.add_column(c, overflow="fold", justify="left" if c == "families" else "right")
+    for r in poly.table.to_dict(orient="records"):
+        out.add_row(*[str(r[c]) for c in ("head", "n_belonging", "n_top", "n_families", "family_sizes",
+                                          "polysemantic", "families")])
+    print_table(out)
+    if feature is None:
+        return
+    heads = "" if fd.head_attribution is None else " ".join(f"H{h}:{w:.2f}" for h, w in
+                                                            enumerate(fd.head_attribution[feature]))
+    typer.echo(f"feature {feature}: density {fd.density[feature]:.3g}, max {fd.max_act[feature]:.3g}; heads {heads}")
+    for c in fd.contexts(feature)[:top]:
+        text = "".join(f"[[{t}]]" if j == c.centre else t for j, t in enumerate(c.tokens))
+        typer.echo(f"  {c.activation:8.3f}  {text}")
+    lt = fd.logit_table(feature)
+    if lt is not None:
+        typer.echo("  boosts:     " + " ".join(repr(t) for t in lt["boosted"]))
+        typer.echo("  suppresses: " + " ".join(repr(t) for t in lt["suppressed"]))
+
+
+@sae_app.command("export")
+def export(
+    source: SourceArg,
+    directory: Annotated[Path, typer.Argument(help="Directory to write (cfg.json, sae_weights.safetensors, "
+                                                   "sparsity.safetensors).")],
+    layer: LayerOpt = 0,
+    sae: SaeOpt = None,
+    store: StoreOpt = None,
+) -> None:
+    """Write the SAE in SAELens's format (SAELens: SAE.load_from_disk(DIRECTORY)). Its cfg.json says
+    reshape_activations "hook_z": SAELens's encode expects [..., n_heads, d_head], not the flat [N, d_in]."""
+    from app import api
+
+    key = api.find_sae(source, layer, sae, store=store)
+    out = api.export_saelens(key, directory, store=store)
+    cfg = api.load_sae(key, store=store).sae.cfg
+    heads = f"[..., {cfg.n_heads}, {cfg.d_head}]" if cfg.n_heads else "[..., n_heads, d_head]"
+    _err.print(f"SAE {key[:12]} written to {out} (SAELens format); SAELens's encode reads hook_z as {heads} "
+               f"(reshape_activations 'hook_z'): reshape flat [N, {cfg.d_in}] activations first", highlight=False)
+
+
+@sae_app.command("import")
+def import_(
+    directory: Annotated[Path, typer.Argument(help="A SAELens SAE directory (cfg.json + sae_weights.safetensors).")],
+    source: SourceArg,
+    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Attention layer it reads (default: the "
+                                                                       "layer of its cfg.json hook).")] = None,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Store a SAELens-format SAE as an SAE of SOURCE, after checking its d_in against the hook's width."""
+    from app import api
+
+    trained = api.import_saelens(directory, source, layer, store=store)
+    if as_json:
+        typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict()},
+                              indent=1))
+        return
+    _err.print(f"{trained.name}: stored as {trained.key[:12]}; next: lenslab sae eval {source} --layer "
+               f"{trained.sae.cfg.layer} --sae {trained.key[:12]}", highlight=False)
+
+
+@sae_app.command("ls")
+def ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List stored SAEs with their evaluation metrics."""
+    from app import api
+
+    table = api.list_saes(store=store)
+    if as_json:
+        typer.echo(json.dumps([{k: _safe(v) for k, v in r.items()} for r in table.to_dict(orient="records")],
+                              indent=1))
+        return
+    out = Table(title=f"{len(table)} stored SAE(s)", caption=EV_NOTE)
+    cols = ["key", "name", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",
+            "dead_fraction", "features"]
+    headers = {"explained_variance_saelens": "EV SAELens", "explained_variance_sklearn": "EV sklearn"}
+    for c in cols:
+        out.add_column(headers.get(c, c), overflow="fold")
+    for r in table.to_dict(orient="records"):
+        out.add_row(*[r[c][:12] if c == "key" else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
+                      for c in cols])
+    print_table(out)
