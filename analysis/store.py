@@ -49,21 +49,11 @@ from analysis.store_records import (  # noqa: F401  (EntryInfo, ModelInfo, canon
     entry_key,
     json_object,
 )
-from analysis.store_sqlite import ENV_VAR
+from analysis.store_sqlite import ENV_VAR, default_store_root  # noqa: F401 (re-exported)
 from analysis.table_codec import from_parquet, to_parquet
 
 if TYPE_CHECKING:
     from analysis.store_check import StoreCheck
-
-
-def default_store_root() -> Path:
-    """``$LENSLAB_STORE`` if set, else the user's cache dir (``~/.cache/lenslab/store`` on Linux)."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("lenslab")) / "store"
 
 
 class Store:

@@ -12,6 +12,7 @@ the store directory, what went wrong (full, read-only, damaged index, locked) an
 from __future__ import annotations
 
 import errno
+import os
 import sqlite3
 from pathlib import Path
 
@@ -131,3 +132,13 @@ def failure(root: Path, index_path: Path, exc: BaseException, doing: str) -> Sto
                           f"({text}); retry when the other lenslab command has finished")
     return StoreError(f"store {root}: {doing} failed ({text}); check that the directory and {index_path.name} "
                       f"are readable, or {elsewhere} to another store")
+
+
+def default_store_root() -> Path:
+    """``$LENSLAB_STORE`` if set, else the user's cache dir (``~/.cache/lenslab/store`` on Linux)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("lenslab")) / "store"
