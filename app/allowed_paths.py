@@ -20,7 +20,7 @@ Every value the dashboard hands to an ``app.api`` function as a file goes throug
 by way of one helper per kind of value: ``check_source`` (a model typed into a form),
 ``check_stored_source`` (the model a stored result came from, reopened to measure, evaluate or
 generate), ``check_contrasts`` (a contrast set, typed or stored) and ``check_direction`` (the file of a
-``vector:PATH`` / ``sae:PATH:i`` direction spec). ``tests/test_dashboard_paths.py`` scans the pages
+``vector:PATH`` / ``sae:PATH:i`` direction spec). ``tests/app/test_dashboard_paths.py`` scans the pages
 for API calls whose file arguments do not come straight from one of them.
 """
 

@@ -7,7 +7,7 @@ never runs a page on its own (its legacy multipage mode): every request goes thr
 script's ``st.navigation``. A page's first statement is ``store = app.state.get_store()``. Pages run under
 ``app.page_errors.run_page``: an error a page does not catch is one short line in the browser and
 a traceback in the server log. A value a page hands to ``app.api`` as a file goes through
-``app.allowed_paths`` (``tests/test_dashboard_paths.py`` checks every page for it).
+``app.allowed_paths`` (``tests/app/test_dashboard_paths.py`` checks every page for it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Static scans of the dashboard's source (``ast``) for tests/test_dashboard_paths.py: the free-text fields of
+"""Static scans of the dashboard's source (``ast``) for tests/app/test_dashboard_paths.py: the free-text fields of
 every page, and every ``app.api`` call of the pages and their helpers with the arguments it passes."""
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Each input is written to a file and opened the way a user's file would be: a saf
 (``checkpoint``), a shard index next to a valid shard (``index``), or a JSONL contrast set
 (``contrasts``). Any exception other than a ``LensLabError`` is a finding: libFuzzer stops, prints
 the traceback and saves the input (``-artifact_prefix``); so do a hang (``-timeout`` seconds per
-input) and memory growth past ``-rss_limit_mb``. ``tests/test_fuzz_checkpoints.py`` and
-``tests/test_fuzz_contrasts.py`` run each target for a few seconds. The temp directory the inputs
+input) and memory growth past ``-rss_limit_mb``. ``tests/analysis/test_fuzz_checkpoints.py`` and
+``tests/analysis/steering/test_fuzz_contrasts.py`` run each target for a few seconds. The temp directory the inputs
 are written to is removed when fuzzing ends.
 """
 

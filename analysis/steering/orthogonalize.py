@@ -14,7 +14,7 @@ Writers (Hugging Face names): ``embed_tokens``, ``self_attn.o_proj``, ``mlp.down
 shared expert's ``down_proj`` (Qwen2-MoE), and MoE experts' ``w2`` / ``down_proj``, per expert
 (what ``save_pretrained`` writes) or fused (n_experts, d_model, d_mlp) (transformers 5's
 in-memory state dict). Every model type in ``SUPPORTED`` and both expert layouts are tested
-against runtime ablation on tiny random models (tests/test_steering_weights.py).
+against runtime ablation on tiny random models (tests/analysis/steering/test_steering_weights.py).
 A tied ``lm_head`` is untied (written out with the original embedding) so the read-out is
 unchanged. The result is a new Hugging Face directory (config, tokenizer, one
 ``model.safetensors``, ``lenslab_orthogonalize.json``) written to a temp dir and renamed into

@@ -1,5 +1,5 @@
 """Settings that size a big allocation are refused with a ConfigError before it happens, outside
-SAE training (``tests/test_sae_memory.py``): the MMoE / linear probes' width and parameter
+SAE training (``tests/sae/test_sae_memory.py``): the MMoE / linear probes' width and parameter
 budget (checked against ``analysis.memory.memory_limit``) and the number of SVD directions a
 steering extraction pads every layer to (at most d_model).
 

@@ -1,4 +1,4 @@
-"""Results store: round trips, keys, cache, corruption (process faults: tests/test_faults.py)."""
+"""Results store: round trips, keys, cache, corruption (process faults: tests/analysis/test_faults.py)."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_gc_removes_orphans_but_not_live_blobs(store):
 
 
 # Writers killed with SIGKILL (20 times and at each step of a put) and several processes writing and
-# reading at once: tests/test_faults.py.
+# reading at once: tests/analysis/test_faults.py.
 
 
 # ------------------------------------------------------------------------- prefixes matched literally

@@ -1,6 +1,6 @@
 """The Bilinear MLPs page in headless Chromium: `streamlit run` on 127.0.0.1 with a store holding
 the digits model's class decomposition; the top eigenvectors must render as 8×8 images.
-(Same set-up as tests/test_browser.py: Debian chromium via Playwright.)"""
+(Same set-up as tests/app/test_browser.py: Debian chromium via Playwright.)"""
 
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ def test_dashboard_command_binds_loopback_and_passes_allowed_roots(monkeypatch, 
 
     calls = []
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
-    monkeypatch.setattr(cli, "_check_port", lambda host, port: None)  # 8501 may be busy here (tests/test_cli.py)
+    monkeypatch.setattr(cli, "_check_port", lambda host, port: None)  # 8501 may be busy here (tests/app/test_cli.py)
     runner = CliRunner()
     assert runner.invoke(cli.app, ["dashboard", "--store", str(tmp_path / "s")]).exit_code == 0
     assert runner.invoke(cli.app, ["dashboard", "--allowed-root", str(tmp_path / "a"), "--allowed-root",
