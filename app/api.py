@@ -189,74 +189,10 @@ def stored_kappatune_experiments(store: Store | str | None = None) -> list:
     return out
 
 
-# -- bilinear MLPs (issue 4): train the tiny models, decompose GLU layers -------------------------
-BILINEAR = "bilinear.decompose"
-BILINEAR_TRAIN_KINDS = {"digits": "bilinear-digits", "lm": "bilinear-llama", "mixtral": "mixtral"}
-
-
-def bilinear_train(kind: str = "digits", *, force: bool = False, progress=None, **overrides):
-    """Train (or reuse from the model cache) ``digits`` | ``lm`` | ``mixtral``; ``overrides`` are
-    ``analysis.models.bilinear_digits.DigitsConfig`` / ``analysis.models.tiny_lm.TinyLMConfig`` fields.
-    Returns ``analysis.models.tiny_lm.TrainedModel`` (path, config, metrics such as test accuracy or loss)."""
-    from analysis.models import tiny_lm as tiny_models
-    from analysis.errors import ConfigError
-
-    if kind not in BILINEAR_TRAIN_KINDS:
-        raise ConfigError(f"unknown model kind {kind!r}; choose one of {', '.join(BILINEAR_TRAIN_KINDS)}")
-    if kind == "digits":
-        return tiny_models.train_digits(force=force, progress=progress, **overrides)
-    return tiny_models.train_tiny_lm(BILINEAR_TRAIN_KINDS[kind], force=force, progress=progress, **overrides)
-
-
-def bilinear_params(layer: int = 0, direction: str | None = None, expert: int | None = None,
-                    n_eval: int = 256) -> dict:
-    """Store parameters of a decomposition (the direction spec in canonical form)."""
-    from analysis.bilinear.loader import spec_params
-
-    return {"layer": int(layer), "expert": expert, "n_eval": int(n_eval), **spec_params(direction)}
-
-
-def bilinear_decompose(source: str | os.PathLike | torch.nn.Module | Source = "bilinear-digits", *, layer: int = 0,
-                       direction: str | None = None, expert: int | None = None, n_eval: int = 256,
-                       store: Store | str | None = None, refresh: bool = False, progress=None,
-                       trust_pickle: bool = False):
-    """Eigendecomposition of the GLU / bilinear layer ``layer`` of ``source`` along ``direction``
-    (``class:all``, ``token:the,def``, ``resid:3``, ``vector:u.npy``, ``sae:DIR:5``, ``hosvd:8``;
-    None = HOSVD), cached in the store. Returns ``analysis.bilinear.report.BilinearReport``.
-
-        >>> rep = api.bilinear_decompose("bilinear-digits", direction="class:all")
-        >>> rep.images.shape           # (10 classes, 64 eigenvectors, 8, 8)
-    """
-    from analysis.bilinear import report as bilinear_report
-
-    params = bilinear_params(layer, direction, expert, n_eval)  # fails on a bad spec before any work
-    src = open_source(source, trust_pickle=trust_pickle)
-    st = open_store(store)
-
-    def compute():
-        return bilinear_report.to_result(bilinear_report.build_report(
-            src, layer=layer, direction=params["direction"], expert=expert, n_eval=n_eval, progress=progress))
-
-    result = st.cached(src.fingerprint, BILINEAR, params, bilinear_report.CODE_VERSION, compute, refresh=refresh)
-    register(src, st)
-    return bilinear_report.from_result(result)
-
-
-def stored_bilinear(fingerprint: str | None = None, store: Store | str | None = None) -> list:
-    """Index rows (``EntryInfo``) of stored decompositions, newest first (never computes)."""
-    from analysis.bilinear import report as bilinear_report
-
-    st = open_store(store)
-    return [e for e in st.list(fingerprint=fingerprint, analysis=BILINEAR)
-            if e.code_version == bilinear_report.CODE_VERSION]
-
-
-def load_bilinear(key: str, store: Store | str | None = None):
-    """The stored decomposition with this entry key, or None."""
-    from analysis.bilinear import report as bilinear_report
-
-    result = open_store(store).get_by_key(key)
-    return bilinear_report.from_result(result) if result is not None else None
+# -- bilinear MLPs (issue 4): implemented in analysis/bilinear/pipeline.py ------------------------
+from analysis.bilinear.pipeline import (BILINEAR, BILINEAR_TRAIN_KINDS, bilinear_decompose,  # noqa: E402,F401
+                                        bilinear_explain, bilinear_params, bilinear_top, bilinear_train,
+                                        find_bilinear, load_bilinear, stored_bilinear)
 
 
 # -- MMoE probes, expert specialisation, routed MoEs (issue 5): implemented in app/api_mmoe.py ----

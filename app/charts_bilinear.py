@@ -13,13 +13,17 @@ image to [-1, 1] for display.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.bilinear.decompose import TruncationCurve
 from analysis.errors import ShapeError
+
+if TYPE_CHECKING:
+    from analysis.bilinear.evaluate import TruncationCurve
 
 POS, NEG = "#d6604d", "#4393c3"
 

@@ -20,7 +20,6 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from analysis.bilinear.decompose import top_signed
     from app import api
 
     ap = argparse.ArgumentParser()
@@ -33,7 +32,7 @@ def main() -> None:
     fig = plt.figure(figsize=(12, 2.9), dpi=100)
     grid = fig.add_gridspec(2, 13, width_ratios=[1] * 10 + [0.25, 2.6, 0.1], wspace=0.08, hspace=0.3)
     for c in range(10):
-        pos, neg = top_signed(dec.eigenvalues[c], 1)
+        pos, neg = api.bilinear_top(rep, c, 1)
         for row, idx in enumerate((pos, neg)):
             ax = fig.add_subplot(grid[row, c])
             ax.set_xticks([])

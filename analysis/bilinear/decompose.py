@@ -19,11 +19,17 @@ exactly (up to float64 rounding), with Q = Σ_i λ_i v_i v_iᵀ its eigendecompo
     uᵀ out(x) = x̃ᵀ Q x̃ = Σ_i λ_i (v_i · x̃)².
 
 Eigenvalues are sorted by |λ| (largest first); each eigenvector's sign is fixed so its
-largest-magnitude entry is positive (the form is sign-invariant). Everything is float64.
+largest-magnitude entry is positive (the form is sign-invariant). Everything is float64; the
+interaction matrices and their eigendecomposition run on the ``device`` given (default CPU) and
+come back as CPU numpy arrays.
 
 A GLU whose gate has a non-linearity (SwiGLU: silu(W x) ⊙ V x) is not a quadratic form: only
 its bilinear part (the layer with the activation removed) is decomposed; ``decompose`` warns
 with ``BilinearPartWarning`` and sets ``Decomposition.exact = False``.
+
+The rest of the maths lives next door: ``analysis.bilinear.hosvd`` (the tensor's top output
+directions) and ``analysis.bilinear.evaluate`` (contributions on inputs, truncation curves,
+eigenvectors read back in the raw input space).
 
 Pure: tensors and arrays in, frozen dataclasses out; no I/O.
 """
@@ -52,6 +58,11 @@ class BilinearPartWarning(UserWarning):
 def _f64(t: torch.Tensor | np.ndarray) -> torch.Tensor:
     t = torch.as_tensor(t)
     return t.detach().to(device="cpu", dtype=torch.float64).contiguous()
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch.device (None: CPU). Resolving ``auto`` is the caller's job (analysis.device)."""
+    return torch.device("cpu") if device is None else torch.device(device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,26 +187,27 @@ def as_directions(directions: torch.Tensor | np.ndarray | Sequence, d_out: int, 
 
 
 def interaction_matrices(layer: BilinearWeights, directions: torch.Tensor | np.ndarray, *,
-                         chunk_size: int | None = None) -> torch.Tensor:
-    """Q(u_k) for every direction: (k, n, n), symmetric, float64.
+                         chunk_size: int | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+    """Q(u_k) for every direction: (k, n, n), symmetric, float64, on ``device`` (default CPU).
 
     Q(u) = sym(W̃ᵀ diag(Pᵀu) Ṽ) + (u·b_p) e_n e_nᵀ, computed ``chunk_size`` directions at a
     time (default: as many as keep the (chunk, n, d_hidden) intermediate under 128 MiB).
     Never forms the (d_out, n, n) tensor.
     """
-    u = as_directions(directions, layer.d_out, name=layer.name)
-    w, v = layer.folded()
-    coef = u @ layer.p  # (k, d_hidden): Pᵀu for each direction
+    dev = _device(device)
+    u = as_directions(directions, layer.d_out, name=layer.name).to(dev)
+    w, v = (t.to(dev) for t in layer.folded())
+    coef = u @ layer.p.to(dev)  # (k, d_hidden): Pᵀu for each direction
     n = layer.n
     step = chunk_size or max(1, _CHUNK_ELEMENTS // max(1, n * layer.d_hidden))
-    out = torch.empty(len(u), n, n, dtype=torch.float64)
+    out = torch.empty(len(u), n, n, dtype=torch.float64, device=dev)
     wt = w.T  # (n, d_hidden)
     for start in range(0, len(u), step):
         c = coef[start:start + step]  # (c, d_hidden)
         q = torch.matmul(wt[None] * c[:, None, :], v)  # (c, n, n)
         out[start:start + step] = (q + q.transpose(1, 2)) / 2
     if layer.p_bias is not None:
-        out[:, -1, -1] += u @ layer.p_bias
+        out[:, -1, -1] += u @ layer.p_bias.to(dev)
     return out
 
 
@@ -218,11 +230,13 @@ def naive_interaction_matrices(layer: BilinearWeights, directions: torch.Tensor 
     return (q + q.transpose(1, 2)) / 2
 
 
-def eigendecompose(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def eigendecompose(q: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (k, n) sorted by |λ| descending and eigenvectors (k, n, n) as rows
-    (``vecs[k, i]`` is v_i, unit norm, largest-magnitude entry positive) of symmetric q (k, n, n)."""
-    q = _f64(q)
-    with _one_thread(q.shape[-1] <= 1024):
+    (``vecs[k, i]`` is v_i, unit norm, largest-magnitude entry positive) of symmetric q (k, n, n).
+
+    Runs in float64 on q's device (a numpy array: CPU); the results stay there."""
+    q = torch.as_tensor(q).detach().to(dtype=torch.float64).contiguous()
+    with one_lapack_thread(q.device.type == "cpu" and q.shape[-1] <= 1024):
         lam, vec = torch.linalg.eigh(q)
     order = torch.argsort(-lam.abs(), dim=1, stable=True)
     lam = torch.gather(lam, 1, order)
@@ -232,7 +246,7 @@ def eigendecompose(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @contextmanager
-def _one_thread(active: bool) -> Iterator[None]:
+def one_lapack_thread(active: bool) -> Iterator[None]:
     """Run LAPACK on one thread: a batch of small eigenproblems gains nothing from more, and on a
     shared machine OpenMP spin-waiting made a (10, 65, 65) eigh ~400x slower with 2 threads."""
     old = torch.get_num_threads()
@@ -253,7 +267,8 @@ def effective_rank(eigenvalues: np.ndarray | torch.Tensor) -> np.ndarray:
         return np.where(l2sq > 0, l1**2 / np.where(l2sq > 0, l2sq, 1.0), 0.0)
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
+def readonly(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous, read-only view (or copy) of ``a``: how results hold their arrays."""
     a = np.ascontiguousarray(a)
     a.flags.writeable = False
     return a
@@ -289,8 +304,9 @@ class Decomposition:
 
 
 def decompose(layer: BilinearWeights, directions: torch.Tensor | np.ndarray, labels: Sequence[str] | None = None,
-              *, chunk_size: int | None = None) -> Decomposition:
-    """Eigendecompose Q(u) for each direction (k, d_out) of ``layer``.
+              *, chunk_size: int | None = None, device: str | torch.device | None = None) -> Decomposition:
+    """Eigendecompose Q(u) for each direction (k, d_out) of ``layer``, on ``device`` (default CPU;
+    the arrays of the result are CPU numpy either way).
 
     Warns ``BilinearPartWarning`` (and returns ``exact=False``) for a non-linear gate.
     """
@@ -304,139 +320,6 @@ def decompose(layer: BilinearWeights, directions: torch.Tensor | np.ndarray, lab
                 "bilinear part P((W x) ⊙ (V x)) (activation removed) is decomposed, not the layer's output")
         warnings.warn(note, BilinearPartWarning, stacklevel=2)
         notes = (note,)
-    lam, vec = eigendecompose(interaction_matrices(layer, u, chunk_size=chunk_size))
-    return Decomposition(layer.name, labels, _readonly(u.numpy()), _readonly(lam.numpy()), _readonly(vec.numpy()),
-                         layer.biased, layer.gate_act, layer.exact, notes)
-
-
-def augment(dec: Decomposition, x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Layer inputs x (batch, d_in) -> x̃ (batch, n) float64 as the decomposition's space needs."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != dec.d_in:
-        raise ShapeError(f"inputs must be (batch, d_in={dec.d_in}), got {x.shape}; pass the layer's inputs")
-    return np.concatenate([x, np.ones((len(x), 1))], 1) if dec.biased else x
-
-
-def contributions(dec: Decomposition, x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """λ_i (v_i · x̃)² for every input, direction and eigenvector: (batch, k, n).
-
-    Summed over the last axis it equals uᵀ out(x) (the bilinear part's output along u).
-    """
-    xt = augment(dec, x)
-    proj = np.einsum("kin,bn->bki", dec.eigenvectors, xt)
-    return dec.eigenvalues[None] * proj**2
-
-
-@dataclass(frozen=True, eq=False)
-class TruncationCurve:
-    """Keeping the top-k eigenvectors (by |λ|) of every direction, for k in ``ks``.
-
-    accuracy: argmax over directions (+ offsets) equals ``labels`` (NaN without labels);
-    agreement: argmax equals the full decomposition's argmax (NaN with one direction);
-    relative_error: ‖truncated − full‖₂ / ‖full‖₂ over all inputs and directions.
-    """
-
-    ks: np.ndarray  # (m,) eigenvectors kept per direction
-    accuracy: np.ndarray  # (m,)
-    agreement: np.ndarray  # (m,)
-    relative_error: np.ndarray  # (m,)
-
-
-def truncation_curve(dec: Decomposition, x: np.ndarray | torch.Tensor, *, ks: Sequence[int] | None = None,
-                     offsets: np.ndarray | None = None, labels: np.ndarray | None = None) -> TruncationCurve:
-    """Outputs along each direction from the top-k eigenvectors only, for each k in ``ks``
-    (default 0..n). ``offsets`` (k,) are added to every output (e.g. a class head's bias)."""
-    contrib = contributions(dec, x)  # (batch, k, n)
-    n = contrib.shape[2]
-    ks_arr = np.arange(n + 1) if ks is None else np.asarray(sorted(set(int(k) for k in ks)))
-    if ks_arr.size == 0 or ks_arr.min() < 0 or ks_arr.max() > n:
-        raise ConfigError(f"truncation ks must lie in 0..{n}, got {list(ks_arr)}")
-    cum = np.concatenate([np.zeros(contrib.shape[:2] + (1,)), np.cumsum(contrib, axis=2)], axis=2)
-    off = np.zeros(contrib.shape[1]) if offsets is None else np.asarray(offsets, dtype=np.float64)
-    full = cum[..., n] + off
-    full_norm = np.linalg.norm(cum[..., n]) or 1.0
-    acc, agree, rel = [], [], []
-    for k in ks_arr:
-        out = cum[..., k] + off
-        acc.append(float((out.argmax(1) == labels).mean()) if labels is not None else np.nan)
-        agree.append(float((out.argmax(1) == full.argmax(1)).mean()) if contrib.shape[1] > 1 else np.nan)
-        rel.append(float(np.linalg.norm(out - full) / full_norm))
-    return TruncationCurve(_readonly(ks_arr), _readonly(np.array(acc)), _readonly(np.array(agree)),
-                           _readonly(np.array(rel)))
-
-
-@dataclass(frozen=True, eq=False)
-class Hosvd:
-    """Output-mode HOSVD of the symmetrised tensor B (d_out, n, n) flattened to (d_out, n²).
-
-    ``directions[r]`` (unit, d_out) are its left singular vectors and ``singular_values[r]``
-    = ‖Q(directions[r])‖_F, descending; the right singular vectors are vec(Q(u_r)) / σ_r.
-    """
-
-    singular_values: np.ndarray  # (r,)
-    directions: np.ndarray  # (r, d_out)
-
-
-def hosvd(layer: BilinearWeights, n_components: int | None = None) -> Hosvd:
-    """Top output directions of the layer's tensor, from its (d_out, d_out) Gram matrix
-    G_ab = ⟨sym B_a, sym B_b⟩ = P M Pᵀ (+ bias terms), M = ½((W̃W̃ᵀ)⊙(ṼṼᵀ) + (W̃Ṽᵀ)⊙(ṼW̃ᵀ)),
-    so the n² axis is never formed. The sign of u_r makes Q(u_r)'s top-|λ| eigenvalue positive.
-    """
-    w, v = layer.folded()
-    m = ((w @ w.T) * (v @ v.T) + (w @ v.T) * (v @ w.T)) / 2
-    g = layer.p @ m @ layer.p.T
-    if layer.p_bias is not None:
-        b = layer.p_bias
-        d = layer.p @ (w[:, -1] * v[:, -1])  # (d_out,): the constant-constant entry of each B_a
-        g = g + torch.outer(d, b) + torch.outer(b, d) + torch.outer(b, b)
-    with _one_thread(layer.d_out <= 1024):
-        lam, vec = torch.linalg.eigh((g + g.T) / 2)
-    order = torch.argsort(lam, descending=True, stable=True)
-    r = layer.d_out if n_components is None else int(n_components)
-    if not 1 <= r <= layer.d_out:
-        raise ConfigError(f"hosvd n_components={n_components} must lie in 1..d_out={layer.d_out}")
-    sigma = lam[order[:r]].clamp(min=0).sqrt()
-    u = vec[:, order[:r]].T.contiguous()  # (r, d_out)
-    keep = sigma > 0
-    if not keep.any():
-        raise ConfigError(f"{layer.name}: the interaction tensor is zero; there is nothing to decompose")
-    u, sigma = u[keep], sigma[keep]
-    top, _ = eigendecompose(interaction_matrices(layer, u))
-    u = u * torch.where(top[:, 0] < 0, -1.0, 1.0)[:, None]
-    return Hosvd(_readonly(sigma.numpy()), _readonly(u.numpy()))
-
-
-# -- back to input space ------------------------------------------------------------------
-def through_embedding(eigenvectors: np.ndarray, embedding: np.ndarray) -> np.ndarray:
-    """Eigenvectors (..., n) of a layer whose input is e = E x (+ b) mapped to the raw input
-    space: Eᵀ v[:d_in] (..., d_raw), with ``embedding`` E (d_in, d_raw) as nn.Linear stores it.
-    (v · e = (Eᵀ v) · x + v · b: the image shows how each raw input feature drives v.)"""
-    emb = np.asarray(embedding, dtype=np.float64)
-    vec = np.asarray(eigenvectors, dtype=np.float64)
-    return vec[..., :emb.shape[0]] @ emb
-
-
-def token_scores(vectors: np.ndarray, token_inputs: np.ndarray, *, biased: bool) -> np.ndarray:
-    """v · x̃_t for eigenvectors ``vectors`` (m, n) and every token t: (m, vocab).
-
-    ``token_inputs`` (vocab, d_in) are the layer inputs a token alone would give (for an LM:
-    its embedding through the MLP's RMSNorm); x̃_t has a 1 appended when ``biased``.
-    λ · score² is that token's contribution through the eigenvector.
-    """
-    x = np.asarray(token_inputs, dtype=np.float64)
-    vec = np.asarray(vectors, dtype=np.float64)
-    if vec.ndim != 2 or vec.shape[1] != x.shape[1] + int(biased):
-        raise ShapeError(f"token_scores: eigenvectors {vec.shape} do not match token inputs {x.shape} "
-                         f"(biased={biased}); pass eigenvectors of the same layer")
-    if biased:
-        x = np.concatenate([x, np.ones((len(x), 1))], 1)
-    return vec @ x.T
-
-
-def top_signed(eigenvalues: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the m most positive and the m most negative eigenvalues of one direction
-    (each ordered by magnitude; fewer when there are fewer of that sign)."""
-    lam = np.asarray(eigenvalues, dtype=np.float64)
-    pos = np.flatnonzero(lam > 0)
-    neg = np.flatnonzero(lam < 0)
-    return pos[np.argsort(-lam[pos], kind="stable")][:m], neg[np.argsort(lam[neg], kind="stable")][:m]
+    lam, vec = eigendecompose(interaction_matrices(layer, u, chunk_size=chunk_size, device=device))
+    return Decomposition(layer.name, labels, readonly(u.numpy()), readonly(lam.cpu().numpy()),
+                         readonly(vec.cpu().numpy()), layer.biased, layer.gate_act, layer.exact, notes)

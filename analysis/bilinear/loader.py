@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.bilinear.decompose import BilinearWeights, as_directions, hosvd
+from analysis.bilinear.decompose import BilinearWeights, as_directions
+from analysis.bilinear.hosvd import hosvd
 from analysis.errors import ConfigError, SourceError
 from analysis.sources import Source
 
@@ -274,8 +275,10 @@ def spec_params(spec: str | None) -> dict[str, Any]:
     return params
 
 
-def resolve_directions(src: Source, ref: GluRef, layer: BilinearWeights, spec: str | None) -> DirectionSet:
-    """Turn a direction spec (module docstring) into vectors in the layer's output space.
+def resolve_directions(src: Source, ref: GluRef, layer: BilinearWeights, spec: str | None, *,
+                       device: str | torch.device | None = None) -> DirectionSet:
+    """Turn a direction spec (module docstring) into vectors in the layer's output space
+    (``hosvd`` runs on ``device``, default CPU; the vectors are CPU float64 either way).
 
     Raises ConfigError for an unknown or malformed spec or a kind the model lacks (no class
     head, no unembedding), ShapeError (from ``as_directions``) for vectors of the wrong width.
@@ -349,7 +352,7 @@ def resolve_directions(src: Source, ref: GluRef, layer: BilinearWeights, spec: s
         k = _ints(arg, "hosvd components", 1 << 30)[0]
         if k < 1:
             raise ConfigError(f"hosvd:{arg}: give at least 1 component")
-        h = hosvd(layer, min(k, layer.d_out))
+        h = hosvd(layer, min(k, layer.d_out), device=device)
         vectors, sigma = np.array(h.directions), np.array(h.singular_values)
         labels = tuple(f"hosvd {i} (σ={s:.3g})" for i, s in enumerate(sigma))
         spec = f"hosvd:{k}"

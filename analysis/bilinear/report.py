@@ -2,7 +2,7 @@
 
 ``build_report(src, layer=, direction=)`` loads the layer (``analysis.bilinear.loader``),
 resolves the directions, eigendecomposes every Q(u) (``analysis.bilinear.decompose``) and, when the
-model has inputs to evaluate on, adds:
+model has inputs to evaluate on (``analysis.bilinear.inputs``, ``analysis.bilinear.evaluate``), adds:
 
 - image models (digits): every eigenvector through the embedding as an 8×8 image, the
   truncation curve (test accuracy and agreement with the full model vs eigenvectors kept per
@@ -12,29 +12,34 @@ model has inputs to evaluate on, adds:
   held-out text (agreement of the argmax over the directions, relative error), and
   per-position contributions (explorer).
 
-``to_result`` / ``from_result`` convert to and from the store's ``Result``.
+Torch work (eigendecompositions, the LM's forward passes) runs on ``device``; everything the
+report holds is CPU numpy. ``to_result`` / ``from_result`` convert to and from the store's
+``Result``; the store name and parameters are declared in ``analysis.bilinear.pipeline``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from analysis.bilinear import decompose as bl
+from analysis.bilinear import evaluate as ev
 from analysis.bilinear import inputs as inputs_mod
 from analysis.bilinear import loader
+from analysis.progress import Progress
 from analysis.sources import Source
 
-ANALYSIS = "bilinear.decompose"
 CODE_VERSION = bl.CODE_VERSION + "/report-1"
 IMAGE_SHAPE = (8, 8)
 N_TOP_EIGEN = 4  # top positive and top negative eigenvectors listed per direction (LM tokens)
 N_TOP_TOKENS = 8
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,7 +57,7 @@ class BilinearReport:
     sigma: np.ndarray | None = None  # (k,) HOSVD singular values
     images: np.ndarray | None = None  # (k, n, 8, 8) every eigenvector through the embedding
     top_tokens: pd.DataFrame | None = None  # direction, eigen, eigenvalue, rank, token, score, contribution
-    truncation: bl.TruncationCurve | None = None
+    truncation: ev.TruncationCurve | None = None
     explorer_x: np.ndarray | None = None  # (N, 64) digits pixels of the explored inputs
     explorer_labels: np.ndarray | None = None  # (N,) their classes
     explorer_tokens: pd.DataFrame | None = None  # (N rows) position, token, context
@@ -88,11 +93,11 @@ def _summary(dec: bl.Decomposition, sigma: np.ndarray | None) -> pd.DataFrame:
 def _top_tokens(dec: bl.Decomposition, token_x: np.ndarray, vocab: list[str]) -> pd.DataFrame:
     rows = []
     for k, label in enumerate(dec.labels):
-        pos, neg = bl.top_signed(dec.eigenvalues[k], N_TOP_EIGEN)
+        pos, neg = ev.top_signed(dec.eigenvalues[k], N_TOP_EIGEN)
         idx = np.concatenate([pos, neg])
         if not len(idx):
             continue
-        scores = bl.token_scores(dec.eigenvectors[k, idx], token_x, biased=dec.biased)  # (m, vocab)
+        scores = ev.token_scores(dec.eigenvectors[k, idx], token_x, biased=dec.biased)  # (m, vocab)
         for j, i in enumerate(idx):
             lam = float(dec.eigenvalues[k, i])
             for r, t in enumerate(np.argsort(-np.abs(scores[j]), kind="stable")[:N_TOP_TOKENS]):
@@ -112,20 +117,24 @@ def _vocab(src: Source, size: int) -> list[str]:
 
 
 def build_report(src: Source, *, layer: int = 0, direction: str | None = None, expert: int | None = None,
-                 n_eval: int = 256, progress: Progress | None = None) -> BilinearReport:
+                 n_eval: int = 256, progress: Progress | None = None, device: str | torch.device | None = None,
+                 lm_model: Callable[[], torch.nn.Module] | None = None,
+                 lock: AbstractContextManager | None = None) -> BilinearReport:
     """Decompose ``src``'s GLU at ``layer`` along ``direction`` (a spec, see
-    ``analysis.bilinear.loader``) and evaluate it where the model has inputs."""
-    import warnings
+    ``analysis.bilinear.loader``) and evaluate it where the model has inputs.
 
+    Torch work runs on ``device`` (default CPU). For an LM, ``lm_model()`` gives its HF causal LM
+    (default: loaded from ``src`` onto ``device``) and ``lock`` is held while hooks are on it.
+    """
     step = (lambda i, label: progress(i, 5, label)) if progress else (lambda i, label: None)
     step(0, "loading the layer")
     ref, layer_w = loader.load_layer(src, layer, expert)
     step(1, "resolving directions")
-    dirs = loader.resolve_directions(src, ref, layer_w, direction)
+    dirs = loader.resolve_directions(src, ref, layer_w, direction, device=device)
     step(2, f"eigendecomposing {len(dirs.labels)} interaction matrices")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", bl.BilinearPartWarning)
-        dec = bl.decompose(layer_w, dirs.vectors, dirs.labels)
+        dec = bl.decompose(layer_w, dirs.vectors, dirs.labels, device=device)
     for w in caught:  # surface the bilinear-part warning to the caller too
         warnings.warn(w.message, w.category, stacklevel=2)
     kind = _model_kind(src, ref)
@@ -137,7 +146,7 @@ def build_report(src: Source, *, layer: int = 0, direction: str | None = None, e
     step(3, "evaluating on held-out inputs")
     if kind == "image":
         emb, _ = inputs_mod.digits_embedding(src)
-        vec = bl.through_embedding(dec.eigenvectors, emb)  # (k, n, 64)
+        vec = ev.through_embedding(dec.eigenvectors, emb)  # (k, n, 64)
         extra["images"] = vec.reshape(vec.shape[:2] + IMAGE_SHAPE)
         inputs = inputs_mod.digits_inputs(src)
         labels = None
@@ -146,19 +155,20 @@ def build_report(src: Source, *, layer: int = 0, direction: str | None = None, e
             keep = np.isin(inputs.labels, dirs.class_ids)
             inputs = inputs_mod.LayerInputs(inputs.x[keep], inputs.raw[keep], inputs.labels[keep])
             labels = np.array([position[int(c)] for c in inputs.labels], dtype=np.int64)
-        extra["truncation"] = bl.truncation_curve(dec, inputs.x, offsets=dirs.offsets, labels=labels)
+        extra["truncation"] = ev.truncation_curve(dec, inputs.x, offsets=dirs.offsets, labels=labels)
         extra["explorer_x"], extra["explorer_labels"] = inputs.raw, inputs.labels
-        extra["explorer_contrib"] = bl.contributions(dec, inputs.x).astype(np.float32)
+        extra["explorer_contrib"] = ev.contributions(dec, inputs.x).astype(np.float32)
         meta["n_eval"] = len(inputs.x)
         meta["model_accuracy"] = float(extra["truncation"].accuracy[-1]) if labels is not None else None
     elif kind == "lm":
-        token_x = inputs_mod.token_inputs(src, ref)
+        token_x = inputs_mod.token_inputs(src, ref, device=device)
         extra["top_tokens"] = _top_tokens(dec, token_x, _vocab(src, len(token_x)))
-        inputs = inputs_mod.lm_inputs(src, ref, n_tokens=n_eval)
-        extra["truncation"] = bl.truncation_curve(dec, inputs.x, offsets=dirs.offsets)
+        inputs = inputs_mod.lm_inputs(src, ref, n_tokens=n_eval, model=lm_model() if lm_model is not None else None,
+                                      device=device, lock=lock)
+        extra["truncation"] = ev.truncation_curve(dec, inputs.x, offsets=dirs.offsets)
         extra["explorer_tokens"] = pd.DataFrame({"position": np.arange(len(inputs.tokens)),
                                                  "token": list(inputs.tokens), "context": list(inputs.contexts)})
-        extra["explorer_contrib"] = bl.contributions(dec, inputs.x).astype(np.float32)
+        extra["explorer_contrib"] = ev.contributions(dec, inputs.x).astype(np.float32)
         meta["n_eval"] = len(inputs.x)
     if kind == "weights":
         meta["notes"].append("no held-out inputs for this model (not the digits model, or an LM without "
@@ -251,7 +261,7 @@ def from_result(result) -> BilinearReport:
                            tuple(meta.get("notes", ())))
     trunc = None
     if "truncation_ks" in a:
-        trunc = bl.TruncationCurve(*(a[f"truncation_{f}"] for f in ("ks", "accuracy", "agreement", "relative_error")))
+        trunc = ev.TruncationCurve(*(a[f"truncation_{f}"] for f in ("ks", "accuracy", "agreement", "relative_error")))
     frames = {name: pd.DataFrame(value) for name, value in meta.pop("frames", {}).items()}
     keep = {k: v for k, v in meta.items() if k not in ("source", "layer", "expert", "direction", "model_kind", "labels")}
     return BilinearReport(meta["source"], int(meta["layer"]), meta["expert"], meta["direction"], meta["model_kind"],

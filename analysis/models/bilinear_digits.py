@@ -19,7 +19,6 @@ d_model), ``bilinear.p.weight`` (d_model, d_hidden), ``head.weight`` (10, d_mode
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -27,8 +26,8 @@ import torch
 from torch import nn
 
 from analysis.errors import ConfigError
+from analysis.progress import Progress
 
-Progress = Callable[[int, int, str], None]
 N_PIXELS = 64
 N_CLASSES = 10
 IMAGE_SHAPE = (8, 8)
@@ -112,12 +111,15 @@ class BilinearDigits(nn.Module):
         return self.head(self.bilinear(self.embed(x)))
 
     def fit(self, x: np.ndarray | None = None, y: np.ndarray | None = None, *,
-            progress: Progress | None = None, threads: int = 1) -> BilinearDigits:
-        """Train on (x, y) (default: the config's training split), then score the test split.
+            progress: Progress | None = None, threads: int = 1,
+            device: str | torch.device | None = None) -> BilinearDigits:
+        """Train on (x, y) (default: the config's training split) on ``device`` (default CPU; the
+        model stays there), then score the test split.
 
-        Deterministic for a given config on one machine: the noise and batches come from
-        ``torch.Generator().manual_seed(seed)``; ``threads`` sets torch's intra-op threads
-        during training (1 is fastest for a model this small, and robust on busy machines).
+        Deterministic for a given config on one machine and device: the noise and batches come
+        from ``torch.Generator().manual_seed(seed)`` on the CPU (then moved to ``device``);
+        ``threads`` sets torch's intra-op threads during training (1 is fastest for a model this
+        small, and robust on busy machines).
         """
         c = self.config
         x_tr, y_tr, x_te, y_te = digits_split(c.test_fraction, c.seed)
@@ -125,7 +127,9 @@ class BilinearDigits(nn.Module):
             if x is None or y is None or len(x) != len(y):
                 raise ConfigError("fit(x, y): give both pixels (n, 64) and labels (n,) of equal length, or neither")
             x_tr, y_tr = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
-        xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        self.to(dev)
+        xt, yt = torch.from_numpy(x_tr).to(dev), torch.from_numpy(y_tr).to(dev)
         gen = torch.Generator().manual_seed(c.seed)
         opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, c.steps)
@@ -136,7 +140,9 @@ class BilinearDigits(nn.Module):
             self.train()
             for step in range(c.steps):
                 idx = torch.randint(0, len(xt), (min(c.batch_size, len(xt)),), generator=gen)
-                noisy = xt[idx] + c.noise * torch.randn(len(idx), N_PIXELS, generator=gen)
+                noise = torch.randn(len(idx), N_PIXELS, generator=gen)
+                idx, noise = idx.to(dev), noise.to(dev)
+                noisy = xt[idx] + c.noise * noise
                 loss = nn.functional.cross_entropy(self(noisy), yt[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -155,6 +161,7 @@ class BilinearDigits(nn.Module):
 
     @torch.no_grad()
     def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
-        """Share of images whose argmax logit is the label."""
-        pred = self(torch.as_tensor(np.asarray(x, dtype=np.float32))).argmax(1).numpy()
+        """Share of images whose argmax logit is the label (computed on the model's device)."""
+        dev = next(self.parameters()).device
+        pred = self(torch.as_tensor(np.asarray(x, dtype=np.float32)).to(dev)).argmax(1).cpu().numpy()
         return float((pred == np.asarray(y)).mean())

@@ -6,21 +6,15 @@
   (default 4 experts, top-2, SwiGLU experts, load-balancing loss).
 - ``train_digits()``: the bilinear digits image model (``analysis.models.bilinear_digits.BilinearDigits``).
 
-Both LMs are trained on the docstring corpus (``analysis.corpus.docstring_corpus``, split by
-package with ``corpus.split``) with their own byte-level BPE tokenizer (``tokenizers``), saved
-with ``PreTrainedTokenizerFast.save_pretrained`` next to ``model.safetensors``: the directory
-boots with ``TransformerBridge.boot_transformers(dir)`` offline. transformers 5 writes
-``tokenizer_class: "TokenizersBackend"``, a class transformers 4.x does not have (``AutoTokenizer``
-raises), so ``tokenizer_config.json`` is rewritten to name ``PreTrainedTokenizerFast``, which both
-major versions load (5 aliases it to ``TokenizersBackend``). Cached models saved before this get
-the same rewrite when they are reused (no retraining).
+Both LMs are trained on the docstring corpus with their own byte-level BPE tokenizer
+(``analysis.models.tiny_lm_data``), saved next to ``model.safetensors``: the directory boots
+with ``TransformerBridge.boot_transformers(dir)`` offline.
 
-Cache: ``<user cache>/lenslab/models/<kind>-<hash>`` (``$LENSLAB_MODELS`` overrides the root),
-hash = sha256 of the full config (seed and steps included) and ``TRAIN_VERSION``. A model is
-written into a temp dir and renamed into place (``os.replace``), so a killed run leaves no
-half model; later runs reuse it. ``lenslab_training.json`` in each directory records the
-config, the losses and the wall time. Training is deterministic for a given seed on one
-machine (seeded init, seeded batches, one torch thread by default).
+Trained models are cached on disk (``analysis.models.trained_cache``: ``$LENSLAB_MODELS`` or
+``<user cache>/lenslab/models/<kind>-<hash of the config>``, published atomically, reused after).
+Training runs on ``device`` (default CPU; the device is not part of the cache key). Init, noise
+and batches come from seeded CPU generators, so training is deterministic for a given seed on
+one machine and device (one torch thread by default); the saved weights are CPU tensors.
 
 Bundled source names registered here: ``bilinear-digits``, ``bilinear-lm``, ``tiny-mixtral``;
 ``open_source(name)`` trains on first use (progress on stderr) and reuses the cache after.
@@ -28,39 +22,26 @@ Bundled source names registered here: ``bilinear-digits``, ``bilinear-lm``, ``ti
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import shutil
 import sys
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from analysis.errors import ConfigError, SourceError
+from analysis.errors import ConfigError
+from analysis.models.tiny_lm_data import (PORTABLE_TOKENIZER_CLASS, SPECIAL_TOKENS,  # noqa: F401 (re-exported)
+                                          corpus_texts, portable_tokenizer_config, token_stream, train_tokenizer)
+from analysis.models.trained_cache import (INFO_FILE, MODELS_ENV, TRAIN_VERSION, TrainedModel,  # noqa: F401
+                                           config_key, models_dir, publish, read_training_info, reuse, target_dir,
+                                           tmp_dir, write_info)
+from analysis.progress import Progress
 
-Progress = Callable[[int, int, str], None]
-MODELS_ENV = "LENSLAB_MODELS"
-TRAIN_VERSION = "tiny-1"
-INFO_FILE = "lenslab_training.json"
 LM_KINDS = ("bilinear-llama", "mixtral")
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
-
-
-def models_dir() -> Path:
-    """Root of the trained-model cache: ``$LENSLAB_MODELS`` or ``<user cache>/lenslab/models``."""
-    env = os.environ.get(MODELS_ENV)
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("lenslab")) / "models"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,114 +97,11 @@ class TinyLMConfig:
         return d
 
 
-def config_key(config: dict[str, Any]) -> str:
-    """12 hex characters of sha256 over the canonical config and ``TRAIN_VERSION``."""
-    payload = json.dumps({"config": config, "version": TRAIN_VERSION}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    """A trained model on disk and what its training recorded."""
-
-    kind: str  # "bilinear-llama" | "mixtral" | "bilinear-digits"
-    path: Path  # directory with model.safetensors (+ tokenizer and config.json for LMs)
-    config: dict[str, Any]
-    metrics: dict[str, Any] = field(default_factory=dict)  # losses, accuracy, seconds
-    reused: bool = False  # True when read back from the cache
-
-
-def read_training_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``lenslab_training.json`` of a trained model directory."""
-    p = Path(path) / INFO_FILE
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{p}: missing or unreadable training record ({exc}); retrain with "
-                          "`lenslab bilinear train` (or delete the directory)") from exc
-
-
-def _complete(d: Path, needs: tuple[str, ...]) -> bool:
-    return all((d / n).is_file() for n in (INFO_FILE, "model.safetensors", *needs))
-
-
-def _publish(tmp: Path, final: Path, needs: tuple[str, ...], config: dict[str, Any], force: bool) -> Path:
-    """Rename the finished ``tmp`` dir to ``final`` (atomic). An existing complete model with the
-    same config (a concurrent run won the race) is kept unless ``force``; anything else there
-    (another config, a partial copy) is moved aside and deleted first."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        same = _complete(final, needs) and read_training_info(final).get("config") == config
-        if same and not force:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return final
-        trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-    try:
-        os.replace(tmp, final)
-    except OSError:  # a concurrent run published between our check and the rename: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not _complete(final, needs):
-            raise
-    return final
-
-
-def _target(kind: str, config: dict[str, Any], out_dir: str | os.PathLike | None) -> Path:
-    return Path(out_dir).expanduser() if out_dir is not None else models_dir() / f"{kind}-{config_key(config)}"
-
-
-def _reuse(kind: str, target: Path, config: dict[str, Any], needs: tuple[str, ...]) -> TrainedModel | None:
-    if not _complete(target, needs):
-        return None
-    info = read_training_info(target)
-    if info.get("config") != config or info.get("version") != TRAIN_VERSION:
-        return None
-    portable_tokenizer_config(target)  # a model cached before the rewrite existed
-    return TrainedModel(kind, target, config, info.get("metrics", {}), reused=True)
-
-
-PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"  # loads in transformers 4.x and 5.x
-
-
-def portable_tokenizer_config(d: Path) -> bool:
-    """Make ``d/tokenizer_config.json`` name ``PORTABLE_TOKENIZER_CLASS`` (see the module docstring);
-    the file is replaced atomically. Returns True when it was rewritten; a missing or unreadable
-    file is left alone (loading the tokenizer reports it)."""
-    path = Path(d) / "tokenizer_config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    if not isinstance(cfg, dict) or cfg.get("tokenizer_class") == PORTABLE_TOKENIZER_CLASS:
-        return False
-    cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError:  # a read-only cache: the model still loads with transformers 5
-        tmp.unlink(missing_ok=True)
-        return False
-    return True
-
-
-def _tmp_dir(target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    return tmp
-
-
-def _write_info(d: Path, kind: str, config: dict[str, Any], metrics: dict[str, Any]) -> None:
-    (d / INFO_FILE).write_text(json.dumps({"kind": kind, "version": TRAIN_VERSION, "config": config,
-                                           "metrics": metrics}, indent=1))
-
-
 # -- digits --------------------------------------------------------------------------------
 def train_digits(out_dir: str | os.PathLike | None = None, *, progress: Progress | None = None,
-                 force: bool = False, **overrides: Any) -> TrainedModel:
-    """Train (or reuse) the bilinear digits model; ``overrides`` are ``DigitsConfig`` fields.
+                 force: bool = False, device: str | torch.device | None = None, **overrides: Any) -> TrainedModel:
+    """Train (or reuse) the bilinear digits model on ``device`` (default CPU); ``overrides`` are
+    ``DigitsConfig`` fields.
 
     Writes ``model.safetensors`` and ``lenslab_training.json`` (config + test accuracy).
     """
@@ -232,55 +110,23 @@ def train_digits(out_dir: str | os.PathLike | None = None, *, progress: Progress
     from analysis.models.bilinear_digits import BilinearDigits, DigitsConfig
 
     config = DigitsConfig(**overrides).to_dict()
-    target = _target("bilinear-digits", config, out_dir)
-    if not force and (hit := _reuse("bilinear-digits", target, config, ())) is not None:
+    target = target_dir("bilinear-digits", config, out_dir)
+    if not force and (hit := reuse("bilinear-digits", target, config, ())) is not None:
         return hit
-    model = BilinearDigits(DigitsConfig(**config)).fit(progress=progress)
+    model = BilinearDigits(DigitsConfig(**config)).fit(progress=progress, device=device)
     metrics = {"test_accuracy": model.test_accuracy_, "train_loss": model.train_loss_, "seconds": model.seconds_}
-    tmp = _tmp_dir(target)
+    tmp = tmp_dir(target)
     try:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt", "lenslab": "bilinear-digits"})
-        _write_info(tmp, "bilinear-digits", config, metrics)
-        final = _publish(tmp, target, (), config, force)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt", "lenslab": "bilinear-digits"})
+        write_info(tmp, "bilinear-digits", config, metrics)
+        final = publish(tmp, target, (), config, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TrainedModel("bilinear-digits", final, config, metrics)
 
 
 # -- tiny LMs ------------------------------------------------------------------------------
-def _corpus(cfg: TinyLMConfig) -> tuple[list[str], list[str]]:
-    from analysis.corpus import DEFAULT_PACKAGES, docstring_corpus, split
-
-    items = docstring_corpus(cfg.packages or DEFAULT_PACKAGES, per_package=cfg.per_package, seed=cfg.seed)
-    train, val = split(items, [1 - cfg.val_fraction, cfg.val_fraction], seed=cfg.seed, by=lambda d: d.package)
-    if not train or not val:
-        raise ConfigError(f"the corpus gave {len(train)} training and {len(val)} validation texts; "
-                          "use more packages or a larger per_package")
-    return [d.text for d in train], [d.text for d in val]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts`` (deterministic)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
-
-
-def _stream(tok, texts: list[str]) -> torch.Tensor:
-    """Token ids of ``<s> text </s>`` for every text, concatenated: (n_tokens,) int64."""
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts):
-        ids += [1, *enc.ids, 2]
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def _hf_model(cfg: TinyLMConfig, vocab: int):
     common = dict(vocab_size=vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
                   num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
@@ -316,6 +162,7 @@ def _lm_loss(model, batch: torch.Tensor, cfg: TinyLMConfig) -> tuple[torch.Tenso
 def _val_loss(model, stream: torch.Tensor, cfg: TinyLMConfig, max_windows: int = 64) -> float:
     n = min(max_windows, (len(stream) - 1) // cfg.ctx)
     windows = torch.stack([stream[i * cfg.ctx:(i + 1) * cfg.ctx + 1] for i in range(n)])
+    windows = windows.to(next(model.parameters()).device)
     losses = [_lm_loss(model, windows[i:i + cfg.batch_size], cfg)[0].item() * len(windows[i:i + cfg.batch_size])
               for i in range(0, n, cfg.batch_size)]
     return sum(losses) / n
@@ -323,8 +170,8 @@ def _val_loss(model, stream: torch.Tensor, cfg: TinyLMConfig, max_windows: int =
 
 def train_tiny_lm(kind: str = "bilinear-llama", out_dir: str | os.PathLike | None = None, *, seed: int = 0,
                   steps: int | None = None, progress: Progress | None = None, force: bool = False, threads: int = 1,
-                  **overrides: Any) -> TrainedModel:
-    """Train (or reuse) a tiny causal LM of ``kind`` on the docstring corpus.
+                  device: str | torch.device | None = None, **overrides: Any) -> TrainedModel:
+    """Train (or reuse) a tiny causal LM of ``kind`` on the docstring corpus, on ``device`` (default CPU).
 
     ``overrides`` are ``TinyLMConfig`` fields (d_model, n_layers, vocab_size, ...). Without
     ``out_dir`` the model lands in the cache (see the module docstring); with it, there
@@ -335,9 +182,11 @@ def train_tiny_lm(kind: str = "bilinear-llama", out_dir: str | os.PathLike | Non
     cfg = TinyLMConfig(kind=kind, seed=seed, **({"steps": steps} if steps is not None else {}), **overrides)
     config = cfg.to_dict()
     needs = ("config.json", "tokenizer.json")
-    target = _target(kind, config, out_dir)
-    if not force and (hit := _reuse(kind, target, config, needs)) is not None:
+    target = target_dir(kind, config, out_dir)
+    if not force and (hit := reuse(kind, target, config, needs)) is not None:
+        portable_tokenizer_config(target)  # a model cached before the rewrite existed
         return hit
+    dev = torch.device("cpu") if device is None else torch.device(device)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import PreTrainedTokenizerFast
     from transformers.utils import logging as hf_logging
@@ -347,9 +196,9 @@ def train_tiny_lm(kind: str = "bilinear-llama", out_dir: str | os.PathLike | Non
     start = time.perf_counter()
     if progress:
         progress(0, cfg.steps, "building the docstring corpus")
-    train_texts, val_texts = _corpus(cfg)
+    train_texts, val_texts = corpus_texts(cfg.packages, cfg.per_package, cfg.seed, cfg.val_fraction)
     tok = train_tokenizer(train_texts, cfg.vocab_size)
-    train_ids, val_ids = _stream(tok, train_texts), _stream(tok, val_texts)
+    train_ids, val_ids = token_stream(tok, train_texts), token_stream(tok, val_texts)
     if len(train_ids) <= cfg.ctx + 1 or len(val_ids) <= cfg.ctx + 1:
         raise ConfigError(f"corpus too small for ctx={cfg.ctx}: {len(train_ids)} training / {len(val_ids)} "
                           "validation tokens; lower ctx or use more text")
@@ -358,7 +207,7 @@ def train_tiny_lm(kind: str = "bilinear-llama", out_dir: str | os.PathLike | Non
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = _hf_model(cfg, tok.get_vocab_size())
+            model = _hf_model(cfg, tok.get_vocab_size()).to(dev)  # seeded init on the CPU, then moved
         gen = torch.Generator().manual_seed(cfg.seed)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
         rest = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -371,7 +220,7 @@ def train_tiny_lm(kind: str = "bilinear-llama", out_dir: str | os.PathLike | Non
             for group in opt.param_groups:
                 group["lr"] = _lr(step, cfg)
             starts = torch.randint(0, len(train_ids) - cfg.ctx - 1, (cfg.batch_size,), generator=gen)
-            ce, loss = _lm_loss(model, train_ids[starts[:, None] + offsets], cfg)
+            ce, loss = _lm_loss(model, train_ids[starts[:, None] + offsets].to(dev), cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -383,20 +232,21 @@ def train_tiny_lm(kind: str = "bilinear-llama", out_dir: str | os.PathLike | Non
                     progress(step + 1, cfg.steps, f"{kind} loss {ema:.3f}")
         model.eval()
         val = _val_loss(model, val_ids, cfg)
+        model.to("cpu")  # saved from the CPU
     finally:
         torch.set_num_threads(old_threads)
     metrics = {"train_loss": ema, "val_loss": val, "uniform_loss": math.log(tok.get_vocab_size()),
                "seconds": time.perf_counter() - start, "train_tokens": int(len(train_ids)),
                "val_tokens": int(len(val_ids)), "tokens_seen": cfg.steps * cfg.batch_size * cfg.ctx,
                "n_params": sum(p.numel() for p in model.parameters()), "loss_curve": curve}
-    tmp = _tmp_dir(target)
+    tmp = tmp_dir(target)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                 unk_token="<unk>", model_max_length=max(128, cfg.ctx)).save_pretrained(tmp)
         portable_tokenizer_config(tmp)
-        _write_info(tmp, kind, config, metrics)
-        final = _publish(tmp, target, needs, config, force)
+        write_info(tmp, kind, config, metrics)
+        final = publish(tmp, target, needs, config, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TrainedModel(kind, final, config, metrics)

@@ -3,49 +3,44 @@
     lenslab bilinear train digits            # bilinear image model on sklearn digits, test accuracy
     lenslab bilinear train lm                # tiny bilinear Llama on the docstring corpus, loss
     lenslab bilinear decompose bilinear-digits --direction class:all
-    lenslab bilinear decompose bilinear-lm --layer 1 --direction "token: the, return"
+    lenslab bilinear decompose bilinear-lm --layer 1 --direction "token: the, return" --device cuda
 
 Registered on the main app in ``app/cli/__init__.py``. Errors are LensLab's typed errors (one line, exit 2).
+Both commands call ``app.api`` (``bilinear_train``, ``bilinear_decompose``) with the shared options of
+``app.cli.options``.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from app.cli.options import DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, TrustOpt, console, run_with_progress
 from app.cli.tables import print_table
 
 bilinear_app = typer.Typer(no_args_is_help=True, help="Bilinear MLPs: train the tiny models, decompose GLU layers "
                                                       "into eigenvectors.")
-_err = Console(stderr=True)
 _TRUNCATION_KS = (1, 2, 4, 8, 16)
-
-
-def _run(description: str, fn, *args, **kwargs):
-    from app.cli.options import run_with_progress
-
-    return run_with_progress(description, fn, *args, **kwargs)
 
 
 @bilinear_app.command("train")
 def train(
     kind: Annotated[str, typer.Argument(help="digits | lm | mixtral")],
-    seed: Annotated[int, typer.Option("--seed", help="Seed of init, noise and batches.")] = 0,
+    seed: SeedOpt = 0,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimiser steps (default: the kind's).")] = None,
     noise: Annotated[Optional[float], typer.Option("--noise", help="digits: std of the Gaussian input noise "
                                                                    "(pixels in [0, 1]).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even if cached.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print path, config and metrics as JSON.")] = False,
+    as_json: JsonOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Train (or reuse from the model cache) KIND and report test accuracy (digits) or loss (LMs)."""
+    """Train (or reuse from the model cache) KIND on --device and report test accuracy (digits) or loss (LMs)."""
     from analysis.errors import ConfigError
     from app import api
 
@@ -58,7 +53,8 @@ def train(
         if kind != "digits":
             raise ConfigError(f"--noise applies to the digits model only, not {kind!r}; drop it")
         overrides["noise"] = noise
-    trained = _run(f"training {kind}", api.bilinear_train, kind, force=force, **overrides)
+    trained = run_with_progress(f"training {kind}", api.bilinear_train, kind, force=force, device=device,
+                                **overrides)
     metrics = {k: v for k, v in trained.metrics.items() if k != "loss_curve"}
     if as_json:
         typer.echo(json.dumps({"kind": trained.kind, "path": str(trained.path), "reused": trained.reused,
@@ -96,20 +92,21 @@ def decompose(
                                   "sae:DIR:5 | hosvd:8 (default: HOSVD).")] = None,
     expert: Annotated[Optional[int], typer.Option("--expert", help="Expert index for MoE layers.")] = None,
     top: Annotated[int, typer.Option("--top", help="Eigenvalues listed per direction.")] = 4,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,
-    store: Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE or "
-                                                                  "the user cache dir).")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle checkpoints.")] = False,
+    as_json: JsonOpt = False,
+    refresh: RefreshOpt = False,
+    store: StoreOpt = None,
+    trust_pickle: TrustOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Eigendecompose the interaction matrices of SOURCE's GLU at LAYER along each direction and
-    store the result (eigenvalues, eigenvectors, truncation curve, explorer data)."""
+    """Eigendecompose the interaction matrices of SOURCE's GLU at LAYER along each direction on
+    --device and store the result (eigenvalues, eigenvectors, truncation curve, explorer data)."""
     from app import api
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the bilinear-part note is printed below from the report
-        rep = _run(f"decomposing {source} layer {layer}", api.bilinear_decompose, source, layer=layer,
-                   direction=direction, expert=expert, store=store, refresh=refresh, trust_pickle=trust_pickle)
+        rep = run_with_progress(f"decomposing {source} layer {layer}", api.bilinear_decompose, source, layer=layer,
+                                direction=direction, expert=expert, store=store, refresh=refresh,
+                                trust_pickle=trust_pickle, device=device)
     dec = rep.decomposition
     if as_json:
         typer.echo(json.dumps({
@@ -121,7 +118,7 @@ def decompose(
             "truncation": _curve_summary(rep)}, indent=1))
         return
     for note in dec.notes:
-        _err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     out = Table(title=f"{rep.source} · {rep.meta.get('layer_name')} · {rep.direction} · n = "
                       f"{dec.eigenvalues.shape[1]} ({'exact' if dec.exact else 'bilinear part only'})")
     for c in ("direction", "effective rank", f"top {top} eigenvalues (by |λ|)", "top-4 share"):

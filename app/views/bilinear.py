@@ -1,10 +1,11 @@
-"""Bilinear MLPs page: eigendecompositions of GLU / bilinear layers (``analysis.bilinear.decompose``).
+"""Bilinear MLPs page: eigendecompositions of GLU / bilinear layers (``app.api.bilinear_decompose``).
 
 Pick a stored decomposition (model, layer, direction spec), then one direction: its eigenvalue
 spectrum, its top positive and negative eigenvectors (8×8 images for the digits model, top
 tokens for an LM), the truncation curve, and an input explorer showing which eigenvectors
 drive a prediction. The form at the top runs ``app.api.bilinear_decompose`` (training the
-bundled model on first use) with a progress bar. Everything shown is read from the store.
+bundled model on first use) with a progress bar. Everything shown is read from the store; the
+page computes nothing itself (top eigenvectors and explanations come from ``app.api``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from analysis.bilinear.decompose import top_signed
-from analysis.bilinear.report import explain
 from analysis.errors import LensLabError
+from analysis.run import NotStoredError
 from app import api
 from app import charts_bilinear as charts
 from app.allowed_paths import check_direction, check_source
@@ -114,11 +114,11 @@ entry = by_key[entry_key]
 
 try:
     rep = _load(str(store.root), entry.key)
+except NotStoredError:
+    st.warning("That entry was deleted; pick another or decompose again.")
+    st.stop()
 except LensLabError as exc:
     st.error(str(exc))
-    st.stop()
-if rep is None:
-    st.warning("That entry was deleted; pick another or decompose again.")
     st.stop()
 dec = rep.decomposition
 
@@ -136,7 +136,7 @@ st.caption(f"Layer `{rep.meta.get('layer_name')}` · input {'x̃ = [x; 1]' if de
 
 st.plotly_chart(charts.eigen_spectrum(lam, dec.labels[k]), key="bl_spectrum")
 
-pos, neg = top_signed(lam, N_IMAGES)
+pos, neg = api.bilinear_top(rep, k, N_IMAGES)
 if rep.images is not None:
     st.subheader("Top eigenvectors in pixel space")
     st.caption("Each eigenvector through the embedding (Eᵀv), scaled to ±1. Positive eigenvalues: images that "
@@ -168,7 +168,7 @@ if rep.explorer_contrib is not None:
     n_inputs = len(rep.explorer_contrib)
     i = int(st.number_input(f"Input (0..{n_inputs - 1})", min_value=0, max_value=n_inputs - 1, value=0, step=1,
                             key="bl_input"))
-    ex = explain(rep, i)
+    ex = api.bilinear_explain(rep, i)
     left, right = st.columns([1, 2])
     if rep.explorer_x is not None:
         truth = int(rep.explorer_labels[i]) if rep.explorer_labels is not None else None

@@ -114,6 +114,28 @@ def test_cli_text_output_in_process(tmp_path, digits_dir, monkeypatch):
     assert isinstance(res.exception, ConfigError) and "--noise applies to the digits model only" in str(res.exception)
 
 
+def test_cli_device_option(tmp_path, digits_dir, monkeypatch):
+    """--device reaches the API: cpu decomposes (numbers as numpy's), an unknown device is a typed error."""
+    from typer.testing import CliRunner
+
+    from analysis.errors import ConfigError
+    from app.cli import app
+
+    monkeypatch.setenv(tiny_models.MODELS_ENV, str(digits_dir.parent))
+    runner = CliRunner()
+    store = str(tmp_path / "store")
+    res = runner.invoke(app, ["bilinear", "decompose", str(digits_dir), "-d", "class:2", "--device", "cpu", "--json",
+                              "--store", store])
+    assert res.exit_code == 0, res.output
+    lam, _, _ = reference(digits_dir, 2)
+    np.testing.assert_allclose(json.loads(res.stdout)["directions"][0]["eigenvalues"], lam[:4], rtol=1e-9)
+    res = runner.invoke(app, ["bilinear", "decompose", str(digits_dir), "--device", "tpu", "--store", store])
+    assert isinstance(res.exception, ConfigError) and "unknown device 'tpu'" in str(res.exception)
+    res = runner.invoke(app, ["bilinear", "train", "digits", "--steps", "400", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["reused"] and json.loads(res.stdout)["path"] == str(digits_dir)
+
+
 def test_cli_errors_are_one_line(tmp_path):
     out = run("decompose", "minilm", env_extra={"LENSLAB_STORE": str(tmp_path / "store")}, check=False)
     assert out.returncode == 2 and "error:" in out.stderr and "its MLPs are not gated linear units" in out.stderr

@@ -56,6 +56,7 @@ PATH_ARGS = {  # app.api function -> its arguments (position or keyword) that na
 }
 NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no file
     "bilinear_train": "a bundled kind (digits, lm, mixtral) from the page's own table",
+    **dict.fromkeys(["bilinear_top", "bilinear_explain"], "reads a decomposition already in memory"),
     "mmoe_analyze": "data is digits or docstrings (DataSpec refuses anything else)",
     **dict.fromkeys(["contrast_sets", "has_spectra", "stored_spectra", "stored_bilinear", "load_bilinear",
                      "stored_extractions", "load_extraction", "steer_vector", "mmoe_curves", "load_mmoe_curve",

@@ -1,4 +1,4 @@
-"""analysis.bilinear.decompose on random layers: the exactness identity uᵀout = Σ λ_i (v_i·x̃)², symmetry,
+"""analysis.bilinear.decompose, .hosvd and .evaluate on random layers: the exactness identity uᵀout = Σ λ_i (v_i·x̃)²,
 batched = single = naive 3-tensor path, HOSVD against numpy's SVD of the flattened tensor,
 truncation, input-space maps and typed errors. References are plain numpy float64."""
 
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from analysis.bilinear import decompose as bl
+from analysis.bilinear import evaluate as ev
+from analysis.bilinear.hosvd import hosvd
 from analysis.errors import ConfigError, ShapeError
 
 RTOL = 1e-5  # the issue's bar; float64 reaches ~1e-12
@@ -61,7 +63,7 @@ def test_exactness_identity(rng, bias, kind):
     x = rng.standard_normal((40, layer.d_in))
     dec = bl.decompose(layer, u)
     want = numpy_forward(layer, x) @ np.atleast_2d(u).T  # (batch, k)
-    got = bl.contributions(dec, x).sum(-1)
+    got = ev.contributions(dec, x).sum(-1)
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * np.abs(want).max())
     # and the quadratic form itself
     xt = np.concatenate([x, np.ones((40, 1))], 1) if layer.biased else x
@@ -124,7 +126,7 @@ def test_hosvd_matches_numpy_svd_of_flattened_tensor(rng, bias):
     b = bl.interaction_tensor(layer).numpy()
     flat = ((b + b.transpose(0, 2, 1)) / 2).reshape(layer.d_out, -1)
     u_ref, s_ref, _ = np.linalg.svd(flat, full_matrices=False)
-    h = bl.hosvd(layer)
+    h = hosvd(layer)
     np.testing.assert_allclose(h.singular_values, s_ref, rtol=1e-10)
     for r in range(layer.d_out):  # left singular vectors up to sign
         np.testing.assert_allclose(abs(h.directions[r] @ u_ref[:, r]), 1.0, atol=1e-8)
@@ -132,7 +134,7 @@ def test_hosvd_matches_numpy_svd_of_flattened_tensor(rng, bias):
         np.testing.assert_allclose(np.linalg.norm(q), s_ref[r], rtol=1e-10)  # σ_r = ‖Q(u_r)‖_F
         lam = np.linalg.eigvalsh(q)
         assert lam[np.abs(lam).argmax()] > 0  # sign convention: top-|λ| eigenvalue positive
-    assert len(bl.hosvd(layer, 2).singular_values) == 2
+    assert len(hosvd(layer, 2).singular_values) == 2
 
 
 def test_truncation_curve_full_is_exact_and_matches_loop(rng):
@@ -144,7 +146,7 @@ def test_truncation_curve_full_is_exact_and_matches_loop(rng):
     full = numpy_forward(layer, x) @ u.T + offsets
     labels = full.argmax(1)
     labels[:5] = (labels[:5] + 1) % 3  # a few "wrong" labels: full accuracy 0.9
-    curve = bl.truncation_curve(dec, x, offsets=offsets, labels=labels)
+    curve = ev.truncation_curve(dec, x, offsets=offsets, labels=labels)
     assert list(curve.ks) == list(range(layer.n + 1))
     np.testing.assert_allclose(curve.accuracy[-1], 0.9)
     np.testing.assert_allclose([curve.agreement[-1], curve.relative_error[-1]], [1.0, 0.0], atol=1e-12)
@@ -171,14 +173,14 @@ def test_token_scores_and_embedding_map(rng):
     layer = make_layer(rng, d_in=4, bias="all")
     dec = bl.decompose(layer, rng.standard_normal(layer.d_out))
     tokens = rng.standard_normal((30, 4))
-    scores = bl.token_scores(dec.eigenvectors[0, :3], tokens, biased=True)
+    scores = ev.token_scores(dec.eigenvectors[0, :3], tokens, biased=True)
     np.testing.assert_allclose(scores, dec.eigenvectors[0, :3, :4] @ tokens.T + dec.eigenvectors[0, :3, 4:5])
     emb, bias = rng.standard_normal((4, 9)), rng.standard_normal(4)  # e = E x + b, x has 9 raw features
     raw = rng.standard_normal(9)
-    img = bl.through_embedding(dec.eigenvectors[0], emb)  # (n, 9)
+    img = ev.through_embedding(dec.eigenvectors[0], emb)  # (n, 9)
     v = dec.eigenvectors[0]
     np.testing.assert_allclose(v[:, :4] @ (emb @ raw + bias), img @ raw + v[:, :4] @ bias)
-    pos, neg = bl.top_signed(np.array([3.0, -2.5, 2.0, -1.0, 0.5]), 2)
+    pos, neg = ev.top_signed(np.array([3.0, -2.5, 2.0, -1.0, 0.5]), 2)
     assert list(pos) == [0, 2] and list(neg) == [1, 3]
 
 
@@ -208,6 +210,6 @@ def test_bad_layers_and_inputs_raise_typed_errors(rng):
         bl.BilinearWeights(w * float("nan"), w, torch.ones(2, 6))
     dec = bl.decompose(bl.BilinearWeights(w, w, torch.ones(2, 6)), np.ones(2))
     with pytest.raises(ShapeError, match=r"inputs must be \(batch, d_in=4\)"):
-        bl.contributions(dec, np.ones((3, 5)))
+        ev.contributions(dec, np.ones((3, 5)))
     with pytest.raises(ConfigError, match="truncation ks must lie in 0..4"):
-        bl.truncation_curve(dec, np.ones((3, 4)), ks=[9])
+        ev.truncation_curve(dec, np.ones((3, 4)), ks=[9])

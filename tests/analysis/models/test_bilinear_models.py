@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.bilinear import decompose as bl
+from analysis.bilinear import evaluate as ev
 from analysis.bilinear import inputs as bilinear_inputs
 from analysis.bilinear import loader
 from analysis.models import tiny_lm as tiny_models
@@ -72,7 +73,7 @@ def test_digits_decomposition_reproduces_model_logits(tmp_path, digits, bias, rn
     with torch.no_grad():
         logits = model(torch.tensor(x)).numpy()
         e = model.embed(torch.tensor(x)).numpy()
-    _assert_rel(bl.contributions(rep.decomposition, e).sum(-1) + rep.offsets, logits)
+    _assert_rel(ev.contributions(rep.decomposition, e).sum(-1) + rep.offsets, logits)
     assert rep.decomposition.biased is bias and rep.decomposition.exact
     # truncation keeping everything = the model's own test accuracy
     np.testing.assert_allclose(rep.truncation.accuracy[-1], trained.metrics["test_accuracy"])
@@ -91,7 +92,7 @@ def test_digits_other_direction_kinds(digits, rng, tmp_path):
     for spec in ("class:2,7", "resid:0,5", f"vector:{tmp_path / 'u.npy'}", "hosvd:3", None):
         dirs = loader.resolve_directions(src, ref, layer, spec)
         dec = bl.decompose(layer, dirs.vectors, dirs.labels)
-        _assert_rel(bl.contributions(dec, x).sum(-1), layer.forward(x).numpy() @ dirs.vectors.T)
+        _assert_rel(ev.contributions(dec, x).sum(-1), layer.forward(x).numpy() @ dirs.vectors.T)
     assert loader.resolve_directions(src, ref, layer, None).spec == "hosvd:8"
 
 
@@ -142,7 +143,7 @@ def _lm_exactness(src, layer, specs, n_tokens=48):
     for spec in specs:
         dirs = loader.resolve_directions(src, ref, weights, spec)
         dec = bl.decompose(weights, dirs.vectors, dirs.labels)
-        _assert_rel(bl.contributions(dec, inputs.x).sum(-1), outputs @ dirs.vectors.T)
+        _assert_rel(ev.contributions(dec, inputs.x).sum(-1), outputs @ dirs.vectors.T)
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -322,4 +323,4 @@ def test_weights_only_model_is_decomposed_without_inputs(tmp_path, rng):
     assert rep.decomposition.biased and "no held-out inputs" in rep.meta["notes"][-1]
     x = rng.standard_normal((10, 5))
     want = (((x @ w["blk.w.weight"].T) * (x @ w["blk.v.weight"].T)) @ w["blk.p.weight"].T + w["blk.p.bias"])[:, [0, 2]]
-    _assert_rel(bl.contributions(rep.decomposition, x).sum(-1), want)
+    _assert_rel(ev.contributions(rep.decomposition, x).sum(-1), want)
