@@ -255,12 +255,13 @@ def experts_routing(source: Any = "tiny-mixtral", *, packages: Sequence[str] | N
     ``experts.routing``; the model runs on ``device``. Raises SourceError for a model without routers."""
     from analysis.sources import open_source
 
+    ctx = runner.context(store=store, progress=progress, device=device, refresh=refresh)
     src = open_source(source, trust_pickle=trust_pickle)
     routing.require_routers(src)  # typed error before booting anything
     pk = tuple(packages) if packages else DOC_PACKAGES
     params = RoutingParams(packages=pk, per_package=per_package, max_tokens=max_tokens, min_count=min_count,
                            seed=seed, versions=corpus_versions(pk))
-    return run(ROUTING, src, params, store=store, refresh=refresh, progress=progress, device=device)
+    return run(ROUTING, src, params, ctx=ctx)
 
 
 # -- reading back ---------------------------------------------------------------------------------
