@@ -195,10 +195,13 @@ from analysis.bilinear.pipeline import (BILINEAR, BILINEAR_TRAIN_KINDS, bilinear
                                         find_bilinear, load_bilinear, stored_bilinear)
 
 
-# -- MMoE probes, expert specialisation, routed MoEs (issue 5): implemented in app/api_mmoe.py ----
-from app.api_mmoe import (BiasDemo, DataSpec, ExpertReport, MMoECurve, experts_routing,  # noqa: E402,F401
-                          load_expert_report, load_mmoe_curve, mmoe_analyze, mmoe_bias, mmoe_curves, mmoe_features,
-                          mmoe_probe, mmoe_train, stored_bias_demos, stored_routing)
+# -- MMoE probes, expert specialisation, routed MoEs (issue 5): analysis/experts/pipeline.py -------
+from analysis.experts.pipeline import (BiasDemo, DataSpec, ExpertReport, MMoECurve,  # noqa: E402,F401
+                                       experts_routing, load_expert_report, load_experts_routing,
+                                       load_mmoe_bias, load_mmoe_curve, mmoe_analyze, mmoe_bias, mmoe_curves,
+                                       mmoe_features, mmoe_probe, mmoe_train, stored_bias_demos,
+                                       stored_expert_reports, stored_experts_routing, stored_mmoe_bias,
+                                       stored_mmoe_curves, stored_routing)
 
 # -- steering vectors (issue 6): implemented in app/api_steering.py ---------------------------------
 from app.api_steering import (contrast_sets, export_steering_gguf, load_dose_response,  # noqa: E402,F401

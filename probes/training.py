@@ -137,20 +137,26 @@ def docstring_items(packages: Sequence[str] = DOC_PACKAGES, *, per_package: int 
 
 
 def embed_texts(hf_dir: Any, texts: Sequence[str], *, max_tokens: int = 128, batch_size: int = 32,
-                progress: Progress | None = None) -> np.ndarray:
-    """MiniLM-style sentence embeddings (n, d_model) float32: masked mean pooling + L2 norm."""
-    from analysis.weights.forgetting import load_encoder, sentence_embeddings, tokenize
+                progress: Progress | None = None, device: str | torch.device = "cpu") -> np.ndarray:
+    """MiniLM-style sentence embeddings (n, d_model) float32 on the CPU: masked mean pooling + L2
+    norm, the encoder run on ``device``."""
+    from analysis.weights.forgetting import collate, load_encoder, mean_pool, tokenize
 
+    device = torch.device(device)
     model, tokenizer = load_encoder(hf_dir)
+    model = model.to(device)
     pad_id = int(getattr(tokenizer, "pad_token_id", 0) or 0)
     ids = tokenize(tokenizer, list(texts), max_tokens)
     order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths per batch: less padding
     out = np.empty((len(ids), int(model.config.hidden_size)), dtype=np.float32)
-    for start in range(0, len(ids), batch_size):
-        chunk = order[start:start + batch_size]
-        out[chunk] = sentence_embeddings(model, [ids[i] for i in chunk], pad_id=pad_id, batch_size=batch_size)
-        if progress is not None:
-            progress(min(start + batch_size, len(ids)), len(ids), "MiniLM embeddings")
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            chunk = order[start:start + batch_size]
+            x, mask = collate([ids[i] for i in chunk], pad_id)
+            x, mask = x.to(device), mask.to(device)
+            out[chunk] = mean_pool(model(input_ids=x, attention_mask=mask).last_hidden_state, mask).cpu().numpy()
+            if progress is not None:
+                progress(min(start + batch_size, len(ids)), len(ids), "MiniLM embeddings")
     return out
 
 
@@ -186,6 +192,10 @@ class ProbeClassifier:
     (feature standardisation), ``rank_`` (MMoE rank, None for linear), ``budget_`` (parameter
     budget of the first layer), ``layer_params_`` (its parameters), ``n_params_`` (whole probe),
     ``losses_`` (training loss per epoch, nats), ``fit_seconds_``.
+
+    Device: ``fit(X, y, device=...)`` trains on that device (the weights are initialised on the
+    CPU first, so a CPU fit is bit-identical whatever device is asked for later); ``to(device)``
+    moves a fitted probe. Inputs and outputs are CPU numpy arrays wherever the probe runs.
     """
 
     def __init__(self, *, layer: str = "cp", n_experts: int | None = None, hidden: int | None = 512,
@@ -250,10 +260,23 @@ class ProbeClassifier:
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.mean_.shape[0]:
             raise ShapeError(f"expected features (n, {self.mean_.shape[0]}), got {X.shape}")
-        return torch.from_numpy((X - self.mean_) / self.scale_)
+        return torch.from_numpy((X - self.mean_) / self.scale_).to(self.device_)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, *, progress: Progress | None = None) -> ProbeClassifier:
-        """Train on features ``X`` (n, d) and labels ``y`` (n,) in [0, C); returns self."""
+    @property
+    def device_(self) -> torch.device:
+        """Where the fitted network lives (CPU before ``fit``)."""
+        net = getattr(self, "net_", None)
+        return next(net.parameters()).device if net is not None else torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> ProbeClassifier:
+        """Move the fitted network to ``device``; returns self."""
+        self._check_fitted()
+        self.net_ = self.net_.to(torch.device(device))
+        return self
+
+    def fit(self, X: np.ndarray, y: np.ndarray, *, progress: Progress | None = None,
+            device: str | torch.device = "cpu") -> ProbeClassifier:
+        """Train on features ``X`` (n, d) and labels ``y`` (n,) in [0, C) on ``device``; returns self."""
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
         if X.ndim != 2 or y.shape != (X.shape[0],) or X.shape[0] < 2:
@@ -264,12 +287,14 @@ class ProbeClassifier:
         self.mean_ = X.mean(0)
         self.scale_ = np.where(X.std(0) > 1e-8, X.std(0), 1.0).astype(np.float32)
         with torch_threads(self.threads):
-            return self._fit(X, y, n_classes, progress)
+            return self._fit(X, y, n_classes, progress, torch.device(device))
 
-    def _fit(self, X: np.ndarray, y: np.ndarray, n_classes: int, progress: Progress | None) -> ProbeClassifier:
+    def _fit(self, X: np.ndarray, y: np.ndarray, n_classes: int, progress: Progress | None,
+             device: torch.device) -> ProbeClassifier:
         torch.manual_seed(self.seed)
-        self._build(X.shape[1], n_classes)
-        xt, yt = self._standardise(X), torch.from_numpy(y.astype(np.int64))
+        self._build(X.shape[1], n_classes)  # initialised on the CPU: the same weights on every device
+        self.net_ = self.net_.to(device)
+        xt, yt = self._standardise(X), torch.from_numpy(y.astype(np.int64)).to(device)
         opt = torch.optim.AdamW(self.net_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         rng = np.random.default_rng(self.seed)
         self.losses_ = np.empty(self.epochs)
@@ -316,8 +341,9 @@ class ProbeClassifier:
             scale = torch.as_tensor(np.asarray(gate_scale, dtype=np.float32))
             if scale.shape != (int(self.n_experts),):
                 raise ShapeError(f"gate_scale must be ({self.n_experts},), got {tuple(scale.shape)}")
+            scale = scale.to(self.device_)
         with torch_threads(self.threads), torch.inference_mode():
-            return self.net_(self._standardise(X), scale).numpy()
+            return self.net_(self._standardise(X), scale).cpu().numpy()
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.logits(X).argmax(1)
@@ -333,7 +359,7 @@ class ProbeClassifier:
             raise ConfigError("gates() needs an MMoE probe; this probe is linear")
         with torch_threads(self.threads), torch.inference_mode():
             (a,) = self.net_.layer.gate_coefficients(self._standardise(X))
-        return a.numpy()
+        return a.cpu().numpy()
 
     # -- persistence (store arrays) ----------------------------------------------------------
     def state_arrays(self) -> dict[str, np.ndarray]:

@@ -1,11 +1,12 @@
 """Expert usage of routed (sparse, top-k) mixtures of experts such as Mixtral.
 
 ``collect_routing`` runs a model over texts and logs, per layer and token, the k experts the
-router picked and its softmax probabilities over all E experts. It boots a TransformerLens
-``TransformerBridge`` and reads ``blocks.L.mlp.hook_expert_indices`` (tokens, k) and
-``blocks.L.mlp.gate.hook_out`` (the router logits, tokens x E); when the bridge has no such
-hooks it falls back to the Hugging Face forward with ``output_router_logits=True`` (and top-k
-of those logits), and records which backend it used. Texts run one at a time (no padding).
+router picked and its softmax probabilities over all E experts. It runs a TransformerLens
+``TransformerBridge`` (given, e.g. from the model cache, or booted) and reads
+``blocks.L.mlp.hook_expert_indices`` (tokens, k) and ``blocks.L.mlp.gate.hook_out`` (the router
+logits, tokens x E); when the bridge has no such hooks it falls back to the Hugging Face forward
+with ``output_router_logits=True`` (and top-k of those logits), and records which backend it
+used. Texts run one at a time (no padding) on the models' device; the log is CPU numpy.
 
 ``routing_stats`` (pure) computes, per layer, with T tokens, k experts per token, E experts:
 
@@ -246,9 +247,32 @@ def require_routers(src) -> tuple[int, int]:
     return n, k
 
 
+def routing_hooks(bridge) -> set[str] | None:
+    """The hook names ``collect_routing`` reads on ``bridge``, or None when it lacks them (the HF backend)."""
+    n_layers = int(bridge.cfg.n_layers)
+    names = {f"blocks.{i}.mlp.{h}" for i in range(n_layers) for h in ("hook_expert_indices", "gate.hook_out")}
+    return names if names <= set(bridge.hook_dict) else None
+
+
+def boot_hf_model(src, device=None, dtype=None):
+    """A fresh Hugging Face causal LM of ``src`` in eval mode (the bridge's wrapped model records each
+    router several times, so the HF backend needs its own); a ``boot`` for ``analysis.model_cache``."""
+    from transformers import AutoModelForCausalLM
+
+    from analysis.source_layout import from_pretrained_kwargs
+
+    model_dir = src.model_dir()  # transformers loads exactly the fingerprinted weights from here
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **from_pretrained_kwargs(model_dir)).eval()
+    return model if device is None else model.to(device)
+
+
 def collect_routing(src, texts: Sequence[str], domains: Sequence[str], *, max_tokens: int = 64,
-                    progress: Progress | None = None) -> RoutingLog:
-    """Run ``src`` over ``texts`` (one at a time) and log every layer's routing (see the module docstring)."""
+                    progress: Progress | None = None, bridge=None, hf_model=None) -> RoutingLog:
+    """Run ``src`` over ``texts`` (one at a time) and log every layer's routing (see the module docstring).
+
+    ``bridge``: the booted model of ``src`` (booted on the CPU when None); ``hf_model``: the HF model
+    for a bridge without routing hooks (``boot_hf_model`` when None). Tokens go to the device the
+    model is on; hold ``analysis.model_cache.LOCK`` around a call with a shared bridge."""
     import torch
     from transformers import AutoTokenizer
 
@@ -256,19 +280,16 @@ def collect_routing(src, texts: Sequence[str], domains: Sequence[str], *, max_to
     if len(texts) != len(domains) or not texts:
         raise ShapeError(f"need one domain per text and at least one text; got {len(texts)} texts, "
                          f"{len(domains)} domains")
-    from analysis.source_layout import from_pretrained_kwargs
-
-    model_dir = src.model_dir()  # transformers loads exactly the fingerprinted weights from here
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    bridge = src.boot_bridge()
+    tokenizer = AutoTokenizer.from_pretrained(src.model_dir())
+    bridge = src.boot_bridge() if bridge is None else bridge
     n_layers = int(bridge.cfg.n_layers)
-    names = {f"blocks.{i}.mlp.{h}" for i in range(n_layers) for h in ("hook_expert_indices", "gate.hook_out")}
-    backend = "bridge" if names <= set(bridge.hook_dict) else "hf"
-    hf_model = None
-    if backend == "hf":  # a fresh HF model: the bridge's wrapped one records each router several times
-        from transformers import AutoModelForCausalLM
-
-        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, **from_pretrained_kwargs(model_dir)).eval()
+    names = routing_hooks(bridge)
+    backend = "bridge" if names is not None else "hf"
+    model = bridge
+    if backend == "hf":
+        hf_model = boot_hf_model(src) if hf_model is None else hf_model
+        model = hf_model
+    device = next(iter(model.parameters())).device
     domain_names = tuple(dict.fromkeys(domains))
     dom_index = {d: i for i, d in enumerate(domain_names)}
     ids_all, dom_all, doc_all, idx_all, prob_all = [], [], [], [], []
@@ -277,6 +298,7 @@ def collect_routing(src, texts: Sequence[str], domains: Sequence[str], *, max_to
             ids = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt")["input_ids"]
             if ids.shape[1] == 0:
                 continue
+            ids = ids.to(device)
             if backend == "bridge":
                 _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in names)
                 logits = [cache[f"blocks.{i}.mlp.gate.hook_out"].reshape(-1, n_experts) for i in range(n_layers)]
@@ -288,11 +310,11 @@ def collect_routing(src, texts: Sequence[str], domains: Sequence[str], *, max_to
                                      f"{n_layers} layers; this architecture's routing cannot be read")
                 logits = [r.reshape(-1, n_experts) for r in out.router_logits]
                 picked = [torch.topk(lg, top_k, dim=-1).indices for lg in logits]
-            ids_all.append(ids[0].numpy())
+            ids_all.append(ids[0].cpu().numpy())
             dom_all.append(np.full(ids.shape[1], dom_index[d]))
             doc_all.append(np.full(ids.shape[1], t))
-            idx_all.append(np.stack([p.numpy() for p in picked]))
-            prob_all.append(np.stack([torch.softmax(lg.float(), -1).numpy() for lg in logits]))
+            idx_all.append(np.stack([p.cpu().numpy() for p in picked]))
+            prob_all.append(np.stack([torch.softmax(lg.float(), -1).cpu().numpy() for lg in logits]))
             if progress is not None:
                 progress(t + 1, len(texts), "routing")
     token_ids = np.concatenate(ids_all).astype(np.int64)

@@ -5,7 +5,7 @@ through ``app.api`` and lands in the same store as the dashboard.
 
     lenslab mmoe analyze --experts 8,16,32,64,128,256 --figure curve.png   # digits, ~1 min
     lenslab mmoe analyze --data docstrings                                 # MiniLM features
-    lenslab experts tiny-mixtral
+    lenslab experts tiny-mixtral --device cuda
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from app.cli.options import (DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, TrustOpt, console, json_safe,
+                             run_with_progress)
+
 mmoe_app = typer.Typer(no_args_is_help=True, help="MMoE probes: train, expert specialisation, bias correction.")
 
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE "
-                                                                  "or the user cache dir).")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="digits (sklearn 8x8) | docstrings (MiniLM features "
                                                            "of the package-of-a-docstring task)")]
 LayerOpt = Annotated[str, typer.Option("--layer", help="cp | tr (MMoE factorisation)")]
@@ -27,9 +28,6 @@ GateOpt = Annotated[str, typer.Option("--gate", help="entmax15 | softmax")]
 HiddenOpt = Annotated[int, typer.Option("--hidden", help="Width of the replaced layer (the MMoE maps features to "
                                                          "it, then GELU + linear head); 0 = MMoE is the head.")]
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Training epochs per probe.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the split, the init and the batches.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON rows instead of a table.")]
-RefreshOpt = Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")]
 PackagesOpt = Annotated[Optional[str], typer.Option("--packages", help="docstrings: comma-separated packages "
                                                                        "(the classes).")]
 PerPackageOpt = Annotated[int, typer.Option("--per-package", help="docstrings: texts per package (at most).")]
@@ -45,9 +43,7 @@ def _data_settings(data: str, packages: str | None, per_package: int) -> dict:
 
 
 def _echo_json(table) -> None:
-    from app.cli.options import json_safe as _json_safe
-
-    typer.echo(json.dumps([{k: _json_safe(v) for k, v in r.items()} for r in table.to_dict(orient="records")],
+    typer.echo(json.dumps([{k: json_safe(v) for k, v in r.items()} for r in table.to_dict(orient="records")],
                           indent=1))
 
 
@@ -81,14 +77,14 @@ def train(
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Train a linear probe, the parameter-matched linear layer and an MMoE probe; print accuracies."""
     from app import api
-    from app.cli.options import run_with_progress
 
     table = run_with_progress(f"probes on {data}", api.mmoe_train, data, experts, layer=layer, gate=gate,
                               hidden=hidden or None, epochs=epochs, seed=seed, budget=budget, store=store,
-                              refresh=refresh, **_data_settings(data, packages, per_package))
+                              refresh=refresh, device=device, **_data_settings(data, packages, per_package))
     if as_json:
         _echo_json(table)
         return
@@ -115,14 +111,14 @@ def analyze(
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Train an MMoE probe per expert count and measure expert specialisation (the curve)."""
     from app import api
-    from app.cli.options import console, run_with_progress
 
     curve = run_with_progress(f"expert specialisation on {data}", api.mmoe_analyze, data, experts, layer=layer,
                               gate=gate, hidden=hidden or None, epochs=epochs, seed=seed, store=store,
-                              refresh=refresh, analysis={"eval_on": eval_on},
+                              refresh=refresh, analysis={"eval_on": eval_on}, device=device,
                               **_data_settings(data, packages, per_package))
     if figure is not None:
         from app.charts_experts import save_curve_png
@@ -169,14 +165,15 @@ def bias(
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Bias-correction demo: scale down the experts most responsible for one class's errors."""
     from app import api
-    from app.cli.options import console, run_with_progress
 
     demo = run_with_progress(f"bias correction on {data}", api.mmoe_bias, data, experts, target=target, keep=keep,
                              n_scaled=n_scaled, scale=scale, layer=layer, hidden=hidden or None, epochs=epochs,
-                             seed=seed, store=store, refresh=refresh, **_data_settings(data, packages, per_package))
+                             seed=seed, store=store, refresh=refresh, device=device,
+                             **_data_settings(data, packages, per_package))
     if as_json:
         _echo_json(demo.table)
         return
@@ -196,16 +193,16 @@ def experts(
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickle checkpoints.")] = False,
+    trust_pickle: TrustOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Expert usage of a routed MoE: load balance, routing entropy, token specialisation, co-activation."""
     from app import api
-    from app.cli.options import console, run_with_progress
 
     pk = tuple(p.strip() for p in packages.split(",") if p.strip()) if packages else None
     stats = run_with_progress(f"routing of {source}", api.experts_routing, source, packages=pk, per_package=per_package,
                               max_tokens=max_tokens, min_count=min_count, store=store, refresh=refresh,
-                              trust_pickle=trust_pickle)
+                              trust_pickle=trust_pickle, device=device)
     if as_json:
         _echo_json(stats.layers)
         return

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import numpy as np
 import streamlit as st
 
 from app import api
@@ -31,7 +30,16 @@ def _curve(store_root: str, key: str):
 
 @st.cache_data(show_spinner="Loading the expert report…", max_entries=32)
 def _report(store_root: str, key: str):
-    return api.load_expert_report(key, store_root)
+    """The report, or None when it was deleted (load_expert_report raises NotStoredError, a KeyError)."""
+    try:
+        return api.load_expert_report(key, store_root)
+    except KeyError:
+        return None
+
+
+@st.cache_data(show_spinner="Loading from the store…", max_entries=32)
+def _routing_stats(store_root: str, key: str):
+    return api.load_experts_routing(key, store_root)
 
 
 def _routing(spec: str, **kwargs):
@@ -63,7 +71,7 @@ st.caption("Multilinear mixture of experts probes (Oldfield et al. 2024) on froz
            "gets its own probe, rank chosen to fit the parameter budget of the linear layer it replaces. "
            "Class-level polysemanticity = entropy (bits) of the classes whose predictions change when one expert's "
            "coefficient is zeroed; dashed lines are size-matched nulls (predicted classes shuffled).")
-curves = api.mmoe_curves(store)
+curves = api.stored_mmoe_curves(store=store)
 with st.expander("Run the specialisation analysis", expanded=not curves):
     with st.form("mmoe_form"):
         c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
@@ -128,21 +136,20 @@ else:
                                     "accuracy_drop": st.column_config.NumberColumn(format="%.4f")})
         st.markdown("**Top-activating examples**")
         ranked = list(table["expert"])
-        top_class = np.nan_to_num(report.expert_class, nan=-1.0).argmax(1)
         expert = st.selectbox("Expert", ranked, key="mmoe_expert",
-                              format_func=lambda k: f"expert {k} (top class {report.classes[top_class[k]]})")
+                              format_func=lambda k: f"expert {k} (top class {report.top_class(k)})")
         ex_rows = report.examples[report.examples["expert"] == expert]
         if report.images is not None:
             cols_img = st.columns(len(ex_rows))
             for col, (_, row) in zip(cols_img, ex_rows.iterrows()):
-                img = np.kron(report.images[expert, int(row["rank"])], np.ones((8, 8)))
-                col.image(np.clip(img, 0, 1), caption=f"{row['label']} · a={row['gate']:.2f}", clamp=True)
+                col.image(report.example_image(expert, int(row["rank"])),
+                          caption=f"{row['label']} · a={row['gate']:.2f}", clamp=True)
         st.dataframe(ex_rows[["rank", "gate", "label", "predicted", "text"]], hide_index=True, key="examples")
 
-demos = api.stored_bias_demos(store)
+demos = api.stored_mmoe_bias(store=store)
 if demos:
     st.subheader("Bias correction")
-    demo = demos[0]
+    demo = api.load_mmoe_bias(demos[0].key, store)
     st.markdown(f"Target **{demo.target}** (only {demo.meta['keep']:.0%} of its training samples kept): experts "
                 f"{list(demo.experts)} scaled by {demo.meta['scale']} — accuracy {demo.accuracy_before:.3f} → "
                 f"{demo.accuracy_after:.3f} on {demo.meta['n_eval']} held-out samples.")
@@ -150,7 +157,7 @@ if demos:
 
 # ------------------------------------------------------------------------------------- routed MoE
 st.header("Routed MoE usage")
-routed = api.stored_routing(store)
+routed = api.stored_experts_routing(store=store)
 with st.expander("Analyse a routed MoE", expanded=not routed):
     with st.form("routing_form"):
         spec = st.text_input("Source", value="tiny-mixtral", key="routing_source",
@@ -164,9 +171,9 @@ if not routed:
 else:
     labels = {m.fingerprint: m.label for m in store.models()}
     idx = st.selectbox("Model", range(len(routed)), key="routing_pick",
-                       format_func=lambda i: f"{labels.get(routed[i][0].fingerprint, routed[i][0].fingerprint[:8])} "
-                                             f"({datetime.fromtimestamp(routed[i][0].created):%Y-%m-%d %H:%M})")
-    stats = routed[idx][1]
+                       format_func=lambda i: f"{labels.get(routed[i].fingerprint, routed[i].fingerprint[:8])} "
+                                             f"({datetime.fromtimestamp(routed[i].created):%Y-%m-%d %H:%M})")
+    stats = _routing_stats(str(store.root), routed[idx].key)
     meta = stats.meta
     st.caption(f"{meta['n_experts']} experts, top-{meta['top_k']}, {meta['n_tokens']:,} tokens of {meta['n_texts']} "
                f"docstrings; hooks read through {meta['backend']}. load_balance = E·Σ f_i P_i (1 = even); token "

@@ -63,6 +63,8 @@ NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no fi
                      "load_expert_report", "stored_bias_demos", "stored_routing", "stored_kappatune_experiments",
                      "list_saes", "has_sae_eval", "has_sae_features", "stored_sae_eval", "stored_sae_features",
                      "load_sae", "sae_polysemantic"], "reads the store by key or returns values in memory"),
+    **dict.fromkeys(["stored_mmoe_curves", "stored_mmoe_bias", "load_mmoe_bias", "stored_experts_routing",
+                     "load_experts_routing"], "reads the store by key or returns values in memory"),
 }
 OPENERS = {"open_source", "load_contrasts", "load_vector", "spec_params", "resolve_directions", "load_file",
            "safe_open", "read_bytes", "read_text", "open"}  # the pages reach files only through app.api

@@ -63,7 +63,8 @@ def test_bias_demo_reports_per_class_change(store):
 
     assert demo.meta["n_select"] + demo.meta["n_eval"] == int(digits_features().is_test.sum())
     assert demo.table["n_samples"].sum() == demo.meta["n_eval"]
-    assert api.stored_bias_demos(store)[0].experts == demo.experts
+    (entry,) = api.stored_mmoe_bias(store=store)
+    assert api.load_mmoe_bias(entry.key, store).experts == demo.experts
 
 
 def test_bad_requests_are_typed(store):
@@ -113,6 +114,14 @@ def test_cli_too_many_experts_says_the_maximum(tmp_path):
     assert top == (65 * 8 - 65 - 8) // 65 == 6  # 64 N + (N + 65 + 8) <= 520 at rank 1
     assert f"at most N = {top} experts fit" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_device_option(tmp_path):
+    out = run("mmoe", "train", "--experts", "4", "--epochs", "1", "--hidden", "8", "--device", "cpu", "--json",
+              store=tmp_path / "s")
+    assert len(json.loads(out.stdout)) == 3
+    bad = run("mmoe", "analyze", "--device", "tpu", store=tmp_path / "s", check=False)
+    assert bad.returncode == 2 and "unknown device 'tpu'" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_cli_experts_on_a_model_without_routers(tmp_path):
