@@ -264,12 +264,15 @@ from app.api_mmoe import (BiasDemo, DataSpec, ExpertReport, MMoECurve, experts_r
                           load_expert_report, load_mmoe_curve, mmoe_analyze, mmoe_bias, mmoe_curves, mmoe_features,
                           mmoe_probe, mmoe_train, stored_bias_demos, stored_routing)
 
-# -- steering vectors (issue 6): implemented in app/api_steering.py ---------------------------------
-from app.api_steering import (contrast_sets, export_steering_gguf, load_dose_response,  # noqa: E402,F401
-                              load_extraction, load_steering_vector, save_steering_vector, steer_dose_response,
-                              steer_extract, steer_generate, steer_orthogonalize, steer_sweep, steer_vector,
-                              stored_dose_response, stored_dose_responses, stored_extractions,
-                              stored_layer_sweep)
+# -- steering vectors (issue 6): analysis/steering/pipeline.py (stored) and pipeline_vectors.py ------------
+from analysis.steering.pipeline import (find_dose_response, find_layer_sweep, load_dose_response,  # noqa: E402,F401
+                                        load_extraction, load_layer_sweep, steer_dose, steer_dose_response,
+                                        steer_extract, steer_generate, steer_layers, steer_sweep,
+                                        stored_dose_response, stored_dose_responses, stored_extractions,
+                                        stored_layer_sweep, stored_layer_sweeps)
+from analysis.steering.pipeline_vectors import (contrast_sets, export_steering_gguf,  # noqa: E402,F401
+                                                load_steering_vector, save_steering_vector, steer_apply,
+                                                steer_orthogonalize, steer_vector)
 
 # -- batch runs over many sources, local processes or Ray (issue 7): app/api_batch.py -----------------
 from app.api_batch import BatchItem, analyze_many  # noqa: E402,F401
