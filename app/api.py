@@ -203,12 +203,15 @@ from analysis.experts.pipeline import (BiasDemo, DataSpec, ExpertReport, MMoECur
                                        stored_expert_reports, stored_experts_routing, stored_mmoe_bias,
                                        stored_mmoe_curves, stored_routing)
 
-# -- steering vectors (issue 6): implemented in app/api_steering.py ---------------------------------
-from app.api_steering import (contrast_sets, export_steering_gguf, load_dose_response,  # noqa: E402,F401
-                              load_extraction, load_steering_vector, save_steering_vector, steer_dose_response,
-                              steer_extract, steer_generate, steer_orthogonalize, steer_sweep, steer_vector,
-                              stored_dose_response, stored_dose_responses, stored_extractions,
-                              stored_layer_sweep)
+# -- steering vectors (issue 6): analysis/steering/pipeline.py (stored) and pipeline_vectors.py ------------
+from analysis.steering.pipeline import (find_dose_response, find_layer_sweep, load_dose_response,  # noqa: E402,F401
+                                        load_extraction, load_layer_sweep, steer_dose, steer_dose_response,
+                                        steer_extract, steer_generate, steer_layers, steer_sweep,
+                                        stored_dose_response, stored_dose_responses, stored_extractions,
+                                        stored_layer_sweep, stored_layer_sweeps)
+from analysis.steering.pipeline_vectors import (contrast_sets, export_steering_gguf,  # noqa: E402,F401
+                                                load_steering_vector, save_steering_vector, steer_apply,
+                                                steer_orthogonalize, steer_vector)
 
 # -- batch runs over many sources, local processes or Ray (issue 7): app/api_batch.py -----------------
 from app.api_batch import BatchItem, analyze_many  # noqa: E402,F401

@@ -29,11 +29,11 @@ def main() -> None:
     args = ap.parse_args()
 
     lm_ext = api.steer_extract("bilinear-lm", "numpy-torch", position="last")
-    lm = api.steer_dose_response("bilinear-lm", api.steer_vector(lm_ext, 0), "numpy-torch", scale="norm",
-                                 alphas=(-0.6, -0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.4, 0.6)).table
+    lm = api.steer_dose("bilinear-lm", api.steer_vector(lm_ext, 0), "numpy-torch", scale="norm",
+                        alphas=(-0.6, -0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.4, 0.6)).table
     enc_ext = api.steer_extract("minilm", "positive-negative", position="mean")
-    enc = api.steer_dose_response("minilm", api.steer_vector(enc_ext, 3), "positive-negative",
-                                  alphas=(-4, -2, -1, 0, 1, 2, 4), capability=True).table
+    enc = api.steer_dose("minilm", api.steer_vector(enc_ext, 3), "positive-negative",
+                         alphas=(-4, -2, -1, 0, 1, 2, 4), capability=True).table
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.6), dpi=100)
     a.plot(lm["alpha"], lm["logp_pos"], "o-", color="#d6604d", label="log p(torch tokens)")

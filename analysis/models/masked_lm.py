@@ -124,24 +124,34 @@ def attach_mlm_head(model: Any, head: dict[str, torch.Tensor] | str | Path) -> N
             p.copy_(head[name].to(p.dtype))
 
 
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(iter(model.parameters())).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
 def masked_token_loss(model: Any, batch: MaskedBatch, *, fwd_hooks: Sequence[Hook] = (),
                       batch_size: int = 32) -> float:
     """Mean cross-entropy (nats) over the masked positions of ``batch``.
 
     ``model`` is a TransformerBridge around a BertForMaskedLM with a trained head attached
     (``attach_mlm_head``); ``fwd_hooks`` are ``(hook_name, fn)`` pairs applied during the
-    forward pass (``bridge.run_with_hooks``) and removed afterwards.
+    forward pass (``bridge.run_with_hooks``) and removed afterwards. The batch is moved to the
+    model's device (its first parameter's) one chunk at a time.
     """
     if batch.n_masked == 0:
         raise ConfigError("the batch has no masked positions; build it with mask_tokens()")
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be >= 1")
     total, count = 0.0, 0
+    device = _model_device(model)
     with torch.no_grad():
         for start in range(0, batch.input_ids.shape[0], batch_size):
             part = batch.rows(start, start + batch_size)
             if (n := int((part.labels != IGNORE).sum())) == 0:
                 continue
+            part = MaskedBatch(part.input_ids.to(device), part.attention_mask.to(device), part.labels.to(device))
             if fwd_hooks:
                 logits = model.run_with_hooks(part.input_ids, fwd_hooks=list(fwd_hooks),
                                               attention_mask=part.attention_mask)

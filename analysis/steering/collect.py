@@ -17,6 +17,9 @@ vector:
 Padding may sit on either side (``padding_side``): positions are found from the attention
 mask, and the bridge derives position ids from the mask, so a text's activations do not depend
 on its batch neighbours, the batch size or the padding side (to float32 rounding).
+
+Device: the forward passes run where the bridge's weights are (``model_device``); token ids are
+moved there and the reduced activations come back to CPU numpy.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ Progress = Callable[[int, int, str], None]
 
 
 # -- hooks and positions ------------------------------------------------------------------------
+def model_device(bridge: Any) -> torch.device:
+    """The device of the bridge's weights (its first parameter); CPU for a model without parameters."""
+    try:
+        return next(iter(bridge.parameters())).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
 def n_layers(bridge: Any) -> int:
     return int(bridge.cfg.n_layers)
 
@@ -186,8 +197,10 @@ def tokenize(bridge: Any, texts: Sequence[str], *, padding_side: str = "right",
 def run_activations(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Activations (batch, pos, d_model) float32 at ``names`` from one forward pass that stops
     once the last of them has fired: no later blocks and no logits, which would cost batch x pos
-    x vocab floats (MiniLM: 78 MB for 64 texts of 10 tokens, 6 GB for 4,000 such texts)."""
-    got = {n: t.to(torch.float32) for n, t in forward_until(bridge, ids, mask, names).items()}
+    x vocab floats (MiniLM: 78 MB for 64 texts of 10 tokens, 6 GB for 4,000 such texts). ``ids``
+    and ``mask`` are moved to the model's device; the activations stay there."""
+    device = model_device(bridge)
+    got = {n: t.to(torch.float32) for n, t in forward_until(bridge, ids.to(device), mask.to(device), names).items()}
     if missing := [n for n in names if n not in got]:
         raise ShapeError(f"{', '.join(missing)} did not fire during the forward pass; the bridge does not route "
                          "this model through those hooks: choose another hook")
@@ -252,12 +265,13 @@ def collect(bridge: Any, contrasts: ContrastSet, *, hook: str = "resid_post", la
             progress(b, n_batches, f"forward pass: pairs {start + 1}-{stop} of {n}")
         ids, mask = pad_rows(rows[start:stop] + rows[n + start:n + stop], pad_id(bridge), padding_side)
         acts = run_activations(bridge, ids, mask, names)
+        mask = mask.to(model_device(bridge))
         m = mask.to(torch.bool)
         n_real += int(m.sum())
         for li, name in enumerate(names):
             a = acts.pop(name)
-            norm_sums[li] += float(a.norm(dim=-1)[m].to(torch.float64).sum())
-            red = select_positions(a, mask, rule).numpy()
+            norm_sums[li] += float(a.norm(dim=-1)[m].cpu().to(torch.float64).sum())
+            red = select_positions(a, mask, rule).cpu().numpy()
             if pos is None:
                 pos = np.empty((len(layers), n, red.shape[1]), dtype=np.float32)
                 neg = np.empty_like(pos)

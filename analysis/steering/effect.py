@@ -18,6 +18,10 @@ normalised centroids of the unsteered training positives (c⁺) and negatives (c
 - ``masked_loss``: masked-token cross-entropy (nats per masked token) on the held-out texts
   under the same steering, when a bridge with a trained MLM head is given
   (``analysis.models.mlm_head.mlm_bridge``, ``analysis.models.masked_lm``): the capability cost.
+
+Device: the forward passes run where the bridge's weights are; token ids are moved there, the
+log-probabilities are taken in float64 (on CPU when the model is on MPS, which has no float64)
+and every number in the tables is a Python float.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from analysis.steering.contrasts import ContrastSet
 from analysis.errors import ConfigError
 from analysis.steering.hooks import check_alpha, steering, steering_hooks
 from analysis.steering.vectors import SteeringVector
-from analysis.steering.collect import pad_id, pad_rows, run_activations, token_rows
+from analysis.steering.collect import model_device, pad_id, pad_rows, run_activations, token_rows
 from analysis.steering.extract import hook_name, tokenize
 
 LM_COLUMNS = ("alpha", "logp_pos", "logp_neg", "delta_pos", "delta_neg", "kl", "nll")
@@ -82,9 +86,16 @@ def _apply(bridge: Any, vector: SteeringVector | np.ndarray, alpha: float, layer
     return steering(bridge, vector, alpha=alpha, layers=layers, hook=hook, scale=scale)
 
 
+def _float64_device(device: torch.device) -> torch.device:
+    """Where float64 statistics are computed: the model's device, or CPU for MPS (no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 @torch.no_grad()
 def _lm_logprobs(bridge: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(bridge(ids, attention_mask=mask, return_type="logits").to(torch.float64), dim=-1)
+    """(batch, pos, vocab) float64 log-probabilities; ``ids``/``mask`` on the model's device."""
+    logits = bridge(ids, attention_mask=mask, return_type="logits")
+    return torch.log_softmax(logits.to(_float64_device(logits.device)).to(torch.float64), dim=-1)
 
 
 def lm_dose_response(bridge: Any, vector: SteeringVector | np.ndarray, texts: Sequence[str], alphas: Sequence[float],
@@ -104,20 +115,24 @@ def lm_dose_response(bridge: Any, vector: SteeringVector | np.ndarray, texts: Se
     rows_tok = token_rows(bridge, texts, max_tokens=max_tokens)
     sums = {alpha: np.zeros(4) for alpha in alphas}  # logp_pos, logp_neg, kl (over real positions), nll
     n_real = n_next = 0
+    device = model_device(bridge)
+    wide = _float64_device(device)
     starts = range(0, len(rows_tok), BATCH_TEXTS)
     for b, start in enumerate(starts):  # texts in batches, so memory holds one batch's logits
         if progress:
             progress(b, len(starts), f"texts {start + 1}-{min(start + BATCH_TEXTS, len(texts))} of {len(texts)}")
         ids, mask = pad_rows(rows_tok[start:start + BATCH_TEXTS], pad_id(bridge), "right")
+        ids, mask = ids.to(wide), mask.to(wide)  # the statistics' device
         real = mask.to(torch.bool)
         nxt = real[:, :-1] & real[:, 1:]  # positions whose next token is real
-        logp0 = _lm_logprobs(bridge, ids, mask)
+        ids_d, mask_d = ids.to(device), mask.to(device)  # the forward pass's device
+        logp0 = _lm_logprobs(bridge, ids_d, mask_d)
         for alpha in alphas:
             if alpha == 0.0:
                 logp = logp0
             else:
                 with _apply(bridge, vector, alpha, layers, hook, scale):
-                    logp = _lm_logprobs(bridge, ids, mask)
+                    logp = _lm_logprobs(bridge, ids_d, mask_d)
             kl = (logp0.exp() * (logp0 - logp)).sum(-1)
             nll = -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
             sums[alpha] += [float(torch.logsumexp(logp[..., pos_ids], -1)[real].sum()),
@@ -140,8 +155,8 @@ def lm_dose_response(bridge: Any, vector: SteeringVector | np.ndarray, texts: Se
 
 @torch.no_grad()
 def sentence_embeddings(bridge: Any, texts: Sequence[str], *, max_tokens: int = 128) -> torch.Tensor:
-    """Unit-norm mean-pooled last-layer embeddings (n, d_model) float32 under whatever hooks are
-    attached; ``BATCH_TEXTS`` texts per forward pass, each stopped at the last block (no logits)."""
+    """Unit-norm mean-pooled last-layer embeddings (n, d_model) float32 on CPU under whatever hooks
+    are attached; ``BATCH_TEXTS`` texts per forward pass, each stopped at the last block (no logits)."""
     from analysis.weights.forgetting import mean_pool
 
     rows = token_rows(bridge, texts, max_tokens=max_tokens)
@@ -149,7 +164,8 @@ def sentence_embeddings(bridge: Any, texts: Sequence[str], *, max_tokens: int = 
     out = []
     for start in range(0, len(rows), BATCH_TEXTS):
         ids, mask = pad_rows(rows[start:start + BATCH_TEXTS], pad_id(bridge), "right")
-        out.append(mean_pool(run_activations(bridge, ids, mask, [last])[last], mask))
+        acts = run_activations(bridge, ids, mask, [last])[last]
+        out.append(mean_pool(acts, mask.to(acts.device)).cpu())
     return torch.cat(out)
 
 
@@ -240,6 +256,7 @@ def greedy_generate(bridge: Any, prompt: str, *, max_new_tokens: int = 24, max_t
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 512:
         raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer in 1..512")
     ids, mask = tokenize(bridge, [prompt if prompt else " "], max_tokens=max_tokens)
+    ids = ids.to(model_device(bridge))
     limit = int(getattr(bridge.cfg, "n_ctx", 0) or 10**6)
     eos = getattr(bridge.tokenizer, "eos_token_id", None)
     start = ids.shape[1]
@@ -250,7 +267,7 @@ def greedy_generate(bridge: Any, prompt: str, *, max_new_tokens: int = 24, max_t
         nxt = int(logits[0, -1].argmax())
         if nxt == eos:
             break
-        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=ids.device)], dim=1)
     return bridge.tokenizer.decode(ids[0, start:].tolist(), skip_special_tokens=True)
 
 

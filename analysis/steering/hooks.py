@@ -19,7 +19,8 @@
 
 Both are context managers built on ``bridge.hooks``: the hooks they add are removed when the
 block exits, also when it raises, and hooks attached before are left alone. They compose by
-nesting.
+nesting. The vectors and bases are moved to the model's device when the hooks are built (the
+projection runs in float64 there, float32 on MPS, which has no float64).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from analysis.errors import ConfigError, ShapeError
 from analysis.steering.vectors import SteeringVector, check_compatible
 from analysis.steering.extract import check_layers, hook_name
+from analysis.steering.collect import model_device
 
 SCALES = ("absolute", "norm")
 Hook = tuple[str, Callable[..., Any]]
@@ -70,10 +72,16 @@ def orthonormal_basis(directions: np.ndarray | torch.Tensor | Sequence[float], w
     return q.T.contiguous()
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """float64, or float32 on MPS (which has no float64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def project_out(h: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """h − (h R̂ᵀ) R̂ for h (..., d_model) and orthonormal R̂ (k, d_model); computed in float64."""
-    x = h.to(torch.float64)
-    b = basis.to(x.device)
+    """h − (h R̂ᵀ) R̂ for h (..., d_model) and orthonormal R̂ (k, d_model); computed in float64
+    (float32 on MPS) on ``h``'s device."""
+    x = h.to(_wide(h.device))
+    b = basis.to(device=x.device, dtype=x.dtype)
     return (x - (x @ b.T) @ b).to(h.dtype)
 
 
@@ -82,8 +90,8 @@ def _add_hook(delta: torch.Tensor, alpha: float, scale: str) -> Callable[..., to
 
     def hook(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
         if scale == "norm":
-            return x + (alpha * x.norm(dim=-1, keepdim=True) * unit.to(x.dtype))
-        return x + (alpha * delta).to(x.dtype)
+            return x + (alpha * x.norm(dim=-1, keepdim=True) * unit.to(device=x.device, dtype=x.dtype))
+        return x + (alpha * delta).to(device=x.device, dtype=x.dtype)
 
     return hook
 
@@ -118,9 +126,10 @@ def steering_hooks(bridge: Any, vector: SteeringVector | np.ndarray | torch.Tens
         layers = check_layers(bridge, layers)
         rows = {layer: v for layer in layers}
     hook = hook or "resid_post"
+    device = model_device(bridge)
     out = []
     for layer, row in rows.items():
-        delta = torch.from_numpy(np.array(row, dtype=np.float32))
+        delta = torch.from_numpy(np.array(row, dtype=np.float32)).to(device)
         if scale == "norm" and float(delta.norm()) == 0:
             raise ConfigError(f"the vector at layer {layer} is zero, so it has no direction to scale by the "
                               "activation norm; use scale='absolute' or another vector")
@@ -214,7 +223,8 @@ def ablation_hooks(bridge: Any, directions: np.ndarray | torch.Tensor | Steering
             fingerprint = bridge_fingerprint(bridge)
         check_compatible(directions, d_model=d_model(bridge), fingerprint=fingerprint, allow_foreign=allow_foreign)
         directions = directions.vectors
-    basis = orthonormal_basis(directions, d_model(bridge))
+    device = model_device(bridge)
+    basis = orthonormal_basis(directions, d_model(bridge)).to(device=device, dtype=_wide(device))
 
     def fn(x: torch.Tensor, hook: Any = None) -> torch.Tensor:
         return project_out(x, basis)

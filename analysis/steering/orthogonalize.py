@@ -19,6 +19,10 @@ A tied ``lm_head`` is untied (written out with the original embedding) so the re
 unchanged. The result is a new Hugging Face directory (config, tokenizer, one
 ``model.safetensors``, ``lenslab_orthogonalize.json``) written to a temp dir and renamed into
 place: it loads as a normal model (``open_source(dir)``, ``from_pretrained``).
+
+Device: each writer is projected in float64 on ``device`` (CPU when it is MPS, which has no
+float64) one tensor at a time and written from CPU; the result does not depend on the device
+beyond float64 rounding.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis.device import resolve_device
 from analysis.errors import ConfigError, SourceError
 from analysis.sources import Source, open_source
 from analysis.steering.hooks import orthonormal_basis
@@ -66,10 +71,10 @@ def writer_axis(name: str) -> int | None:
 
 def orthogonalize_tensor(w: torch.Tensor, basis: torch.Tensor, axis: int) -> torch.Tensor:
     """``w`` with the span of ``basis`` (k, d_model), orthonormal rows, removed along ``axis``;
-    computed in float64, returned in ``w``'s dtype."""
-    x = w.to(torch.float64).movedim(axis, -1)
+    computed in float64 on ``basis``'s device, returned in ``w``'s dtype on ``w``'s device."""
+    x = w.to(device=basis.device, dtype=torch.float64).movedim(axis, -1)
     x = x - (x @ basis.T) @ basis
-    return x.movedim(-1, axis).to(w.dtype).contiguous()
+    return x.movedim(-1, axis).to(device=w.device, dtype=w.dtype).contiguous()
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,9 +106,13 @@ def _directions(directions: Any, src: Source, width: int, allow_foreign: bool) -
 
 
 def orthogonalize(source: Any, directions: Any, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                  allow_foreign: bool = False, progress: Progress | None = None) -> OrthogonalizedModel:
+                  allow_foreign: bool = False, progress: Progress | None = None,
+                  device: str | torch.device | None = "cpu") -> OrthogonalizedModel:
     """Write ``source`` with ``directions`` ((d_model,), (k, d_model) or a SteeringVector, whose
-    rows are the directions) projected out of every residual writer into ``out_dir``."""
+    rows are the directions) projected out of every residual writer into ``out_dir``; the
+    projections run on ``device`` (``auto | cpu | cuda | mps``, see the module docstring)."""
+    run_on = resolve_device(device)
+    run_on = torch.device("cpu") if run_on.type == "mps" else run_on
     src = open_source(source)
     config = _config(src)
     model_type = str(config.get("model_type", ""))
@@ -112,7 +121,8 @@ def orthogonalize(source: Any, directions: Any, out_dir: str | os.PathLike, *, o
                           f"stream is the plain sum of its writers; orthogonalisation supports {', '.join(SUPPORTED)}. "
                           "For other models ablate at run time (analysis.steering.hooks.ablation)")
     width = int(config.get("hidden_size", 0))
-    basis = _directions(directions, src, width, allow_foreign)
+    basis = _directions(directions, src, width, allow_foreign)  # (k, d_model) float64 on CPU
+    basis_on = basis.to(run_on)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose a new directory or pass overwrite=True "
@@ -134,7 +144,7 @@ def orthogonalize(source: Any, directions: Any, out_dir: str | os.PathLike, *, o
                                   f"d_model = {width}; this layout is not supported")
             if tied and name.endswith("embed_tokens.weight"):
                 tensors["lm_head.weight"] = t.clone()
-            t = orthogonalize_tensor(t, basis, axis)
+            t = orthogonalize_tensor(t, basis_on, axis)
             changed.append(name)
         tensors[name] = t.contiguous()
     n_layers = int(config.get("num_hidden_layers", 0))

@@ -33,7 +33,7 @@ from app.cli.mmoe import register as _register_mmoe  # noqa: E402  (lenslab mmoe
 _register_mmoe(app)
 from app.cli.bilinear import bilinear_app  # noqa: E402  (lenslab bilinear train|decompose)
 app.add_typer(bilinear_app, name="bilinear")
-from app.cli.steer import steer_app  # noqa: E402  (lenslab steer extract|apply|sweep|orthogonalize)
+from app.cli.steer import steer_app  # noqa: E402  (lenslab steer extract|apply|dose|layers|orthogonalize)
 app.add_typer(steer_app, name="steer")
 from app.cli.sae import sae_app  # noqa: E402  (lenslab sae train|eval|features|ls)
 app.add_typer(sae_app, name="sae")

@@ -2,10 +2,13 @@
 
     lenslab steer extract bilinear-lm numpy-torch --layer 0 --out torch.safetensors
     lenslab steer apply bilinear-lm torch.safetensors --prompt "Returns a new" --alpha 0.4 --scale norm
-    lenslab steer sweep bilinear-lm numpy-torch --vector torch.safetensors --scale norm --alphas=-0.6,-0.3,0,0.3,0.6
+    lenslab steer dose bilinear-lm numpy-torch --vector torch.safetensors --scale norm --alphas=-0.6,-0.3,0,0.3,0.6
+    lenslab steer layers bilinear-lm numpy-torch --alpha 0.4 --scale norm
     lenslab steer orthogonalize bilinear-lm torch.safetensors --out bilinear-lm-no-torch
     lenslab steer extract bilinear-lm numpy-torch --method svd --k 3 --layer 1 --out torch-svd.safetensors
 
+Each command is the API function ``steer_<verb>`` (``app.api``). ``steer sweep`` (the dose-response,
+plus a layer sweep with ``--layer-alpha``) is the old name of ``steer dose``, kept hidden.
 Contrast sets: a bundled name (numpy-torch, code-prose, positive-negative) or a JSONL file
 (format: ``analysis/steering/contrasts.py``). Registered on the main app in ``app/cli/__init__.py``. Errors are
 LensLab's typed errors (one line, exit 2).
@@ -19,17 +22,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from app.cli.options import DeviceOpt, JsonOpt, RefreshOpt, StoreOpt, console, json_safe, run_with_progress
 from app.cli.tables import print_table
 
 steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: extract from contrast sets, apply, measure the "
-                                                   "dose-response, orthogonalise weights.")
-_err = Console(stderr=True)
+                                                   "dose-response and the layers, orthogonalise weights.")
+DEPRECATED_COMMANDS = {"steer sweep": "steer dose (and steer layers for --layer-alpha)"}
 
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE or the "
-                                                                  "user cache dir).")]
 SourceArg = Annotated[str, typer.Argument(help="bilinear-lm, tiny-mixtral, minilm, or a Hugging Face model directory.")]
 ContrastArg = Annotated[str, typer.Argument(help="Bundled contrast set (numpy-torch, code-prose, positive-negative) "
                                                  "or a .jsonl file.")]
@@ -39,12 +40,14 @@ PositionOpt = Annotated[str, typer.Option("--position", help="last | mean | inde
 ScaleOpt = Annotated[str, typer.Option("--scale", help="absolute: h + α·v; norm: h + α·‖h‖·v/‖v‖ (α = fraction of "
                                                        "each token's norm).")]
 ForeignOpt = Annotated[bool, typer.Option("--allow-foreign", help="Apply a vector extracted from another model.")]
-
-
-def _run(description: str, fn, *args, **kwargs):
-    from app.cli.options import run_with_progress
-
-    return run_with_progress(description, fn, *args, **kwargs)
+AlphasOpt = Annotated[str, typer.Option("--alphas", help="Comma-separated strengths; 0 is always added.")]
+VectorOpt = Annotated[Optional[Path], typer.Option("--vector", help="Saved vector (default: extract mean_diff at the "
+                                                                    "best layer).")]
+CapabilityOpt = Annotated[bool, typer.Option("--capability/--no-capability", help="Encoders: measure masked-token "
+                                                                                  "loss (trains MiniLM's MLM head "
+                                                                                  "once).")]
+MethodOpt = Annotated[str, typer.Option("--method", help="mean_diff | pca | logistic: each layer's vector.")]
+DEFAULT_ALPHAS = "-8,-4,-2,-1,0,1,2,4,8"
 
 
 def _floats(text: str) -> list[float]:
@@ -60,8 +63,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _json_rows(table) -> list[dict]:
-    return [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            for row in table.to_dict(orient="records")]
+    return [{k: json_safe(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
 
 
 def _print_table(table, title: str, fmt: str = ".4g") -> None:
@@ -93,18 +95,19 @@ def extract(
     padding_side: Annotated[str, typer.Option("--padding-side", help="right | left")] = "right",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Contrast pairs per forward pass (bounds memory "
                                                                  "whatever the file's size).")] = 32,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the per-layer table as JSON.")] = False,
-    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,
+    as_json: JsonOpt = False,
+    refresh: RefreshOpt = False,
     store: StoreOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Extract per-layer directions of CONTRASTS in SOURCE (mean difference, PCA, logistic, top-k
     SVD) and report held-out separability; optionally save one layer's vector (or, with --method
     svd, its k directions)."""
     from app import api
 
-    ext = _run(f"extracting {contrasts} from {source}", api.steer_extract, source, contrasts, hook=hook,
-               position=position, padding_side=padding_side, k=k, batch_size=batch_size, store=store,
-               refresh=refresh)
+    ext = run_with_progress(f"extracting {contrasts} from {source}", api.steer_extract, source, contrasts, hook=hook,
+                            position=position, padding_side=padding_side, k=k, batch_size=batch_size, store=store,
+                            refresh=refresh, device=device)
     vec = api.steer_vector(ext, layer, method, k=k) if (out or gguf or layer is not None) else None
     if out is not None:
         api.save_steering_vector(vec, out)
@@ -120,11 +123,11 @@ def extract(
                  f"{meta['contrast']} in {source} · {hook} · position {meta['position']} · "
                  f"{meta['n_train']} train / {meta['n_test']} held-out pairs")
     for method_name in ext.methods:
-        _err.print(f"best layer for {method_name}: {ext.best_layer(method_name)}", highlight=False)
+        console.print(f"best layer for {method_name}: {ext.best_layer(method_name)}", highlight=False)
     if vec is not None and out is not None:
-        _err.print(f"saved {vec.describe()} to {out}", highlight=False)
+        console.print(f"saved {vec.describe()} to {out}", highlight=False)
     if gguf is not None:
-        _err.print(f"wrote control-vector GGUF to {gguf}", highlight=False)
+        console.print(f"wrote control-vector GGUF to {gguf}", highlight=False)
 
 
 @steer_app.command("apply")
@@ -140,15 +143,16 @@ def apply(
                                                               "with.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate (greedy).")] = 24,
     allow_foreign: ForeignOpt = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the prompt and both continuations as JSON.")] = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Continue PROMPT greedily with SOURCE, without and with VECTOR added at strength ALPHA."""
     from app import api
 
     vec = api.load_steering_vector(vector)
     vec = vec.row(row) if row is not None else vec
-    out = api.steer_generate(source, vec, prompt, alpha=alpha, layers=layer or None, scale=scale,
-                             max_new_tokens=max_new_tokens, allow_foreign=allow_foreign)
+    out = api.steer_apply(source, vec, prompt, alpha=alpha, layers=layer or None, scale=scale,
+                          max_new_tokens=max_new_tokens, allow_foreign=allow_foreign, device=device)
     if as_json:
         typer.echo(json.dumps({"prompt": prompt, "alpha": alpha, **out}, indent=1))
         return
@@ -156,43 +160,111 @@ def apply(
                f"(alpha {alpha:+g}, scale {scale})")
 
 
-@steer_app.command("sweep")
-def sweep(
-    source: SourceArg,
-    contrasts: ContrastArg,
-    vector: Annotated[Optional[Path], typer.Option("--vector", help="Saved vector (default: extract mean_diff at "
-                                                                    "the best layer).")] = None,
-    alphas: Annotated[str, typer.Option("--alphas", help="Comma-separated strengths; 0 is always added.")]
-    = "-8,-4,-2,-1,0,1,2,4,8",
-    scale: ScaleOpt = "absolute",
-    layer_alpha: Annotated[Optional[float], typer.Option("--layer-alpha", help="Also sweep layers at this α "
-                                                                               "(each layer's own vector).")] = None,
-    hook: HookOpt = "resid_post",
-    position: PositionOpt = "last",
-    capability: Annotated[bool, typer.Option("--capability/--no-capability", help="Encoders: measure masked-token "
-                                                                                  "loss (trains MiniLM's MLM head "
-                                                                                  "once).")] = True,
-    allow_foreign: ForeignOpt = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-    refresh: Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")] = False,
-    store: StoreOpt = None,
-) -> None:
-    """Dose-response of a steering vector over α on the held-out pairs of CONTRASTS (and a layer sweep)."""
+def _dose(source: str, contrasts: str, vector: Optional[Path], alphas: str, scale: str, hook: str, position: str,
+          capability: bool, allow_foreign: bool, refresh: bool, store: Optional[Path], device: str):
+    """(vector, DoseResponse): the saved vector, or the best layer's mean_diff of a stored extraction."""
     from app import api
 
     values = _floats(alphas)
     if vector is not None:
         vec = api.load_steering_vector(vector)
     else:
-        ext = _run(f"extracting {contrasts} from {source}", api.steer_extract, source, contrasts, hook=hook,
-                   position=position, store=store)
+        ext = run_with_progress(f"extracting {contrasts} from {source}", api.steer_extract, source, contrasts,
+                                hook=hook, position=position, store=store, device=device)
         vec = api.steer_vector(ext)
-    dr = _run("dose-response", api.steer_dose_response, source, vec, contrasts, alphas=values, scale=scale,
-              capability=capability, allow_foreign=allow_foreign, store=store, refresh=refresh)
+    dr = run_with_progress("dose-response", api.steer_dose, source, vec, contrasts, alphas=values, scale=scale,
+                           capability=capability, allow_foreign=allow_foreign, store=store, refresh=refresh,
+                           device=device)
+    return vec, dr
+
+
+def _layers(source: str, contrasts: str, *, alpha: float, method: str, hook: str, position: str, scale: str,
+            capability: bool, refresh: bool, store: Optional[Path], device: str):
+    from app import api
+
+    return run_with_progress("layer sweep", api.steer_layers, source, contrasts, alpha=alpha, method=method,
+                             hook=hook, position=position, scale=scale, capability=capability, store=store,
+                             refresh=refresh, device=device)
+
+
+@steer_app.command("dose")
+def dose(
+    source: SourceArg,
+    contrasts: ContrastArg,
+    vector: VectorOpt = None,
+    alphas: AlphasOpt = DEFAULT_ALPHAS,
+    scale: ScaleOpt = "absolute",
+    hook: HookOpt = "resid_post",
+    position: PositionOpt = "last",
+    capability: CapabilityOpt = True,
+    allow_foreign: ForeignOpt = False,
+    as_json: JsonOpt = False,
+    refresh: RefreshOpt = False,
+    store: StoreOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Dose-response of a steering vector over α on the held-out pairs of CONTRASTS (stored)."""
+    vec, dr = _dose(source, contrasts, vector, alphas, scale, hook, position, capability, allow_foreign, refresh,
+                    store, device)
+    if as_json:
+        typer.echo(json.dumps({"vector": vec.describe(), "kind": dr.kind, "dose_response": _json_rows(dr.table)},
+                              indent=1))
+        return
+    _print_table(dr.table, f"dose-response · {vec.describe()} · scale {scale}")
+
+
+@steer_app.command("layers")
+def layers(
+    source: SourceArg,
+    contrasts: ContrastArg,
+    alpha: Annotated[float, typer.Option("--alpha", "-a", help="Steering strength of every layer's vector.")] = 4.0,
+    method: MethodOpt = "mean_diff",
+    scale: ScaleOpt = "absolute",
+    hook: HookOpt = "resid_post",
+    position: PositionOpt = "last",
+    capability: CapabilityOpt = False,
+    as_json: JsonOpt = False,
+    refresh: RefreshOpt = False,
+    store: StoreOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Layer sweep: each layer steered with its own vector (of the extraction at HOOK and POSITION) at
+    α, on the held-out pairs of CONTRASTS; one row per layer (stored)."""
+    table = _layers(source, contrasts, alpha=alpha, method=method, hook=hook, position=position, scale=scale,
+                    capability=capability, refresh=refresh, store=store, device=device)
+    if as_json:
+        typer.echo(json.dumps({"contrast": contrasts, "alpha": alpha, "method": method, "scale": scale,
+                               "layers": _json_rows(table)}, indent=1))
+        return
+    _print_table(table, f"layer sweep at α = {alpha:+g} · {method} · scale {scale}")
+
+
+@steer_app.command("sweep", hidden=True, deprecated=True)
+def sweep(
+    source: SourceArg,
+    contrasts: ContrastArg,
+    vector: VectorOpt = None,
+    alphas: AlphasOpt = DEFAULT_ALPHAS,
+    scale: ScaleOpt = "absolute",
+    layer_alpha: Annotated[Optional[float], typer.Option("--layer-alpha", help="Also sweep layers at this α "
+                                                                               "(each layer's own vector).")] = None,
+    hook: HookOpt = "resid_post",
+    position: PositionOpt = "last",
+    capability: CapabilityOpt = True,
+    allow_foreign: ForeignOpt = False,
+    as_json: JsonOpt = False,
+    refresh: RefreshOpt = False,
+    store: StoreOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Deprecated: `lenslab steer dose` (and `lenslab steer layers` for --layer-alpha)."""
+    vec, dr = _dose(source, contrasts, vector, alphas, scale, hook, position, capability, allow_foreign, refresh,
+                    store, device)
     layers_table = None
     if layer_alpha is not None:
-        layers_table = _run("layer sweep", api.steer_sweep, source, contrasts, alpha=layer_alpha, hook=vec.hook,
-                            position=vec.position, scale=scale, capability=capability, store=store, refresh=refresh)
+        layers_table = _layers(source, contrasts, alpha=layer_alpha, method="mean_diff", hook=vec.hook,
+                               position=vec.position, scale=scale, capability=capability, refresh=refresh,
+                               store=store, device=device)
     if as_json:
         typer.echo(json.dumps({"vector": vec.describe(), "kind": dr.kind, "dose_response": _json_rows(dr.table),
                                "layers": _json_rows(layers_table) if layers_table is not None else None}, indent=1))
@@ -210,6 +282,7 @@ def orthogonalize(
     out: Annotated[Path, typer.Option("--out", "-o", help="New model directory (must not exist or be empty).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out directory.")] = False,
     allow_foreign: ForeignOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Write SOURCE with VECTOR's direction(s) projected out of every matrix that writes to the
     residual stream (W ← W − r̂ r̂ᵀ W, and the embedding): a new safetensors checkpoint."""
@@ -217,8 +290,8 @@ def orthogonalize(
     from app import api
 
     vec = api.load_steering_vector(vector)
-    res = _run(f"orthogonalising {source}", api.steer_orthogonalize, source, vec, out, overwrite=overwrite,
-               allow_foreign=allow_foreign)
+    res = run_with_progress(f"orthogonalising {source}", api.steer_orthogonalize, source, vec, out,
+                            overwrite=overwrite, allow_foreign=allow_foreign, device=device)
     worst = residual_component(res.path, vec.vectors)
     typer.echo(f"wrote {res.path}: {len(res.tensors)} tensors projected ({res.n_directions} direction(s)); "
                f"largest remaining |r̂·W| = {worst:.2e}")

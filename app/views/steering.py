@@ -1,10 +1,13 @@
-"""Steering page: per-layer separability of a contrast set, dose-response, steered vs unsteered text.
+"""Steering page: per-layer separability of a contrast set, dose-response, layer sweep, steered vs unsteered text.
 
-Pick a stored extraction (model × contrast set × hook × position; the form at the top runs
-``app.api.steer_extract``), see each layer's held-out AUC and relative norm, pick a layer,
-method and α, measure the dose-response (``app.api.steer_dose_response``, stored), sweep the
-layers at that α (``app.api.steer_sweep``, stored), and type a prompt to compare greedy
-continuations with and without the vector (``app.api.steer_generate``; causal LMs only).
+The sections and buttons are the verbs of ``lenslab steer`` / ``app.api.steer_<verb>``: **Extract**
+(the form at the top: ``steer_extract``) stores a model × contrast set × hook × position
+extraction; pick one and see each layer's held-out AUC and relative norm; pick a layer, method
+and α; **Dose** measures the dose-response over α (``steer_dose``, stored; shown from
+``find_dose_response`` when it is); **Layers** steers each layer with its own vector at that α
+(``steer_layers``, stored; ``find_layer_sweep``); **Apply** compares greedy continuations of a
+prompt with and without the vector (``steer_apply``; causal LMs only). Orthogonalising weights
+writes a new model directory, so it stays on the command line (``lenslab steer orthogonalize``).
 Charts come from ``app.charts_steering``; progress bars from ``app.state.run_with_st_progress``;
 nothing is computed here.
 """
@@ -16,6 +19,7 @@ import time
 import streamlit as st
 
 from analysis.errors import LensLabError
+from analysis.run import NotStoredError
 from app import api
 from app import charts_steering as charts
 from app.allowed_paths import check_contrasts, check_source
@@ -37,11 +41,11 @@ def _extract_api(spec: str, contrasts: str, **kwargs):
 
 
 def _dose_api(source: str, vec, contrasts: str, **kwargs):
-    return api.steer_dose_response(check_source(source), vec, check_contrasts(contrasts), **kwargs)
+    return api.steer_dose(check_source(source), vec, check_contrasts(contrasts), **kwargs)
 
 
-def _sweep_api(source: str, contrasts: str, **kwargs):
-    return api.steer_sweep(check_source(source), check_contrasts(contrasts), **kwargs)
+def _layers_api(source: str, contrasts: str, **kwargs):
+    return api.steer_layers(check_source(source), check_contrasts(contrasts), **kwargs)
 
 
 def _extract(spec: str, contrasts: str, hook: str, position: str, store) -> bool:
@@ -94,11 +98,11 @@ key = st.selectbox("Extraction", list(by_key), key="steer_entry",
                                          f"{by_key[k].params['position']}")
 try:
     ext = _load(str(store.root), key)
+except NotStoredError:
+    st.warning("That entry was deleted; pick another or extract again.")
+    st.stop()
 except LensLabError as exc:
     st.error(str(exc))
-    st.stop()
-if ext is None:
-    st.warning("That entry was deleted; pick another or extract again.")
     st.stop()
 source = ext.meta.get("source", "")
 st.plotly_chart(charts.separability(ext.table), key="steer_separability")
@@ -117,48 +121,48 @@ vec = api.steer_vector(ext, int(layer), method)
 alphas = (-0.6, -0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.4, 0.6) if scale == "norm" else (-8, -4, -2, -1, 0, 1, 2, 4, 8)
 alphas = tuple(sorted(set(alphas) | {float(alpha)}))
 
-st.subheader("Dose-response on the held-out pairs")
+st.subheader("Dose: the response to α on the held-out pairs")
 try:
-    dr = api.stored_dose_response(vec.fingerprint, vec, check_contrasts(ext.meta["contrast_origin"]), alphas=alphas,
+    dr = api.find_dose_response(vec.fingerprint, vec, check_contrasts(ext.meta["contrast_origin"]), alphas=alphas,
                                   scale=scale, store=store)
 except LensLabError as exc:
     st.error(str(exc))
     dr = None
-if dr is None and st.button("Measure dose-response", key="steer_measure"):
+if dr is None and st.button("Dose", key="steer_dose", help="Measure the dose-response over α (stored)."):
     dr = run_with_st_progress("Steering", _dose_api, source, vec, ext.meta["contrast_origin"], alphas=alphas,
                               scale=scale, store=store, flash_key=FLASH)
 if dr is not None:
     st.plotly_chart(charts.dose_response(dr.table, dr.kind, f"Dose-response · layer {layer} · {method} · {scale}"),
-                    key="steer_dose")
+                    key="steer_dose_chart")
     st.dataframe(dr.table, hide_index=True, key="steer_dose_table")
 else:
     st.caption("Not measured yet for this layer, method and scale.")
 
-st.subheader("Layer sweep")
+st.subheader("Layers: each layer's own vector at α")
 st.caption(f"Each layer steered with its own {method} vector at α = {float(alpha):+g} ({scale}), on the held-out pairs.")
 sweep_args = {"alpha": float(alpha), "method": method, "hook": ext.meta["hook"], "position": ext.meta["position"],
               "scale": scale}
 try:
-    sweep = api.stored_layer_sweep(vec.fingerprint, check_contrasts(ext.meta["contrast_origin"]), store=store,
+    sweep = api.find_layer_sweep(vec.fingerprint, check_contrasts(ext.meta["contrast_origin"]), store=store,
                                    **sweep_args)
 except LensLabError as exc:
     st.error(str(exc))
     sweep = None
-if sweep is None and st.button("Run layer sweep", key="steer_sweep"):
-    sweep = run_with_st_progress("Sweeping layers", _sweep_api, source, ext.meta["contrast_origin"], store=store,
+if sweep is None and st.button("Layers", key="steer_layers", help="Steer each layer with its own vector (stored)."):
+    sweep = run_with_st_progress("Sweeping layers", _layers_api, source, ext.meta["contrast_origin"], store=store,
                                  flash_key=FLASH, **sweep_args)
 if sweep is not None:
     st.plotly_chart(charts.layer_sweep(sweep, f"Layer sweep · α = {float(alpha):+g} · {method} · {scale}"),
-                    key="steer_sweep_chart")
-    st.dataframe(sweep, hide_index=True, key="steer_sweep_table")
+                    key="steer_layers_chart")
+    st.dataframe(sweep, hide_index=True, key="steer_layers_table")
 else:
     st.caption("No layer sweep stored for this method, α and scale.")
 
-st.subheader("Steered vs unsteered")
+st.subheader("Apply: steered vs unsteered text")
 prompt = st.text_input("Prompt", value="Returns a new", key="steer_prompt")
-if st.button("Generate", key="steer_generate"):
+if st.button("Apply", key="steer_apply", help="Continue the prompt without and with the vector."):
     try:
-        out = api.steer_generate(check_source(source), vec, prompt, alpha=float(alpha), scale=scale)
+        out = api.steer_apply(check_source(source), vec, prompt, alpha=float(alpha), scale=scale)
     except LensLabError as exc:
         st.error(str(exc))
     else:

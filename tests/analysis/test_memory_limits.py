@@ -82,11 +82,12 @@ def test_extract_directions_checks_k_against_the_activations(bridge):
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True], ids=repr)
 def test_api_refuses_a_bad_k_before_booting(k, monkeypatch, store):
-    from app import api_steering
+    from analysis import model_cache
+    from analysis.steering import pipeline
 
     def boom(*a, **kw):
         raise AssertionError("the model was booted before k was checked")
 
-    monkeypatch.setattr(api_steering, "bridge_for", boom)
+    monkeypatch.setattr(model_cache, "bridge", boom)
     with pytest.raises(ConfigError, match=rf"k={k!r} must be an integer >= 1"):
-        api_steering.steer_extract("minilm", "numpy-torch", k=k, store=store)
+        pipeline.steer_extract("minilm", "numpy-torch", k=k, store=store)

@@ -50,8 +50,8 @@ PATH_KINDS = {"model", "contrasts", "direction"}
 CHECKS = {"check_source", "check_stored_source", "check_contrasts", "check_direction"}  # app.allowed_paths
 PATH_ARGS = {  # app.api function -> its arguments (position or keyword) that name files; keywords must be given
     "analyze": (0,), "bilinear_decompose": (0, "direction"), "experts_routing": (0,), "train_sae": (0,),
-    "steer_extract": (0, 1), "steer_dose_response": (0, 2), "steer_sweep": (0, 1), "steer_generate": (0,),
-    "stored_dose_response": (2,), "stored_layer_sweep": (1,),
+    "steer_extract": (0, 1), "steer_dose": (0, 2), "steer_layers": (0, 1), "steer_apply": (0,),
+    "find_dose_response": (2,), "find_layer_sweep": (1,),
     "evaluate_sae": ("source",), "sae_features": ("source",), "sae_prompt": ("source",),  # else: the stored source
 }
 NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no file
@@ -214,18 +214,19 @@ def _refusals(at: AppTest) -> list[str]:
 
 def test_steering_page_refuses_a_stored_source_and_contrast_set_outside_the_root(dashboard_store, roots, llama,
                                                                                api_calls, monkeypatch):
-    from app import api, api_steering
+    from analysis.steering import pipeline
+    from app import api
 
     _, outside = roots
     api.steer_extract(llama, outside / "pairs.jsonl", store=dashboard_store)
     api_calls.clear()
     read = []
-    load_contrasts = api_steering.load_contrasts
-    monkeypatch.setattr(api_steering, "load_contrasts", lambda x: read.append(str(x)) or load_contrasts(x))
+    load_contrasts = pipeline.load_contrasts
+    monkeypatch.setattr(pipeline, "load_contrasts", lambda x: read.append(str(x)) or load_contrasts(x))
     opened = spy_open_source(monkeypatch)
     at = _open("steering")
     assert any("pairs.jsonl" in e for e in _refusals(at))  # the stored contrast set is not read
-    for key in ("steer_measure", "steer_sweep", "steer_generate"):
+    for key in ("steer_dose", "steer_layers", "steer_apply"):
         at.button(key=key).click().run()
         assert not at.exception and any(str(llama) in e for e in _refusals(at))  # nor the stored source
     assert not api_calls and not opened and not [r for r in read if str(outside) in r]

@@ -55,10 +55,10 @@ def test_api_dose_response_is_stored_and_found_again(lm_dir, store):
     ext = api.steer_extract(lm_dir, "numpy-torch", store=store)
     vec = api.steer_vector(ext, 0)
     fp = open_source(lm_dir).fingerprint
-    assert api.stored_dose_response(fp, vec, "numpy-torch", alphas=(-1, 1), scale="norm", store=store) is None
-    dr = api.steer_dose_response(lm_dir, vec, "numpy-torch", alphas=(-1, 1), scale="norm", store=store)
+    assert api.find_dose_response(fp, vec, "numpy-torch", alphas=(-1, 1), scale="norm", store=store) is None
+    dr = api.steer_dose(lm_dir, vec, "numpy-torch", alphas=(-1, 1), scale="norm", store=store)
     assert list(dr.table["alpha"]) == [-1.0, 0.0, 1.0] and dr.kind == "lm"
-    found = api.stored_dose_response(fp, vec, "numpy-torch", alphas=(1, -1), scale="norm", store=store)
+    found = api.find_dose_response(fp, vec, "numpy-torch", alphas=(1, -1), scale="norm", store=store)
     assert found is not None and found.table.equals(dr.table)
 
 
@@ -70,17 +70,17 @@ def test_api_dose_response_checks_the_fingerprint_on_a_cache_hit(lm_dir, store):
 
     vec = api.steer_vector(api.steer_extract(lm_dir, "numpy-torch", store=store), 0)
     foreign = replace(vec, fingerprint="f" * 32, source="another model")
-    dr = api.steer_dose_response(lm_dir, foreign, "numpy-torch", alphas=(1,), allow_foreign=True, store=store)
-    assert api.stored_dose_response("f" * 32, foreign, "numpy-torch", alphas=(1,), store=store) is None
-    assert api.stored_dose_response(vec.fingerprint, foreign, "numpy-torch", alphas=(1,), store=store) is not None
+    dr = api.steer_dose(lm_dir, foreign, "numpy-torch", alphas=(1,), allow_foreign=True, store=store)
+    assert api.find_dose_response("f" * 32, foreign, "numpy-torch", alphas=(1,), store=store) is None
+    assert api.find_dose_response(vec.fingerprint, foreign, "numpy-torch", alphas=(1,), store=store) is not None
     with pytest.raises(ConfigError, match="extracted from model ffffffffffff"):  # stored, still refused
-        api.steer_dose_response(lm_dir, foreign, "numpy-torch", alphas=(1,), store=store)
-    again = api.steer_dose_response(lm_dir, foreign, "numpy-torch", alphas=(1,), allow_foreign=True, store=store)
+        api.steer_dose(lm_dir, foreign, "numpy-torch", alphas=(1,), store=store)
+    again = api.steer_dose(lm_dir, foreign, "numpy-torch", alphas=(1,), allow_foreign=True, store=store)
     assert again.table.equals(dr.table)
 
 
 # ------------------------------------------------------------------------------------ CLI
-def test_cli_extract_apply_sweep_orthogonalize(lm_dir, tmp_path):
+def test_cli_extract_apply_dose_layers_orthogonalize(lm_dir, tmp_path):
     store = tmp_path / "store"
     vec_path, gguf_path = tmp_path / "v.safetensors", tmp_path / "v.gguf"
     out = run_cli("steer", "extract", str(lm_dir), "numpy-torch", "--layer", "1", "--out", str(vec_path),
@@ -97,14 +97,45 @@ def test_cli_extract_apply_sweep_orthogonalize(lm_dir, tmp_path):
     gen = json.loads(out.stdout)
     assert gen["steered"] != gen["unsteered"]
 
-    out = run_cli("steer", "sweep", str(lm_dir), "numpy-torch", "--vector", str(vec_path), "--alphas=-0.5,0.5",
-                  "--scale", "norm", "--layer-alpha", "0.5", "--json", store=store)
-    sweep = json.loads(out.stdout)
-    assert [r["alpha"] for r in sweep["dose_response"]] == [-0.5, 0.0, 0.5]
-    assert [r["layer"] for r in sweep["layers"]] == [0, 1]
+    out = run_cli("steer", "dose", str(lm_dir), "numpy-torch", "--vector", str(vec_path), "--alphas=-0.5,0.5",
+                  "--scale", "norm", "--json", store=store)
+    dose = json.loads(out.stdout)
+    assert [r["alpha"] for r in dose["dose_response"]] == [-0.5, 0.0, 0.5] and dose["kind"] == "lm"
+    out = run_cli("steer", "layers", str(lm_dir), "numpy-torch", "--alpha", "0.5", "--scale", "norm", "--json",
+                  store=store)
+    layers = json.loads(out.stdout)
+    assert [r["layer"] for r in layers["layers"]] == [0, 1] and layers["alpha"] == 0.5
 
     out = run_cli("steer", "orthogonalize", str(lm_dir), str(vec_path), "--out", str(tmp_path / "orth"), store=store)
     assert "tensors projected" in out.stdout and (tmp_path / "orth" / "model.safetensors").is_file()
+
+
+def test_cli_sweep_is_a_hidden_deprecated_alias_of_dose(lm_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from analysis.errors import ConfigError
+    from app.cli import app
+
+    store, vec_path = tmp_path / "store", tmp_path / "v.safetensors"
+    common = [str(lm_dir), "numpy-torch", "--vector", str(vec_path), "--alphas=-0.5,0.5", "--scale", "norm", "--json",
+              "--store", str(store), "--device", "cpu"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["steer", "extract", str(lm_dir), "numpy-torch", "--layer", "1", "--out", str(vec_path),
+                              "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    dose = runner.invoke(app, ["steer", "dose", *common])
+    sweep = runner.invoke(app, ["steer", "sweep", *common])
+    assert dose.exit_code == 0 and sweep.exit_code == 0, dose.output + sweep.output
+    assert json.loads(sweep.stdout) == {**json.loads(dose.stdout), "layers": None}  # the old output, unchanged
+    with_layers = runner.invoke(app, ["steer", "sweep", *common, "--layer-alpha", "0.5"])
+    layers = runner.invoke(app, ["steer", "layers", str(lm_dir), "numpy-torch", "--alpha", "0.5", "--scale", "norm",
+                                 "--capability", "--json", "--store", str(store)])
+    assert json.loads(with_layers.stdout)["layers"] == json.loads(layers.stdout)["layers"]
+    listed = [line.strip("│ ").split(" ")[0] for line in runner.invoke(app, ["steer", "--help"]).stdout.splitlines()]
+    assert [verb for verb in listed if verb in ("extract", "apply", "dose", "layers", "orthogonalize", "sweep")] == [
+        "extract", "apply", "dose", "layers", "orthogonalize"]  # sweep works but is not listed
+    bad = runner.invoke(app, ["steer", "dose", *common[:-2], "--device", "tpu"])  # the entry point makes it exit 2
+    assert isinstance(bad.exception, ConfigError) and "unknown device 'tpu'" in str(bad.exception)
 
 
 def test_cli_svd_subspace_extract_and_orthogonalize(lm_dir, tmp_path):
@@ -163,7 +194,7 @@ def test_page_shows_separability_dose_response_and_generations(dashboard_store, 
     for method in ext.methods:
         np.testing.assert_allclose(auc[method], ext.table.query("method == @method")["auc_test"])
     at.selectbox(key="steer_layer").set_value(1).run()
-    at.button(key="steer_measure").click().run()
+    at.button(key="steer_dose").click().run()
     assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
     dose = figures(at)["Dose-response · layer 1 · mean_diff · norm"]
     stored = api.stored_dose_responses(store=dashboard_store)
@@ -172,10 +203,10 @@ def test_page_shows_separability_dose_response_and_generations(dashboard_store, 
     logp = [t for t in dose["data"] if t["name"] == "log p(positive concept)"][0]
     np.testing.assert_allclose(figure_array(logp["y"]), dr.table.sort_values("alpha")["logp_pos"])
     assert any("No layer sweep stored" in c.value for c in at.caption)
-    at.button(key="steer_sweep").click().run()
+    at.button(key="steer_layers").click().run()
     assert not at.exception and not at.error, [e.value for e in at.exception] + [e.value for e in at.error]
-    sweep = api.stored_layer_sweep(ext.meta["fingerprint"], "numpy-torch", alpha=0.4, scale="norm",
-                                   store=dashboard_store)
+    sweep = api.find_layer_sweep(ext.meta["fingerprint"], "numpy-torch", alpha=0.4, scale="norm",
+                                 store=dashboard_store)
     assert sweep is not None and list(sweep["layer"]) == [0, 1]
     from analysis.steering.effect import layer_sweep
 
@@ -188,7 +219,7 @@ def test_page_shows_separability_dose_response_and_generations(dashboard_store, 
     shown = [df.value for df in at.dataframe if "delta_pos" in df.value.columns and "layer" in df.value.columns]
     assert len(shown) == 1 and shown[0].equals(sweep)
     at.text_input(key="steer_prompt").input("Return a new").run()
-    at.button(key="steer_generate").click().run()
+    at.button(key="steer_apply").click().run()
     assert not at.exception, [e.value for e in at.exception]
     blocks = [c.value for c in at.code]
     assert len(blocks) == 2 and all(b.startswith("Return a new") for b in blocks)

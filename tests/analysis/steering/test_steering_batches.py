@@ -153,14 +153,15 @@ def test_a_bad_batch_size_is_refused_before_any_forward(llama, forward_calls, ba
 
 
 def test_api_refuses_a_bad_batch_size_before_booting(llama, monkeypatch, store):
-    from app import api_steering
+    from analysis import model_cache
+    from analysis.steering import pipeline
 
     def boom(*a, **k):
         raise AssertionError("the model was booted before batch_size was checked")
 
-    monkeypatch.setattr(api_steering, "bridge_for", boom)
+    monkeypatch.setattr(model_cache, "bridge", boom)
     with pytest.raises(ConfigError, match=r"batch_size=0 must be an integer >= 1"):
-        api_steering.steer_extract(llama[0], "numpy-torch", batch_size=0, store=store)
+        pipeline.steer_extract(llama[0], "numpy-torch", batch_size=0, store=store)
 
 
 def test_cli_passes_batch_size_and_batch_size_is_not_in_the_cache_key(llama, store):
