@@ -19,8 +19,9 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from analysis.device import resolve_device
 from analysis.errors import ConfigError
-from app.cli.options import DeviceOpt, JsonOpt, RefreshOpt, StoreOpt, TrustOpt, console, json_safe, run_with_progress
+from app.cli.options import DeviceOpt, RefreshOpt, StoreOpt, TrustOpt, console, json_safe, run_with_progress
 from app.cli.tables import print_table
 
 ANALYSES = ("conditioning", "spectra")
@@ -53,10 +54,12 @@ def analyze(
 
     if analysis not in ANALYSES:
         raise ConfigError(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}")
-    if wants_batch(sources, executor=executor, workers=workers, ray_address=ray_address, by_tensor=by_tensor):
-        if device.strip().lower() not in ("auto", "cpu"):
-            raise ConfigError(f"--device {device} applies to one source analysed in this process; batch workers "
-                              "compute on their CPUs: drop --device or analyse the sources one at a time")
+    batch = wants_batch(sources, executor=executor, workers=workers, ray_address=ray_address, by_tensor=by_tensor)
+    if batch and device.strip().lower() not in ("auto", "cpu"):
+        raise ConfigError(f"--device {device} applies to one source analysed in this process; batch workers "
+                          "compute on their CPUs: drop --device or analyse the sources one at a time")
+    resolve_device(device)  # a bad --device fails before any progress line
+    if batch:
         return analyze_batch(sources, analysis=analysis, as_json=as_json, refresh=refresh, store=store,
                              trust_pickle=trust_pickle, executor=executor, workers=workers, ray_address=ray_address,
                              by_tensor=by_tensor)
@@ -115,6 +118,7 @@ def select(
     if ranker not in RANKERS:
         raise ConfigError(f"unknown ranker {ranker!r}; choose one of {', '.join(RANKERS)}")
     parsed = Budget.parse(budget)
+    resolve_device(device)
     sel = run_with_progress(f"spectra of {source}", api.select, source, parsed, ranker=ranker, include=include,
                             exclude=exclude, seed=seed, store=store, trust_pickle=trust_pickle, device=device)
     text = api.export(sel, fmt, output, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -159,6 +163,7 @@ def experiment_kappatune(
     highest-κ, random and full selections at one budget; store and print held-out embedding drift."""
     from app import api
 
+    resolve_device(device)
     settings: dict = {"autocast": bf16, "threads": threads}
     if arms is not None:
         settings["arms"] = tuple(a.strip() for a in arms.split(",") if a.strip())
