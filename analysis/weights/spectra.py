@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from analysis.errors import ShapeError
+from analysis.progress import Progress
 from analysis.weights import singular_values as sv_mod
 from analysis.weights.matrices import MatrixView, layer_index, module_type, weight_matrices
 from analysis.weights.singular_values import GRAM_KAPPA_LIMIT, singular_values, singular_values_batch  # noqa: F401 (re-exported)
@@ -53,8 +54,6 @@ SPLIT_ELEMENTS = 1 << 22  # a matrix this large has its Gram formed from SPLIT_P
 SPLIT_PARTS = 2  # fixed (not the worker count) so that results do not depend on the machine
 KS_GRID_ELEMENTS = 1 << 18  # entries of the power-law KS grid evaluated at a time
 INFLIGHT_BYTES = 256 << 20  # default bound on matrices queued or running, counted as float64 (weight_spectra)
-
-Progress = Callable[[int, int, str], None]  # (done, total, current label)
 
 
 @dataclass(frozen=True, slots=True)
