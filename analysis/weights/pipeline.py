@@ -33,11 +33,12 @@ import pandas as pd
 import torch
 
 from analysis.atomic_write import write_text_atomic
+from analysis.device import resolve_device
 from analysis.errors import ConfigError, CorruptEntryError, SourceError
 from analysis.models.encoder import load_encoder
 from analysis.progress import Progress
-from analysis.run import (Analysis, RunContext, StoreLike, Subject, context, find, has, load, open_store, register,
-                          run, stored)
+from analysis.run import (Analysis, RunContext, StoreLike, Subject, find, has, load, open_store, register, run,
+                          stored)
 from analysis.sources import Source, open_source
 from analysis.store import EntryInfo
 from analysis.weights import forgetting as fg
@@ -88,12 +89,12 @@ def analyze(source: str | os.PathLike | torch.nn.Module | Source, *, store: Stor
     ``cpu``, ``cuda``; the CPU's LAPACK route by default on a machine without a GPU). Interrupting
     (Ctrl-C) stores nothing. Raises SourceError for a checkpoint without floating-point tensors.
     """
-    ctx = context(store=store, progress=progress, device=device, refresh=refresh)  # bad device: before any work
+    resolve_device(device)  # a bad device fails before any work
     src = open_source(source, trust_pickle=trust_pickle)
     if not src.weight_infos():
         raise SourceError(f"{src.label}: the checkpoint holds no floating-point tensors, so there is nothing to "
                           "analyse; check that the file is the model's weights and not an empty export")
-    return run(SPECTRA, src, spectra_params(), ctx=ctx)
+    return run(SPECTRA, src, spectra_params(), store=store, refresh=refresh, progress=progress, device=device)
 
 
 def conditioning(source: str | os.PathLike | torch.nn.Module | Source, **kwargs: Any) -> pd.DataFrame:
@@ -217,12 +218,12 @@ def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budge
     if unknown := sorted(set(settings) - set(fields)):
         raise ConfigError(f"unknown experiment setting(s) {unknown}; valid: {', '.join(fields)}")
     config = fg.ForgettingConfig(budget=budget, seeds=seeds, steps=steps, **settings)
-    ctx = context(store=store, progress=progress, device=device, refresh=refresh)
+    resolve_device(device)
     src = open_source(source)
     if src.hf_dir is None:
         raise SourceError(f"{src.label}: the forgetting experiment fine-tunes the model, so it needs a Hugging Face "
                           "encoder directory (config.json + tokenizer), e.g. 'minilm'")
-    return run(EXPERIMENT, src, config, ctx=ctx)
+    return run(EXPERIMENT, src, config, store=store, refresh=refresh, progress=progress, device=device)
 
 
 def stored_experiments(fingerprint: str | None = None, store: StoreLike = None) -> list[EntryInfo]:
