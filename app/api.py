@@ -9,12 +9,8 @@ Every function takes ``store=`` (a ``Store``, a directory, or None for the defau
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-from analysis.run import open_store, register_source as register  # noqa: F401 (used by the sections below)
-from analysis.sources import Source, open_source
+from analysis.run import open_store, register_source as register  # noqa: F401 (old public names, kept)
+from analysis.sources import Source, open_source  # noqa: F401
 from analysis.store import Store, default_store_root as default_store_dir  # noqa: F401
 
 # -- weight spectra, KappaTune selection and export, the forgetting experiment: analysis/weights/pipeline.py --
