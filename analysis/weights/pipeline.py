@@ -15,9 +15,10 @@ Store keys (byte-identical to what earlier versions wrote, so their stores still
 - the forgetting experiment: analysis ``forgetting.ANALYSIS``, code version
   ``forgetting.CODE_VERSION``, params ``ForgettingConfig.params()``.
 
-The device (``device="auto"``: CUDA, then MPS, else CPU) is not in the keys: spectra are float64
-wherever they are computed (MPS has no float64, so spectra asked for there run on the CPU), and a
-CPU run is unchanged. Reading back: ``find_spectra`` / ``has_spectra`` / ``list_spectra`` /
+The device is not in the keys. Spectra are float64 wherever they are computed: ``device="auto"``
+means CUDA when available, else the CPU (MPS has no float64; asking for ``mps`` explicitly is a
+ConfigError), and a CPU run is unchanged. The experiment trains in float32 on any device (``auto``:
+CUDA, then MPS, else CPU); its spectra follow the same rule. Reading back: ``find_spectra`` / ``has_spectra`` / ``list_spectra`` /
 ``load_spectra``; ``stored_experiments`` / ``load_experiment``. ``DEPRECATED`` maps each old name
 (still callable, with its old behaviour and a DeprecationWarning) to its replacement.
 """
@@ -59,6 +60,19 @@ DEPRECATED = {  # old name -> new name (each old name still works as before, wit
 
 
 # -- spectra and conditioning -----------------------------------------------------------------
+def _float64_device(device: str | torch.device | None) -> torch.device:
+    """The device for float64 spectra: ``auto`` passes over MPS (no float64 there) to the CPU; an
+    explicit ``mps`` is a ConfigError naming the fix."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        dev = resolve_device("auto")
+        return torch.device("cpu") if dev.type == "mps" else dev
+    dev = resolve_device(device)
+    if dev.type == "mps":
+        raise ConfigError("device 'mps' cannot compute spectra: they are float64, which the MPS backend does not "
+                          "support; pass --device cpu (or auto)")
+    return dev
+
+
 def spectra_params(welore_tau: float = spectra_mod.WELORE_TAU,
                    lrc_min_fraction: float = spectra_mod.LRC_MIN_FRACTION) -> dict[str, float]:
     """The spectra's store-key params: the WeLore settings of the ``welore_fraction`` and ``low_rank`` columns."""
@@ -82,19 +96,21 @@ SPECTRA: Analysis[WeightSpectra] = register(Analysis(
 
 
 def analyze(source: str | os.PathLike | torch.nn.Module | Source, *, store: StoreLike = None, refresh: bool = False,
-            progress: Progress | None = None, trust_pickle: bool = False, device: str = "auto") -> WeightSpectra:
+            progress: Progress | None = None, trust_pickle: bool = False,
+            device: str | torch.device = "auto") -> WeightSpectra:
     """Spectra and conditioning of every weight matrix of ``source``, cached in the store.
 
-    Reads the checkpoint one tensor at a time; singular values are float64 on ``device`` (``auto``,
-    ``cpu``, ``cuda``; the CPU's LAPACK route by default on a machine without a GPU). Interrupting
-    (Ctrl-C) stores nothing. Raises SourceError for a checkpoint without floating-point tensors.
+    Reads the checkpoint one tensor at a time; singular values are float64 on ``device`` (``auto``:
+    CUDA when available, else the CPU's LAPACK route; ``cpu``; ``cuda``). Interrupting (Ctrl-C)
+    stores nothing. Raises SourceError for a checkpoint without floating-point tensors, ConfigError
+    for an unknown or unavailable device (``mps`` included) before any work.
     """
-    resolve_device(device)  # a bad device fails before any work
+    dev = _float64_device(device)
     src = open_source(source, trust_pickle=trust_pickle)
     if not src.weight_infos():
         raise SourceError(f"{src.label}: the checkpoint holds no floating-point tensors, so there is nothing to "
                           "analyse; check that the file is the model's weights and not an empty export")
-    return run(SPECTRA, src, spectra_params(), store=store, refresh=refresh, progress=progress, device=device)
+    return run(SPECTRA, src, spectra_params(), store=store, refresh=refresh, progress=progress, device=dev)
 
 
 def conditioning(source: str | os.PathLike | torch.nn.Module | Source, **kwargs: Any) -> pd.DataFrame:
@@ -140,18 +156,19 @@ def stored_spectra(fingerprint: str, store: StoreLike = None) -> WeightSpectra |
 def select(source: str | os.PathLike | torch.nn.Module | Source, budget: Budget | str | int | float, *,
            ranker: str = "lowest_kappa", include: str | None = None, exclude: str | None = None, seed: int = 0,
            store: StoreLike = None, trust_pickle: bool = False, progress: Progress | None = None,
-           device: str = "auto") -> Selection:
+           device: str | torch.device = "auto") -> Selection:
     """KappaTune-style tensor selection (``analysis.weights.selection``) on the spectra of ``source``
     (``analyze``: computed on ``device`` once, then served from the store).
 
         >>> sel = api.select("minilm", "20%", exclude="embeddings")
         >>> api.export(sel, "peft", "lora.json")
     """
-    budget = Budget.parse(budget)  # fail on a bad budget or ranker before any analysis runs
+    budget = Budget.parse(budget)  # fail on a bad budget, ranker or device before any analysis runs
     if ranker not in RANKERS:
         raise ConfigError(f"unknown ranker {ranker!r}; choose one of {', '.join(RANKERS)}")
+    dev = _float64_device(device)
     src = open_source(source, trust_pickle=trust_pickle)
-    ws = analyze(src, store=store, progress=progress, device=device)
+    ws = analyze(src, store=store, progress=progress, device=dev)
     return select_from_spectra(ws, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
                                fingerprint=src.fingerprint)
 
@@ -200,7 +217,8 @@ EXPERIMENT: Analysis[fg.ForgettingResult] = register(Analysis(
 
 def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "20%",
                          seeds: int = 3, steps: int = 100, store: StoreLike = None, progress: Progress | None = None,
-                         refresh: bool = False, device: str = "auto", **settings: Any) -> fg.ForgettingResult:
+                         refresh: bool = False, device: str | torch.device = "auto",
+                         **settings: Any) -> fg.ForgettingResult:
     """KappaTune forgetting experiment (``analysis.weights.forgetting``), cached in the store
     (``lenslab experiment kappatune``).
 

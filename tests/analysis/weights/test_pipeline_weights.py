@@ -277,3 +277,20 @@ def test_deprecated_names_are_listed_and_exist():
     assert api.SPECTRA == W.SPECTRA.name == "spectra" and api.spectra_params() == OLD_PARAMS
     assert api.register is R.register_source and api.open_store is R.open_store
     assert R.REGISTRY["spectra"] is W.SPECTRA and R.REGISTRY[fg.ANALYSIS] is W.EXPERIMENT
+
+
+def test_spectra_pass_over_mps_under_auto_and_refuse_it_when_asked(tmp_path, model_path, monkeypatch):
+    """float64 has no MPS kernels: auto computes on the CPU there, an explicit mps is refused before any work."""
+    from analysis import device as device_mod
+
+    monkeypatch.setattr(device_mod.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_mod, "_mps_available", lambda: True)
+    assert resolve_device("auto").type == "mps"
+    calls = _counting(monkeypatch)
+    with pytest.raises(ConfigError, match="device 'mps' cannot compute spectra"):
+        W.analyze(model_path[0], store=tmp_path, device="mps")
+    with pytest.raises(ConfigError, match="device 'mps' cannot compute spectra"):
+        W.select(model_path[0], 1, store=tmp_path, device="mps")
+    assert calls == [] and not (tmp_path / "index.sqlite").exists()
+    ws = W.analyze(model_path[0], store=tmp_path, device="auto")  # computed on the CPU
+    assert calls == [1] and (ws.table["status"] == "ok").sum() == 2
