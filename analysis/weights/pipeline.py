@@ -17,10 +17,13 @@ Store keys (byte-identical to what earlier versions wrote, so their stores still
 
 The device is not in the keys. Spectra are float64 wherever they are computed: ``device="auto"``
 means CUDA when available, else the CPU (MPS has no float64; asking for ``mps`` explicitly is a
-ConfigError), and a CPU run is unchanged. The experiment trains in float32 on any device (``auto``:
-CUDA, then MPS, else CPU); its spectra follow the same rule. Reading back: ``find_spectra`` / ``has_spectra`` / ``list_spectra`` /
-``load_spectra``; ``stored_experiments`` / ``load_experiment``. ``DEPRECATED`` maps each old name
-(still callable, with its old behaviour and a DeprecationWarning) to its replacement.
+ConfigError), and a CPU run is unchanged. The experiment trains in float32 on any device
+(``auto``: CUDA, then MPS, else CPU); the spectra it ranks tensors by are computed on the CPU
+when that device is MPS.
+
+Reading back: ``find_spectra`` / ``has_spectra`` / ``list_spectra`` / ``load_spectra``;
+``stored_experiments`` / ``load_experiment``. ``DEPRECATED`` maps each old name (still callable,
+with its old behaviour and a DeprecationWarning) to its replacement.
 """
 
 from __future__ import annotations
