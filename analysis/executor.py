@@ -11,7 +11,7 @@
   Client); without it a local Ray is started with ``num_cpus=workers`` and shut down on close.
 
 Executors only compute: tasks return their results to the driver, which alone writes them to
-the store (see ``app.api_batch``). Workers therefore need the code (the same LensLab version
+the store (see ``analysis.weights.batch_pipeline``). Workers therefore need the code (the same LensLab version
 installed on every node) and read access to the inputs at the same paths, never the store.
 """
 

@@ -9,184 +9,16 @@ Every function takes ``store=`` (a ``Store``, a directory, or None for the defau
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from analysis.run import open_store, register_source as register  # noqa: F401 (old public names, kept)
+from analysis.sources import Source, open_source  # noqa: F401
+from analysis.store import Store, default_store_root as default_store_dir  # noqa: F401
 
-import pandas as pd
-import torch
-
-from analysis.weights import spectra as spectra_mod
-from analysis.errors import SourceError
-from analysis.sources import Source, open_source
-from analysis.weights.spectra import CONDITIONING_COLUMNS, Progress, WeightSpectra
-from analysis.store import Store
-
-SPECTRA = "spectra"
-
-
-def open_store(store: Store | str | os.PathLike | None = None) -> Store:
-    """A ``Store`` from a Store, a directory path, or None (``$LENSLAB_STORE`` or the cache dir)."""
-    return store if isinstance(store, Store) else Store(store)
-
-
-def spectra_params(welore_tau: float = spectra_mod.WELORE_TAU,
-                   lrc_min_fraction: float = spectra_mod.LRC_MIN_FRACTION) -> dict:
-    return {"welore_tau": welore_tau, "lrc_min_fraction": lrc_min_fraction}
-
-
-def register(src: Source, store: Store) -> None:
-    """Record the source in the store's model table (label, kind, size)."""
-    d = src.describe()
-    store.register_model(src.fingerprint, d["label"], d["kind"], n_tensors=d["n_tensors"],
-                         n_params=d["n_params"], info={"hf_dir": d["hf_dir"]})
-
-
-def analyze(source: str | os.PathLike | torch.nn.Module | Source, *, store: Store | str | None = None,
-            refresh: bool = False, progress: Progress | None = None, trust_pickle: bool = False) -> WeightSpectra:
-    """Spectra and conditioning of every weight matrix of ``source``, cached in the store.
-
-    Reads the checkpoint one tensor at a time. Interrupting (Ctrl-C) stores nothing.
-    """
-    src = open_source(source, trust_pickle=trust_pickle)
-    if not src.weight_infos():
-        raise SourceError(f"{src.label}: the checkpoint holds no floating-point tensors, so there is nothing to "
-                          "analyse; check that the file is the model's weights and not an empty export")
-    st = open_store(store)
-    params = spectra_params()
-
-    def compute():
-        ws = spectra_mod.weight_spectra(src.iter_tensors(), total=len(src.tensor_infos()), progress=progress)
-        return spectra_mod.to_result(ws, {"label": src.label})
-
-    result = st.cached(src.fingerprint, SPECTRA, params, spectra_mod.CODE_VERSION, compute, refresh=refresh)
-    register(src, st)
-    return spectra_mod.from_result(result)
-
-
-def conditioning(source: str | os.PathLike | torch.nn.Module | Source, **kwargs) -> pd.DataFrame:
-    """The conditioning columns of ``analyze(source)``, one row per matrix, lowest kappa first."""
-    table = analyze(source, **kwargs).table
-    cols = [c for c in CONDITIONING_COLUMNS if c in table.columns] + ["matrix", "status"]
-    return table[cols].sort_values("kappa", kind="stable").reset_index(drop=True)
-
-
-def stored_spectra(fingerprint: str, store: Store | str | None = None) -> WeightSpectra | None:
-    """Spectra already in the store for a model fingerprint, or None (never computes)."""
-    st = open_store(store)
-    result = st.get(fingerprint, SPECTRA, spectra_params(), spectra_mod.CODE_VERSION)
-    return spectra_mod.from_result(result) if result is not None else None
-
-
-def has_spectra(fingerprint: str, store: Store | str | None = None) -> bool:
-    """Whether the store holds spectra for this model fingerprint (an index lookup, no blob read)."""
-    return open_store(store).has(fingerprint, SPECTRA, spectra_params(), spectra_mod.CODE_VERSION)
-
-
-def default_store_dir() -> Path:
-    return open_store(None).root
-
-
-def select(source: str | os.PathLike | torch.nn.Module | Source, budget, *, ranker: str = "lowest_kappa",
-           include: str | None = None, exclude: str | None = None, seed: int = 0,
-           store: Store | str | None = None, trust_pickle: bool = False, progress: Progress | None = None):
-    """KappaTune-style tensor selection (``analysis.weights.selection.select_tensors``) on the cached spectra.
-
-        >>> sel = api.select("minilm", "20%", exclude="embeddings")
-        >>> api.export(sel, "peft", "lora.json")
-    """
-    from analysis.weights.selection import Budget, select_tensors
-
-    budget = Budget.parse(budget)  # fail on a bad budget before any analysis runs
-    src = open_source(source, trust_pickle=trust_pickle)
-    ws = analyze(src, store=store, progress=progress)
-    return select_tensors(ws.table, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
-                          fingerprint=src.fingerprint)
-
-
-def export(selection, fmt: str, path: str | os.PathLike | None = None, **opts) -> str:
-    """Text of ``selection`` in ``fmt`` (params | peft | axolotl; ``opts`` as
-    ``analysis.weights.export.export_selection``); also written atomically to ``path`` when given."""
-    import tempfile
-
-    from analysis.weights.export import export_selection
-
-    text = export_selection(selection, fmt, **opts)
-    if path is not None:
-        target = Path(path).expanduser()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    return text
-
-
-# -- experiments ------------------------------------------------------------------------------
-def kappatune_experiment(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "20%",
-                         seeds: int = 3, steps: int = 100, store: Store | str | None = None,
-                         progress: Progress | None = None, refresh: bool = False, **settings):
-    """KappaTune forgetting experiment (``analysis.weights.forgetting``), cached in the store.
-
-    Fine-tunes ``source`` (a Hugging Face encoder directory; default the bundled MiniLM) on the
-    docstring-package task with each arm (lowest_kappa, highest_kappa, random, full, head_only)
-    at the same ``budget`` for ``seeds`` seeds and ``steps`` steps, and measures held-out
-    embedding drift. ``settings``: any other ``ForgettingConfig`` field (``autocast=True``,
-    ``lr=...``). Returns a ``ForgettingResult`` (``.runs`` one row per arm x seed, ``.summary``
-    one row per arm). Interrupting (Ctrl-C) stores no experiment entry.
-
-        >>> res = api.kappatune_experiment("minilm", seeds=3)
-        >>> res.summary[["arm", "accuracy_mean", "drift_mean", "spearman_mean"]]
-    """
-    from analysis.weights import forgetting as fg
-    from analysis.errors import ConfigError
-
-    unknown = sorted(set(settings) - set(fg.ForgettingConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"unknown experiment setting(s) {unknown}; valid: "
-                          f"{', '.join(fg.ForgettingConfig.__dataclass_fields__)}")
-    config = fg.ForgettingConfig(budget=budget, seeds=seeds, steps=steps, **settings)
-    src = open_source(source)
-    if src.hf_dir is None:
-        raise SourceError(f"{src.label}: the forgetting experiment fine-tunes the model, so it needs a Hugging Face "
-                          "encoder directory (config.json + tokenizer), e.g. 'minilm'")
-    st = open_store(store)
-
-    def compute():
-        table = analyze(src, store=st).table if set(config.arms) & set(fg.SELECTION_ARMS) else None
-        model, tokenizer = fg.load_encoder(src.model_dir())
-        return fg.to_result(fg.kappatune_forgetting(model, tokenizer, table, config, progress=progress))
-
-    result = st.cached(src.fingerprint, fg.ANALYSIS, config.params(), fg.CODE_VERSION, compute, refresh=refresh)
-    register(src, st)
-    return fg.from_result(result)
-
-
-def stored_kappatune_experiments(store: Store | str | None = None) -> list:
-    """Stored forgetting experiments, newest first: ``(EntryInfo, ForgettingResult)`` pairs (never computes).
-
-    Entries whose blobs fail their checksum are skipped."""
-    from analysis.weights import forgetting as fg
-    from analysis.errors import CorruptEntryError
-
-    st = open_store(store)
-    out = []
-    for entry in st.list(analysis=fg.ANALYSIS):
-        if entry.code_version != fg.CODE_VERSION:
-            continue
-        try:
-            result = st.get_by_key(entry.key)
-        except CorruptEntryError:
-            continue
-        if result is not None:
-            out.append((entry, fg.from_result(result)))
-    return out
+# -- weight spectra, KappaTune selection and export, the forgetting experiment: analysis/weights/pipeline.py --
+from analysis.weights.pipeline import (SPECTRA_NAME as SPECTRA, analyze, conditioning,  # noqa: F401
+                                       experiment_kappatune, export, export_text,
+                                       find_spectra, has_spectra, kappatune_experiment, list_spectra,
+                                       load_experiment, load_spectra, select, select_from_spectra, spectra_params,
+                                       stored_experiments, stored_kappatune_experiments, stored_spectra)
 
 
 # -- bilinear MLPs (issue 4): implemented in analysis/bilinear/pipeline.py ------------------------
@@ -213,8 +45,8 @@ from analysis.steering.pipeline_vectors import (contrast_sets, export_steering_g
                                                 load_steering_vector, save_steering_vector, steer_apply,
                                                 steer_orthogonalize, steer_vector)
 
-# -- batch runs over many sources, local processes or Ray (issue 7): app/api_batch.py -----------------
-from app.api_batch import BatchItem, analyze_many  # noqa: E402,F401
+# -- batch runs over many sources, local processes or Ray (issue 7): analysis/weights/batch_pipeline.py --
+from analysis.weights.batch_pipeline import BatchItem, analyze_many  # noqa: E402,F401
 
 # -- attention-output SAEs (issue 3): implemented in app/api_sae.py --------------------------------
 from app.api_sae import (SAEEvaluation, TrainedSAE, evaluate_sae, find_sae, has_sae_eval,  # noqa: E402,F401

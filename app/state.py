@@ -43,21 +43,23 @@ def has_spectra(store: Store, fingerprint: str) -> bool:
 
 
 @st.cache_data(show_spinner="Loading spectra from the store…", max_entries=16)
-def _load_spectra(store_root: str, fingerprint: str) -> WeightSpectra | None:
+def _load_spectra(store_root: str, key: str) -> WeightSpectra:
     from app import api
 
-    return api.stored_spectra(fingerprint, _open_store(store_root))
+    return api.load_spectra(key, _open_store(store_root))
 
 
 def load_spectra(store: Store, fingerprint: str) -> WeightSpectra | None:
     """Stored spectra of a model, or None when there are none yet (never computes).
 
-    Only present entries go through the cache, so a later "Compute" is seen at once.
-    Raises CorruptEntryError when the stored blobs fail their checksum.
+    Only present entries go through the cache (keyed by entry key), so a later "Compute" is seen
+    at once. Raises CorruptEntryError when the stored blobs fail their checksum.
     """
-    if not has_spectra(store, fingerprint):
-        return None
-    return _load_spectra(str(store.root), fingerprint)
+    from app import api
+
+    params = api.spectra_params()
+    key = next((e.key for e in api.list_spectra(fingerprint, store) if e.params == params), None)
+    return None if key is None else _load_spectra(str(store.root), key)
 
 
 def model_label(model: ModelInfo) -> str:

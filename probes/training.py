@@ -5,7 +5,7 @@ Tasks (``FeatureSet``), both offline:
 - ``digits``: scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels / 16 as features.
 - ``docstrings``: which package a docstring comes from (``analysis.corpus``), features =
   MiniLM sentence embeddings (mean of the last hidden states over real tokens, L2-normalised;
-  ``analysis.weights.forgetting.sentence_embeddings``). Computing them takes ~1 min on 2 cores; the
+  ``analysis.models.encoder.mean_pool``). Computing them takes ~1 min on 2 cores; the
   API caches them in the store (``mmoe.features``).
 
 Both are split per class (stratified) into train and test with a fixed seed.
@@ -140,7 +140,7 @@ def embed_texts(hf_dir: Any, texts: Sequence[str], *, max_tokens: int = 128, bat
                 progress: Progress | None = None, device: str | torch.device = "cpu") -> np.ndarray:
     """MiniLM-style sentence embeddings (n, d_model) float32 on the CPU: masked mean pooling + L2
     norm, the encoder run on ``device``."""
-    from analysis.weights.forgetting import collate, load_encoder, mean_pool, tokenize
+    from analysis.models.encoder import collate, load_encoder, mean_pool, tokenize
 
     device = torch.device(device)
     model, tokenizer = load_encoder(hf_dir)

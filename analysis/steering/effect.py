@@ -9,7 +9,7 @@ sides), at every real position t (the model's prediction of token t + 1), averag
 - ``nll``: cross-entropy of the real next token (nats; the capability cost).
 
 Encoders (MiniLM), sentence embedding = L2-normalised mean of the last block's
-``hook_resid_post`` over real tokens (sentence-transformers' pooling, ``forgetting.mean_pool``):
+``hook_resid_post`` over real tokens (sentence-transformers' pooling, ``analysis.models.encoder.mean_pool``):
 held-out *negative* texts are steered toward the positive class; the targets are the
 normalised centroids of the unsteered training positives (c⁺) and negatives (c⁻).
 
@@ -157,7 +157,7 @@ def lm_dose_response(bridge: Any, vector: SteeringVector | np.ndarray, texts: Se
 def sentence_embeddings(bridge: Any, texts: Sequence[str], *, max_tokens: int = 128) -> torch.Tensor:
     """Unit-norm mean-pooled last-layer embeddings (n, d_model) float32 on CPU under whatever hooks
     are attached; ``BATCH_TEXTS`` texts per forward pass, each stopped at the last block (no logits)."""
-    from analysis.weights.forgetting import mean_pool
+    from analysis.models.encoder import mean_pool
 
     rows = token_rows(bridge, texts, max_tokens=max_tokens)
     last = hook_name(bridge, int(bridge.cfg.n_layers) - 1, "resid_post")

@@ -1,7 +1,8 @@
 """Worker tasks of batch runs (many sources, or one model's tensors split across workers).
 
 Each task opens its source by spec inside the worker, computes, and returns a picklable
-result to the driver; tasks never touch the store. The driver (``app.api_batch``) writes.
+result to the driver; tasks never touch the store. The driver
+(``analysis.weights.batch_pipeline.analyze_many``) writes.
 Results do not depend on where a task ran: ``weight_spectra`` is bitwise reproducible whatever
 its thread count, and a model split by tensors merges back into the table a single run gives.
 """
@@ -12,6 +13,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -57,6 +59,12 @@ class SourceSummary:
     n_params: int
     hf_dir: str | None
     tensors: tuple[tuple[str, int], ...]  # (name, n_params) of every tensor, in reading order
+
+    def describe(self) -> dict[str, Any]:
+        """The model-table fields as ``Source.describe()`` gives them (``analysis.run.register_source``
+        records a summary as it records a source)."""
+        return {"label": self.label, "kind": self.kind, "n_tensors": self.n_weights, "n_params": self.n_params,
+                "hf_dir": self.hf_dir}
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,9 @@ encoder forget less of what it knew than fine-tuning other tensors at the same b
 Setup (every choice is a ``ForgettingConfig`` field):
 
 - Encoder: a Hugging Face BERT-style encoder (the bundled all-MiniLM-L6-v2 ``BertModel``,
-  loaded without its pooler). Sentence embedding = mean of the last hidden states over the
-  tokens the attention mask keeps, then L2-normalised (what sentence-transformers does for
-  this model). The checkpoint has no masked-LM head, so forgetting is measured on these
+  loaded without its pooler; ``analysis.models.encoder``). Sentence embedding = mean of the
+  last hidden states over the tokens the attention mask keeps, then L2-normalised (what
+  sentence-transformers does for this model). The checkpoint has no masked-LM head, so forgetting is measured on these
   embeddings, not on a masked-token loss.
 - Task: which package a docstring comes from (``analysis.corpus``; default numpy, scipy,
   pandas, torch, sklearn: five classes), a linear head on the pooled embedding, cross-entropy. The task corpus
@@ -30,8 +30,10 @@ Setup (every choice is a ``ForgettingConfig`` field):
   the reference for accuracy at zero drift.
 - Training: dropout off (``model.eval()``) so the only difference between arms is which
   tensors move; batches drawn by ``numpy.random.default_rng(seed)`` (one permutation per
-  epoch); head initialised after ``torch.manual_seed(seed)``. Optional bf16 autocast on CPU
-  for the training forward/backward (``autocast``); metrics are always computed in float32.
+  epoch); head initialised after ``torch.manual_seed(seed)``. Optional bf16 autocast for the
+  training forward/backward (``autocast``); metrics are always computed in float32.
+- Device: everything runs on the device of the model passed in (the pipeline moves it to the
+  run's device); embeddings and metrics come back as CPU numpy, so a CPU run is unchanged.
 - Metrics per arm x seed: ``accuracy`` on the test split; on the held-out set, ``drift`` =
   mean over texts of 1 − cos(e_before, e_after) and ``spearman`` = Spearman correlation of the
   upper triangles (i < j) of the pairwise cosine-similarity matrices before and after.
@@ -44,7 +46,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,11 @@ import torch
 from torch import nn
 
 from analysis.corpus import STDLIB_PACKAGES, DocText, docstring_corpus, split
-from analysis.errors import ConfigError, ShapeError, SourceError
+from analysis.errors import ConfigError
+from analysis.models.encoder import collate, mean_pool, model_device, sentence_embeddings, tokenize
+from analysis.progress import Progress
+from analysis.weights.forgetting_metrics import (METRICS, SUMMARY_COLUMNS, accuracy,  # noqa: F401 (re-exported)
+                                                 changed_tensors, cosine_drift, similarity_spearman, summarise)
 
 CODE_VERSION = "forgetting-1"
 ANALYSIS = "experiment.kappatune_forgetting"
@@ -62,9 +67,6 @@ SELECTION_ARMS = ("lowest_kappa", "highest_kappa", "random")
 DEFAULT_EXCLUDE = r"^(embeddings|pooler)\."
 TASK_PACKAGES = ("numpy", "scipy", "pandas", "torch", "sklearn")
 HELDOUT_PACKAGES = STDLIB_PACKAGES
-EVAL_BATCH = 64
-
-Progress = Callable[[int, int, str], None]  # (done, total, current label)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +130,10 @@ class ForgettingConfig:
         """All settings as JSON-serialisable values (the store key's params)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
+    def store_params(self) -> dict[str, Any]:
+        """The store key's params (``params()``), as ``analysis.run`` reads them."""
+        return self.params()
+
 
 @dataclass(frozen=True, eq=False)
 class TaskData:
@@ -177,99 +183,6 @@ def build_task_data(config: ForgettingConfig) -> TaskData:
     return TaskData(tuple(config.task_packages), train, test, heldout)
 
 
-def load_encoder(hf_dir: str | Path) -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a local BERT-style encoder directory, offline, without the pooler;
-    weights from safetensors only unless the directory's pickle was opened with the trust flag."""
-    import os
-
-    from analysis.source_layout import from_pretrained_kwargs
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_dir = Path(hf_dir)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the unused pooler weights are expected
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        try:
-            model = AutoModel.from_pretrained(hf_dir, add_pooling_layer=False, **from_pretrained_kwargs(hf_dir))
-        except TypeError:
-            model = AutoModel.from_pretrained(hf_dir, **from_pretrained_kwargs(hf_dir))
-    except (OSError, ValueError, KeyError) as exc:
-        raise SourceError(f"{hf_dir}: cannot load an encoder and tokenizer from this directory ({exc}); the "
-                          "forgetting experiment needs a Hugging Face encoder directory such as 'minilm'") from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.eval()
-    return model, tokenizer
-
-
-def tokenize(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Token ids per text, truncated to ``max_tokens`` (special tokens included)."""
-    return tokenizer(list(texts), truncation=True, max_length=max_tokens)["input_ids"]
-
-
-def collate(ids: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence: (input_ids (batch, pos) int64, attention_mask (batch, pos))."""
-    width = max(len(x) for x in ids)
-    out = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
-    return out, mask
-
-
-# -- embeddings and metrics ---------------------------------------------------------------
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """L2-normalised mean of ``hidden`` (batch, pos, d_model) over positions where the mask is 1.
-
-    Returns (batch, d_model) in float32."""
-    if hidden.ndim != 3 or attention_mask.shape != hidden.shape[:2]:
-        raise ShapeError(f"expected hidden (batch, pos, d_model) and mask (batch, pos), got "
-                         f"{tuple(hidden.shape)} and {tuple(attention_mask.shape)}")
-    m = attention_mask.unsqueeze(-1).to(torch.float32)
-    summed = (hidden.to(torch.float32) * m).sum(dim=1)
-    mean = summed / m.sum(dim=1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(mean, p=2, dim=-1)
-
-
-def sentence_embeddings(model: nn.Module, ids: Sequence[Sequence[int]], *, pad_id: int = 0,
-                        batch_size: int = EVAL_BATCH) -> np.ndarray:
-    """Unit-norm sentence embeddings (n, d_model), float32, no autocast, in batches of ``batch_size``."""
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(ids), batch_size):
-            x, mask = collate(ids[start:start + batch_size], pad_id)
-            out.append(mean_pool(model(input_ids=x, attention_mask=mask).last_hidden_state, mask))
-    return torch.cat(out).numpy()
-
-
-def cosine_drift(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """1 − cos(before_i, after_i) per row of two (n, d) arrays (rows need not be unit norm); (n,)."""
-    a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ShapeError(f"expected two (n, d) arrays of the same shape, got {a.shape} and {b.shape}")
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    return 1.0 - np.clip(cos, -1.0, 1.0)
-
-
-def similarity_spearman(before: np.ndarray, after: np.ndarray) -> float:
-    """Spearman correlation between the upper triangles (i < j) of the pairwise cosine-similarity
-    matrices of ``before`` and ``after`` (n, d); needs n >= 3."""
-    a, b = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2 or a.shape[0] < 3:
-        raise ShapeError(f"expected two (n, d) arrays of the same shape with n >= 3, got {a.shape} and {b.shape}")
-    from scipy.stats import spearmanr
-
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    iu = np.triu_indices(a.shape[0], k=1)
-    return float(spearmanr((a @ a.T)[iu], (b @ b.T)[iu]).statistic)
-
-
 # -- one arm --------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class TrainedArm:
@@ -317,15 +230,19 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]
 def train_arm(base: nn.Module, arm: str, seed: int, train_ids: Sequence[Sequence[int]], train_labels: np.ndarray,
               n_classes: int, config: ForgettingConfig, *, spectra_table: pd.DataFrame | None = None,
               pad_id: int = 0, on_step: Callable[[int], None] | None = None) -> TrainedArm:
-    """Fine-tune a deep copy of ``base`` (left untouched) for ``arm`` with ``seed``."""
+    """Fine-tune a deep copy of ``base`` (left untouched) for ``arm`` with ``seed``, on ``base``'s device.
+
+    The head is initialised on the CPU after ``torch.manual_seed(seed)`` and then moved, so its
+    initial weights do not depend on the device."""
     if arm not in ARMS:
         raise ConfigError(f"unknown arm {arm!r}; choose one of {', '.join(ARMS)}")
+    device = model_device(base)
     model = copy.deepcopy(base)
     model.eval()  # dropout off
     trained = trainable_names(model, arm, spectra_table, config, seed)
     torch.manual_seed(seed)
     d_model = int(model.config.hidden_size)
-    head = nn.Linear(d_model, n_classes)
+    head = nn.Linear(d_model, n_classes).to(device)
     groups = [{"params": list(head.parameters()), "lr": config.head_lr}]
     body = [p for p in model.parameters() if p.requires_grad]
     if body:
@@ -335,14 +252,15 @@ def train_arm(base: nn.Module, arm: str, seed: int, train_ids: Sequence[Sequence
     losses = np.empty(config.steps)
     for step, idx in enumerate(_batches(len(train_ids), config.batch_size, config.steps, seed)):
         x, mask = collate([train_ids[i] for i in idx], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.autocast):
+        x, mask = x.to(device), mask.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast):
             if body:
                 hidden = model(input_ids=x, attention_mask=mask).last_hidden_state
             else:
                 with torch.no_grad():
                     hidden = model(input_ids=x, attention_mask=mask).last_hidden_state
         logits = head(mean_pool(hidden, mask))
-        loss = nn.functional.cross_entropy(logits, labels[idx])
+        loss = nn.functional.cross_entropy(logits, labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -354,26 +272,14 @@ def train_arm(base: nn.Module, arm: str, seed: int, train_ids: Sequence[Sequence
     return TrainedArm(model, head, tuple(trained), losses)
 
 
-def accuracy(head: nn.Linear, embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """Share of rows of ``embeddings`` (n, d_model) whose argmax logit equals the label."""
-    with torch.inference_mode():
-        pred = head(torch.from_numpy(embeddings)).argmax(-1).numpy()
-    return float((pred == labels).mean())
-
-
-def changed_tensors(before: nn.Module, after: nn.Module) -> list[str]:
-    """Names of parameters whose values differ (bitwise) between two copies of one architecture."""
-    b = dict(before.named_parameters())
-    return [n for n, p in after.named_parameters() if not torch.equal(p.detach(), b[n].detach())]
-
-
 # -- the experiment -------------------------------------------------------------------------
 def kappatune_forgetting(model: nn.Module, tokenizer: Any, spectra_table: pd.DataFrame | None,
                          config: ForgettingConfig = ForgettingConfig(), *, data: TaskData | None = None,
                          progress: Progress | None = None) -> ForgettingResult:
     """Run every arm x seed of ``config`` on ``model`` (not modified) and measure forgetting.
 
-    ``spectra_table``: the model's spectra (``analysis.weights.spectra.weight_spectra(...).table``),
+    Training and embeddings run on ``model``'s device (move it there first); metrics come back
+    as CPU numpy. ``spectra_table``: the model's spectra (``analysis.weights.spectra.weight_spectra(...).table``),
     needed by the selection arms. ``data``: defaults to ``build_task_data(config)``.
     ``progress(done, total, label)`` is called after every step. Ctrl-C propagates.
     Deterministic for a given machine and thread count (``config.threads``).
@@ -441,23 +347,6 @@ def _run(model: nn.Module, tokenizer: Any, spectra_table: pd.DataFrame | None, c
             "n_heldout": len(data.heldout), "heldout_packages": sorted({d.package for d in data.heldout}),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     return ForgettingResult(runs=runs, summary=summarise(runs), config=config.params(), meta=meta)
-
-
-METRICS = ("accuracy", "drift", "spearman", "n_params", "n_tensors", "seconds")
-SUMMARY_COLUMNS = ("arm", "n_seeds", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")))
-
-
-def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per arm (first-appearance order): ``<metric>_mean`` and ``<metric>_std`` (ddof=1)
-    for accuracy, drift, spearman, n_params, n_tensors, seconds, and ``n_seeds``."""
-    rows = []
-    for arm, g in runs.groupby("arm", sort=False):
-        row: dict[str, Any] = {"arm": arm, "n_seeds": len(g)}
-        for m in METRICS:
-            row[f"{m}_mean"] = float(g[m].mean())
-            row[f"{m}_std"] = float(g[m].std(ddof=1)) if len(g) > 1 else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
 def to_result(res: ForgettingResult):

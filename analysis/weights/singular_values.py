@@ -199,8 +199,38 @@ def spectrum_from_gram(matrix: torch.Tensor, gram: np.ndarray) -> tuple[np.ndarr
 
 
 def spectrum(matrix: torch.Tensor) -> tuple[np.ndarray, str]:
+    """(singular values descending, route) of ``matrix`` on the CPU (see ``spectrum_from_gram``)."""
     t = tall(matrix)
     return spectrum_from_gram(matrix, gram_rows(t, 0, t.shape[0]))
+
+
+def spectrum_torch(matrix: torch.Tensor, device: torch.device | str) -> tuple[np.ndarray, str]:
+    """(singular values descending as CPU float64 numpy, route) of ``matrix`` computed by torch on
+    ``device`` in float64, with the routes of ``spectrum_from_gram``.
+
+    For accelerators (``analysis.weights.spectra.weight_spectra`` uses it when the run's device is
+    not the CPU): the tall matrix is copied to ``device`` as float64 (rows x n, n = min(rows,
+    cols)), its n x n Gram's eigenvalues (``torch.linalg.eigvalsh``) give the "gram" route when
+    s_max/s_min <= GRAM_KAPPA_LIMIT; a larger kappa, a singular matrix or a failed eigensolver
+    takes the "svd" route (``torch.linalg.svdvals`` of the float64 copy); NaN/Inf give
+    "nonfinite" (all NaN). Same accuracy as the CPU routes; values agree with them to rounding,
+    not bitwise (other kernels). The device needs float64 (CUDA has it; MPS does not).
+    """
+    x = tall(matrix).to(device=device, dtype=torch.float64)  # (rows, n) with rows >= n
+    gram = x.mT @ x
+    if bool(torch.isfinite(torch.diagonal(gram)).all()):
+        try:
+            evals = torch.linalg.eigvalsh(gram)  # ascending
+        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError: take the SVD route
+            evals = None
+        if evals is not None:
+            s = evals.flip(0).clamp(min=0.0).sqrt()
+            if bool(s[-1] > 0) and bool(s[0] <= GRAM_KAPPA_LIMIT * s[-1]):
+                return s.cpu().numpy(), "gram"
+    elif not bool(torch.isfinite(x).all()):
+        return np.full(min(matrix.shape), math.nan), "nonfinite"
+    del gram
+    return torch.linalg.svdvals(x).cpu().numpy(), "svd"
 
 
 def singular_values_batch(matrices: torch.Tensor) -> tuple[np.ndarray, list[str]]:

@@ -20,7 +20,10 @@ Conventions (units: those of the weights; eigenvalues in weight units squared):
   low-rank component (LRC).
 
 Singular values come from ``analysis.weights.singular_values`` (float64 Gram route with an SVD
-fall-back; see there for accuracy and threading).
+fall-back; see there for accuracy and threading). On the CPU (the default) they are computed by
+LAPACK in a thread pool; with ``device=`` a CUDA device, each matrix is copied there and the same
+routes run in torch float64 (``singular_values.spectrum_torch``), the values coming back as CPU
+numpy. MPS has no float64, so spectra asked for on MPS are computed on the CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +40,7 @@ import pandas as pd
 import torch
 
 from analysis.errors import ShapeError
+from analysis.progress import Progress
 from analysis.weights import singular_values as sv_mod
 from analysis.weights.matrices import MatrixView, layer_index, module_type, weight_matrices
 from analysis.weights.singular_values import GRAM_KAPPA_LIMIT, singular_values, singular_values_batch  # noqa: F401 (re-exported)
@@ -49,8 +54,6 @@ SPLIT_ELEMENTS = 1 << 22  # a matrix this large has its Gram formed from SPLIT_P
 SPLIT_PARTS = 2  # fixed (not the worker count) so that results do not depend on the machine
 KS_GRID_ELEMENTS = 1 << 18  # entries of the power-law KS grid evaluated at a time
 INFLIGHT_BYTES = 256 << 20  # default bound on matrices queued or running, counted as float64 (weight_spectra)
-
-Progress = Callable[[int, int, str], None]  # (done, total, current label)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,13 +241,16 @@ def _row(view: MatrixView, dtype: torch.dtype, n_params: int) -> dict:
 
 
 def _matrix_row(matrix: torch.Tensor, dtype: torch.dtype, parts: list[Future] | None = None,
-                ) -> tuple[dict, np.ndarray | None]:
+                device: torch.device | None = None) -> tuple[dict, np.ndarray | None]:
     """Worker: status, route and metrics of one matrix, and its singular values.
 
     ``parts``: futures of partial Grams (``sv_mod.gram_rows`` over row ranges) submitted before
     this task; the pool runs tasks in submission order, so they are running or done.
+    ``device``: compute the singular values there with torch (``sv_mod.spectrum_torch``).
     """
-    if parts is None:
+    if device is not None:
+        sv, route = sv_mod.spectrum_torch(matrix, device)
+    elif parts is None:
         sv, route = sv_mod.spectrum(matrix)
     else:
         gram = parts[0].result()
@@ -272,9 +278,25 @@ def _submit(pool: ThreadPoolExecutor, matrix: torch.Tensor, dtype: torch.dtype) 
     return pool.submit(_matrix_row, matrix, dtype, parts)
 
 
+def accelerator(device: str | torch.device | None) -> torch.device | None:
+    """The device singular values are computed on with torch, or None for the CPU's LAPACK route
+    (the CPU itself, and MPS, which has no float64)."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    return None if device.type in ("cpu", "mps") else device
+
+
+def _done(fn: Callable, *args) -> Future:
+    """``fn(*args)`` computed now, as a finished Future (the accelerator path runs matrices in order)."""
+    fut: Future = Future()
+    fut.set_result(fn(*args))
+    return fut
+
+
 def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | None = None,
                    progress: Progress | None = None, batch_bytes: int | None = None,
-                   n_workers: int | None = None) -> WeightSpectra:
+                   n_workers: int | None = None, device: str | torch.device | None = None) -> WeightSpectra:
     """Spectra of every >= 2-D floating tensor in ``tensors`` ((name, tensor) pairs).
 
     Tensors are read one at a time; their matrices are analysed in a pool of ``n_workers``
@@ -287,6 +309,10 @@ def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | 
     tensors with NaN/Inf get a row with status ``nonfinite: …`` and NaN metrics, and the rest
     of the model is still analysed. Rows keep the input order whatever order workers finish in, and every value is
     bitwise the same whatever ``n_workers`` is.
+
+    ``device``: None or the CPU (the default) runs the CPU routes above, unchanged; a CUDA device
+    computes each matrix's singular values there in torch float64, one matrix at a time
+    (``accelerator``), with the metrics computed from them on the CPU as before.
     """
     rows: dict[str, dict] = {}
     svs: dict[str, np.ndarray] = {}
@@ -307,7 +333,8 @@ def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | 
 
     n_workers = n_workers or sv_mod.n_workers()
     batch_bytes = INFLIGHT_BYTES if batch_bytes is None else batch_bytes
-    with sv_mod.parallel(n_workers) as pool:
+    on = accelerator(device)
+    with nullcontext() if on is not None else sv_mod.parallel(n_workers) as pool:
         for name, tensor in tensors:
             done += 1
             if progress is not None:
@@ -325,7 +352,8 @@ def weight_spectra(tensors: Iterable[tuple[str, torch.Tensor]], *, total: int | 
                 rows[view.label] = _row(view, tensor.dtype, n_params)
                 nbytes = view.matrix.numel() * 8
                 collect(max(batch_bytes - nbytes, 0))
-                fut = _submit(pool, view.matrix, tensor.dtype)
+                fut = (_done(_matrix_row, view.matrix, tensor.dtype, None, on) if on is not None
+                       else _submit(pool, view.matrix, tensor.dtype))
                 inflight.append((view.label, nbytes, fut))
                 held[0] += nbytes
         collect(-1)

@@ -1,6 +1,6 @@
 """``lenslab analyze SRC1 SRC2 ... --executor local|ray``: the batch path of the analyze command.
 
-``app.cli.analyze`` hands over here when it gets several sources, a glob, or any of
+``app.cli.weights.analyze`` hands over here when it gets several sources, a glob, or any of
 ``--executor --workers --ray-address --by-tensor``; one plain source runs in-process as before.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from analysis.errors import SourceError
+from analysis.errors import SourceError, StoreError
 from app.cli.tables import print_table
 
 BATCH_OPTIONS = ("executor", "workers", "ray_address", "by_tensor")
@@ -43,7 +43,11 @@ def analyze_batch(sources: list[str], *, analysis: str, as_json: bool, refresh: 
         for item in items:
             if item.status == "error":
                 continue
-            table = api.stored_spectra(item.fingerprint, store).table
+            ws = api.find_spectra(item.fingerprint, store)
+            if ws is None:
+                raise StoreError(f"the spectra of {item.source} were stored by this run but cannot be read back "
+                                 "(deleted or corrupted meanwhile); run `lenslab store check`, then analyse it again")
+            table = ws.table
             if analysis == "conditioning":
                 table = table[[c for c in CONDITIONING_COLUMNS + ["matrix", "status"] if c in table.columns]]
             rows += [{"source": item.source, **{k: _json_safe(v) for k, v in r.items()}}

@@ -1,7 +1,8 @@
 """Experiments page: stored KappaTune forgetting experiments (``lenslab experiment kappatune``).
 
 Read-only: shows the per-arm summary, drift vs accuracy with error bars, and every run; the
-experiment itself runs from the CLI or ``app.api.kappatune_experiment`` (minutes of CPU).
+experiment itself runs from the CLI or ``app.api.experiment_kappatune`` (minutes of CPU). The picker
+lists the stored entries from the index (their settings are the key's params); only the picked one is read.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
+from analysis.errors import LensLabError
 from app import api
 from app.experiment_charts import ARM_LABELS, forgetting_scatter
 from app.state import get_store
@@ -19,25 +21,29 @@ store = get_store()
 st.title("Experiments")
 st.subheader("KappaTune forgetting")
 
-experiments = api.stored_kappatune_experiments(store)
-if not experiments:
+entries = api.stored_experiments(store=store)
+if not entries:
     st.info("No KappaTune experiment stored yet. Run `lenslab experiment kappatune` in a terminal "
-            "(a few minutes on 2 cores), or `app.api.kappatune_experiment('minilm')` in a notebook.")
+            "(a few minutes on 2 cores), or `app.api.experiment_kappatune('minilm')` in a notebook.")
     st.stop()
 
 labels = {m.fingerprint: m.label for m in store.models()}
 
 
 def describe(i: int) -> str:
-    entry, res = experiments[i]
-    c = res.config
+    entry = entries[i]
+    c = entry.params
     when = datetime.fromtimestamp(entry.created).strftime("%Y-%m-%d %H:%M")
     return (f"{labels.get(entry.fingerprint, entry.fingerprint[:8])} · budget {c.get('budget')} · "
             f"{c.get('seeds')} seed(s) · {c.get('steps')} steps{' · bf16' if c.get('autocast') else ''} · {when}")
 
 
-pick = st.selectbox("Stored experiment", range(len(experiments)), format_func=describe, key="experiment_pick")
-entry, res = experiments[pick]
+pick = st.selectbox("Stored experiment", range(len(entries)), format_func=describe, key="experiment_pick")
+try:
+    res = api.load_experiment(entries[pick].key, store=store)
+except LensLabError as exc:  # corrupt, or deleted since the listing
+    st.error(str(exc))
+    st.stop()
 cfg, summary, runs = res.config, res.summary, res.runs
 
 st.caption(

@@ -1,8 +1,9 @@
 """KappaTune selection page: preview which tensors a budget and ranker pick, then download the
 selection for PEFT, axolotl or as a plain parameter list.
 
-Works from the stored spectra table alone (``analysis.weights.selection.select_tensors``), so the
-model's files are not needed once its spectra are in the store.
+Works from the stored spectra alone (``app.api.select_from_spectra``, the selection ``lenslab select``
+makes; the texts from ``app.api.export_text``), so the model's files are not needed once its spectra
+are in the store.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import streamlit as st
 
 from analysis.errors import LensLabError
-from analysis.weights.export import FORMATS, export_selection
-from analysis.weights.selection import RANKERS, Budget, select_tensors
+from analysis.weights.export import FORMATS
+from analysis.weights.selection import RANKERS, Budget
+from app import api
 from app.state import get_store, load_spectra, model_picker
 
 BUDGET_KINDS = {"% of tensors": "fraction", "count": "count", "% of params": "param_fraction"}
@@ -58,8 +60,8 @@ include = c3.text_input("Include regex", value="", key="include", help="re.searc
 exclude = c3.text_input("Exclude regex", value="", key="exclude", help="e.g. embeddings|pooler")
 
 try:
-    selection = select_tensors(ws.table, Budget(kind, budget_value), ranker=ranker, include=include or None,
-                               exclude=exclude or None, seed=int(seed), fingerprint=model.fingerprint)
+    selection = api.select_from_spectra(ws, Budget(kind, budget_value), ranker=ranker, include=include or None,
+                                        exclude=exclude or None, seed=int(seed), fingerprint=model.fingerprint)
 except LensLabError as exc:
     st.error(str(exc))
     st.stop()
@@ -89,7 +91,7 @@ with st.expander("PEFT LoRA settings"):
 for tab, fmt in zip(st.tabs(list(FORMATS)), FORMATS):
     file_name, mime, language = DOWNLOADS.get(fmt, (f"selection_{fmt}.txt", "text/plain", None))
     try:
-        text = export_selection(selection, fmt, lora_r=lora_r, lora_alpha=lora_alpha)
+        text = api.export_text(selection, fmt, lora_r=lora_r, lora_alpha=lora_alpha)
     except LensLabError as exc:
         tab.error(str(exc))
         continue

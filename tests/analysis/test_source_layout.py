@@ -224,7 +224,7 @@ def test_pickle_directories_name_one_checkpoint(tmp_path):
 def test_transformers_loaders_never_unpickle_without_the_flag(tmp_path, minilm, refuse_unpickling):
     """Every direct from_pretrained call (not only the bridge) reads safetensors only, unless the
     directory's pickle was opened with trust_pickle=True."""
-    from analysis.weights.forgetting import load_encoder
+    from analysis.models.encoder import load_encoder
 
     d = _minilm_copy(minilm, tmp_path / "pickle-only")
     (d / "model.safetensors").unlink()

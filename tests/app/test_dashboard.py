@@ -245,7 +245,7 @@ def test_selection_page_preview_and_downloads(populated_store, model_file, downl
     texts = {b.proto.label.removeprefix("Download "): downloads[Path(b.proto.url).stem].decode() for b in buttons}
     assert texts["selected_params.txt"] == "".join(n + "\n" for n in expected)
     fp = populated_store.models()[0].fingerprint
-    sel = select_tensors(api.stored_spectra(fp, populated_store).table, Budget("count", 3), fingerprint=fp)
+    sel = select_tensors(api.find_spectra(fp, populated_store).table, Budget("count", 3), fingerprint=fp)
     assert texts["lora_config.json"] == export_selection(sel, "peft")
     assert json.loads(texts["lora_config.json"])["target_modules"] == [n.removesuffix(".weight") for n in expected]
     assert texts["axolotl_unfrozen.yaml"] == export_selection(sel, "axolotl")

@@ -65,6 +65,9 @@ NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no fi
                      "load_sae", "sae_polysemantic"], "reads the store by key or returns values in memory"),
     **dict.fromkeys(["stored_mmoe_curves", "stored_mmoe_bias", "load_mmoe_bias", "stored_experts_routing",
                      "load_experts_routing"], "reads the store by key or returns values in memory"),
+    **dict.fromkeys(["list_spectra", "load_spectra", "spectra_params", "stored_experiments", "load_experiment"],
+                    "reads the store by key or returns values in memory"),
+    **dict.fromkeys(["select_from_spectra", "export_text"], "works on spectra/selections in memory, writes nothing"),
 }
 OPENERS = {"open_source", "load_contrasts", "load_vector", "spec_params", "resolve_directions", "load_file",
            "safe_open", "read_bytes", "read_text", "open"}  # the pages reach files only through app.api

