@@ -57,3 +57,20 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def float64_home(device: torch.device) -> torch.device:
+    """Where float64 work on tensors from ``device`` is done: that device, or the CPU for MPS (no float64)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def resolve_float64_device(device: str | torch.device | None, what: str) -> torch.device:
+    """The device for a computation that must run in float64 (``what`` names it in the error):
+    ``auto`` passes over MPS (no float64 there) to the CPU; an explicit ``mps`` is a ConfigError."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return float64_home(resolve_device("auto"))
+    dev = resolve_device(device)
+    if dev.type == "mps":
+        raise ConfigError(f"device 'mps' cannot compute {what}: it runs in float64, which the MPS backend does "
+                          "not support; pass --device cpu (or auto)")
+    return dev

@@ -35,7 +35,7 @@ from analysis.bilinear import inputs as inputs_mod
 from analysis.bilinear import report as report_mod
 from analysis.bilinear.loader import spec_params
 from analysis.bilinear.report import BilinearReport, Explanation
-from analysis.device import resolve_device
+from analysis.device import resolve_device, resolve_float64_device
 from analysis.errors import ConfigError
 from analysis.models import tiny_lm
 from analysis.models.trained_cache import TrainedModel
@@ -103,19 +103,6 @@ DECOMPOSE: Analysis[BilinearReport] = register(Analysis(
     doc="Eigendecomposition of a GLU / bilinear layer's interaction matrices along output directions."))
 
 
-def _float64_device(device: str | torch.device | None) -> torch.device:
-    """The device for a float64 decomposition: ``auto`` passes over MPS (no float64 there) to the
-    CPU; an explicit ``mps`` is a ConfigError naming the fix."""
-    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
-        dev = resolve_device("auto")
-        return torch.device("cpu") if dev.type == "mps" else dev
-    dev = resolve_device(device)
-    if dev.type == "mps":
-        raise ConfigError("device 'mps' cannot run the bilinear decomposition: it computes in float64, which the "
-                          "MPS backend does not support; pass --device cpu (or auto)")
-    return dev
-
-
 # -- API ---------------------------------------------------------------------------------------
 def bilinear_train(kind: str = "digits", *, force: bool = False, progress: Progress | None = None,
                    device: str | torch.device | None = "auto", **overrides: Any) -> TrainedModel:
@@ -150,7 +137,7 @@ def bilinear_decompose(source: str | os.PathLike | torch.nn.Module | Source = "b
         >>> rep.images.shape           # (10 classes, 64 eigenvectors, 8, 8)
     """
     params = DecomposeParams.of(layer, direction, expert, n_eval)  # fails on a bad spec before any work
-    dev = _float64_device(device)
+    dev = resolve_float64_device(device, "the bilinear decomposition")
     src = open_source(source, trust_pickle=trust_pickle)
     return run(DECOMPOSE, src, params, store=store, refresh=refresh, progress=progress, device=dev)
 

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from analysis.steering.contrasts import ContrastSet
+from analysis.device import float64_home
 from analysis.errors import ConfigError
 from analysis.steering.hooks import check_alpha, steering, steering_hooks
 from analysis.steering.vectors import SteeringVector
@@ -86,16 +87,11 @@ def _apply(bridge: Any, vector: SteeringVector | np.ndarray, alpha: float, layer
     return steering(bridge, vector, alpha=alpha, layers=layers, hook=hook, scale=scale)
 
 
-def _float64_device(device: torch.device) -> torch.device:
-    """Where float64 statistics are computed: the model's device, or CPU for MPS (no float64)."""
-    return torch.device("cpu") if device.type == "mps" else device
-
-
 @torch.no_grad()
 def _lm_logprobs(bridge: Any, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(batch, pos, vocab) float64 log-probabilities; ``ids``/``mask`` on the model's device."""
     logits = bridge(ids, attention_mask=mask, return_type="logits")
-    return torch.log_softmax(logits.to(_float64_device(logits.device)).to(torch.float64), dim=-1)
+    return torch.log_softmax(logits.to(float64_home(logits.device)).to(torch.float64), dim=-1)
 
 
 def lm_dose_response(bridge: Any, vector: SteeringVector | np.ndarray, texts: Sequence[str], alphas: Sequence[float],
@@ -116,7 +112,7 @@ def lm_dose_response(bridge: Any, vector: SteeringVector | np.ndarray, texts: Se
     sums = {alpha: np.zeros(4) for alpha in alphas}  # logp_pos, logp_neg, kl (over real positions), nll
     n_real = n_next = 0
     device = model_device(bridge)
-    wide = _float64_device(device)
+    wide = float64_home(device)
     starts = range(0, len(rows_tok), BATCH_TEXTS)
     for b, start in enumerate(starts):  # texts in batches, so memory holds one batch's logits
         if progress:

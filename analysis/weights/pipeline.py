@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from analysis.atomic_write import write_text_atomic
-from analysis.device import resolve_device
+from analysis.device import resolve_device, resolve_float64_device
 from analysis.errors import ConfigError, CorruptEntryError, SourceError
 from analysis.models.encoder import load_encoder
 from analysis.progress import Progress
@@ -63,19 +63,6 @@ DEPRECATED = {  # old name -> new name (each old name still works as before, wit
 
 
 # -- spectra and conditioning -----------------------------------------------------------------
-def _float64_device(device: str | torch.device | None) -> torch.device:
-    """The device for float64 spectra: ``auto`` passes over MPS (no float64 there) to the CPU; an
-    explicit ``mps`` is a ConfigError naming the fix."""
-    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
-        dev = resolve_device("auto")
-        return torch.device("cpu") if dev.type == "mps" else dev
-    dev = resolve_device(device)
-    if dev.type == "mps":
-        raise ConfigError("device 'mps' cannot compute spectra: they are float64, which the MPS backend does not "
-                          "support; pass --device cpu (or auto)")
-    return dev
-
-
 def spectra_params(welore_tau: float = spectra_mod.WELORE_TAU,
                    lrc_min_fraction: float = spectra_mod.LRC_MIN_FRACTION) -> dict[str, float]:
     """The spectra's store-key params: the WeLore settings of the ``welore_fraction`` and ``low_rank`` columns."""
@@ -108,7 +95,7 @@ def analyze(source: str | os.PathLike | torch.nn.Module | Source, *, store: Stor
     stores nothing. Raises SourceError for a checkpoint without floating-point tensors, ConfigError
     for an unknown or unavailable device (``mps`` included) before any work.
     """
-    dev = _float64_device(device)
+    dev = resolve_float64_device(device, "spectra")
     src = open_source(source, trust_pickle=trust_pickle)
     if not src.weight_infos():
         raise SourceError(f"{src.label}: the checkpoint holds no floating-point tensors, so there is nothing to "
@@ -169,7 +156,7 @@ def select(source: str | os.PathLike | torch.nn.Module | Source, budget: Budget 
     budget = Budget.parse(budget)  # fail on a bad budget, ranker or device before any analysis runs
     if ranker not in RANKERS:
         raise ConfigError(f"unknown ranker {ranker!r}; choose one of {', '.join(RANKERS)}")
-    dev = _float64_device(device)
+    dev = resolve_float64_device(device, "spectra")
     src = open_source(source, trust_pickle=trust_pickle)
     ws = analyze(src, store=store, progress=progress, device=dev)
     return select_from_spectra(ws, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,

@@ -144,3 +144,16 @@ def test_model_cache_boots_once_and_evicts_least_recent():
     model_cache.bridge(a, variant="mlm-head", boot=boot)
     assert boots == ["a", "b", "c", "d", "a"]
     model_cache.clear()
+
+
+def test_float64_device_passes_over_mps(monkeypatch):
+    from analysis import device as D
+
+    monkeypatch.setattr(D.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(D, "_mps_available", lambda: True)
+    assert D.resolve_device("auto").type == "mps"
+    assert D.resolve_float64_device("auto", "spectra") == torch.device("cpu")
+    assert D.float64_home(torch.device("mps")) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device 'mps' cannot compute spectra: .*pass --device cpu"):
+        D.resolve_float64_device("mps", "spectra")
+    assert D.resolve_float64_device("cpu", "spectra") == torch.device("cpu")
