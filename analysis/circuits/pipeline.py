@@ -121,7 +121,7 @@ def _compute(subject: Subject, params: CircuitParams, ctx: RunContext) -> Result
     with ctx.lock:  # the bridge is shared by the dashboard's sessions: read its weights while none runs it
         total = len(attention_layers(bridge))
         for lw in iter_layer_weights(bridge):
-            ctx.tick(len(layers), total, f"layer {lw.layer}: QK and OV of {lw.n_heads} heads")
+            ctx.tick(len(layers), total, f"QK and OV of the {lw.n_heads} heads of layer {lw.layer}")
             values = spectra.circuit_singular_values(lw.w_q, lw.w_k, lw.w_v, lw.w_o, lw.kv_head, device=device)
             d_model = int(lw.w_q.shape[1])
             for circuit in spectra.CIRCUIT_KINDS:
@@ -137,8 +137,8 @@ def _compute(subject: Subject, params: CircuitParams, ctx: RunContext) -> Result
         raise SourceError(f"{src.label}: the booted model has no attention blocks, so it has no QK/OV circuits; "
                           "give a transformer with attention layers")
     ctx.tick(total, total, "done")
-    meta = {"label": src.label, "fingerprint": subject.fingerprint, **shape, "n_layers": len(bridge.blocks), "layers": layers, "device": str(device),
-            "dtype": "float64"}
+    meta = {"label": src.label, "fingerprint": subject.fingerprint, **shape, "n_layers": len(bridge.blocks),
+            "layers": layers, "device": str(device), "dtype": "float64"}
     return to_result(CircuitSpectra(pd.DataFrame(rows, columns=COLUMNS), arrays, meta))
 
 

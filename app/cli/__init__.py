@@ -37,6 +37,8 @@ from app.cli.steer import steer_app  # noqa: E402  (lenslab steer extract|apply|
 app.add_typer(steer_app, name="steer")
 from app.cli.sae import sae_app  # noqa: E402  (lenslab sae train|eval|features|ls)
 app.add_typer(sae_app, name="sae")
+from app.cli.circuits import circuits as _circuits  # noqa: E402  (lenslab circuits)
+app.command("circuits")(_circuits)
 experiment_app = typer.Typer(no_args_is_help=True, help="Reproducible experiments (results go to the store).")
 app.add_typer(experiment_app, name="experiment")
 ANALYSES = ("conditioning", "spectra")
