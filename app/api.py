@@ -53,3 +53,4 @@ from app.api_sae import (SAEEvaluation, TrainedSAE, evaluate_sae, find_sae, has_
                          has_sae_features, list_saes, load_sae, sae_features, sae_polysemantic, sae_prompt,
                          stored_sae_eval, stored_sae_features, train_sae)
 from app.api_sae_saelens import export_saelens, import_saelens  # noqa: E402,F401
+from analysis.circuits.pipeline import circuits, find_circuits, load_circuits, stored_circuits  # noqa: E402,F401

@@ -66,15 +66,15 @@ def model_label(model: ModelInfo) -> str:
     return f"{model.label} ({model.fingerprint[:8]})"
 
 
-def model_picker(store: Store, *, key: str, label: str = "Model") -> ModelInfo | None:
+def model_picker(store: Store, *, key: str, label: str = "Model", empty: str | None = None) -> ModelInfo | None:
     """A select box over the store's models; remembers the choice across pages.
 
-    Shows an info box and returns None when the store holds no models.
+    Shows an info box (``empty``, or how to analyse a first model) and returns None when the store holds no models.
     """
     models = store.models()
     if not models:
-        st.info("No models in the store yet. Run `lenslab analyze minilm` in a terminal, "
-                "or press **Analyse** on the Models page.")
+        st.info(empty or "No models in the store yet. Run `lenslab analyze minilm` in a terminal, "
+                         "or press **Analyse** on the Models page.")
         return None
     by_fp = {m.fingerprint: m for m in models}
     fps = list(by_fp)

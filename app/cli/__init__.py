@@ -37,6 +37,8 @@ from app.cli import weights  # noqa: E402  (lenslab analyze | select | experimen
 app.command()(weights.analyze)
 app.command()(weights.select)
 app.add_typer(weights.experiment_app, name="experiment")
+from app.cli.circuits import circuits as _circuits  # noqa: E402  (lenslab circuits)
+app.command("circuits")(_circuits)
 
 
 @app.command()

@@ -45,6 +45,7 @@ FIELDS = {  # (page, label) -> what the typed text is; "model", "contrasts" and 
     ("steering", "Prompt"): "prompt text for the model",
     ("sae", "Source"): "model",
     ("sae_prompt", "Prompt"): "prompt text for the model",
+    ("circuits", "Source"): "model",
 }
 PATH_KINDS = {"model", "contrasts", "direction"}
 CHECKS = {"check_source", "check_stored_source", "check_contrasts", "check_direction"}  # app.allowed_paths
@@ -53,6 +54,7 @@ PATH_ARGS = {  # app.api function -> its arguments (position or keyword) that na
     "steer_extract": (0, 1), "steer_dose": (0, 2), "steer_layers": (0, 1), "steer_apply": (0,),
     "find_dose_response": (2,), "find_layer_sweep": (1,),
     "evaluate_sae": ("source",), "sae_features": ("source",), "sae_prompt": ("source",),  # else: the stored source
+    "circuits": (0,),
 }
 NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no file
     "bilinear_train": "a bundled kind (digits, lm, mixtral) from the page's own table",
@@ -62,7 +64,7 @@ NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no fi
                      "stored_extractions", "load_extraction", "steer_vector", "mmoe_curves", "load_mmoe_curve",
                      "load_expert_report", "stored_bias_demos", "stored_routing", "stored_kappatune_experiments",
                      "list_saes", "has_sae_eval", "has_sae_features", "stored_sae_eval", "stored_sae_features",
-                     "load_sae", "sae_polysemantic"], "reads the store by key or returns values in memory"),
+                     "load_sae", "sae_polysemantic", "stored_circuits", "load_circuits"], "reads the store by key or returns values in memory"),
     **dict.fromkeys(["stored_mmoe_curves", "stored_mmoe_bias", "load_mmoe_bias", "stored_experts_routing",
                      "load_experts_routing"], "reads the store by key or returns values in memory"),
     **dict.fromkeys(["list_spectra", "load_spectra", "spectra_params", "stored_experiments", "load_experiment"],
@@ -160,6 +162,7 @@ CASES = [  # field key, page, button, other inputs ("{allowed}" is the allowed r
     pytest.param("steer_contrast", "steering", "Extract", {"steer_source": "{allowed}/model"}, "{}", "pairs.jsonl",
                  id="steering-contrast-set"),
     pytest.param("sae_source", "sae", "Train", {}, "{}", "model", id="sae-source"),
+    pytest.param("circuits_source", "circuits", "Compute circuits", {}, "{}", "model", id="circuits-source"),
 ]
 
 
