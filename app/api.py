@@ -274,8 +274,9 @@ from app.api_steering import (contrast_sets, export_steering_gguf, load_dose_res
 # -- batch runs over many sources, local processes or Ray (issue 7): app/api_batch.py -----------------
 from app.api_batch import BatchItem, analyze_many  # noqa: E402,F401
 
-# -- attention-output SAEs (issue 3): implemented in app/api_sae.py --------------------------------
-from app.api_sae import (SAEEvaluation, TrainedSAE, evaluate_sae, find_sae, has_sae_eval,  # noqa: E402,F401
-                         has_sae_features, list_saes, load_sae, sae_features, sae_polysemantic, sae_prompt,
-                         stored_sae_eval, stored_sae_features, train_sae)
-from app.api_sae_saelens import export_saelens, import_saelens  # noqa: E402,F401
+# -- attention-output SAEs (issue 3): sae/pipeline.py, sae/saelens_io.py ----------------------------
+from sae.pipeline import (SAEEvaluation, TrainedSAE, evaluate_sae, find_sae, find_sae_eval,  # noqa: E402,F401
+                          find_sae_features, has_sae_eval, has_sae_features, list_saes, load_sae, sae_eval,
+                          sae_features, sae_list, sae_polysemantic, sae_prompt, sae_train, stored_sae_eval,
+                          stored_sae_features, train_sae)
+from sae.saelens_io import export_saelens, import_saelens, sae_export, sae_import  # noqa: E402,F401

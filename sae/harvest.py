@@ -158,6 +158,14 @@ def check_layer(bridge: Any, layer: int) -> str:
     return name
 
 
+def model_device(model: Any) -> torch.device:
+    """The device of a model's parameters (CPU for one without any): where its inputs go."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
 def head_shape(bridge: Any) -> tuple[int, int]:
     """(n_heads, d_head) of the bridge's attention layers."""
     return int(bridge.cfg.n_heads), int(bridge.cfg.d_head)
@@ -284,21 +292,22 @@ def _clean_stale(root: Path, older_than_s: float = 3600.0) -> None:
 def hook_z_batches(bridge: Any, layer: int, ids: Sequence[Sequence[int]], *, batch_tokens: int = 8192,
                    dtype: str = "float32", pad_id: int | None = None):
     """Yield ``(indices, z)`` per packed batch: ``indices`` into ``ids``, ``z`` [batch, pos, d_in]
-    float32 hook_z of layer ``layer`` (rows right-padded; real tokens are ``z[j, :len(ids[i])]``).
-    The forward pass stops at the hook."""
+    float32 hook_z of layer ``layer`` on CPU (rows right-padded; real tokens are ``z[j, :len(ids[i])]``).
+    The forward pass runs on the bridge's device and stops at the hook."""
     name = check_layer(bridge, layer)
     if dtype not in DTYPES:
         raise ConfigError(f"harvest dtype {dtype!r} is unknown; choose float32 or bfloat16")
     pad = pad_id if pad_id is not None else pad_id_of(bridge.tokenizer)
+    dev = model_device(bridge)
     for batch in pack_batches([len(x) for x in ids], batch_tokens):
         input_ids, mask = pad_batch([ids[i] for i in batch], pad)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            got = forward_until(bridge, input_ids, mask, [name])
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            got = forward_until(bridge, input_ids.to(dev), mask.to(dev), [name])
         if name not in got:
             raise SourceError(f"{name} did not fire during the forward pass; the bridge does not route this model's "
                               "attention through hook_z")
         z = got[name]
-        yield batch, z.reshape(z.shape[0], z.shape[1], -1).float()
+        yield batch, z.reshape(z.shape[0], z.shape[1], -1).float().cpu()
 
 
 def harvest(source: Any, layer: int, texts: Sequence[Any], *, max_tokens: int = 128, batch_tokens: int = 8192,

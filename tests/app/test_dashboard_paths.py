@@ -49,10 +49,10 @@ FIELDS = {  # (page, label) -> what the typed text is; "model", "contrasts" and 
 PATH_KINDS = {"model", "contrasts", "direction"}
 CHECKS = {"check_source", "check_stored_source", "check_contrasts", "check_direction"}  # app.allowed_paths
 PATH_ARGS = {  # app.api function -> its arguments (position or keyword) that name files; keywords must be given
-    "analyze": (0,), "bilinear_decompose": (0, "direction"), "experts_routing": (0,), "train_sae": (0,),
+    "analyze": (0,), "bilinear_decompose": (0, "direction"), "experts_routing": (0,), "sae_train": (0,),
     "steer_extract": (0, 1), "steer_dose_response": (0, 2), "steer_sweep": (0, 1), "steer_generate": (0,),
     "stored_dose_response": (2,), "stored_layer_sweep": (1,),
-    "evaluate_sae": ("source",), "sae_features": ("source",), "sae_prompt": ("source",),  # else: the stored source
+    "sae_eval": ("source",), "sae_features": ("source",), "sae_prompt": ("source",),  # else: the stored source
 }
 NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no file
     "bilinear_train": "a bundled kind (digits, lm, mixtral) from the page's own table",
@@ -60,7 +60,7 @@ NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no fi
     **dict.fromkeys(["contrast_sets", "has_spectra", "stored_spectra", "stored_bilinear", "load_bilinear",
                      "stored_extractions", "load_extraction", "steer_vector", "mmoe_curves", "load_mmoe_curve",
                      "load_expert_report", "stored_bias_demos", "stored_routing", "stored_kappatune_experiments",
-                     "list_saes", "has_sae_eval", "has_sae_features", "stored_sae_eval", "stored_sae_features",
+                     "sae_list", "has_sae_eval", "has_sae_features", "find_sae_eval", "find_sae_features",
                      "load_sae", "sae_polysemantic"], "reads the store by key or returns values in memory"),
 }
 OPENERS = {"open_source", "load_contrasts", "load_vector", "spec_params", "resolve_directions", "load_file",
@@ -233,7 +233,7 @@ def test_sae_pages_refuse_a_stored_source_outside_the_root(dashboard_store, root
     from app import api
 
     monkeypatch.setenv("LENSLAB_ACTIVATIONS", str(tmp_path / "activations"))
-    api.train_sae(llama, 1, per_package=5, store=dashboard_store, d_sae=16, k=2, n_tokens=1000, batch_size=64)
+    api.sae_train(llama, 1, per_package=5, store=dashboard_store, d_sae=16, k=2, n_tokens=1000, batch_size=64)
     api_calls.clear()
     stored = sorted(e.key for e in dashboard_store.list())
     opened = spy_open_source(monkeypatch)
