@@ -4,6 +4,10 @@ A frozen, keyword-only dataclass validated on construction (``ConfigError`` name
 the constraint and the fix). ``to_dict()`` / ``from_dict()`` round-trip through JSON (the
 store's meta and the ``lenslab_config`` entry of a SAELens ``cfg.json``).
 
+``TrainSettings`` (``TRAIN_DEFAULTS``): a training request of ``sae.pipeline.sae_train`` /
+``lenslab sae train`` before the hook's width is known; the one place their defaults are stated.
+``check_fields`` runs SAEConfig's checks on any subset of its fields (what both construct through).
+
 Hook metadata: the SAE reads ``blocks.{layer}.attn.hook_z`` [batch, pos, n_heads, d_head]
 flattened head-major to [tokens, d_in] with d_in = n_heads * d_head; head h owns columns
 ``h*d_head:(h+1)*d_head``. ``n_heads``/``d_head`` may be ``None`` for an SAE loaded from a
@@ -16,7 +20,6 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from types import MappingProxyType
 from typing import Any
 
 from analysis.errors import ConfigError
@@ -259,7 +262,7 @@ class TrainSettings:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+        object.__setattr__(self, "extra", dict(self.extra))  # a copy: the caller's dict may change
         if self.architecture == "topk":
             if self.l1_coefficient is not None:
                 raise ConfigError("l1_coefficient applies to relu SAEs only; drop it or use architecture='relu'")

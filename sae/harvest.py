@@ -171,20 +171,32 @@ def head_shape(bridge: Any) -> tuple[int, int]:
     return int(bridge.cfg.n_heads), int(bridge.cfg.d_head)
 
 
+def check_attention(bridge: Any) -> Any:
+    """``bridge`` when it exposes attention hooks (``blocks.L.attn.hook_z``); SourceError otherwise."""
+    if not attention_hooks(bridge):
+        check_layer(bridge, 0)  # raises SourceError: no attention layers
+    return bridge
+
+
+def boot_bridge(src: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """A new TransformerBridge of the ``Source`` ``src``, in eval mode, on CPU; SourceError when it
+    cannot boot or has no attention layers."""
+    try:
+        bridge = src.boot_bridge(dtype=dtype)
+    except SourceError as exc:
+        raise SourceError(f"{src.label}: cannot run it as a transformer ({exc}); attention-output SAEs need a "
+                          "model with attention layers and a tokenizer (e.g. minilm, bilinear-lm, "
+                          "tiny-mixtral)") from exc
+    return check_attention(bridge.eval())
+
+
 def boot(source: Any) -> tuple[Any, Any]:
-    """(Source, TransformerBridge) for a source spec; SourceError when it has no attention layers."""
+    """(Source, TransformerBridge) for a source spec, booted for this call alone (the pipeline takes
+    its models from the one model cache: ``sae.requests.booted``)."""
     from analysis.sources import open_source
 
     src = open_source(source)
-    try:
-        bridge = src.boot_bridge()
-    except SourceError as exc:
-        raise SourceError(f"{src.label}: cannot run it as a transformer ({exc}); attention-output SAEs need a "
-                          "model with attention layers and a tokenizer (e.g. minilm, bilinear-lm, tiny-mixtral)") from exc
-    bridge.eval()
-    if not attention_hooks(bridge):
-        check_layer(bridge, 0)  # raises SourceError: no attention layers
-    return src, bridge
+    return src, boot_bridge(src)
 
 
 # -- cache ------------------------------------------------------------------------------------

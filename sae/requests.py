@@ -144,24 +144,18 @@ def reopen(key: str, cfg: SAEConfig, meta: Mapping[str, Any], source: Any = None
 
 
 def _boot(src: Source, device: torch.device, dtype: torch.dtype) -> Any:
-    try:
-        bridge = src.boot_bridge(dtype=dtype)
-    except SourceError as exc:
-        raise SourceError(f"{src.label}: cannot run it as a transformer ({exc}); attention-output SAEs need a "
-                          "model with attention layers and a tokenizer (e.g. minilm, bilinear-lm, "
-                          "tiny-mixtral)") from exc
-    return bridge.eval()
+    from sae.harvest import boot_bridge
+
+    return boot_bridge(src, dtype)  # the model cache moves it to the device
 
 
 def booted(src: Source, ctx: RunContext) -> Any:
-    """The TransformerBridge of ``src`` from the one model cache, on the run's device, in eval mode.
-    SourceError when it cannot boot or has no attention layers (``blocks.L.attn.hook_z``)."""
-    from sae.harvest import attention_hooks, check_layer
+    """The TransformerBridge of ``src`` from the one model cache, on the run's device, in eval mode
+    (booted here, or by any analysis before). SourceError when it cannot boot or has no attention
+    layers (``blocks.L.attn.hook_z``)."""
+    from sae.harvest import check_attention
 
-    bridge = ctx.bridge(src, boot=_boot)
-    if not attention_hooks(bridge):
-        check_layer(bridge, 0)  # raises SourceError: no attention layers
-    return bridge
+    return check_attention(ctx.bridge(src, boot=_boot))
 
 
 def _boot_mlm(src: Source, device: torch.device, dtype: torch.dtype) -> Any:

@@ -314,8 +314,8 @@ def list_(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 
     table = api.sae_list(store=store)
     if as_json:
-        typer.echo(json.dumps([{k: json_safe(v) for k, v in r.items()} for r in table.to_dict(orient="records")],
-                              indent=1))
+        rows = table.assign(created=[t.isoformat() for t in table["created"]]).to_dict(orient="records")
+        typer.echo(json.dumps([{k: json_safe(v) for k, v in r.items()} for r in rows], indent=1))
         return
     out = Table(title=f"{len(table)} stored SAE(s)", caption=EV_NOTE)
     cols = ["key", "name", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",
