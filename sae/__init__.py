@@ -1,10 +1,10 @@
 """Attention-output sparse autoencoders (Kissane et al. 2024) on ``blocks.L.attn.hook_z``.
 
-Maths: ``config`` (SAEConfig; TrainSettings, the training defaults), ``model`` (SAE), ``harvest``
-(activation cache), ``train`` (fit / resume: ``train_state`` the step, ``sparse`` / ``dense_relu``
-its products, ``resample``, ``checkpoint``), ``metrics`` (evaluation), ``lm_loss`` (loss functions
-for loss recovered), ``saelens_format`` (SAELens files), ``store_io`` (SAE <-> results store),
-``attribution``, ``features``.
+Maths: ``config`` (SAEConfig; TrainSettings, the training defaults), ``model`` (SAE), ``corpus``
+(its texts), ``harvest`` (activation cache), ``train`` (fit / resume: ``train_state`` the step,
+``sparse`` / ``dense_relu`` its products, ``resample``, ``checkpoint``), ``metrics`` (evaluation),
+``lm_loss`` (loss functions for loss recovered), ``saelens_format`` (SAELens files), ``store_io``
+(SAE <-> results store), ``attribution``, ``features``.
 
 Pipeline (through ``analysis.run``): ``pipeline`` (the stored analyses and the API functions
 ``sae_train``, ``sae_eval``, ``sae_features``, ``sae_prompt``, ``sae_list`` ...), ``saelens_io``

@@ -34,12 +34,12 @@ import pandas as pd
 import torch
 
 from analysis.errors import ConfigError, ShapeError
+from analysis.progress import Progress
 from analysis.store import Result
 from sae.attribution import _feature_index, head_attribution
 from sae.model import sae_on
 
 CODE_VERSION = "sae-features-1"
-Progress = Callable[[int, int, str], None]
 DEFAULTS = {"n_top": 10, "n_intervals": 5, "n_per_interval": 5, "before": 12, "after": 4, "n_bins": 40,
             "n_logits": 10, "seed": 0}
 _ARRAYS = ("density", "max_act", "mean_act", "hist_counts", "hist_edges", "top_rows", "top_acts", "top_tokens",

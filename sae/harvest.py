@@ -1,8 +1,8 @@
 """Harvest attention outputs ``blocks.L.attn.hook_z`` into an on-disk, memory-mapped cache.
 
 Public functions
-- ``sae_corpus(split, ...) -> list[DocText]``: the deterministic docstring corpus
-  (``analysis.corpus.docstring_corpus``) cut by package into a train and a held-out eval part.
+- ``sae_corpus(split, ...) -> list[DocText]``: the deterministic docstring corpus cut by package
+  into a train and a held-out eval part (``sae.corpus``, re-exported here).
 - ``tokenize(tokenizer, texts, max_tokens) -> list[list[int]]``: the token ids every SAE path uses
   (special tokens as the tokenizer adds them; ``<bos>`` prepended when the tokenizer adds no
   special tokens itself but defines one, as the tiny LMs were trained on ``<s> text </s>``).
@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,38 +47,16 @@ import torch
 
 from analysis.errors import ConfigError, CorruptEntryError, SourceError
 from analysis.forward import forward_until
+from analysis.progress import Progress
 from sae.config import HOOK_RE, hook_name_for
+from sae.corpus import sae_corpus  # noqa: F401  (re-exported: the harvest's texts)
 
-Progress = Callable[[int, int, str], None]
 HARVEST_VERSION = "harvest-1"
 ENV_VAR = "LENSLAB_ACTIVATIONS"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FILES = ("acts.npy", "token_ids.npy", "doc_ids.npy", "positions.npy", "texts.json", "meta.json")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                     "merges.txt", "vocab.json")
-
-
-# -- corpus -----------------------------------------------------------------------------------
-def sae_corpus(split: str = "train", *, eval_fraction: float = 0.1, seed: int = 0,
-               per_package: int | None = None) -> list:
-    """Docstring texts for SAE work: ``split`` = "train", "eval" or "all".
-
-    The corpus (``docstring_corpus(per_package=per_package, seed=seed)``) is cut per package
-    with ``analysis.corpus.split(items, (1 - eval_fraction, eval_fraction), seed, by=package)``;
-    train and eval are disjoint and deterministic.
-    """
-    from analysis.corpus import docstring_corpus
-    from analysis.corpus import split as cut
-
-    if split not in ("train", "eval", "all"):
-        raise ConfigError(f"corpus split {split!r} is unknown; choose 'train', 'eval' or 'all'")
-    if not (0 < eval_fraction < 1):
-        raise ConfigError(f"eval_fraction={eval_fraction} must be in (0, 1); e.g. 0.1")
-    docs = docstring_corpus(per_package=per_package, seed=seed)
-    if split == "all":
-        return docs
-    train, held = cut(docs, (1 - eval_fraction, eval_fraction), seed, by=lambda d: d.package)
-    return train if split == "train" else held
 
 
 def _texts_of(texts: Sequence[Any]) -> list[str]:

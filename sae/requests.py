@@ -4,7 +4,7 @@
   meta (``REQUEST_VERSION``; the same call is then served from the store without booting the
   model) and hashes into its checkpoint path (``checkpoint_path``);
 - ``corpus(...)`` / ``corpus_of(...)``: the texts of a request (a split of the docstring corpus of
-  ``sae.harvest.sae_corpus``, or the caller's texts, identified by their hash) as a function that
+  ``sae.corpus.sae_corpus``, or the caller's texts, identified by their hash) as a function that
   builds them (it takes seconds) and the params that identify them in store keys;
 - ``check_memory``: the training estimate of ``sae.memory`` against the limit, before the model boots;
 - ``reopen``: the model a stored SAE was trained on (its recorded spec, or ``source=``), checked
@@ -65,7 +65,7 @@ def corpus(split: str, texts: Sequence[Any] | None, per_package: int | None, see
         return (lambda: items), {"texts": texts_id(items), "n_texts": len(items)}
 
     def build() -> list[str]:
-        from sae.harvest import sae_corpus
+        from sae.corpus import sae_corpus
 
         return [d.text for d in sae_corpus(split, eval_fraction=eval_fraction, seed=seed, per_package=per_package)]
 

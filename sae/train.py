@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,13 +57,13 @@ import pandas as pd
 import torch
 
 from analysis.errors import ConfigError, ShapeError
+from analysis.progress import Progress
 from sae.checkpoint import CHECKPOINT_VERSION
 from sae.config import SAEConfig
 from sae.memory import check_training_memory
 from sae.model import SAE
 from sae.train_state import DENSE_ABOVE_DENSITY, TrainState
 
-Progress = Callable[[int, int, str], None]
 __all__ = ["CHECKPOINT_VERSION", "DENSE_ABOVE_DENSITY", "TrainResult", "TrainState", "as_activations",
            "config_from_cache", "train_sae"]
 

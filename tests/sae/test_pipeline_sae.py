@@ -318,3 +318,18 @@ def test_cli_list_and_ls_print_the_same_table(prepared):
     from app import api
 
     assert pd.Timestamp(rows[0]["created"]) == api.sae_list(root)["created"][0]  # ISO time (was unserialisable)
+
+
+def test_cli_prompt_is_api_sae_prompt(prepared, llama):
+    from app import api
+    from app.cli import app
+
+    trained, _, root = prepared
+    text = "the tensor of a frame returns a new array"
+    res = CliRunner().invoke(app, ["sae", "prompt", str(llama), text, "--layer", "1", "--top", "3", "--json",
+                                   "--device", "cpu", "--store", str(root)])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    view = api.sae_prompt(trained.key, text, store=root)
+    assert out["key"] == trained.key and out["tokens"] == view.tokens and out["top_features"] == view.top_features(3)
+    assert [r["top"] for r in out["rows"]] == list(view.token_table(3)["top"])
