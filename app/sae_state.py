@@ -17,21 +17,22 @@ FLASH = "sae_flash"
 
 @st.cache_data(show_spinner="Loading the SAE list…", ttl=5, max_entries=4)
 def _list(store_root: str):
-    return api.list_saes(store_root)
+    return api.sae_list(store_root)
 
 
 def sae_table(store: Store):
-    """``api.list_saes`` (cached for a few seconds: a new SAE shows up on the next rerun)."""
+    """``api.sae_list`` (cached for a few seconds: a new SAE shows up on the next rerun)."""
     return _list(str(store.root))
 
 
 @st.cache_data(show_spinner="Loading feature data from the store…", max_entries=8)
 def _features(store_root: str, key: str):
-    return api.stored_sae_features(key, store=store_root)
+    return api.find_sae_features(key, store=store_root)
 
 
 def load_features(store: Store, key: str):
-    """Stored feature data of the SAE ``key`` or None (only present entries go through the cache)."""
+    """Feature data of the SAE ``key`` with the settings the pages compute (``api.find_sae_features``)
+    or None (only SAEs with some feature data stored go through the cache)."""
     if not api.has_sae_features(key, store=store):
         return None
     return _features(str(store.root), key)
@@ -39,10 +40,11 @@ def load_features(store: Store, key: str):
 
 @st.cache_data(show_spinner="Loading the evaluation…", max_entries=16)
 def _evaluation(store_root: str, key: str):
-    return api.stored_sae_eval(key, store=store_root)
+    return api.find_sae_eval(key, store=store_root)
 
 
 def load_evaluation(store: Store, key: str):
+    """The evaluation of the SAE ``key`` with the settings the page runs (``api.find_sae_eval``) or None."""
     if not api.has_sae_eval(key, store=store):
         return None
     return _evaluation(str(store.root), key)
@@ -54,7 +56,7 @@ def load_sae(store_root: str, key: str):
 
 
 def sae_picker(store: Store, table, *, key: str, label: str = "SAE"):
-    """A select box over the stored SAEs (rows of ``api.list_saes``); remembers the choice across pages.
+    """A select box over the stored SAEs (rows of ``api.sae_list``); remembers the choice across pages.
     Returns the chosen row (a pandas Series)."""
     keys = list(table["key"])
     by_key = {r["key"]: r for _, r in table.iterrows()}
@@ -66,13 +68,13 @@ def sae_picker(store: Store, table, *, key: str, label: str = "SAE"):
 
 
 def train(spec: str, layer: int, **kwargs):
-    """``api.train_sae`` on a typed source (refused outside the dashboard's allowed roots)."""
-    return api.train_sae(check_source(spec), layer, **kwargs)
+    """``api.sae_train`` on a typed source (refused outside the dashboard's allowed roots)."""
+    return api.sae_train(check_source(spec), layer, **kwargs)
 
 
 def evaluate(key: str, source: str, **kwargs):
-    """``api.evaluate_sae`` of the SAE ``key``, reopening its stored ``source`` only inside the allowed roots."""
-    return api.evaluate_sae(key, source=check_stored_source(source), **kwargs)
+    """``api.sae_eval`` of the SAE ``key``, reopening its stored ``source`` only inside the allowed roots."""
+    return api.sae_eval(key, source=check_stored_source(source), **kwargs)
 
 
 def features(key: str, source: str, **kwargs):

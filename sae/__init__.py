@@ -1,9 +1,15 @@
 """Attention-output sparse autoencoders (Kissane et al. 2024) on ``blocks.L.attn.hook_z``.
 
-Core modules: ``config`` (SAEConfig), ``model`` (SAE), ``harvest`` (activation cache),
-``train`` (fit / resume; ``sparse`` holds its sparse products), ``metrics`` (evaluation),
-``lm_loss`` (loss functions for loss recovered), ``saelens_format`` (SAELens files),
-``store_io`` (SAE <-> results store). Surfaces: ``attribution``, ``features``.
+Maths: ``config`` (SAEConfig; TrainSettings, the training defaults), ``model`` (SAE), ``corpus``
+(its texts), ``harvest`` (activation cache), ``train`` (fit / resume: ``train_state`` the step,
+``sparse`` / ``dense_relu`` its products, ``resample``, ``checkpoint``), ``metrics`` (evaluation),
+``lm_loss`` (loss functions for loss recovered), ``saelens_format`` (SAELens files), ``store_io``
+(SAE <-> results store), ``attribution``, ``features``.
+
+Pipeline (through ``analysis.run``): ``pipeline`` (the stored analyses and the API functions
+``sae_train``, ``sae_eval``, ``sae_features``, ``sae_prompt``, ``sae_list`` ...), ``saelens_io``
+(``sae_export`` / ``sae_import``), ``requests`` (settings, corpus, checkpoint paths, models),
+``jobs`` (what each stored analysis computes), ``results`` (result types, index lookups).
 """
 
 from sae.config import SAEConfig, hook_name_for

@@ -4,6 +4,10 @@ A frozen, keyword-only dataclass validated on construction (``ConfigError`` name
 the constraint and the fix). ``to_dict()`` / ``from_dict()`` round-trip through JSON (the
 store's meta and the ``lenslab_config`` entry of a SAELens ``cfg.json``).
 
+``TrainSettings`` (``TRAIN_DEFAULTS``): a training request of ``sae.pipeline.sae_train`` /
+``lenslab sae train`` before the hook's width is known; the one place their defaults are stated.
+``check_fields`` runs SAEConfig's checks on any subset of its fields (what both construct through).
+
 Hook metadata: the SAE reads ``blocks.{layer}.attn.hook_z`` [batch, pos, n_heads, d_head]
 flattened head-major to [tokens, d_in] with d_in = n_heads * d_head; head h owns columns
 ``h*d_head:(h+1)*d_head``. ``n_heads``/``d_head`` may be ``None`` for an SAE loaded from a
@@ -14,7 +18,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from analysis.errors import ConfigError
@@ -75,63 +80,9 @@ class SAEConfig:
     source_label: str = ""
 
     def __post_init__(self) -> None:
-        def bad(field: str, value: Any, constraint: str, fix: str) -> ConfigError:
-            return ConfigError(f"SAE config {field}={value!r}: {constraint}; {fix}")
-
-        for name in ("d_in", "d_sae", "batch_size", "n_tokens", "resample_sample", "dead_window"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise bad(name, v, "must be a positive integer", f"pass {name} >= 1")
-        if self.architecture not in ARCHITECTURES:
-            raise bad("architecture", self.architecture, f"must be one of {', '.join(ARCHITECTURES)}",
-                      "use 'relu' (L1 penalty) or 'topk' (fixed L0)")
-        if self.architecture == "topk":
-            if isinstance(self.k, bool) or not isinstance(self.k, int) or not (1 <= self.k <= self.d_sae):
-                raise bad("k", self.k, f"a topk SAE needs an integer 1 <= k <= d_sae={self.d_sae}",
-                          "pass k (e.g. k=32)")
-        elif self.k is not None:
-            raise bad("k", self.k, "only a topk SAE takes k", "drop k or use architecture='topk'")
-        if self.aux_k is not None and (not isinstance(self.aux_k, int) or self.aux_k < 1):
-            raise bad("aux_k", self.aux_k, "must be a positive integer or None", "pass e.g. aux_k=192")
-        for name in ("l1_coefficient", "aux_coefficient", "resample_encoder_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise bad(name, v, "must be a finite number >= 0", f"pass {name} >= 0")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise bad("lr", self.lr, "must be a finite number > 0", "pass e.g. lr=1.2e-3")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise bad("betas", self.betas, "must be two numbers in [0, 1)", "pass e.g. betas=(0.9, 0.99)")
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        for name in ("l1_warmup_steps", "lr_warmup_steps", "seed", "layer"):
-            v = getattr(self, name)
-            if v is None and name == "l1_warmup_steps":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise bad(name, v, "must be an integer >= 0", f"pass {name} >= 0")
-        if not (0 <= self.lr_decay_fraction <= 1):
-            raise bad("lr_decay_fraction", self.lr_decay_fraction, "must be in [0, 1]", "pass e.g. 0.2")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", self.dtype, f"must be one of {', '.join(DTYPES)}",
-                      "use 'bfloat16' for fast mixed precision or 'float32'")
-        if self.b_dec_init not in B_DEC_INITS:
-            raise bad("b_dec_init", self.b_dec_init, f"must be one of {', '.join(B_DEC_INITS)}", "use 'mean'")
-        if self.resample_steps is not None:
-            steps = tuple(int(s) for s in self.resample_steps)
-            if any(s <= 0 for s in steps):
-                raise bad("resample_steps", self.resample_steps, "steps must be >= 1", "pass () to never resample")
-            object.__setattr__(self, "resample_steps", tuple(sorted(set(steps))))
-        m = HOOK_RE.match(self.hook_name)
-        if m is None:
-            raise bad("hook_name", self.hook_name, "must be blocks.L.attn.hook_z",
-                      "SAEs here read attention outputs before W_O; pass layer=L and hook_name=hook_name_for(L)")
-        if int(m.group(1)) != self.layer:
-            raise bad("layer", self.layer, f"disagrees with hook_name {self.hook_name!r}",
-                      f"pass hook_name={hook_name_for(self.layer)!r}")
-        if (self.n_heads is None) != (self.d_head is None):
-            raise bad("n_heads/d_head", (self.n_heads, self.d_head), "give both or neither", "pass both")
-        if self.n_heads is not None and self.n_heads * self.d_head != self.d_in:
-            raise bad("d_in", self.d_in, f"must equal n_heads*d_head = {self.n_heads}*{self.d_head}",
-                      "pass d_in = n_heads * d_head of the hooked layer")
+        normal = check_fields({f.name: getattr(self, f.name) for f in fields(self)})
+        object.__setattr__(self, "betas", normal["betas"])
+        object.__setattr__(self, "resample_steps", normal["resample_steps"])
 
     # -- derived --------------------------------------------------------------------------
     @property
@@ -192,3 +143,166 @@ class SAEConfig:
     def replace(self, **changes: Any) -> SAEConfig:
         """A copy with ``changes`` applied (validated again)."""
         return SAEConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _bad(field: str, value: Any, constraint: str, fix: str) -> ConfigError:
+    return ConfigError(f"SAE config {field}={value!r}: {constraint}; {fix}")
+
+
+def check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (SAEConfig fields by name) checked as ``SAEConfig`` checks them, returned with the
+    fields left out at their defaults and ``betas`` / ``resample_steps`` normalised (float pair,
+    sorted unique steps). ``d_in`` and ``d_sae`` have no default: left out, the checks that need
+    them are skipped (training settings are checked before the hook's width is known).
+
+    Raises ConfigError naming the field, the constraint and the fix (unknown names included)."""
+    known = {f.name: f for f in fields(SAEConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"SAE config has unknown keys {unknown}; valid keys: {', '.join(sorted(known))}")
+    v = {n: f.default for n, f in known.items() if n not in ("d_in", "d_sae")}
+    v.update(values)
+    for name in ("d_in", "d_sae", "batch_size", "n_tokens", "resample_sample", "dead_window"):
+        if name in v and (isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] <= 0):
+            raise _bad(name, v[name], "must be a positive integer", f"pass {name} >= 1")
+    if v["architecture"] not in ARCHITECTURES:
+        raise _bad("architecture", v["architecture"], f"must be one of {', '.join(ARCHITECTURES)}",
+                   "use 'relu' (L1 penalty) or 'topk' (fixed L0)")
+    k = v["k"]
+    if v["architecture"] == "topk":
+        top = f"d_sae={v['d_sae']}" if "d_sae" in v else "d_sae"
+        if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= v.get("d_sae", k)):
+            raise _bad("k", k, f"a topk SAE needs an integer 1 <= k <= {top}", "pass k (e.g. k=32)")
+    elif k is not None:
+        raise _bad("k", k, "only a topk SAE takes k", "drop k or use architecture='topk'")
+    if v["aux_k"] is not None and (not isinstance(v["aux_k"], int) or v["aux_k"] < 1):
+        raise _bad("aux_k", v["aux_k"], "must be a positive integer or None", "pass e.g. aux_k=192")
+    for name in ("l1_coefficient", "aux_coefficient", "resample_encoder_scale"):
+        if not (isinstance(v[name], (int, float)) and math.isfinite(v[name]) and v[name] >= 0):
+            raise _bad(name, v[name], "must be a finite number >= 0", f"pass {name} >= 0")
+    if not (isinstance(v["lr"], (int, float)) and math.isfinite(v["lr"]) and v["lr"] > 0):
+        raise _bad("lr", v["lr"], "must be a finite number > 0", "pass e.g. lr=1.2e-3")
+    if len(v["betas"]) != 2 or not all(0 <= b < 1 for b in v["betas"]):
+        raise _bad("betas", v["betas"], "must be two numbers in [0, 1)", "pass e.g. betas=(0.9, 0.99)")
+    v["betas"] = tuple(float(b) for b in v["betas"])
+    for name in ("l1_warmup_steps", "lr_warmup_steps", "seed", "layer"):
+        if v[name] is None and name == "l1_warmup_steps":
+            continue
+        if isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] < 0:
+            raise _bad(name, v[name], "must be an integer >= 0", f"pass {name} >= 0")
+    if not (0 <= v["lr_decay_fraction"] <= 1):
+        raise _bad("lr_decay_fraction", v["lr_decay_fraction"], "must be in [0, 1]", "pass e.g. 0.2")
+    if v["dtype"] not in DTYPES:
+        raise _bad("dtype", v["dtype"], f"must be one of {', '.join(DTYPES)}",
+                   "use 'bfloat16' for fast mixed precision or 'float32'")
+    if v["b_dec_init"] not in B_DEC_INITS:
+        raise _bad("b_dec_init", v["b_dec_init"], f"must be one of {', '.join(B_DEC_INITS)}", "use 'mean'")
+    if v["resample_steps"] is not None:
+        steps = tuple(int(s) for s in v["resample_steps"])
+        if any(s <= 0 for s in steps):
+            raise _bad("resample_steps", v["resample_steps"], "steps must be >= 1", "pass () to never resample")
+        v["resample_steps"] = tuple(sorted(set(steps)))
+    m = HOOK_RE.match(v["hook_name"])
+    if m is None:
+        raise _bad("hook_name", v["hook_name"], "must be blocks.L.attn.hook_z",
+                   "SAEs here read attention outputs before W_O; pass layer=L and hook_name=hook_name_for(L)")
+    if int(m.group(1)) != v["layer"]:
+        raise _bad("layer", v["layer"], f"disagrees with hook_name {v['hook_name']!r}",
+                   f"pass hook_name={hook_name_for(v['layer'])!r}")
+    if (v["n_heads"] is None) != (v["d_head"] is None):
+        raise _bad("n_heads/d_head", (v["n_heads"], v["d_head"]), "give both or neither", "pass both")
+    if "d_in" in v and v["n_heads"] is not None and v["n_heads"] * v["d_head"] != v["d_in"]:
+        raise _bad("d_in", v["d_in"], f"must equal n_heads*d_head = {v['n_heads']}*{v['d_head']}",
+                   "pass d_in = n_heads * d_head of the hooked layer")
+    return v
+
+
+# -- training requests ---------------------------------------------------------------------------
+TOPK_K = 32  # k of a topk SAE trained without one
+
+
+def config_default(name: str) -> Any:
+    """The default of the ``SAEConfig`` field ``name``."""
+    return next(f.default for f in fields(SAEConfig) if f.name == name)
+
+
+HOOK_FIELDS = ("d_in", "d_sae", "hook_name", "layer", "n_heads", "d_head", "source_fingerprint", "source_label")
+NAMED_FIELDS = ("architecture", "k", "l1_coefficient", "n_tokens", "batch_size", "lr", "seed", "dtype")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings:
+    """One training request of ``sae.pipeline.sae_train`` / ``lenslab sae train``: the SAE's
+    settings before the hook's width is known, its corpus and its checkpoint cadence.
+
+    The one place their defaults are stated: the API signature and the CLI options read them from
+    ``TRAIN_DEFAULTS``. ``batch_size``, ``lr``, ``seed`` and ``dtype`` default to ``SAEConfig``'s;
+    a request trains a TopK SAE (``k`` = ``TOPK_K``; a ReLU SAE's ``l1_coefficient`` defaults to
+    ``SAEConfig``'s) on 2M tokens, 8 x d_in wide (``d_sae`` overrides ``expansion``). ``extra``:
+    any other ``SAEConfig`` field (``resample_steps``, ``aux_k``, ``lr_decay_fraction`` ...).
+    Constructing one checks everything ``SAEConfig`` would (ConfigError naming the field, the
+    constraint and the fix), so a bad setting fails before the model boots.
+    """
+
+    layer: int = 0
+    architecture: str = "topk"
+    expansion: int | None = 8
+    d_sae: int | None = None
+    k: int | None = None  # topk; None = TOPK_K
+    l1_coefficient: float | None = None  # relu; None = SAEConfig's l1_coefficient
+    n_tokens: int = 2_000_000
+    batch_size: int = config_default("batch_size")
+    lr: float = config_default("lr")
+    seed: int = config_default("seed")  # of the initialisation, the batches and the corpus split
+    dtype: str = config_default("dtype")
+    per_package: int | None = None  # docstrings per package of the corpus (None = all)
+    max_tokens: int = 128  # tokens kept per text
+    eval_fraction: float = 0.1  # held-out share of the docstring corpus
+    checkpoint_every: int = 500  # optimiser steps between checkpoints
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra", dict(self.extra))  # a copy: the caller's dict may change
+        if self.architecture == "topk":
+            if self.l1_coefficient is not None:
+                raise ConfigError("l1_coefficient applies to relu SAEs only; drop it or use architecture='relu'")
+        elif self.architecture == "relu":
+            if self.k is not None:
+                raise ConfigError("k applies to topk SAEs only; drop it or use architecture='topk'")
+        else:
+            raise ConfigError(f"SAE architecture {self.architecture!r} is unknown; use 'relu' (L1 penalty) or "
+                              "'topk' (fixed L0)")
+        valid = [f.name for f in fields(SAEConfig) if f.name not in HOOK_FIELDS + NAMED_FIELDS]
+        unknown = sorted(set(self.extra) - set(valid))
+        if unknown:
+            raise ConfigError(f"unknown SAE setting(s) {unknown}; valid: {', '.join(valid)} (the width is d_sae or "
+                              "expansion, the layer is layer=, the rest comes from the hook)")
+        c = self.checkpoint_every
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ConfigError(f"checkpoint_every={c!r} must be an integer >= 1 (steps between checkpoints)")
+        if self.d_sae is None:
+            e = self.expansion
+            if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+                raise ConfigError(f"SAE config expansion={e!r}: must be an integer >= 1 (d_sae = expansion x "
+                                  "d_in); pass expansion >= 1 or d_sae")
+        check_fields({**self.sae_fields(), **({} if self.d_sae is None else {"d_sae": self.d_sae})})
+
+    @property
+    def width_expansion(self) -> int | None:
+        """The expansion that sets the width: None when ``d_sae`` is given."""
+        return None if self.d_sae is not None else self.expansion
+
+    def sae_fields(self) -> dict[str, Any]:
+        """The ``SAEConfig`` fields these settings fix (all but the width and the hook's), as a
+        training request records them."""
+        if self.architecture == "topk":
+            arch = {"k": TOPK_K if self.k is None else self.k}
+        else:
+            l1 = config_default("l1_coefficient") if self.l1_coefficient is None else self.l1_coefficient
+            arch = {"l1_coefficient": float(l1)}
+        return {"architecture": self.architecture, **arch, "n_tokens": int(self.n_tokens),
+                "batch_size": int(self.batch_size), "lr": float(self.lr), "seed": int(self.seed),
+                "dtype": self.dtype, **self.extra}
+
+
+TRAIN_DEFAULTS = TrainSettings()

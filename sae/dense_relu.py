@@ -35,22 +35,24 @@ from sae.sparse import column_counts, positive
 
 
 class Workspace:
-    """Buffers reused across training steps, by name (re-made when shape or dtype changes)."""
+    """Buffers reused across training steps, by name (re-made when shape, dtype or device changes)."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device | str = "cpu") -> torch.Tensor:
         buf = self._bufs.get(name)
-        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype:
-            buf = self._bufs[name] = torch.empty(shape, dtype=dtype)
+        device = torch.device(device)
+        if buf is None or tuple(buf.shape) != tuple(shape) or buf.dtype != dtype or buf.device != device:
+            buf = self._bufs[name] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
 
 def with_columns(a: torch.Tensor, values: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
     """[a | values...]: ``a`` [n, m] with constant columns appended, in ``dtype`` (one copy)."""
     n, m = a.shape
-    out = torch.empty(n, m + len(values), dtype=dtype)
+    out = torch.empty(n, m + len(values), dtype=dtype, device=a.device)
     out[:, :m] = a
     for j, v in enumerate(values):
         out[:, m + j] = v
@@ -61,7 +63,7 @@ def encoder_matrix(W_encT: torch.Tensor, b_enc: torch.Tensor, dtype: torch.dtype
     """[W_enc^T | b_enc] [d_sae, d_in + 1] in ``dtype``: ``with_columns(xc, (1,)) @ it.T`` is the
     encoder pre-activation with its bias."""
     d_sae, d_in = W_encT.shape
-    out = torch.empty(d_sae, d_in + 1, dtype=dtype)
+    out = torch.empty(d_sae, d_in + 1, dtype=dtype, device=W_encT.device)
     out[:, :d_in] = W_encT
     out[:, d_in] = b_enc
     return out
@@ -107,7 +109,7 @@ def dense_relu_gradients(xc: torch.Tensor, xc1: torch.Tensor, pre: torch.Tensor,
     t = (f.T @ G[:, :d_in + 1]).float()  # [grad W_dec | sum_b f]
     fired = column_counts(positive(f))
     ws = ws if ws is not None else Workspace()
-    g_pre = torch.matmul(G, W_dec_aug.T, out=ws.get("g_pre", tuple(f.shape), cd))  # g W_dec^T + c
+    g_pre = torch.matmul(G, W_dec_aug.T, out=ws.get("g_pre", tuple(f.shape), cd, f.device))  # g W_dec^T + c
     torch.ops.aten.threshold_backward.grad_input(g_pre, f, 0, grad_input=g_pre)  # zero where f == 0
     t2 = (g_pre.T @ xc1).float()  # [grad W_enc^T | grad b_enc]
     g_b_enc = t2[:, d_in].contiguous()

@@ -34,11 +34,12 @@ import pandas as pd
 import torch
 
 from analysis.errors import ConfigError, ShapeError
+from analysis.progress import Progress
 from analysis.store import Result
 from sae.attribution import _feature_index, head_attribution
+from sae.model import sae_on
 
 CODE_VERSION = "sae-features-1"
-Progress = Callable[[int, int, str], None]
 DEFAULTS = {"n_top": 10, "n_intervals": 5, "n_per_interval": 5, "before": 12, "after": 4, "n_bins": 40,
             "n_logits": 10, "seed": 0}
 _ARRAYS = ("density", "max_act", "mean_act", "hist_counts", "hist_edges", "top_rows", "top_acts", "top_tokens",
@@ -158,23 +159,26 @@ def _check_inputs(sae: Any, acts: Any, token_ids: np.ndarray, doc: np.ndarray, p
     return n
 
 
-def _nonzeros(sae: Any, acts: Any, batch_size: int, max_nonzeros: int,
-              progress: Progress | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows int64, features int64, values float32) of every f_i > 0, in row order."""
+def _nonzeros(sae: Any, acts: Any, batch_size: int, max_nonzeros: int, progress: Progress | None,
+              device: torch.device | str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows int64, features int64, values float32) of every f_i > 0, in row order; the SAE encodes
+    on ``device`` (None: where it is)."""
     n = acts.shape[0]
+    enc = sae_on(sae, device)
+    dev = enc.W_enc.device
     rows, feats, vals, total = [], [], [], 0
     with torch.no_grad():
         for a in range(0, n, batch_size):
             x = torch.from_numpy(np.array(acts[a:a + batch_size], dtype=np.float32))
-            f = sae.encode(x)
+            f = enc.encode(x.to(dev))
             r, c = torch.nonzero(f > 0, as_tuple=True)
             total += len(r)
             if total > max_nonzeros:
                 raise ConfigError(f"{total:,} nonzero activations after {a + len(x):,} of {n:,} rows exceed "
                                   f"max_nonzeros={max_nonzeros:,}; compute features on fewer tokens or raise the limit")
-            rows.append(r.numpy() + a)
-            feats.append(c.numpy())
-            vals.append(f[r, c].to(torch.float32).numpy())
+            rows.append(r.cpu().numpy() + a)
+            feats.append(c.cpu().numpy())
+            vals.append(f[r, c].to(torch.float32).cpu().numpy())
             if progress is not None:
                 progress(min(a + batch_size, n), n, "encoding the activation cache")
     return (np.concatenate(rows).astype(np.int64), np.concatenate(feats).astype(np.int64),
@@ -233,13 +237,14 @@ def feature_data(sae: Any, acts: Any, token_ids: np.ndarray, doc: np.ndarray, po
                  W_O: torch.Tensor | None = None, W_U: torch.Tensor | None = None,
                  decode: Callable[[Sequence[int]], Sequence[str]] | None = None, batch_size: int = 2048,
                  max_nonzeros: int = 150_000_000, progress: Progress | None = None, meta: dict | None = None,
-                 **settings: Any) -> FeatureData:
+                 device: torch.device | str | None = None, **settings: Any) -> FeatureData:
     """Dashboard data of every feature (see the module docstring).
 
     acts: [tokens, d_in] (array or memmap), token_ids / doc / pos: [tokens] ints. W_O / W_U: see
     ``logit_effects`` (both or neither). decode: token ids -> texts (for ``token_strings``).
     settings: overrides of ``DEFAULTS`` (n_top, n_intervals, n_per_interval, before, after, n_bins,
-    n_logits, seed).
+    n_logits, seed). device: where the SAE encodes the activations (None: where it is); the rest
+    runs on CPU.
     """
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
@@ -255,7 +260,7 @@ def feature_data(sae: Any, acts: Any, token_ids: np.ndarray, doc: np.ndarray, po
     token_ids, doc, pos = (np.asarray(a, dtype=np.int64) for a in (token_ids, doc, pos))
     n = _check_inputs(sae, acts, token_ids, doc, pos)
     d_sae = sae.cfg.d_sae
-    rows, feats, vals = _nonzeros(sae, acts, batch_size, max_nonzeros, progress)
+    rows, feats, vals = _nonzeros(sae, acts, batch_size, max_nonzeros, progress, device)
 
     # sort by (feature, value ascending, row descending): the segment tail is the top, lower rows first
     order = np.lexsort((-rows, vals, feats))

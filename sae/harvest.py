@@ -1,8 +1,8 @@
 """Harvest attention outputs ``blocks.L.attn.hook_z`` into an on-disk, memory-mapped cache.
 
 Public functions
-- ``sae_corpus(split, ...) -> list[DocText]``: the deterministic docstring corpus
-  (``analysis.corpus.docstring_corpus``) cut by package into a train and a held-out eval part.
+- ``sae_corpus(split, ...) -> list[DocText]``: the deterministic docstring corpus cut by package
+  into a train and a held-out eval part (``sae.corpus``, re-exported here).
 - ``tokenize(tokenizer, texts, max_tokens) -> list[list[int]]``: the token ids every SAE path uses
   (special tokens as the tokenizer adds them; ``<bos>`` prepended when the tokenizer adds no
   special tokens itself but defines one, as the tiny LMs were trained on ``<s> text </s>``).
@@ -37,7 +37,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,38 +47,16 @@ import torch
 
 from analysis.errors import ConfigError, CorruptEntryError, SourceError
 from analysis.forward import forward_until
+from analysis.progress import Progress
 from sae.config import HOOK_RE, hook_name_for
+from sae.corpus import sae_corpus  # noqa: F401  (re-exported: the harvest's texts)
 
-Progress = Callable[[int, int, str], None]
 HARVEST_VERSION = "harvest-1"
 ENV_VAR = "LENSLAB_ACTIVATIONS"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _FILES = ("acts.npy", "token_ids.npy", "doc_ids.npy", "positions.npy", "texts.json", "meta.json")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                     "merges.txt", "vocab.json")
-
-
-# -- corpus -----------------------------------------------------------------------------------
-def sae_corpus(split: str = "train", *, eval_fraction: float = 0.1, seed: int = 0,
-               per_package: int | None = None) -> list:
-    """Docstring texts for SAE work: ``split`` = "train", "eval" or "all".
-
-    The corpus (``docstring_corpus(per_package=per_package, seed=seed)``) is cut per package
-    with ``analysis.corpus.split(items, (1 - eval_fraction, eval_fraction), seed, by=package)``;
-    train and eval are disjoint and deterministic.
-    """
-    from analysis.corpus import docstring_corpus
-    from analysis.corpus import split as cut
-
-    if split not in ("train", "eval", "all"):
-        raise ConfigError(f"corpus split {split!r} is unknown; choose 'train', 'eval' or 'all'")
-    if not (0 < eval_fraction < 1):
-        raise ConfigError(f"eval_fraction={eval_fraction} must be in (0, 1); e.g. 0.1")
-    docs = docstring_corpus(per_package=per_package, seed=seed)
-    if split == "all":
-        return docs
-    train, held = cut(docs, (1 - eval_fraction, eval_fraction), seed, by=lambda d: d.package)
-    return train if split == "train" else held
 
 
 def _texts_of(texts: Sequence[Any]) -> list[str]:
@@ -158,25 +136,45 @@ def check_layer(bridge: Any, layer: int) -> str:
     return name
 
 
+def model_device(model: Any) -> torch.device:
+    """The device of a model's parameters (CPU for one without any): where its inputs go."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
 def head_shape(bridge: Any) -> tuple[int, int]:
     """(n_heads, d_head) of the bridge's attention layers."""
     return int(bridge.cfg.n_heads), int(bridge.cfg.d_head)
 
 
+def check_attention(bridge: Any) -> Any:
+    """``bridge`` when it exposes attention hooks (``blocks.L.attn.hook_z``); SourceError otherwise."""
+    if not attention_hooks(bridge):
+        check_layer(bridge, 0)  # raises SourceError: no attention layers
+    return bridge
+
+
+def boot_bridge(src: Any, dtype: torch.dtype = torch.float32) -> Any:
+    """A new TransformerBridge of the ``Source`` ``src``, in eval mode, on CPU; SourceError when it
+    cannot boot or has no attention layers."""
+    try:
+        bridge = src.boot_bridge(dtype=dtype)
+    except SourceError as exc:
+        raise SourceError(f"{src.label}: cannot run it as a transformer ({exc}); attention-output SAEs need a "
+                          "model with attention layers and a tokenizer (e.g. minilm, bilinear-lm, "
+                          "tiny-mixtral)") from exc
+    return check_attention(bridge.eval())
+
+
 def boot(source: Any) -> tuple[Any, Any]:
-    """(Source, TransformerBridge) for a source spec; SourceError when it has no attention layers."""
+    """(Source, TransformerBridge) for a source spec, booted for this call alone (the pipeline takes
+    its models from the one model cache: ``sae.requests.booted``)."""
     from analysis.sources import open_source
 
     src = open_source(source)
-    try:
-        bridge = src.boot_bridge()
-    except SourceError as exc:
-        raise SourceError(f"{src.label}: cannot run it as a transformer ({exc}); attention-output SAEs need a "
-                          "model with attention layers and a tokenizer (e.g. minilm, bilinear-lm, tiny-mixtral)") from exc
-    bridge.eval()
-    if not attention_hooks(bridge):
-        check_layer(bridge, 0)  # raises SourceError: no attention layers
-    return src, bridge
+    return src, boot_bridge(src)
 
 
 # -- cache ------------------------------------------------------------------------------------
@@ -284,21 +282,22 @@ def _clean_stale(root: Path, older_than_s: float = 3600.0) -> None:
 def hook_z_batches(bridge: Any, layer: int, ids: Sequence[Sequence[int]], *, batch_tokens: int = 8192,
                    dtype: str = "float32", pad_id: int | None = None):
     """Yield ``(indices, z)`` per packed batch: ``indices`` into ``ids``, ``z`` [batch, pos, d_in]
-    float32 hook_z of layer ``layer`` (rows right-padded; real tokens are ``z[j, :len(ids[i])]``).
-    The forward pass stops at the hook."""
+    float32 hook_z of layer ``layer`` on CPU (rows right-padded; real tokens are ``z[j, :len(ids[i])]``).
+    The forward pass runs on the bridge's device and stops at the hook."""
     name = check_layer(bridge, layer)
     if dtype not in DTYPES:
         raise ConfigError(f"harvest dtype {dtype!r} is unknown; choose float32 or bfloat16")
     pad = pad_id if pad_id is not None else pad_id_of(bridge.tokenizer)
+    dev = model_device(bridge)
     for batch in pack_batches([len(x) for x in ids], batch_tokens):
         input_ids, mask = pad_batch([ids[i] for i in batch], pad)
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            got = forward_until(bridge, input_ids, mask, [name])
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            got = forward_until(bridge, input_ids.to(dev), mask.to(dev), [name])
         if name not in got:
             raise SourceError(f"{name} did not fire during the forward pass; the bridge does not route this model's "
                               "attention through hook_z")
         z = got[name]
-        yield batch, z.reshape(z.shape[0], z.shape[1], -1).float()
+        yield batch, z.reshape(z.shape[0], z.shape[1], -1).float().cpu()
 
 
 def harvest(source: Any, layer: int, texts: Sequence[Any], *, max_tokens: int = 128, batch_tokens: int = 8192,

@@ -14,14 +14,14 @@ means the clean model. The forward pass runs under ``torch.inference_mode``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from analysis.errors import ConfigError, SourceError
-from sae.harvest import check_layer, pack_batches, pad_batch, pad_id_of, tokenize
+from sae.harvest import check_layer, model_device, pack_batches, pad_batch, pad_id_of, tokenize
 from sae.metrics import LossFn, Patch
 
 
@@ -43,7 +43,9 @@ def causal_lm_loss_fn(bridge: Any, layer: int, texts: Sequence[str], *, max_toke
     if not ids:
         raise ConfigError("no held-out text with >= 2 tokens for the next-token loss; pass longer texts")
     pad = pad_id_of(bridge.tokenizer)
-    batches = [pad_batch([ids[i] for i in b], pad) for b in pack_batches([len(x) for x in ids], batch_tokens)]
+    dev = model_device(bridge)
+    batches = [tuple(t.to(dev) for t in pad_batch([ids[i] for i in b], pad))
+               for b in pack_batches([len(x) for x in ids], batch_tokens)]
 
     def loss_fn(patch: Patch | None) -> float:
         total, count = 0.0, 0
@@ -88,10 +90,12 @@ def model_kind(bridge: Any) -> str:
     raise SourceError(f"{cls}: loss recovered needs a causal LM or a masked LM; this model is neither")
 
 
-def loss_fn_for(source: Any, layer: int, texts: Sequence[Any], *, bridge: Any = None, **kwargs: Any) -> LossFn:
+def loss_fn_for(source: Any, layer: int, texts: Sequence[Any], *, bridge: Any = None,
+                mlm: Callable[[Any], Any] | None = None, **kwargs: Any) -> LossFn:
     """The loss function suited to ``source``: next-token loss for causal LMs, masked-token loss
     (with the trained MLM head, trained on first use) for BERT-style encoders such as MiniLM.
-    ``bridge`` (causal LMs only) reuses an already booted bridge."""
+    ``bridge`` reuses an already booted bridge (of a causal LM, or to tell the kind); ``mlm(src)``
+    returns the bridge with the MLM head attached (default ``analysis.models.mlm_head.mlm_bridge``)."""
     from analysis.sources import open_source
     from sae.harvest import _texts_of, boot
 
@@ -101,6 +105,7 @@ def loss_fn_for(source: Any, layer: int, texts: Sequence[Any], *, bridge: Any = 
         src, bridge = boot(src)
     if model_kind(bridge) == "causal":
         return causal_lm_loss_fn(bridge, layer, text_list, **kwargs)
-    from analysis.models.mlm_head import mlm_bridge
+    if mlm is None:
+        from analysis.models.mlm_head import mlm_bridge as mlm
 
-    return masked_lm_loss_fn(mlm_bridge(src), layer, text_list, **kwargs)
+    return masked_lm_loss_fn(mlm(src), layer, text_list, **kwargs)

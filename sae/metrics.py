@@ -125,11 +125,13 @@ def loss_recovered(sae: SAE, loss_fn: LossFn) -> LossRecovered:
 def reconstruction_metrics(sae: SAE, acts: Any, *, chunk: int = 4096,
                            dense_threshold: float = 0.1) -> ReconstructionMetrics:
     """Metrics of ``sae`` on activations ``acts`` ([tokens, d_in] tensor/array or ActivationCache);
-    definitions in the module docstring. Raises ShapeError when the width is not the SAE's d_in."""
+    definitions in the module docstring. Raises ShapeError when the width is not the SAE's d_in.
+    The SAE encodes and decodes on its device; the float64 sums run on CPU."""
     from sae.train import as_activations
 
     src = acts.acts if hasattr(acts, "acts") and hasattr(acts, "meta") else acts
     n, d_in = int(src.shape[0]), sae.cfg.d_in
+    dev = sae.W_enc.device
     if len(src.shape) != 2 or src.shape[1] != d_in:
         raise ShapeError(f"activations {tuple(src.shape)} do not fit the SAE (d_in={d_in}, {sae.cfg.hook_name}); "
                          "evaluate on activations harvested at the SAE's hook")
@@ -149,8 +151,9 @@ def reconstruction_metrics(sae: SAE, acts: Any, *, chunk: int = 4096,
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     for s in range(0, n, chunk):
         x = rows(s)
-        f = sae.encode(x)
-        x_hat = sae.decode(f)
+        f = sae.encode(x.to(dev))
+        x_hat = sae.decode(f).cpu()
+        f = f.cpu()
         active = f > 0
         fires += active.sum(0, dtype=torch.float64)
         e = (x - x_hat).to(torch.float64)

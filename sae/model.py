@@ -122,3 +122,13 @@ class SAE(nn.Module):
     @property
     def d_head(self) -> int | None:
         return self.cfg.d_head
+
+
+def sae_on(sae: SAE, device: torch.device | str | None) -> SAE:
+    """``sae`` itself when ``device`` is None or where it already is, else a copy moved there (a
+    stored SAE stays on CPU while a run encodes on its device)."""
+    if device is None or torch.device(device) == sae.W_enc.device:
+        return sae
+    import copy
+
+    return copy.deepcopy(sae).to(device)

@@ -29,7 +29,7 @@ def column_counts(mask: torch.Tensor) -> torch.Tensor:
     n, m = mask.shape
     u = mask.contiguous().view(torch.uint8)
     full = n - n % 128
-    out = torch.zeros(m, dtype=torch.int32)
+    out = torch.zeros(m, dtype=torch.int32, device=mask.device)
     if full:
         out += u[:full].view(full // 128, 128, m).sum(1, dtype=torch.uint8).sum(0, dtype=torch.int32)
     if n > full:
@@ -51,7 +51,7 @@ class Pattern:
 
     def __init__(self, crow: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> None:
         self.crow, self.rows, self.cols, self.shape = crow, rows, cols, (n_rows, n_cols)
-        self.ones = _csr(crow, cols, torch.ones(cols.shape[0]), self.shape)
+        self.ones = _csr(crow, cols, torch.ones(cols.shape[0], device=cols.device), self.shape)
         self.perm = torch.sort(cols, stable=True)[1]  # CSR position of each entry in column-major order
         self.crow_t = _offsets(torch.bincount(cols, minlength=n_cols))
         self.rows_t = rows.index_select(0, self.perm)
@@ -59,8 +59,10 @@ class Pattern:
     @classmethod
     def from_topk(cls, indices: torch.Tensor, n_cols: int) -> Pattern:
         b, k = indices.shape
-        return cls(torch.arange(0, b * k + 1, k, dtype=torch.int32),
-                   torch.arange(b, dtype=torch.int32).repeat_interleave(k), indices.reshape(-1).to(torch.int32),
+        dev = indices.device
+        return cls(torch.arange(0, b * k + 1, k, dtype=torch.int32, device=dev),
+                   torch.arange(b, dtype=torch.int32, device=dev).repeat_interleave(k),
+                   indices.reshape(-1).to(torch.int32),
                    b, n_cols)
 
     @classmethod
@@ -88,6 +90,6 @@ class Pattern:
 
 def _offsets(counts: torch.Tensor) -> torch.Tensor:
     """CSR row offsets [n + 1] (int32) from per-row counts [n]."""
-    out = torch.zeros(counts.shape[0] + 1, dtype=torch.int32)
+    out = torch.zeros(counts.shape[0] + 1, dtype=torch.int32, device=counts.device)
     torch.cumsum(counts, 0, out=out[1:])
     return out

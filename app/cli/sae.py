@@ -5,14 +5,17 @@
     lenslab sae eval minilm --layer 3                      # L0, NMSE, explained variance, loss recovered
     lenslab sae eval minilm --layer 3 --no-loss            # skip loss recovered (MiniLM's MLM head)
     lenslab sae features minilm --layer 3 --feature 12     # dashboard data; one feature's contexts
-    lenslab sae ls                                         # stored SAEs with their metrics
+    lenslab sae prompt minilm "Return a new array" --layer 3  # features firing on each token
+    lenslab sae list                                       # stored SAEs with their metrics (also: sae ls)
     lenslab sae train ./my-model --layer 1 --texts notes.txt  # your own texts, one per line
     lenslab sae export minilm out/sae --layer 3            # SAELens format (SAE.load_from_disk)
     lenslab sae import out/sae minilm --layer 3            # a SAELens-format SAE into the store
 
-``eval`` and ``features`` use the newest stored SAE of SOURCE at LAYER (``--sae KEY`` picks
-another). Registered on the main app in ``app/cli/__init__.py``; errors are LensLab's typed errors
-(one line, exit 2).
+Each command is the API function ``sae_<verb>`` (``sae.pipeline``, ``sae.saelens_io``); the
+defaults of ``train`` are ``sae.config.TRAIN_DEFAULTS``. ``eval``, ``features``, ``prompt`` and
+``export`` use the newest stored SAE of SOURCE at LAYER (``--sae KEY`` picks another).
+Registered on the main app in ``app/cli/__init__.py``; errors are LensLab's typed errors (one line,
+exit 2).
 """
 
 from __future__ import annotations
@@ -23,22 +26,21 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from app.cli.options import (DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, console, json_safe,
+                             run_with_progress)
 from app.cli.tables import print_table
+from sae.config import TOPK_K
+from sae.config import TRAIN_DEFAULTS as _D
+from sae.config import config_default
 
 sae_app = typer.Typer(no_args_is_help=True, help="Attention-output SAEs: train, evaluate, feature dashboards.")
-_err = Console(stderr=True)
 
 SourceArg = Annotated[str, typer.Argument(help="minilm, bilinear-lm, tiny-mixtral or a HF model directory.")]
 LayerOpt = Annotated[int, typer.Option("--layer", "-l", help="Attention layer (blocks.L.attn.hook_z).")]
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE or "
-                                                                  "the user cache dir).")]
 SaeOpt = Annotated[Optional[str], typer.Option("--sae", help="Store key (prefix) of the SAE; default: the newest "
                                                              "SAE of SOURCE at LAYER.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-RefreshOpt = Annotated[bool, typer.Option("--refresh", help="Recompute even if stored.")]
 TextsOpt = Annotated[Optional[Path], typer.Option("--texts", help="A text file, one text per line, used instead of "
                                                                   "the docstring corpus.")]
 METRICS = (("l0", "L0", ".2f"), ("nmse", "NMSE", ".4f"),
@@ -66,20 +68,6 @@ def _texts(path: Path | None) -> list[str] | None:
     return texts
 
 
-def _run(description: str, fn, *args, **kwargs):
-    from app.cli.options import run_with_progress
-
-    return run_with_progress(description, fn, *args, **kwargs)
-
-
-def _safe(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if hasattr(v, "item"):
-        return _safe(v.item())
-    return v
-
-
 def _print_metrics(title: str, metrics: dict) -> None:
     out = Table(title=title)
     out.add_column("metric")
@@ -94,55 +82,65 @@ def _print_metrics(title: str, metrics: dict) -> None:
 @sae_app.command("train")
 def train(
     source: SourceArg,
-    layer: LayerOpt = 0,
-    architecture: Annotated[str, typer.Option("--architecture", "-a", help="topk | relu")] = "topk",
-    k: Annotated[int, typer.Option("--k", help="topk: latents kept per token (the L0).")] = 32,
-    l1: Annotated[float, typer.Option("--l1", help="relu: L1 coefficient.")] = 1.0,
-    expansion: Annotated[int, typer.Option("--expansion", help="d_sae = expansion x d_in.")] = 8,
-    d_sae: Annotated[Optional[int], typer.Option("--d-sae", help="Number of features (overrides --expansion).")] = None,
+    layer: LayerOpt = _D.layer,
+    architecture: Annotated[str, typer.Option("--architecture", "-a", help="topk | relu")] = _D.architecture,
+    k: Annotated[Optional[int], typer.Option("--k", help=f"topk: latents kept per token (the L0; default "
+                                                         f"{TOPK_K}).")] = _D.k,
+    l1: Annotated[Optional[float], typer.Option("--l1", help="relu: L1 coefficient (default "
+                                                             f"{config_default('l1_coefficient')}).")]
+    = _D.l1_coefficient,
+    expansion: Annotated[int, typer.Option("--expansion", help="d_sae = expansion x d_in.")] = _D.expansion,
+    d_sae: Annotated[Optional[int], typer.Option("--d-sae", help="Number of features (overrides --expansion).")]
+    = _D.d_sae,
     n_tokens: Annotated[int, typer.Option("--tokens", help="Training tokens (activations repeat in epochs).")]
-    = 2_000_000,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step.")] = 4096,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1.2e-3,
+    = _D.n_tokens,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Tokens per optimiser step.")] = _D.batch_size,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = _D.lr,
     per_package: Annotated[Optional[int], typer.Option("--per-package", help="Docstrings per package (default all).")]
-    = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens kept per docstring.")] = 128,
-    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 compute (harvest and training matmuls).")] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the initialisation and batches.")] = 0,
+    = _D.per_package,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens kept per text.")] = _D.max_tokens,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of the docstring corpus held "
+                                                                         "out for evaluation.")] = _D.eval_fraction,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 compute (harvest and training matmuls).")]
+    = _D.dtype == "bfloat16",
+    seed: SeedOpt = _D.seed,
     texts: TextsOpt = None,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Resume an interrupted run of the same "
                                                                       "command from its checkpoint (default), or "
                                                                       "start over.")] = True,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = 500,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Steps between checkpoints.")]
+    = _D.checkpoint_every,
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Harvest hook_z of LAYER on the docstring corpus and train an SAE on it (stored; reused if present).
     Interrupted (Ctrl-C), the same command resumes from the last checkpoint."""
     from app import api
 
-    extra = {"k": k} if architecture == "topk" else {"l1_coefficient": l1}
     try:
-        trained = _run(f"SAE on {source} layer {layer}", api.train_sae, source, layer, architecture=architecture,
-                       expansion=expansion, d_sae=d_sae, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
-                       per_package=per_package, max_tokens=max_tokens, dtype="bfloat16" if bf16 else "float32",
-                       seed=seed, texts=_texts(texts), store=store, refresh=refresh, resume=resume,
-                       checkpoint_every=checkpoint_every, **extra)
+        trained = run_with_progress(f"SAE on {source} layer {layer}", api.sae_train, source, layer,
+                                    architecture=architecture, k=k, l1_coefficient=l1, expansion=expansion,
+                                    d_sae=d_sae, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
+                                    per_package=per_package, max_tokens=max_tokens, eval_fraction=eval_fraction,
+                                    dtype="bfloat16" if bf16 else "float32", seed=seed, texts=_texts(texts),
+                                    store=store, refresh=refresh, resume=resume, checkpoint_every=checkpoint_every,
+                                    device=device)
     except KeyboardInterrupt:
-        _err.print(f"training interrupted; its last checkpoint (every {checkpoint_every} steps) is kept: run the same "
-                   "command again to resume, or add --no-resume to start over", highlight=False)
+        console.print(f"training interrupted; its last checkpoint (every {checkpoint_every} steps) is kept: run the "
+                      "same command again to resume, or add --no-resume to start over", highlight=False)
         raise
     if as_json:
         typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict(),
-                               "training": {k_: _safe(v) for k_, v in trained.training.items()
+                               "training": {k_: json_safe(v) for k_, v in trained.training.items()
                                             if not isinstance(v, (list, dict))}}, indent=1))
         return
     cfg = trained.sae.cfg
-    _err.print(f"{trained.name}: d_in {cfg.d_in} ({cfg.n_heads} heads x {cfg.d_head}), d_sae {cfg.d_sae}; "
-               f"store key {trained.key[:12]}", highlight=False)
+    console.print(f"{trained.name}: d_in {cfg.d_in} ({cfg.n_heads} heads x {cfg.d_head}), d_sae {cfg.d_sae}; "
+                  f"store key {trained.key[:12]}", highlight=False)
     _print_metrics("training (last steps)", trained.training)
-    _err.print(f"next: lenslab sae eval {source} --layer {layer}", highlight=False)
+    console.print(f"next: lenslab sae eval {source} --layer {layer}", highlight=False)
 
 
 @sae_app.command("eval")
@@ -157,19 +155,20 @@ def evaluate(
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate the SAE on held-out docstrings (or --texts): L0, NMSE, explained variance (SAELens's and
     sklearn's), loss recovered, dead/dense fractions."""
     from app import api
 
     key = api.find_sae(source, layer, sae, store=store)
-    ev = _run(f"evaluating SAE {key[:12]}", api.evaluate_sae, key, texts=_texts(texts), loss=loss, store=store,
-              refresh=refresh)
+    ev = run_with_progress(f"evaluating SAE {key[:12]}", api.sae_eval, key, texts=_texts(texts), loss=loss,
+                           store=store, refresh=refresh, device=device)
     if as_json:
-        typer.echo(json.dumps({"key": key, "metrics": {k: _safe(v) for k, v in ev.metrics.items()}}, indent=1))
+        typer.echo(json.dumps({"key": key, "metrics": {k: json_safe(v) for k, v in ev.metrics.items()}}, indent=1))
         return
     _print_metrics(f"SAE {key[:12]} on {source} layer {layer}", ev.metrics)
-    _err.print(ev.caption, highlight=False)
+    console.print(ev.caption, highlight=False)
 
 
 @sae_app.command("features")
@@ -184,21 +183,22 @@ def features(
     as_json: JsonOpt = False,
     refresh: RefreshOpt = False,
     store: StoreOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Compute and store the SAE's feature dashboard data; print the polysemantic-head table
     (and one feature's top contexts with --feature)."""
     from app import api
 
     key = api.find_sae(source, layer, sae, store=store)
-    fd = _run(f"feature data of SAE {key[:12]}", api.sae_features, key, texts=_texts(texts), store=store,
-              refresh=refresh)
+    fd = run_with_progress(f"feature data of SAE {key[:12]}", api.sae_features, key, texts=_texts(texts),
+                           store=store, refresh=refresh, device=device)
     if feature is not None:
         fd.check_feature(feature)
     poly = api.sae_polysemantic(key, store=store, features=fd)
     if as_json:
         out = {"key": key, "n_features": fd.d_sae, "dead": int((fd.density == 0).sum()),
                "polysemantic_heads": poly.n_polysemantic, "heads_counted": poly.n_counted,
-               "heads": [{k: _safe(v) for k, v in r.items()} for r in poly.table.to_dict(orient="records")]}
+               "heads": [{k: json_safe(v) for k, v in r.items()} for r in poly.table.to_dict(orient="records")]}
         if feature is not None:
             lt = fd.logit_table(feature)
             out["feature"] = {"index": feature, "density": float(fd.density[feature]),
@@ -211,8 +211,8 @@ def features(
                               "suppressed": None if lt is None else list(lt["suppressed"])}
         typer.echo(json.dumps(out, indent=1))
         return
-    _err.print(f"{fd.d_sae} features, {int((fd.density == 0).sum())} dead; {poly.n_polysemantic} of {poly.n_counted} "
-               "heads carry >= 2 unrelated feature families", highlight=False)
+    console.print(f"{fd.d_sae} features, {int((fd.density == 0).sum())} dead; {poly.n_polysemantic} of "
+                  f"{poly.n_counted} heads carry >= 2 unrelated feature families", highlight=False)
     out = Table(title="heads: top features and their families")
     for c in ("head", "n_belonging", "n_top", "n_families", "family_sizes", "polysemantic", "families"):
         out.add_column(c, overflow="fold", justify="left" if c == "families" else "right")
@@ -248,11 +248,11 @@ def export(
     from app import api
 
     key = api.find_sae(source, layer, sae, store=store)
-    out = api.export_saelens(key, directory, store=store)
+    out = api.sae_export(key, directory, store=store)
     cfg = api.load_sae(key, store=store).sae.cfg
     heads = f"[..., {cfg.n_heads}, {cfg.d_head}]" if cfg.n_heads else "[..., n_heads, d_head]"
-    _err.print(f"SAE {key[:12]} written to {out} (SAELens format); SAELens's encode reads hook_z as {heads} "
-               f"(reshape_activations 'hook_z'): reshape flat [N, {cfg.d_in}] activations first", highlight=False)
+    console.print(f"SAE {key[:12]} written to {out} (SAELens format); SAELens's encode reads hook_z as {heads} "
+                  f"(reshape_activations 'hook_z'): reshape flat [N, {cfg.d_in}] activations first", highlight=False)
 
 
 @sae_app.command("import")
@@ -263,28 +263,59 @@ def import_(
                                                                        "layer of its cfg.json hook).")] = None,
     as_json: JsonOpt = False,
     store: StoreOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Store a SAELens-format SAE as an SAE of SOURCE, after checking its d_in against the hook's width."""
     from app import api
 
-    trained = api.import_saelens(directory, source, layer, store=store)
+    trained = api.sae_import(directory, source, layer, store=store, device=device)
     if as_json:
         typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict()},
                               indent=1))
         return
-    _err.print(f"{trained.name}: stored as {trained.key[:12]}; next: lenslab sae eval {source} --layer "
-               f"{trained.sae.cfg.layer} --sae {trained.key[:12]}", highlight=False)
+    console.print(f"{trained.name}: stored as {trained.key[:12]}; next: lenslab sae eval {source} --layer "
+                  f"{trained.sae.cfg.layer} --sae {trained.key[:12]}", highlight=False)
 
 
-@sae_app.command("ls")
-def ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
-    """List stored SAEs with their evaluation metrics."""
+@sae_app.command("prompt")
+def prompt(
+    source: SourceArg,
+    text: Annotated[str, typer.Argument(help="The prompt.")],
+    layer: LayerOpt = 0,
+    sae: SaeOpt = None,
+    top: Annotated[int, typer.Option("--top", help="Strongest features listed per token.")] = 5,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Run TEXT through the model and show the SAE features firing on each token (not stored)."""
     from app import api
 
-    table = api.list_saes(store=store)
+    key = api.find_sae(source, layer, sae, store=store)
+    view = run_with_progress(f"prompt through SAE {key[:12]}", api.sae_prompt, key, text, store=store, device=device)
+    table = view.token_table(top)
     if as_json:
-        typer.echo(json.dumps([{k: _safe(v) for k, v in r.items()} for r in table.to_dict(orient="records")],
-                              indent=1))
+        typer.echo(json.dumps({"key": key, "tokens": view.tokens, "top_features": view.top_features(top),
+                               "rows": [{k: json_safe(v) for k, v in r.items()}
+                                        for r in table.to_dict(orient="records")]}, indent=1))
+        return
+    out = Table(title=f"SAE {key[:12]} on {len(view.tokens)} tokens")
+    for c in table.columns:
+        out.add_column(str(c), overflow="fold")
+    for r in table.to_dict(orient="records"):
+        out.add_row(*[str(v) for v in r.values()])
+    print_table(out)
+
+
+@sae_app.command("list")
+def list_(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
+    """List stored SAEs with their evaluation metrics (also `lenslab sae ls`)."""
+    from app import api
+
+    table = api.sae_list(store=store)
+    if as_json:
+        rows = table.assign(created=[t.isoformat() for t in table["created"]]).to_dict(orient="records")
+        typer.echo(json.dumps([{k: json_safe(v) for k, v in r.items()} for r in rows], indent=1))
         return
     out = Table(title=f"{len(table)} stored SAE(s)", caption=EV_NOTE)
     cols = ["key", "name", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",
@@ -296,3 +327,6 @@ def ls(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
         out.add_row(*[r[c][:12] if c == "key" else (f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]))
                       for c in cols])
     print_table(out)
+
+
+sae_app.command("ls", help="List stored SAEs with their evaluation metrics (as `sae list`).")(list_)

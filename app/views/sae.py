@@ -2,9 +2,9 @@
 
 One row per stored SAE (source, layer, architecture, width, L0, NMSE, explained variance, loss
 recovered, dead / dense fractions); pick one for its metrics, its feature-density histogram and
-the polysemantic-head table. The form trains an SAE (``app.api.train_sae``), the buttons
-evaluate it and compute its feature data, each under a progress bar. Everything shown is read
-from the store.
+the polysemantic-head table. The form trains an SAE (``app.api.sae_train``), the buttons
+evaluate it (``sae_eval``) and compute its feature data (``sae_features``), each under a progress
+bar. Everything shown is read from the store.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ except LensLabError as exc:
     st.error(str(exc))
     st.stop()
 if fd is None:
-    st.warning("That entry was deleted; pick another SAE or compute its feature data again.")
+    st.warning("No feature data of this SAE with the dashboard's settings (or it was deleted): compute it on the "
+               "**Attention SAEs** page, or pick another SAE.")
     st.stop()
 
 ft = fd.table

@@ -50,10 +50,10 @@ FIELDS = {  # (page, label) -> what the typed text is; "model", "contrasts" and 
 PATH_KINDS = {"model", "contrasts", "direction"}
 CHECKS = {"check_source", "check_stored_source", "check_contrasts", "check_direction"}  # app.allowed_paths
 PATH_ARGS = {  # app.api function -> its arguments (position or keyword) that name files; keywords must be given
-    "analyze": (0,), "bilinear_decompose": (0, "direction"), "experts_routing": (0,), "train_sae": (0,),
+    "analyze": (0,), "bilinear_decompose": (0, "direction"), "experts_routing": (0,), "sae_train": (0,),
     "steer_extract": (0, 1), "steer_dose": (0, 2), "steer_layers": (0, 1), "steer_apply": (0,),
     "find_dose_response": (2,), "find_layer_sweep": (1,),
-    "evaluate_sae": ("source",), "sae_features": ("source",), "sae_prompt": ("source",),  # else: the stored source
+    "sae_eval": ("source",), "sae_features": ("source",), "sae_prompt": ("source",),  # else: the stored source
     "circuits": (0,),
 }
 NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no file
@@ -63,8 +63,9 @@ NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no fi
     **dict.fromkeys(["contrast_sets", "has_spectra", "stored_spectra", "stored_bilinear", "load_bilinear",
                      "stored_extractions", "load_extraction", "steer_vector", "mmoe_curves", "load_mmoe_curve",
                      "load_expert_report", "stored_bias_demos", "stored_routing", "stored_kappatune_experiments",
-                     "list_saes", "has_sae_eval", "has_sae_features", "stored_sae_eval", "stored_sae_features",
-                     "load_sae", "sae_polysemantic", "stored_circuits", "load_circuits"], "reads the store by key or returns values in memory"),
+                     "sae_list", "has_sae_eval", "has_sae_features", "find_sae_eval", "find_sae_features",
+                     "load_sae", "sae_polysemantic", "stored_circuits", "load_circuits"],
+                    "reads the store by key or returns values in memory"),
     **dict.fromkeys(["stored_mmoe_curves", "stored_mmoe_bias", "load_mmoe_bias", "stored_experts_routing",
                      "load_experts_routing"], "reads the store by key or returns values in memory"),
     **dict.fromkeys(["list_spectra", "load_spectra", "spectra_params", "stored_experiments", "load_experiment"],
@@ -243,7 +244,7 @@ def test_sae_pages_refuse_a_stored_source_outside_the_root(dashboard_store, root
     from app import api
 
     monkeypatch.setenv("LENSLAB_ACTIVATIONS", str(tmp_path / "activations"))
-    api.train_sae(llama, 1, per_package=5, store=dashboard_store, d_sae=16, k=2, n_tokens=1000, batch_size=64)
+    api.sae_train(llama, 1, per_package=5, store=dashboard_store, d_sae=16, k=2, n_tokens=1000, batch_size=64)
     api_calls.clear()
     stored = sorted(e.key for e in dashboard_store.list())
     opened = spy_open_source(monkeypatch)

@@ -1,5 +1,5 @@
 """Attention-SAE API and CLI beyond the basics, on random tiny Llamas: checkpoint and resume
-through ``api.train_sae`` and ``lenslab sae train``; settings rejected before the model boots;
+through ``api.sae_train`` and ``lenslab sae train``; settings rejected before the model boots;
 SAELens export / import through the store (a round trip, a real SAELens-written SAE imported
 and evaluated, an SAE whose d_in mismatches the hook); NaN in a harvested cache; a corrupt
 sparsity file.
@@ -71,12 +71,12 @@ def test_interrupted_training_resumes_to_the_same_stored_sae(llama, tmp_path, _a
     from app import api
 
     ckpts = _activations / "sae-checkpoints"
-    full = api.train_sae(llama, 1, texts=TRAIN, store=tmp_path / "a", **RELU)
+    full = api.sae_train(llama, 1, texts=TRAIN, store=tmp_path / "a", **RELU)
     assert not list(ckpts.glob("*"))  # removed once the SAE is stored
     with pytest.raises(KeyboardInterrupt):
-        api.train_sae(llama, 1, texts=TRAIN, store=tmp_path / "b", progress=_interrupt_at(15), **RELU)
-    assert len(list(ckpts.glob("*.safetensors"))) == 1 and api.list_saes(tmp_path / "b").empty
-    resumed = api.train_sae(llama, 1, texts=TRAIN, store=tmp_path / "b", **RELU)
+        api.sae_train(llama, 1, texts=TRAIN, store=tmp_path / "b", progress=_interrupt_at(15), **RELU)
+    assert len(list(ckpts.glob("*.safetensors"))) == 1 and api.sae_list(tmp_path / "b").empty
+    resumed = api.sae_train(llama, 1, texts=TRAIN, store=tmp_path / "b", **RELU)
     assert resumed.meta["training"]["resumed_from"] == 10 and resumed.meta["training"]["steps"] == 20
     assert resumed.meta["training"]["n_resampled"] == full.meta["training"]["n_resampled"]
     _assert_same_sae(resumed, full)
@@ -85,8 +85,8 @@ def test_interrupted_training_resumes_to_the_same_stored_sae(llama, tmp_path, _a
     assert not list(ckpts.glob("*"))
     # resume=False ignores the checkpoint of an interrupted run and trains from step 0
     with pytest.raises(KeyboardInterrupt):
-        api.train_sae(llama, 1, texts=TRAIN, store=tmp_path / "c", progress=_interrupt_at(15), **RELU)
-    fresh = api.train_sae(llama, 1, texts=TRAIN, store=tmp_path / "c", resume=False, **RELU)
+        api.sae_train(llama, 1, texts=TRAIN, store=tmp_path / "c", progress=_interrupt_at(15), **RELU)
+    fresh = api.sae_train(llama, 1, texts=TRAIN, store=tmp_path / "c", resume=False, **RELU)
     assert fresh.meta["training"]["resumed_from"] == 0
     _assert_same_sae(fresh, full)
 
@@ -103,7 +103,7 @@ def test_cli_train_resumes_or_starts_over(llama, tmp_path):
     runner = CliRunner()
     for extra, resumed_from in (([], 10), (["--no-resume", "--refresh"], 0)):
         with pytest.raises(KeyboardInterrupt):  # the same request through the API, stopped after step 10's checkpoint
-            api.train_sae(llama, 1, texts=TRAIN, store=store, refresh=True, progress=_interrupt_at(15), **RELU)
+            api.sae_train(llama, 1, texts=TRAIN, store=store, refresh=True, progress=_interrupt_at(15), **RELU)
         res = runner.invoke(app, args + extra)
         assert res.exit_code == 0, res.output
         assert json.loads(res.stdout)["training"]["resumed_from"] == resumed_from
@@ -127,14 +127,14 @@ BAD_SETTINGS = [
 @pytest.fixture
 def no_boot(monkeypatch):
     """Booting a model or building the corpus fails the test: settings must be rejected first."""
-    from app import api_sae
+    from sae import pipeline, requests
 
     def boom(*a, **k):
         raise AssertionError("the model was opened or the corpus built before the settings were checked")
 
-    monkeypatch.setattr(api_sae, "open_source", boom)
-    monkeypatch.setattr(api_sae, "_bridge", boom)
-    monkeypatch.setattr(api_sae, "_corpus", boom)
+    monkeypatch.setattr(pipeline, "open_source", boom)
+    monkeypatch.setattr(requests, "booted", boom)
+    monkeypatch.setattr(requests, "corpus", boom)
 
 
 @pytest.mark.parametrize("kw, match", BAD_SETTINGS, ids=[str(k) for k, _ in BAD_SETTINGS])
@@ -142,7 +142,7 @@ def test_api_rejects_bad_settings_before_booting(kw, match, no_boot, tmp_path):
     from app import api
 
     with pytest.raises(ConfigError, match=match):
-        api.train_sae("minilm", 3, store=tmp_path / "s", **kw)
+        api.sae_train("minilm", 3, store=tmp_path / "s", **kw)
 
 
 @pytest.mark.parametrize("argv, match", [(["--d-sae", "0"], "d_sae=0: must be a positive integer"),
@@ -167,14 +167,14 @@ def test_nan_in_a_harvested_cache_is_a_typed_error(llama, tmp_path, _activations
     from app import api
     from sae.harvest import harvest
 
-    cache = harvest(str(llama), 1, TRAIN, max_tokens=128)  # the cache api.train_sae reuses
+    cache = harvest(str(llama), 1, TRAIN, max_tokens=128)  # the cache api.sae_train reuses
     acts = np.load(cache.path / "acts.npy", mmap_mode="r+")
     acts[7, 3] = np.nan
     acts.flush()
     del acts
     with pytest.raises(ShapeError, match=rf"activation cache {cache.path} holds 1 NaN/inf values; harvest again"):
-        api.train_sae(llama, 1, texts=TRAIN, store=tmp_path / "s", **TOPK)
-    assert api.list_saes(tmp_path / "s").empty  # nothing stored
+        api.sae_train(llama, 1, texts=TRAIN, store=tmp_path / "s", **TOPK)
+    assert api.sae_list(tmp_path / "s").empty  # nothing stored
 
 
 def test_corrupt_sparsity_file_is_a_typed_error(llama16, tmp_path):
@@ -190,11 +190,11 @@ def test_corrupt_sparsity_file_is_a_typed_error(llama16, tmp_path):
     with pytest.raises(CorruptCheckpointError, match="sparsity.safetensors"):
         load_saelens_sparsity(d)
     with pytest.raises(CorruptCheckpointError, match="sparsity.safetensors"):
-        api.import_saelens(d, llama16, store=tmp_path / "s")
+        api.sae_import(d, llama16, store=tmp_path / "s")
     (d / "sparsity.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     with pytest.raises(CorruptCheckpointError):
-        api.import_saelens(d, llama16, store=tmp_path / "s")
-    assert api.list_saes(tmp_path / "s").empty
+        api.sae_import(d, llama16, store=tmp_path / "s")
+    assert api.sae_list(tmp_path / "s").empty
 
 
 # ------------------------------------------------------------------------- SAELens interop
@@ -204,20 +204,20 @@ def test_export_import_round_trip_through_the_store(llama, tmp_path):
     from sae.saelens_format import load_saelens, load_saelens_sparsity
 
     a, b = tmp_path / "a", tmp_path / "b"
-    trained = api.train_sae(llama, 1, texts=TRAIN, store=a, **TOPK)
+    trained = api.sae_train(llama, 1, texts=TRAIN, store=a, **TOPK)
     density = _stored(a, trained.key).arrays["log10_density"]
-    out = api.export_saelens(trained.key[:8], tmp_path / "exported", store=a)
+    out = api.sae_export(trained.key[:8], tmp_path / "exported", store=a)
     assert sorted(p.name for p in out.iterdir()) == ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"]
     np.testing.assert_array_equal(load_saelens_sparsity(out).numpy(), density)
     assert torch.equal(load_saelens(out).W_dec, trained.sae.W_dec)
 
-    back = api.import_saelens(out, llama, 1, store=b)
+    back = api.sae_import(out, llama, 1, store=b)
     assert back.sae.cfg == trained.sae.cfg
     _assert_same_sae(back, trained)
     np.testing.assert_array_equal(_stored(b, back.key).arrays["log10_density"], density)
-    assert api.import_saelens(out, llama, store=b).key == back.key  # the same SAE again: the same entry
-    assert list(api.list_saes(b)["key"]) == [back.key]
-    ev = api.evaluate_sae(back.key, texts=HELD, store=b)
+    assert api.sae_import(out, llama, store=b).key == back.key  # the same SAE again: the same entry
+    assert list(api.sae_list(b)["key"]) == [back.key]
+    ev = api.sae_eval(back.key, texts=HELD, store=b)
     assert ev.metrics["l0"] == pytest.approx(4.0) and np.isfinite(ev.metrics["loss_recovered"])
 
     # the CLI: export from the store, import into a third one; the files are the same bytes
@@ -234,7 +234,7 @@ def test_export_import_round_trip_through_the_store(llama, tmp_path):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["config"] == trained.sae.cfg.to_dict()
     with pytest.raises(ConfigError, match=r"reads blocks.1.attn.hook_z but layer=0 was given; import it with layer=1"):
-        api.import_saelens(out, llama, 0, store=b)
+        api.sae_import(out, llama, 0, store=b)
 
 
 @pytest.mark.parametrize("name, layer", [("standard", 0), ("topk", 1)])
@@ -245,7 +245,7 @@ def test_saelens_written_sae_imported_and_evaluated(name, layer, llama16, tmp_pa
     from sae.saelens_format import load_saelens_sparsity
 
     expected = json.loads((FIXTURE / "expected.json").read_text())
-    imported = api.import_saelens(FIXTURE / name, llama16, store=tmp_path / "s")
+    imported = api.sae_import(FIXTURE / name, llama16, store=tmp_path / "s")
     cfg = imported.sae.cfg
     assert (cfg.layer, cfg.n_heads, cfg.d_head, cfg.d_sae) == (layer, 4, 4, 32)
     with torch.no_grad():
@@ -253,9 +253,9 @@ def test_saelens_written_sae_imported_and_evaluated(name, layer, llama16, tmp_pa
     np.testing.assert_allclose(feats.numpy(), np.array(expected["saes"][name]["feature_acts"]), atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(_stored(tmp_path / "s", imported.key).arrays["log10_density"],
                                   load_saelens_sparsity(FIXTURE / name).numpy())
-    ev = api.evaluate_sae(imported.key, texts=HELD, store=tmp_path / "s")
+    ev = api.sae_eval(imported.key, texts=HELD, store=tmp_path / "s")
     assert ev.metrics["n_tokens"] > 0 and np.isfinite(ev.metrics["nmse"]) and np.isfinite(ev.metrics["loss_recovered"])
-    table = api.list_saes(tmp_path / "s")
+    table = api.sae_list(tmp_path / "s")
     assert list(table["key"]) == [imported.key] and table["nmse"][0] == pytest.approx(ev.metrics["nmse"])
 
 
@@ -265,7 +265,7 @@ def test_imported_relu_sae_label_shows_the_files_l1_coefficient(llama16, tmp_pat
     from app import api
 
     store = tmp_path / "s"
-    imported = api.import_saelens(FIXTURE / "standard", llama16, store=store)
+    imported = api.sae_import(FIXTURE / "standard", llama16, store=store)
     assert imported.sae.cfg.l1_coefficient == 2.0
     assert imported.name.endswith("L0 relu 32 (l1=2.0)"), imported.name
     bare = tmp_path / "bare"
@@ -279,9 +279,9 @@ def test_imported_relu_sae_label_shows_the_files_l1_coefficient(llama16, tmp_pat
         w = load_file(bare / "sae_weights.safetensors")
         w["b_enc"] = w["b_enc"] + 0.5
         save_file(w, bare / "sae_weights.safetensors")
-    unknown = api.import_saelens(bare, llama16, store=store)
+    unknown = api.sae_import(bare, llama16, store=store)
     assert unknown.name.endswith("L0 relu 32 (l1 not recorded)"), unknown.name
-    names = set(api.list_saes(store)["name"])
+    names = set(api.sae_list(store)["name"])
     assert imported.name in names and unknown.name in names
     res = run_cli("sae", "ls", store=store)
     assert "(l1=2.0)" in res.stdout and "(l1 not recorded)" in res.stdout and "(l1=1.0)" not in res.stdout
@@ -292,7 +292,7 @@ def test_import_rejects_an_sae_whose_d_in_mismatches_the_hook(llama, tmp_path):
 
     with pytest.raises(ShapeError, match=r"the SAE has d_in=16 but blocks.0.attn.hook_z of .* is n_heads\*d_head = "
                                          r"4\*8 = 32 wide"):
-        api.import_saelens(FIXTURE / "standard", llama, store=tmp_path / "s")
-    assert api.list_saes(tmp_path / "s").empty
+        api.sae_import(FIXTURE / "standard", llama, store=tmp_path / "s")
+    assert api.sae_list(tmp_path / "s").empty
     res = run_cli("sae", "import", str(FIXTURE / "standard"), str(llama), store=tmp_path / "s", check=False)
     assert res.returncode == 2 and "d_in=16" in res.stderr and "= 32 wide" in res.stderr

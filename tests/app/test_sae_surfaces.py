@@ -18,6 +18,7 @@ from _support import figure_array, run_cli
 from _tiny_llama import make_tiny_llama
 
 from analysis.errors import ConfigError
+from analysis.run import NotStoredError
 
 DASHBOARD = str(Path(__file__).resolve().parents[2] / "app" / "dashboard.py")
 WORDS = ["tensor", "array", "frame", "model", "value", "index", "shape", "file", "path", "list", "json", "string"]
@@ -39,8 +40,8 @@ def prepared(llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("sae") / "store"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LENSLAB_ACTIVATIONS", str(root.parent / "activations"))
-        trained = api.train_sae(llama, 1, texts=TRAIN, store=root, **SAE_SETTINGS)
-        ev = api.evaluate_sae(trained.key, texts=HELD, store=root)
+        trained = api.sae_train(llama, 1, texts=TRAIN, store=root, **SAE_SETTINGS)
+        ev = api.sae_eval(trained.key, texts=HELD, store=root)
         fd = api.sae_features(trained.key, texts=TRAIN, store=root)
     return SimpleNamespace(root=root, key=trained.key, trained=trained, ev=ev, fd=fd)
 
@@ -55,13 +56,13 @@ def test_api_serves_stored_results_without_recomputing(prepared, llama, monkeypa
 
     monkeypatch.setattr(train, "train_sae", boom)
     monkeypatch.setattr(features, "feature_data", boom)
-    again = api.train_sae(llama, 1, texts=TRAIN, store=prepared.root, **SAE_SETTINGS)
+    again = api.sae_train(llama, 1, texts=TRAIN, store=prepared.root, **SAE_SETTINGS)
     assert again.key == prepared.key
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(again.sae, name), getattr(prepared.trained.sae, name), rtol=0, atol=0)
     fd = api.sae_features(prepared.key, texts=TRAIN, store=prepared.root)
     np.testing.assert_array_equal(fd.top_rows, prepared.fd.top_rows)
-    table = api.list_saes(prepared.root)
+    table = api.sae_list(prepared.root)
     assert list(table["key"]) == [prepared.key] and bool(table["features"][0])
     for m in ("l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",
               "dead_fraction", "dense_fraction"):
@@ -115,16 +116,16 @@ def test_api_bad_input_is_a_typed_error(prepared, llama):
 
     with pytest.raises(ConfigError, match=r"no stored SAE for .* layer 0 \(stored SAEs of .* are at layers \[1\]\)"):
         api.find_sae(llama, 0, store=prepared.root)
-    with pytest.raises(ConfigError, match="no stored SAE with key 'ffffffff'"):
+    with pytest.raises(NotStoredError, match="no stored SAE with key 'ffffffff'"):
         api.load_sae("ffffffff", store=prepared.root)
     with pytest.raises(ConfigError, match=r"layer 5 has no attention hook_z; valid layers are \[0, 1\]"):
-        api.train_sae(llama, 5, texts=TRAIN, store=prepared.root, **SAE_SETTINGS)
+        api.sae_train(llama, 5, texts=TRAIN, store=prepared.root, **SAE_SETTINGS)
     with pytest.raises(ConfigError, match="k applies to topk SAEs only"):
-        api.train_sae(llama, 1, architecture="relu", k=3, store=prepared.root)
+        api.sae_train(llama, 1, architecture="relu", k=3, store=prepared.root)
     with pytest.raises(ConfigError, match="feature index 64 is out of range: this SAE has 64 features"):
         prepared.fd.contexts(64)
     with pytest.raises(ConfigError, match="was trained on texts given by the caller; pass texts="):
-        api.evaluate_sae(prepared.key, store=prepared.root, refresh=True)
+        api.sae_eval(prepared.key, store=prepared.root, refresh=True)
     with pytest.raises(ConfigError, match="the prompt is empty"):
         api.sae_prompt(prepared.key, "  ", store=prepared.root)
 
@@ -159,10 +160,10 @@ def test_cli_train_eval_features(llama, tmp_path):
     ev = json.loads(run_cli("sae", "eval", str(llama), *common, "--texts", str(held_file), "--json",
                             store=store).stdout)
     assert ev["key"] == out["key"] and ev["metrics"]["l0"] == pytest.approx(3.0)
-    assert ev["metrics"] == pytest.approx(api.stored_sae_eval(out["key"], store=store).metrics, nan_ok=True)
+    assert ev["metrics"] == pytest.approx(api.find_sae_eval(out["key"], store=store).metrics, nan_ok=True)
     feats = json.loads(run_cli("sae", "features", str(llama), *common, "--texts", str(train_file), "-f", "5",
                                "--top", "2", "--json", store=store).stdout)
-    fd = api.stored_sae_features(out["key"], store=store)
+    fd = api.find_sae_features(out["key"], store=store)
     want = fd.contexts(5)[:2]
     assert [c["tokens"] for c in feats["feature"]["contexts"]] == [c.tokens for c in want]
     assert feats["feature"]["head_attribution"] == pytest.approx(fd.head_attribution[5].tolist())
@@ -194,7 +195,7 @@ def test_evaluations_stored_before_the_explained_variance_split_still_load(prepa
 
     from analysis.store import Result, Store
     from app import api
-    from app.api_sae import EVAL, EVAL_VERSION
+    from sae.pipeline import EVAL
     from app.cli import app
 
     root = tmp_path / "store"
@@ -203,12 +204,12 @@ def test_evaluations_stored_before_the_explained_variance_split_still_load(prepa
     metrics = {k: v for k, v in prepared.ev.metrics.items() if not k.startswith("explained_variance_s")}
     metrics["explained_variance"] = 0.75
     result = Result(None, {"density": prepared.ev.density}, {"metrics": metrics, "sae_key": prepared.key})
-    st.put(prepared.trained.sae.cfg.source_fingerprint, EVAL, {"sae": prepared.key, "old": True}, EVAL_VERSION,
-           result)
-    held = api.stored_sae_eval(prepared.key, store=st)
+    st.put(prepared.trained.sae.cfg.source_fingerprint, EVAL.name, {"sae": prepared.key, "old": True},
+           EVAL.code_version, result)
+    held = api.find_sae_eval(prepared.key, store=st)
     assert "explained_variance" not in held.metrics and held.metrics["explained_variance_sklearn"] == 0.75
     assert held.metrics["explained_variance_saelens"] == pytest.approx(1 - metrics["nmse"], rel=1e-12)
-    row = api.list_saes(st).iloc[0]
+    row = api.sae_list(st).iloc[0]
     assert row["explained_variance_sklearn"] == 0.75
     assert row["explained_variance_saelens"] == pytest.approx(1 - metrics["nmse"], rel=1e-12)
     res = CliRunner().invoke(app, ["sae", "ls", "--store", str(root)], env={"COLUMNS": "200"})

@@ -25,7 +25,7 @@ from _support import run_cli
 
 from analysis import memory
 from analysis.errors import ConfigError
-from app import api  # imported before any test patches api_sae._bridge: api_sae_saelens binds it at import
+from app import api
 from sae import memory as sae_memory
 from sae.memory import hook_width, training_bytes
 
@@ -144,13 +144,12 @@ def test_hook_width_from_config_json(tmp_path, minilm):
 def no_boot(monkeypatch):
     """Booting any model fails the test: the memory check must come first."""
     from analysis.sources import Source
-    from app import api_sae
-    from sae import harvest
+    from sae import harvest, requests
 
     def boom(*a, **k):
         raise AssertionError("the model was booted before the memory estimate was checked")
 
-    monkeypatch.setattr(api_sae, "_bridge", boom)
+    monkeypatch.setattr(requests, "booted", boom)
     monkeypatch.setattr(harvest, "boot", boom)
     monkeypatch.setattr(Source, "boot_bridge", boom)
     monkeypatch.setenv(memory.ENV_VAR, "16G")
@@ -173,7 +172,7 @@ OVERSIZED = [
 @pytest.mark.parametrize("kw, match", OVERSIZED, ids=[str(k) for k, _ in OVERSIZED])
 def test_api_refuses_oversized_settings_before_booting(kw, match, no_boot, tmp_path):
     with pytest.raises(ConfigError, match=match):
-        api.train_sae("minilm", 3, store=tmp_path / "s", **kw)
+        api.sae_train("minilm", 3, store=tmp_path / "s", **kw)
 
 
 @pytest.mark.parametrize("argv", [["--d-sae", "1000000000"], ["--expansion", "100000"],
@@ -270,16 +269,16 @@ def test_oversized_feature_settings_are_refused_before_booting(tmp_path, monkeyp
     from _tiny_llama import make_tiny_llama
 
     from analysis.sources import Source
-    from app import api_sae
+    from sae import requests
 
     llama16 = make_tiny_llama(tmp_path / "llama16", d_model=16)
-    imported = api.import_saelens(Path(__file__).resolve().parents[1] / "data" / "saelens_tiny" / "topk", llama16,
+    imported = api.sae_import(Path(__file__).resolve().parents[1] / "data" / "saelens_tiny" / "topk", llama16,
                                   store=tmp_path / "s")
 
     def boom(*a, **k):
         raise AssertionError("the model was booted before the feature settings were checked")
 
-    monkeypatch.setattr(api_sae, "_bridge", boom)
+    monkeypatch.setattr(requests, "booted", boom)
     monkeypatch.setattr(Source, "boot_bridge", boom)
     monkeypatch.setenv(memory.ENV_VAR, "1G")
     with pytest.raises(ConfigError, match=r"feature data of 32 features would need about 206\.2 GiB \(n_top=10, "
@@ -308,4 +307,4 @@ def test_without_config_json_the_booted_width_is_checked_before_harvesting(tmp_p
     monkeypatch.setenv(memory.ENV_VAR, "1G")
     with pytest.raises(ConfigError, match=r"\(d_in=32, d_sae=10000000, batch_size=4096, topk, float32\) but the "
                                           r"memory limit is 1\.0 GiB"):
-        api.train_sae(module, 0, d_sae=10_000_000, texts=TEXTS, store=tmp_path / "s")
+        api.sae_train(module, 0, d_sae=10_000_000, texts=TEXTS, store=tmp_path / "s")

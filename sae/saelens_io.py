@@ -1,16 +1,17 @@
-"""SAELens interop of stored SAEs (re-exported by ``app.api``).
+"""SAELens interop of stored SAEs: ``sae_export`` / ``sae_import`` (``lenslab sae export|import``).
 
     >>> from app import api
-    >>> api.export_saelens(trained.key, "out/sae")            # cfg.json, sae_weights, sparsity
-    >>> imported = api.import_saelens("out/sae", "minilm", layer=3)
-    >>> api.evaluate_sae(imported.key)                          # then features, prompt, dashboard
+    >>> api.sae_export(trained.key, "out/sae")                 # cfg.json, sae_weights, sparsity
+    >>> imported = api.sae_import("out/sae", "minilm", layer=3)
+    >>> api.sae_eval(imported.key)                             # then features, prompt, dashboard
 
-``export_saelens`` writes a stored SAE in SAELens 6.x's format (``sae.saelens_format``), with
-its stored ``log10_density`` as ``sparsity.safetensors``. ``import_saelens`` reads an SAE in
-that format (ours, or one SAELens wrote), checks its width against the hook it reads
-(``n_heads * d_head`` of ``blocks.L.attn.hook_z``), and stores it for that model, so it can be
-evaluated, explained and shown like a trained one. Its evaluation and feature data use the
-docstring corpus (``texts=`` picks other texts).
+``sae_export`` writes a stored SAE in SAELens 6.x's format (``sae.saelens_format``), with its
+stored ``log10_density`` as ``sparsity.safetensors``. ``sae_import`` reads an SAE in that format
+(ours, or one SAELens wrote), checks its width against the hook it reads (``n_heads * d_head`` of
+``blocks.L.attn.hook_z``), and stores it for that model through the runner (the "sae" analysis of
+``sae.pipeline``), so it can be evaluated, explained and shown like a trained one. Its evaluation
+and feature data use the docstring corpus (``texts=`` picks other texts). ``export_saelens`` and
+``import_saelens`` are the deprecated old names (``sae.pipeline.DEPRECATED``).
 """
 
 from __future__ import annotations
@@ -23,36 +24,42 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis import run as runner
 from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError, SourceError
+from analysis.run import NotStoredError, StoreLike, open_store
 from analysis.sources import open_source
-from analysis.store import Store
-from app.api_sae import REQUEST_VERSION, TrainedSAE, _bridge, _canonical, _corpus, _resolve, _spec, _store, load_sae
-from sae import store_io
+from analysis.store import entry_key
+from sae import jobs, requests, store_io
 from sae.model import SAE
+from sae.pipeline import SAE as SAE_ANALYSIS
+from sae.pipeline import deprecated_alias, load_sae
+from sae.results import TrainedSAE, resolve
 
 _WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
-def export_saelens(key: str, directory: str | os.PathLike, *, store: Store | str | None = None) -> Path:
+def sae_export(key: str, directory: str | os.PathLike, *, store: StoreLike = None) -> Path:
     """Write the stored SAE ``key`` (or unique prefix) as a SAELens directory (created): ``cfg.json``,
     ``sae_weights.safetensors`` and, when the store holds its density, ``sparsity.safetensors``
-    (log10 firing frequency). Returns the directory. SAELens loads it with ``SAE.load_from_disk``."""
+    (log10 firing frequency). Returns the directory. SAELens loads it with ``SAE.load_from_disk``.
+    NotStoredError when no stored SAE has this key."""
     from sae.saelens_format import save_saelens
 
-    st = _store(store)
-    entry = _resolve(key, st)
+    st = open_store(store)
+    entry = resolve(key, st)
     result = st.get_by_key(entry.key)
     if result is None:
-        raise ConfigError(f"the SAE {entry.key[:12]} was deleted meanwhile; train or import it again")
+        raise NotStoredError(f"the SAE {entry.key[:12]} was deleted meanwhile; train or import it again")
     density = store_io.stored_log10_density(result)
     return save_saelens(store_io.sae_from_result(result), directory,
                         sparsity=None if density is None else torch.from_numpy(density))
 
 
-def import_saelens(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
-                   store: Store | str | None = None, trust_pickle: bool = False) -> TrainedSAE:
+def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
+               store: StoreLike = None, trust_pickle: bool = False, device: str = "auto") -> TrainedSAE:
     """Store the SAELens-format SAE in ``directory`` as an SAE of ``source`` at ``layer`` (default:
-    the layer of the hook its cfg.json names). Returns it (``.key`` for ``evaluate_sae`` ...).
+    the layer of the hook its cfg.json names). Returns it (``.key`` for ``sae_eval`` ...). The model
+    boots (on ``device``, shared with later runs) to check the hook.
 
     Raises CorruptCheckpointError (malformed cfg.json, weights or sparsity file), ConfigError
     (an unsupported SAE, or ``layer`` other than its hook's), SourceError (an SAE exported from
@@ -69,16 +76,15 @@ def import_saelens(directory: str | os.PathLike, source: Any = "minilm", layer: 
     if sparsity is not None and (sparsity.numel() != cfg.d_sae or bool(torch.isnan(sparsity).any())):
         raise CorruptCheckpointError(f"{d / 'sparsity.safetensors'}: expected {cfg.d_sae} log10 densities without "
                                      f"NaN, got {sparsity.numel()} values; delete the file or re-save the SAE")
-    if layer is None:
-        layer = cfg.layer
-    elif int(layer) != cfg.layer:
+    if layer is not None and int(layer) != cfg.layer:
         raise ConfigError(f"{d}: the SAE reads {cfg.hook_name} but layer={layer} was given; import it with "
                           f"layer={cfg.layer}, the layer it was trained on")
+    ctx = runner.context(store=store, device=device)
     src = open_source(source, trust_pickle=trust_pickle)
     if cfg.source_fingerprint and cfg.source_fingerprint != src.fingerprint:
         raise SourceError(f"{d}: the SAE was exported from model {cfg.source_fingerprint[:8]}, not {src.label} "
                           f"({src.fingerprint[:8]}); import it for the model it was trained on")
-    bridge = _bridge(src)
+    bridge = requests.booted(src, ctx)
     hook = check_layer(bridge, cfg.layer)  # ConfigError listing the valid layers
     n_heads, d_head = head_shape(bridge)
     if cfg.d_in != n_heads * d_head or (cfg.n_heads is not None and (cfg.n_heads, cfg.d_head) != (n_heads, d_head)):
@@ -95,21 +101,19 @@ def import_saelens(directory: str | os.PathLike, source: Any = "minilm", layer: 
             getattr(mine, n).copy_(w)
             digest.update(np.ascontiguousarray(w.numpy()).tobytes())
     tag = digest.hexdigest()[:16]
-    _, corpus = _corpus("train", None, None, 0, 0.1)  # evaluate / explain on the docstring corpus by default
-    request = _canonical({"version": REQUEST_VERSION, "layer": cfg.layer, "imported": tag,
-                          "corpus": {**corpus, "max_tokens": 128}})
-    st = _store(store)
-    meta = {"request": request, "source_spec": _spec(src), "source_label": src.label,
+    request = requests.import_request(cfg.layer, tag)
+    meta = {"request": request, "source_spec": requests.spec_of(src), "source_label": src.label,
             "imported_from": str(d.resolve())}
     if cfg.architecture == "relu" and saelens_l1_coefficient(d) is None:
         meta["l1_coefficient_recorded"] = False  # the label says so instead of showing the default 1.0
-    key = store_io.put_sae(st, mine, params=store_io.sae_params(mine.cfg, imported=tag, corpus=request["corpus"]),
-                           meta=meta, label=src.label,
-                           log10_density=None if sparsity is None else sparsity.numpy())
-    from app.api import register
-
-    register(src, st)
-    return load_sae(key, st)
+    job = jobs.ImportJob(sae=mine, tag=tag, request=request, meta=meta,
+                         log10_density=None if sparsity is None else sparsity.numpy())
+    runner.run(SAE_ANALYSIS, runner.Subject(src.fingerprint, src), job, ctx=ctx)
+    return load_sae(entry_key(src.fingerprint, SAE_ANALYSIS.name, job.store_params(), SAE_ANALYSIS.code_version),
+                    ctx.store)
 
 
-__all__ = ["export_saelens", "import_saelens"]
+export_saelens = deprecated_alias("export_saelens", sae_export)
+import_saelens = deprecated_alias("import_saelens", sae_import)
+
+__all__ = ["export_saelens", "import_saelens", "sae_export", "sae_import"]
