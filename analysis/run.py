@@ -199,6 +199,18 @@ def run(analysis: Analysis[T], subject: Source | Subject | str, params: Any = No
     return analysis.from_result(result)
 
 
+def record(analysis: Analysis[T], subject: Source | Subject | str, params: Any, result: Result, *,
+           store: StoreLike = None) -> EntryInfo:
+    """Store a ``result`` of ``analysis`` that was computed elsewhere (batch workers compute, the caller
+    records), under the same key ``run`` would use, and register the subject's source."""
+    st = open_store(store)
+    subj = _subject(subject)
+    info = st.put(subj.fingerprint, analysis.name, store_params(params), analysis.code_version, result)
+    if analysis.register_model and subj.source is not None:
+        register_source(subj.source, st)
+    return info
+
+
 def find(analysis: Analysis[T], fingerprint: str, params: Any = None, *, store: StoreLike = None) -> T | None:
     """The result stored for exactly these settings, or None (never computes; a corrupt entry reads as None)."""
     try:

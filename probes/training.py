@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from analysis.errors import ConfigError, ShapeError
+from analysis.progress import Progress
 from probes.mmoe import GATES, KINDS, MMoE, build_mmoe, linear_params, rank_for_budget
 
 LAYERS = ("linear", *KINDS)
@@ -45,7 +46,6 @@ DATASETS = ("digits", "docstrings")
 # Nine packages with at least ~90 docstrings each: five scientific libraries, four stdlib modules.
 DOC_PACKAGES = ("numpy", "scipy", "pandas", "torch", "sklearn", "asyncio", "http", "logging", "typing")
 
-Progress = Callable[[int, int, str], None]
 
 
 @contextmanager

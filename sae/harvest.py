@@ -47,6 +47,7 @@ import torch
 
 from analysis.errors import ConfigError, CorruptEntryError, SourceError
 from analysis.forward import forward_until
+from analysis.models.encoder import collate
 from analysis.progress import Progress
 from sae.config import HOOK_RE, hook_name_for
 from sae.corpus import sae_corpus  # noqa: F401  (re-exported: the harvest's texts)
@@ -83,13 +84,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_tokens: int = 128) -> lis
 
 def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists: (input_ids [batch, pos] int64, attention_mask [batch, pos] int64)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, :len(x)] = 1
-    return input_ids, mask
+    return collate(ids, pad_id)
 
 
 def pack_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:

@@ -145,7 +145,6 @@ def test_core_packages_never_import_surfaces(package):
     assert not bad, "analyses never import app/ or streamlit:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(reason="issue 12: being fixed by the re-layout", strict=False)
 def test_no_import_cycle_between_modules():
     cycles = _cycles(GRAPH)
     assert not cycles, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles)
@@ -161,7 +160,6 @@ def test_no_import_cycle_between_layers():
     assert not cycles, "layer cycles:\n" + "\n".join(" <-> ".join(c) for c in cycles) + "\n" + "\n".join(witnesses)
 
 
-@pytest.mark.xfail(reason="issue 12: being fixed by the re-layout", strict=False)
 def test_no_package_module_over_400_lines():
     long = sorted(f"{m}: {n} lines" for m, p in MODULES.items()
                   if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES)

@@ -32,7 +32,7 @@ used. Texts run one at a time (no padding) on the models' device; the log is CPU
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +40,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import ConfigError, ShapeError, SourceError
+from analysis.progress import Progress
 
 CODE_VERSION = "routing-1"
 ROUTER_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 TOPK_CONFIG_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True, eq=False)

@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 from analysis.errors import ConfigError, SourceError
 from analysis.models.masked_lm import IGNORE, head_parameters, mask_tokens
+from analysis.progress import Progress
 
 HEAD_VERSION = "mlm-head-1"
 HEAD_FILE = "mlm_head.safetensors"
 INFO_FILE = "mlm_head.json"
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True, kw_only=True)

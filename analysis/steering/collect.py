@@ -24,7 +24,7 @@ moved there and the reduced activations come back to CPU numpy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +34,11 @@ import torch
 from analysis.steering.contrasts import ContrastSet
 from analysis.errors import ConfigError, ShapeError
 from analysis.forward import forward_until
+from analysis.progress import Progress
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 PADDING_SIDES = ("right", "left")
 DEFAULT_BATCH_PAIRS = 32  # contrast pairs per forward pass: 64 texts of <= max_tokens tokens
-Progress = Callable[[int, int, str], None]
 
 
 # -- hooks and positions ------------------------------------------------------------------------

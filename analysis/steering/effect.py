@@ -26,7 +26,7 @@ and every number in the tables is a Python float.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,12 +41,12 @@ from analysis.steering.hooks import check_alpha, steering, steering_hooks
 from analysis.steering.vectors import SteeringVector
 from analysis.steering.collect import model_device, pad_id, pad_rows, run_activations, token_rows
 from analysis.steering.extract import hook_name, tokenize
+from analysis.progress import Progress
 
 LM_COLUMNS = ("alpha", "logp_pos", "logp_neg", "delta_pos", "delta_neg", "kl", "nll")
 ENCODER_COLUMNS = ("alpha", "cos_pos", "shift", "margin", "masked_loss")
 DEFAULT_ALPHAS = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0)
 BATCH_TEXTS = 64  # texts per forward pass: memory holds one batch's logits (batch x pos x vocab), not the set's
-Progress = Callable[[int, int, str], None]
 
 
 def is_causal(bridge: Any) -> bool:

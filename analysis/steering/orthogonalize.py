@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from analysis.errors import ConfigError, SourceError
 from analysis.sources import Source, open_source
 from analysis.steering.hooks import orthonormal_basis
 from analysis.steering.vectors import SteeringVector, check_compatible
+from analysis.progress import Progress
 
 INFO_FILE = "lenslab_orthogonalize.json"
 SUPPORTED = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3")
@@ -58,7 +58,6 @@ WRITERS: tuple[tuple[str, int], ...] = (
     (r"\.experts\.\d+\.(w2|down_proj)\.(weight|bias)$", 0),
     (r"\.experts\.down_proj$", 1),  # fused (n_experts, d_model, d_mlp): transformers 5's in-memory layout
 )
-Progress = Callable[[int, int, str], None]
 
 
 def writer_axis(name: str) -> int | None:

@@ -9,7 +9,7 @@ analyses it and returns the result; only this process touches the store. So a mu
 cluster needs the checkpoints at the same path on every node and LensLab installed there, but
 never the store. Entries are the ones ``analyze`` writes (the ``SPECTRA`` analysis of
 ``analysis.weights.pipeline``: same key, same bitwise values), so the dashboard and
-``find_spectra`` see them; the model table is filled by the runner's ``register_source``.
+``find_spectra`` see them; results are stored with the runner's ``record`` (same key as ``run``), which fills the model table.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from analysis.errors import LensLabError
 from analysis.executor import ExecutorConfig, make_executor, usable_cpus
 from analysis.progress import Progress
-from analysis.run import StoreLike, find, open_store, register_source, store_params
+from analysis.run import StoreLike, Subject, find, open_store, record, register_source
 from analysis.weights import spectra as spectra_mod
 from analysis.weights.batch import (SourceSummary, SpectraTask, expand_sources, merge_spectra, spectra_task,
                                     split_tensors, summarize_task)
@@ -107,9 +107,8 @@ def analyze_many(sources: list[str], *, executor: str = "local", workers: int | 
                 continue
             merged = merge_spectra([results[i][key] for key in sorted(results[i])])
             results[i].clear()
-            st.put(summary.fingerprint, SPECTRA.name, store_params(params), SPECTRA.code_version,
-                   spectra_mod.to_result(merged, {"label": summary.label}))
-            register_source(summary, st)
+            record(SPECTRA, Subject(summary.fingerprint, summary), params,
+                   spectra_mod.to_result(merged, {"label": summary.label}), store=st)
             items[i] = BatchItem(summary.spec, "computed", summary.fingerprint, summary.label, len(merged.table),
                                  time.perf_counter() - start[i])
     return [items[i] for i in range(len(specs))]

@@ -157,3 +157,12 @@ def test_float64_device_passes_over_mps(monkeypatch):
     with pytest.raises(ConfigError, match="device 'mps' cannot compute spectra: .*pass --device cpu"):
         D.resolve_float64_device("mps", "spectra")
     assert D.resolve_float64_device("cpu", "spectra") == torch.device("cpu")
+
+
+def test_record_stores_under_the_key_run_serves(tmp_path):
+    calls: list = []
+    a = _analysis(calls, name="test.record")
+    x = np.arange(3.0)
+    R.record(a, "fpR", {"n": 3}, Result(table=pd.DataFrame({"x": x, "sq": -x}), arrays={"x": x}), store=tmp_path)
+    got = R.run(a, "fpR", {"n": 3}, store=tmp_path)
+    assert calls == [] and got["sq"].tolist() == [0.0, -1.0, -2.0]  # served, not recomputed
