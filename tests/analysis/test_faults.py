@@ -185,8 +185,11 @@ _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 # lands mid-work on a quiet machine as on a loaded one (waiting for a progress line raced: on a quiet
 # machine the piped progress could first show up after the last tensor, and the command exited 0).
 WORKING = "test: analysis blocked on its third tensor"
-SLOW_CLI = ("import sys, time\nimport analysis.weights.spectra as s\nreal = s.weight_matrices\ncalls = []\n"
-            "def slow(*a, **k):\n    calls.append(1)\n    if len(calls) == 3:\n"
+# If the command is still alive 60 s after it blocked (the SIGINT did not end it), faulthandler prints every
+# thread's stack to stderr and exits, so the failure shows where it hung instead of a bare timeout.
+SLOW_CLI = ("import faulthandler, sys, time\nimport analysis.weights.spectra as s\nreal = s.weight_matrices\n"
+            "calls = []\ndef slow(*a, **k):\n    calls.append(1)\n    if len(calls) == 3:\n"
+            "        faulthandler.dump_traceback_later(60, exit=True)\n"
             f"        sys.stderr.write('\\n{WORKING}\\n')\n        sys.stderr.flush()\n        time.sleep(300)\n"
             "    return real(*a, **k)\n"
             "s.weight_matrices = slow\nfrom app.cli import main\nmain()\n")

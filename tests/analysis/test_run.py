@@ -16,6 +16,15 @@ from analysis.errors import ConfigError
 from analysis.store import Result, Store
 
 
+@pytest.fixture(autouse=True)
+def _registry_restored():
+    """Analyses these tests register leave the process's registry as it was."""
+    before = dict(R.REGISTRY)
+    yield
+    R.REGISTRY.clear()
+    R.REGISTRY.update(before)
+
+
 def _analysis(calls: list, name: str = "test.square", version: str = "t-1") -> R.Analysis:
     def compute(subject, params, ctx):
         n = R.store_params(params)["n"]
