@@ -199,7 +199,11 @@ def _interrupt_when(cmd: list[str], env: dict, seen: Callable[[bytes], bool]) ->
     """Run ``cmd`` with rich's progress drawn on its (piped) stderr, send one SIGINT as soon as
     ``seen(stderr so far)``, and return its exit code and final screen lines."""
     env = {**os.environ, "COLUMNS": "200", "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1", **env}
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # A process started in the background by a shell without job control (CI runners, `cmd &` in a script)
+    # inherits SIGINT as ignored, and a Python child then never raises KeyboardInterrupt: give the command the
+    # default disposition, as an interactive terminal would.
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = b""
     try:
         while not seen(err):
@@ -225,7 +229,7 @@ def test_ctrl_c_during_analyze_exits_130_with_one_line_and_keeps_the_store(tmp_p
     before = Store(store).list()
     rc, lines = _interrupt_when([sys.executable, "-c", SLOW_CLI, "analyze", str(big)], {"LENSLAB_STORE": str(store)},
                                 lambda err: WORKING.encode() in err)
-    assert rc == 130, lines
+    assert rc == 130, "\n".join(lines)  # on a hang: every thread's stack (faulthandler, see SLOW_CLI)
     assert lines[-1] == INTERRUPTED_DEFAULT and sum("interrupted" in ln for ln in lines) == 1
     assert not any("Traceback" in ln for ln in lines)
     after = _assert_consistent(store, 0, checked={e.key for e in before})
@@ -251,7 +255,7 @@ def test_ctrl_c_during_sae_train_exits_130_and_keeps_its_checkpoint(tmp_path):
 
     rc, lines = _interrupt_when(cmd, {"LENSLAB_STORE": str(store), "LENSLAB_ACTIVATIONS": str(acts)},
                                 past_first_checkpoint)
-    assert rc == 130, lines
+    assert rc == 130, "\n".join(lines)  # on a hang: every thread's stack (faulthandler, see SLOW_CLI)
     assert lines[-1].startswith("training interrupted; its last checkpoint (every 20 steps) is kept")
     assert sum("interrupted" in ln for ln in lines) == 1 and not any("Traceback" in ln for ln in lines)
     assert len(list((acts / "sae-checkpoints").glob("*.safetensors"))) == 1
