@@ -43,7 +43,7 @@ def circuits(
     """Singular-value spectra of every attention head's QK and OV circuit of SOURCE (exact, float64), stored;
     prints METRIC of CIRCUIT as a layers x heads table (kappa inf: the circuit is rank-deficient)."""
     from app import api
-    from app.cli.options import json_safe
+    from app.cli.options import json_rows
 
     kind = circuit.upper()
     if kind not in CIRCUIT_KINDS:
@@ -53,8 +53,7 @@ def circuits(
     cs = run_with_progress(f"circuits of {source}", api.circuits, source, store=store, refresh=refresh,
                            device=device, trust_pickle=trust_pickle)
     if as_json:
-        rows = cs.table[cs.table["circuit"] == kind].to_dict(orient="records")
-        typer.echo(json.dumps([{k: json_safe(v) for k, v in row.items()} for row in rows], indent=1))
+        typer.echo(json.dumps(json_rows(cs.table[cs.table["circuit"] == kind]), indent=1))
         return
     grid = cs.grid(metric, kind)
     m = cs.meta

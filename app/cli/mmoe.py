@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from app.cli.options import (DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, TrustOpt, console, json_safe,
+from app.cli.options import (DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, TrustOpt, console, json_rows,
                              run_with_progress)
 
 mmoe_app = typer.Typer(no_args_is_help=True, help="MMoE probes: train, expert specialisation, bias correction.")
@@ -43,8 +43,7 @@ def _data_settings(data: str, packages: str | None, per_package: int) -> dict:
 
 
 def _echo_json(table) -> None:
-    typer.echo(json.dumps([{k: json_safe(v) for k, v in r.items()} for r in table.to_dict(orient="records")],
-                          indent=1))
+    typer.echo(json.dumps(json_rows(table), indent=1))
 
 
 def _print_table(table, columns: list[str], title: str, headers: dict[str, str] | None = None) -> None:

@@ -62,6 +62,11 @@ def run_with_progress(description: str, fn, *args, **kwargs) -> Any:
         return fn(*args, progress=callback, **kwargs)
 
 
+def json_rows(table: Any) -> list[dict[str, Any]]:
+    """A DataFrame's rows as JSON-safe dicts (``json_safe`` on every value)."""
+    return [{k: json_safe(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
+
+
 def json_safe(value: Any) -> Any:
     """A JSON-serialisable scalar: NaN -> None, ±inf -> "inf"/"-inf", numpy scalars -> Python."""
     if isinstance(value, float) and not math.isfinite(value):

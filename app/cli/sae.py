@@ -28,7 +28,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from app.cli.options import (DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, console, json_safe,
+from app.cli.options import (DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, console, json_rows, json_safe,
                              run_with_progress)
 from app.cli.tables import print_table
 from sae.config import TOPK_K
@@ -198,7 +198,7 @@ def features(
     if as_json:
         out = {"key": key, "n_features": fd.d_sae, "dead": int((fd.density == 0).sum()),
                "polysemantic_heads": poly.n_polysemantic, "heads_counted": poly.n_counted,
-               "heads": [{k: json_safe(v) for k, v in r.items()} for r in poly.table.to_dict(orient="records")]}
+               "heads": json_rows(poly.table)}
         if feature is not None:
             lt = fd.logit_table(feature)
             out["feature"] = {"index": feature, "density": float(fd.density[feature]),
@@ -296,8 +296,7 @@ def prompt(
     table = view.token_table(top)
     if as_json:
         typer.echo(json.dumps({"key": key, "tokens": view.tokens, "top_features": view.top_features(top),
-                               "rows": [{k: json_safe(v) for k, v in r.items()}
-                                        for r in table.to_dict(orient="records")]}, indent=1))
+                               "rows": json_rows(table)}, indent=1))
         return
     out = Table(title=f"SAE {key[:12]} on {len(view.tokens)} tokens")
     for c in table.columns:
@@ -314,8 +313,7 @@ def list_(store: StoreOpt = None, as_json: JsonOpt = False) -> None:
 
     table = api.sae_list(store=store)
     if as_json:
-        rows = table.assign(created=[t.isoformat() for t in table["created"]]).to_dict(orient="records")
-        typer.echo(json.dumps([{k: json_safe(v) for k, v in r.items()} for r in rows], indent=1))
+        typer.echo(json.dumps(json_rows(table.assign(created=[t.isoformat() for t in table["created"]])), indent=1))
         return
     out = Table(title=f"{len(table)} stored SAE(s)", caption=EV_NOTE)
     cols = ["key", "name", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",

@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from app.cli.options import DeviceOpt, JsonOpt, RefreshOpt, StoreOpt, console, json_safe, run_with_progress
+from app.cli.options import DeviceOpt, JsonOpt, RefreshOpt, StoreOpt, console, json_rows, run_with_progress
 from app.cli.tables import print_table
 
 steer_app = typer.Typer(no_args_is_help=True, help="Steering vectors: extract from contrast sets, apply, measure the "
@@ -60,10 +60,6 @@ def _floats(text: str) -> list[float]:
     if not values or not all(math.isfinite(v) for v in values):
         raise ConfigError(f"--alphas {text!r} must be finite numbers, at least one (e.g. -4,-2,0,2,4)")
     return values
-
-
-def _json_rows(table) -> list[dict]:
-    return [{k: json_safe(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
 
 
 def _print_table(table, title: str, fmt: str = ".4g") -> None:
@@ -114,7 +110,7 @@ def extract(
     if gguf is not None:
         api.export_steering_gguf(vec, gguf, source=source)
     if as_json:
-        typer.echo(json.dumps({"meta": ext.meta, "layers": _json_rows(ext.table),
+        typer.echo(json.dumps({"meta": ext.meta, "layers": json_rows(ext.table),
                                "saved": str(out) if out else None, "gguf": str(gguf) if gguf else None}, indent=1,
                               default=str))
         return
@@ -207,7 +203,7 @@ def dose(
     vec, dr = _dose(source, contrasts, vector, alphas, scale, hook, position, capability, allow_foreign, refresh,
                     store, device)
     if as_json:
-        typer.echo(json.dumps({"vector": vec.describe(), "kind": dr.kind, "dose_response": _json_rows(dr.table)},
+        typer.echo(json.dumps({"vector": vec.describe(), "kind": dr.kind, "dose_response": json_rows(dr.table)},
                               indent=1))
         return
     _print_table(dr.table, f"dose-response · {vec.describe()} · scale {scale}")
@@ -234,7 +230,7 @@ def layers(
                     capability=capability, refresh=refresh, store=store, device=device)
     if as_json:
         typer.echo(json.dumps({"contrast": contrasts, "alpha": alpha, "method": method, "scale": scale,
-                               "layers": _json_rows(table)}, indent=1))
+                               "layers": json_rows(table)}, indent=1))
         return
     _print_table(table, f"layer sweep at α = {alpha:+g} · {method} · scale {scale}")
 
@@ -266,8 +262,8 @@ def sweep(
                                position=vec.position, scale=scale, capability=capability, refresh=refresh,
                                store=store, device=device)
     if as_json:
-        typer.echo(json.dumps({"vector": vec.describe(), "kind": dr.kind, "dose_response": _json_rows(dr.table),
-                               "layers": _json_rows(layers_table) if layers_table is not None else None}, indent=1))
+        typer.echo(json.dumps({"vector": vec.describe(), "kind": dr.kind, "dose_response": json_rows(dr.table),
+                               "layers": json_rows(layers_table) if layers_table is not None else None}, indent=1))
         return
     _print_table(dr.table, f"dose-response · {vec.describe()} · scale {scale}")
     if layers_table is not None:

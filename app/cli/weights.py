@@ -21,7 +21,7 @@ from rich.table import Table
 
 from analysis.device import resolve_device
 from analysis.errors import ConfigError
-from app.cli.options import DeviceOpt, RefreshOpt, StoreOpt, TrustOpt, console, json_safe, run_with_progress
+from app.cli.options import DeviceOpt, RefreshOpt, StoreOpt, TrustOpt, console, json_rows, run_with_progress
 from app.cli.tables import print_table
 
 ANALYSES = ("conditioning", "spectra")
@@ -72,8 +72,7 @@ def analyze(
 
         table = table[[c for c in CONDITIONING_COLUMNS + ["matrix", "status"] if c in table.columns]]
     if as_json:
-        rows = [{k: json_safe(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
-        typer.echo(json.dumps(rows, indent=1))
+        typer.echo(json.dumps(json_rows(table), indent=1))
         return
     typer.echo(f"{analysis} of {source}: {len(table)} matrices, {len(ws.skipped)} 1-D tensors skipped "
                f"(lowest kappa first; --json for every column)")
@@ -175,8 +174,7 @@ def experiment_kappatune(
                             seeds=seeds, steps=steps, store=store, refresh=refresh, device=device, **settings)
     summary = res.summary
     if as_json:
-        rows = [{k: json_safe(v) for k, v in row.items()} for row in summary.to_dict(orient="records")]
-        typer.echo(json.dumps(rows, indent=1))
+        typer.echo(json.dumps(json_rows(summary), indent=1))
         return
     cfg = res.config
     out = Table(title=f"KappaTune forgetting on {source}: budget {cfg.get('budget')}, {cfg.get('seeds')} seed(s), "

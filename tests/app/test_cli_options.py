@@ -25,3 +25,14 @@ def test_json_safe_maps_non_finite_floats():
 
     assert [options.json_safe(v) for v in (float("nan"), float("inf"), -float("inf"), np.float32(1.5), 2)] == \
         [None, "inf", "-inf", 1.5, 2]
+
+
+def test_json_rows_is_json_safe_per_cell():
+    import json
+
+    import pandas as pd
+
+    table = pd.DataFrame({"name": ["a", "b"], "kappa": [float("inf"), 2.0], "alpha": [float("nan"), 1.5]})
+    rows = options.json_rows(table)
+    assert rows == [{"name": "a", "kappa": "inf", "alpha": None}, {"name": "b", "kappa": 2.0, "alpha": 1.5}]
+    assert json.loads(json.dumps(rows)) == rows
