@@ -7,6 +7,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# OpenMP threads that wait for work sleep instead of spinning. CI shares 2 cores with other jobs;
+# spinning torch threads then starve each other: tests/sae/test_sae_train.py's planted-dictionary
+# pair took 219 s with the default policy and 21 s with PASSIVE on the same loaded machine
+# (load average 13). Set before torch is imported (libgomp reads it once); children inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import pytest
