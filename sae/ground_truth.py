@@ -32,8 +32,10 @@ identifiability literature, so a sign-flipped decoder row matches its feature):
   over the parents.
 - **shrinkage** (Wright & Sharkey 2024, "Addressing feature suppression in SAEs"): per recovered
   feature i matched to latent j, sum_t f_j(t) ||W_dec_j|| / sum_t a_i(t) over the samples where
-  a_i(t) > 0 (1 = the right magnitude, < 1 shrunk); the summary is the mean over recovered
-  features. ``norm_ratio``: mean over samples with a != 0 of ||f W_dec|| / ||a D||.
+  both a_i(t) > 0 and f_j(t) > 0 (1 = the right magnitude, < 1 shrunk; samples where the latent
+  misses its feature are a recall failure, not shrinkage, and are left out); the summary is the
+  mean over recovered features. ``norm_ratio``: mean over samples with a != 0 of
+  ||f W_dec|| / ||a D|| (every sample, misses included).
 """
 
 from __future__ import annotations
@@ -194,7 +196,7 @@ def absorption(rec: Recovery, W_dec: Any, D: Any, codes: Any, coefs: Any, parent
 class Shrinkage:
     """Magnitudes of recovered features against their true coefficients."""
 
-    ratio: np.ndarray  # [n_features] sum f_j ||W_j|| / sum a_i over a_i > 0; NaN when not recovered or never on
+    ratio: np.ndarray  # [n_features] sum f_j ||W_j|| / sum a_i where both > 0; NaN when not recovered or never on
     mean: float  # mean of the finite ratios
     norm_ratio: float  # mean over samples with a != 0 of ||f W_dec|| / ||a D||
 
@@ -209,9 +211,9 @@ def shrinkage(rec: Recovery, W_dec: Any, D: Any, codes: Any, coefs: Any) -> Shri
     ratio = np.full(d.shape[0], np.nan)
     for i in np.flatnonzero(rec.recovered):
         col = a[:, [i]].toarray().ravel() if sp.issparse(a) else a[:, i]
-        on = col > 0
+        j = rec.matched_latent[i]
+        on = (col > 0) & (f[:, j] > 0)
         if on.any():
-            j = rec.matched_latent[i]
             ratio[i] = float(f[on, j].sum() * wnorm[j] / col[on].sum())
     signal = np.asarray(a @ d) if sp.issparse(a) else a @ d
     sn, rn = np.linalg.norm(signal, axis=1), np.linalg.norm(f @ w, axis=1)

@@ -137,3 +137,13 @@ def test_bad_inputs_name_the_problem(truth):
         recovery(truth, truth, threshold=1.5)
     with pytest.raises(ShapeError, match="NaN"):
         recovery(truth * np.nan, truth)
+
+
+def test_shrinkage_leaves_out_missed_samples(rng):
+    d, a = _hierarchy(2000, rng)
+    f = 0.9 * a
+    f[::2] = 0.0  # the latents miss half the samples: recall, not magnitude
+    s = shrinkage(recovery(d, d), d, d, f, a)
+    np.testing.assert_allclose(s.ratio, 0.9, rtol=1e-12)
+    on = np.linalg.norm(a, axis=1) > 0
+    assert s.norm_ratio == pytest.approx((0.9 * (np.arange(2000) % 2 == 1))[on].mean())
