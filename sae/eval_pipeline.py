@@ -58,7 +58,7 @@ def _gt_job(architecture: str, spec: SyntheticSpec | None, d_sae: int | None, k:
     fields.update(d_sae=int(d_sae) if d_sae is not None else spec.n_features, n_tokens=int(n_tokens),
                   batch_size=int(batch_size), seed=int(seed))
     return GroundTruthJob(spec=spec, sae_fields=fields, n_train=n_train, n_eval=n_eval,
-                          thresholds={"threshold": float(threshold), "absorb_tau": gt.ABSORB_TAU,
+                          thresholds={"threshold": float(threshold), "absorb_fraction": gt.ABSORB_FRACTION,
                                       "split_tau": gt.SPLIT_TAU})
 
 

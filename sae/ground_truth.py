@@ -20,12 +20,15 @@ identifiability literature, so a sign-flipped decoder row matches its feature):
   (all latents, or the ``alive`` ones when given: latents that never fire cannot be precise or
   imprecise, they are not counted).
 - **absorption** (Chanin et al. 2024, "A is for Absorption"), per parent feature p of a
-  parent/child hierarchy whose matched latent ("the parent latent") is recovered (C >= tau):
+  parent/child hierarchy whose matched latent ("the parent latent", j) is recovered (C >= tau):
   among samples where p and one of its children are active, the fraction where the parent
-  latent is off (<= 0) while some other active latent's decoder row has C >= ``absorb_tau``
-  (default 0.3) with p (the parent's direction went into another latent). Beside it, the miss
-  rates of the parent latent with and without a child active, so a parent latent that is
-  simply weak is told apart (its miss rate without children is high too).
+  latent is off (<= 0) while the other latents still write the parent's direction: their
+  reconstruction's component along D_p, sum_{j' != j} f_j'(t) (W_dec_j' . D_p), is at least
+  ``absorb_fraction`` (default 0.5) of the parent's coefficient a_p(t). (A rule on latents
+  merely aligned with D_p would count chance alignments: with 256 random features in 64
+  dimensions several have |cos| > 0.3 with any one.) Beside it, the miss rates of the parent
+  latent with and without a child active, so a parent latent that is simply weak is told
+  apart (its miss rate without children is high too, and nothing carries its direction).
 - **splitting**: feature i is split when two or more latents have C >= ``split_tau`` (default
   0.5) with it. A child latent that absorbed its parent's direction counts as a piece of the
   parent: absorption is the parent split along its children. Reported over all features and
@@ -50,7 +53,7 @@ from scipy.optimize import linear_sum_assignment
 from analysis.errors import ConfigError, ShapeError
 
 THRESHOLD = 0.9
-ABSORB_TAU = 0.3
+ABSORB_FRACTION = 0.5
 SPLIT_TAU = 0.5
 
 
@@ -143,7 +146,7 @@ class Absorption:
     absorption: np.ndarray  # [P] fraction of parent+child samples absorbed (module docstring)
     miss_with_child: np.ndarray  # [P] P(parent latent off | parent and a child on)
     miss_without_child: np.ndarray  # [P] P(parent latent off | parent on, no child on)
-    absorb_tau: float
+    absorb_fraction: float
 
     @property
     def mean(self) -> float:
@@ -153,14 +156,15 @@ class Absorption:
 
 
 def absorption(rec: Recovery, W_dec: Any, D: Any, codes: Any, coefs: Any, parents: Any, children: Any, *,
-               absorb_tau: float = ABSORB_TAU) -> Absorption:
+               absorb_fraction: float = ABSORB_FRACTION) -> Absorption:
     """Absorption of each parent in ``parents`` (feature indices) by the latents, with ``children[k]`` the
     child feature indices of ``parents[k]``; ``rec`` from ``recovery`` on the same W_dec and D."""
     f, a = _array(codes, "codes"), coefs
     a = a.tocsc() if sp.issparse(a) else _array(a, "coefs")
     if f.shape[0] != a.shape[0]:
         raise ShapeError(f"codes has {f.shape[0]} samples but coefs has {a.shape[0]}; pass the same samples")
-    C = abs_cosines(W_dec, D)
+    w, d = _array(W_dec, "W_dec"), _array(D, "D")
+    d = d / np.linalg.norm(d, axis=1, keepdims=True)
 
     def on(i: int) -> np.ndarray:
         col = a[:, [i]].toarray().ravel() if sp.issparse(a) else a[:, i]
@@ -180,8 +184,10 @@ def absorption(rec: Recovery, W_dec: Any, D: Any, codes: Any, coefs: Any, parent
         for c in children[k]:
             child_on |= on(int(c))
         off = ~active[:, j]
-        others = np.flatnonzero((C[:, p] >= absorb_tau) & (np.arange(C.shape[0]) != j))
-        carried = active[:, others].any(axis=1) if len(others) else np.zeros_like(off)
+        along = w @ d[p]  # [d_sae] each latent's decoder component along the parent
+        along[j] = 0.0
+        col = a[:, [p]].toarray().ravel() if sp.issparse(a) else a[:, p]
+        carried = f @ along >= absorb_fraction * col
         both, alone = p_on & child_on, p_on & ~child_on
         if both.any():
             out["absorption"][k] = float((off & carried)[both].mean())
@@ -189,7 +195,7 @@ def absorption(rec: Recovery, W_dec: Any, D: Any, codes: Any, coefs: Any, parent
         if alone.any():
             out["miss_without_child"][k] = float(off[alone].mean())
     return Absorption(_ro(np.asarray(parents, dtype=np.int64)), _ro(plat), *(_ro(out[k]) for k in
-                      ("absorption", "miss_with_child", "miss_without_child")), float(absorb_tau))
+                      ("absorption", "miss_with_child", "miss_without_child")), float(absorb_fraction))
 
 
 @dataclass(frozen=True, eq=False)
@@ -250,13 +256,14 @@ def _nanmean(v: np.ndarray) -> float:
 
 
 def score(W_dec: Any, D: Any, codes: Any, coefs: Any, parents: Any = (), children: Any = (), *,
-          threshold: float = THRESHOLD, absorb_tau: float = ABSORB_TAU, split_tau: float = SPLIT_TAU,
+          threshold: float = THRESHOLD, absorb_fraction: float = ABSORB_FRACTION, split_tau: float = SPLIT_TAU,
           only_alive: bool = True) -> GroundTruthScores:
     """Recovery, absorption and shrinkage in one call; ``only_alive``: precision over latents that fire on
     ``codes`` (module docstring)."""
     f = _array(codes, "codes")
     alive = (f > 0).any(axis=0) if only_alive else None
     rec = recovery(W_dec, D, threshold=threshold, alive=alive, split_tau=split_tau)
-    return GroundTruthScores(rec, absorption(rec, W_dec, D, f, coefs, parents, children, absorb_tau=absorb_tau),
+    return GroundTruthScores(rec, absorption(rec, W_dec, D, f, coefs, parents, children,
+                                                        absorb_fraction=absorb_fraction),
                              shrinkage(rec, W_dec, D, f, coefs))
 

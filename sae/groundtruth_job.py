@@ -78,7 +78,7 @@ class GroundTruthJob:
     sae_fields: dict  # SAEConfig fields except d_in (architecture, d_sae, k / l1, n_tokens, batch_size, lr, seed)
     n_train: int = 100_000
     n_eval: int = 20_000
-    thresholds: dict = field(default_factory=lambda: {"threshold": gt.THRESHOLD, "absorb_tau": gt.ABSORB_TAU,
+    thresholds: dict = field(default_factory=lambda: {"threshold": gt.THRESHOLD, "absorb_fraction": gt.ABSORB_FRACTION,
                                                       "split_tau": gt.SPLIT_TAU})
 
     def __post_init__(self) -> None:

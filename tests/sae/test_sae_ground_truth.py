@@ -86,11 +86,19 @@ def test_a_known_absorbing_sae_has_the_known_absorption(absorbed_share, rng):
     d, a = _hierarchy(4000, rng)
     n = len(a)
     child_on = (a[:, 1] > 0) | (a[:, 2] > 0)
+    for c in (1, 2):  # a child as strong as its parent, so one latent can write both exactly
+        a[a[:, c] > 0, c] = a[a[:, c] > 0, 0]
     absorb = child_on & (rng.random(n) < absorbed_share)  # samples where the parent latent gives way
-    # Latents: 0 = parent, 1-2 = children holding the parent direction too, 3-5 = independents.
-    w = np.vstack([d[0], (d[1] + d[0]) / np.sqrt(2), (d[2] + d[0]) / np.sqrt(2), d[3:]])
-    f = a.copy()
+    # Latents 0-5 = the features; 6-7 = "child c with its parent", (d_c + d_p)/sqrt(2), which on absorbed
+    # samples fire at sqrt(2) a_c and write a_c d_c + a_p d_p while latents 0 and c stay off.
+    w = np.vstack([d[0], d[1], d[2], d[3:], (d[1] + d[0]) / np.sqrt(2), (d[2] + d[0]) / np.sqrt(2)])
+    f = np.hstack([a, np.zeros((n, 2))])
+    for c, latent in ((1, 6), (2, 7)):
+        on = absorb & (a[:, c] > 0)
+        f[on, latent] = np.sqrt(2) * a[on, c]
+        f[on, c] = 0.0
     f[absorb, 0] = 0.0
+    np.testing.assert_allclose(f @ w, a @ d, atol=1e-12)  # the absorbing SAE reconstructs exactly
     ab = absorption(recovery(w, d, threshold=0.7), w, d, f, a, parents=[0], children=[[1, 2]])
     both = (a[:, 0] > 0) & child_on
     assert ab.absorption[0] == pytest.approx(absorb[both].mean(), abs=1e-12)
@@ -99,6 +107,15 @@ def test_a_known_absorbing_sae_has_the_known_absorption(absorbed_share, rng):
     assert ab.parent_latent.tolist() == [0]
     if absorbed_share == 1.0:
         assert ab.mean == 1.0
+
+
+def test_chance_aligned_latents_are_not_absorption(rng):
+    d, a = _hierarchy(3000, rng)
+    w = np.vstack([d, 0.3 * d[0] + np.sqrt(0.91) * d[4]])  # unit row, cos 0.3 with the parent
+    f = np.hstack([a, (a[:, [4]] > 0) * 0.2])  # a weak latent at |cos| 0.3 with the parent fires with feature 4
+    f[:, 0] = 0.0
+    ab = absorption(recovery(d, d), w, d, f, a, parents=[0], children=[[1, 2]])
+    assert ab.absorption[0] == 0 and ab.miss_with_child[0] == 1
 
 
 def test_a_weak_parent_latent_is_not_absorption(rng):
