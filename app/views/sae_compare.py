@@ -54,7 +54,7 @@ else:
 st.header("Ground truth (synthetic activations)")
 if st.button("Score every architecture on the default synthetic setting", key="cmp_score",
              help="Trains one SAE per architecture on 100k synthetic samples (256 features in 64 dimensions) and "
-                  "scores it against the true dictionary; about a minute per architecture on a CPU."):
+                  "scores it against the true dictionary; a few minutes per architecture on a CPU."):
     out = run_with_st_progress("Scoring every architecture", api.sae_groundtruth_table, store=store,
                                flash_key="sae_compare_flash")
     if out is not None:
