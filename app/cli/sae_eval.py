@@ -1,7 +1,7 @@
 """``lenslab sae groundtruth`` and ``lenslab sae probe``: SAE evaluation that runs offline on CPU.
 
     lenslab sae groundtruth                          # every architecture, default synthetic setting
-    lenslab sae groundtruth -a topk -a relu --n-tokens 500000 --json
+    lenslab sae groundtruth -a topk -a relu --tokens 500000 --json
     lenslab sae probe minilm --layer 3 --task package  # k = 1, 2, 5 sparse probes vs the raw probe
 
 Each command is its API function (``sae.eval_pipeline``): ``sae_groundtruth_table`` (one
@@ -45,7 +45,7 @@ def groundtruth(
     k: Annotated[Optional[int], typer.Option("--k", help="k of architectures that take one (default: the "
                                                          "setting's expected L0).")] = None,
     l1: Annotated[float, typer.Option("--l1", help="L1 coefficient of a relu SAE.")] = GT_DEFAULTS["l1_coefficient"],
-    n_tokens: Annotated[int, typer.Option("--n-tokens", help="Training samples seen (with repeats).")
+    n_tokens: Annotated[int, typer.Option("--tokens", help="Training samples seen (they repeat in epochs).")
                         ] = GT_DEFAULTS["n_tokens"],
     n_train: Annotated[int, typer.Option("--n-train", help="Distinct synthetic training samples.")
                        ] = GT_DEFAULTS["n_train"],

@@ -21,7 +21,7 @@ from _support import figure_array
 from app.charts_sae_compare import pareto_front
 
 DASHBOARD = str(Path(__file__).resolve().parents[2] / "app" / "dashboard.py")
-SMALL = ["--n-tokens", str(8 * 4096), "--n-train", "8000", "--json"]
+SMALL = ["--tokens", str(8 * 4096), "--n-train", "8000", "--json"]
 
 
 def test_pareto_front_is_the_set_of_non_dominated_points(rng):
