@@ -67,8 +67,9 @@ def groundtruth(
         return
     out = Table(title="Recovery of a known dictionary (synthetic setting: sae.synthetic.SyntheticSpec())",
                 caption="MCC: Hungarian-matched |cos| of decoder rows and true features; precision/recall at "
-                        "|cos| >= 0.9; absorption: parent latent off while a child latent carries it; shrinkage: "
-                        "latent / true magnitude (sae/ground_truth.py)")
+                        "|cos| >= 0.9; absorption: the parent latent is off while other latents write >= half of "
+                        "the parent's coefficient along its direction; shrinkage: latent / true magnitude "
+                        "(sae/ground_truth.py)")
     for _, label, _ in GT_COLUMNS:
         out.add_column(label, justify="left" if label == "architecture" else "right")
     for r in table.to_dict(orient="records"):

@@ -72,5 +72,6 @@ g2.plotly_chart(charts.pareto_scatter(runs, "l0", "mcc", minimise_y=False, title
 g3.plotly_chart(charts.pareto_scatter(runs, "l0", "absorption", title="L0 vs absorption"), key="gt_absorption")
 st.dataframe(runs[[c for c in GT_COLUMNS if c in runs.columns]], hide_index=True, key="gt_table")
 st.caption("MCC: Hungarian-matched |cos| between decoder rows and true features; precision/recall at |cos| >= 0.9; "
-           "absorption: the parent latent is off while another latent carries the parent direction; shrinkage: "
+           "absorption: the parent latent is off while other latents write at least half of the parent's "
+           "coefficient along its direction; shrinkage: "
            "latent magnitude / true coefficient (sae/ground_truth.py).")
