@@ -101,3 +101,27 @@ def test_page_plots_the_stored_runs_and_the_model_saes(tmp_path, monkeypatch, st
     rows = api.groundtruth_rows(store=store)
     assert sorted(gt["architecture"]) == sorted(rows["architecture"])
     assert sorted(gt["mcc"]) == pytest.approx(sorted(rows["mcc"]))
+
+
+def test_cli_probe_json_is_the_stored_result(tmp_path, monkeypatch):
+    from _tiny_llama import make_tiny_llama
+
+    from analysis import corpus
+    from app import api
+    from app.cli import app
+
+    monkeypatch.setenv("LENSLAB_ACTIVATIONS", str(tmp_path / "acts"))
+    words = ["tensor", "array", "frame", "model", "value", "index", "shape", "file"]
+    docs = [corpus.DocText(f"Return the {a} of the {b}.", pkg, f"{pkg}.f{i}")
+            for i, (a, b) in enumerate(zip(words * 2, words[::-1] * 2)) for pkg in ("numpy", "pandas")]
+    monkeypatch.setattr(corpus, "docstring_corpus", lambda *a, **k: docs)  # walking the real packages takes ~10 s
+    llama, store = str(make_tiny_llama(tmp_path / "llama")), tmp_path / "store"
+    api.sae_train(llama, layer=0, texts=[f"the {a} of a {b}" for a in words for b in words], d_sae=32, k=4,
+                  n_tokens=10 * 128, batch_size=128, store=store, device="cpu")
+    res = CliRunner().invoke(app, ["sae", "probe", llama, "--layer", "0", "--task", "package", "--k", "1", "--k", "3",
+                                   "--per-class", "8", "--store", str(store), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    stored = api.find_sae_probe(out["key"], task="package", ks=(1, 3), per_class=8, store=store)
+    assert out["summary"] == pytest.approx(stored.summary) and set(out["summary"]) == {"sae k=1", "sae k=3", "raw"}
+    assert len(out["rows"]) == 3  # two packages: one task, three probes
