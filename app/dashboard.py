@@ -31,6 +31,7 @@ PAGES = [
     st.Page("views/sae.py", title="Attention SAEs", icon=":material/blur_on:"),
     st.Page("views/sae_features.py", title="SAE features", icon=":material/manage_search:"),
     st.Page("views/sae_prompt.py", title="SAE prompt", icon=":material/edit_note:"),
+    st.Page("views/sae_compare.py", title="Compare SAEs", icon=":material/scatter_plot:"),
     st.Page("views/circuits.py", title="Attention circuits", icon=":material/account_tree:"),
 ]
 

@@ -135,6 +135,17 @@ class EvalJob:
         return eval_params(self.trained.key, self.corpus, self.loss, self.loss_docs)
 
 
+def _kl_fn(src: Source, bridge: Any, kind: str, layer: int, texts: list[str], max_tokens: int,
+           ctx: RunContext) -> Callable[[Any], Any]:
+    """The SAE's patch -> KL recovered (``sae.lm_kl``) on the same texts and positions as the loss."""
+    from sae import lm_kl
+    from sae.metrics import zero_patch
+
+    batches = (lm_kl.causal_batches(bridge, layer, texts, max_tokens=max_tokens) if kind == "causal" else
+               lm_kl.masked_batches(requests.mlm_booted(src, ctx), layer, texts, max_tokens=max_tokens))
+    return lambda patch: lm_kl.kl_recovered(batches, patch, zero_patch)
+
+
 def compute_eval(subject: Subject, job: EvalJob, ctx: RunContext) -> Result:
     """Reconstruction metrics on every held-out token and loss recovered (``sae.metrics``)."""
     from sae.metrics import evaluate
@@ -147,16 +158,17 @@ def compute_eval(subject: Subject, job: EvalJob, ctx: RunContext) -> Result:
         text_list, max_tokens = job.texts(), job.corpus["max_tokens"]
         cache = hv.harvest(src, cfg.layer, text_list, max_tokens=max_tokens, bridge=bridge,
                            progress=ctx.sub("harvest"))
-        loss_fn, loss_name = None, ""
+        loss_fn, loss_name, kl_fn = None, "", None
         if job.loss:
-            ctx.tick(1, 3, "loss with the SAE spliced in")
+            ctx.tick(1, 3, "loss and KL divergence with the SAE spliced in")
             kind = lm_loss.model_kind(bridge)
             loss_fn = lm_loss.loss_fn_for(src, cfg.layer, text_list[:job.loss_docs], bridge=bridge,
                                           mlm=lambda s: requests.mlm_booted(s, ctx), max_tokens=max_tokens)
             loss_name = ("next-token cross-entropy" if kind == "causal"
                          else "masked-token cross-entropy (trained MLM head)")
             loss_name += f" on {min(job.loss_docs, len(text_list))} texts"
-        ev = evaluate(sae_on(trained.sae, ctx.device), cache, loss_fn)
+            kl_fn = _kl_fn(src, bridge, kind, cfg.layer, text_list[:job.loss_docs], max_tokens, ctx)
+        ev = evaluate(sae_on(trained.sae, ctx.device), cache, loss_fn, kl_fn=kl_fn)
     ctx.tick(3, 3, "done")
     res = store_io.eval_to_result(ev, meta={"sae_key": trained.key, "corpus": job.corpus, "loss": loss_name})
     return Result(res.table, res.arrays, requests.canonical(dict(res.meta)))

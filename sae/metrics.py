@@ -24,6 +24,9 @@ Definitions (x, x_hat: [tokens, d_in]; mu = per-dimension mean of x over the eva
 - ``cosine``: mean over tokens of cos(x, x_hat) (tokens with x = 0 or x_hat = 0 count 0).
 - feature density: fraction of tokens on which a latent is > 0; ``dead_fraction``: latents
   with density 0; ``dense_fraction``: density > ``dense_threshold`` (default 0.1).
+- KL recovered = (KL_zero - KL_sae) / KL_zero: the mean KL divergence of the model's prediction
+  with the reconstruction (or zeros) spliced into hook_z from the clean one (``sae.lm_kl``;
+  SAEBench's ``kl_div_score``); ``kl_sae`` and ``kl_zero`` are stored beside it.
 - loss recovered = (L_zero - L_sae) / (L_zero - L_clean), with hook_z replaced by the SAE's
   reconstruction (L_sae) or by zeros (L_zero, zero-ablation baseline). The model-specific loss
   comes from a ``loss_fn(patch)`` callable (``sae.lm_loss`` builds them): it returns the mean
@@ -203,16 +206,22 @@ class SAEEval:
 
     reconstruction: ReconstructionMetrics
     loss: LossRecovered | None  # None when no loss function was given
+    kl: Any = None  # sae.lm_kl.KLRecovered (sae, zero, recovered, n_positions), None when not measured
 
     def scalars(self) -> dict[str, float]:
         out = self.reconstruction.scalars()
         if self.loss is not None:
             out.update({"loss_clean": self.loss.clean, "loss_sae": self.loss.sae, "loss_zero": self.loss.zero,
                         "loss_recovered": self.loss.recovered})
+        if self.kl is not None:
+            out.update({"kl_sae": self.kl.sae, "kl_zero": self.kl.zero, "kl_recovered": self.kl.recovered})
         return out
 
 
-def evaluate(sae: SAE, acts: Any, loss_fn: LossFn | None = None, *, dense_threshold: float = 0.1) -> SAEEval:
-    """Reconstruction metrics on ``acts`` and, with ``loss_fn``, loss recovered."""
+def evaluate(sae: SAE, acts: Any, loss_fn: LossFn | None = None, *, dense_threshold: float = 0.1,
+             kl_fn: Callable[[Patch], Any] | None = None) -> SAEEval:
+    """Reconstruction metrics on ``acts``; with ``loss_fn``, loss recovered; with ``kl_fn`` (the SAE's
+    patch -> ``sae.lm_kl.KLRecovered``), the KL divergence recovered."""
     rec = reconstruction_metrics(sae, acts, dense_threshold=dense_threshold)
-    return SAEEval(rec, loss_recovered(sae, loss_fn) if loss_fn is not None else None)
+    return SAEEval(rec, loss_recovered(sae, loss_fn) if loss_fn is not None else None,
+                   kl_fn(sae_patch(sae)) if kl_fn is not None else None)

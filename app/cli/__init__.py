@@ -33,6 +33,9 @@ from app.cli.steer import steer_app  # noqa: E402  (lenslab steer extract|apply|
 app.add_typer(steer_app, name="steer")
 from app.cli.sae import sae_app  # noqa: E402  (lenslab sae train|eval|features|prompt|export|import|list)
 app.add_typer(sae_app, name="sae")
+from app.cli.sae_eval import groundtruth as _sae_groundtruth, probe as _sae_probe  # noqa: E402
+sae_app.command("groundtruth")(_sae_groundtruth)  # lenslab sae groundtruth | probe: offline SAE evaluation
+sae_app.command("probe")(_sae_probe)
 from app.cli import weights  # noqa: E402  (lenslab analyze | select | experiment kappatune)
 app.command()(weights.analyze)
 app.command()(weights.select)

@@ -47,6 +47,7 @@ METRICS = (("l0", "L0", ".2f"), ("nmse", "NMSE", ".4f"),
            ("explained_variance_saelens", "explained variance (SAELens: 1 - NMSE)", ".4f"),
            ("explained_variance_sklearn", "explained variance (sklearn: variance-weighted)", ".4f"),
            ("cosine", "cosine", ".4f"), ("loss_recovered", "loss recovered", ".4f"),
+           ("kl_recovered", "KL recovered", ".4f"),
            ("dead_fraction", "dead features", ".2%"), ("dense_fraction", "dense features", ".2%"))
 EV_NOTE = ("EV SAELens = 1 - NMSE, SAELens's explained_variance; EV sklearn = sklearn's variance-weighted "
            "explained_variance_score, which ignores a constant offset of the reconstruction (see sae/metrics.py)")

@@ -1,0 +1,180 @@
+"""The work behind "sae-groundtruth" (``sae.eval_pipeline`` registers it): train an SAE of one
+architecture on synthetic activations (``sae.synthetic``) and score it against the truth.
+
+One run, exactly:
+
+1. ``sample(spec, n_train, seed=1)`` trains (float32 rows) and ``sample(spec, n_eval, seed=2)`` is
+   held out; both are functions of the spec, so every architecture sees the same data.
+2. ``sae.train.train_sae`` trains an ``SAEConfig(d_in=spec.d_in, d_sae=..., architecture=...,
+   **fields)`` (the SAE's public training entry point: any architecture ``sae.config`` supports).
+3. On the held-out samples: ``sae.metrics.reconstruction_metrics`` (L0, NMSE, both explained
+   variances, cosine, dead/dense, against the noisy input x), and ``sae.ground_truth.score`` on
+   ``W_dec`` and ``encode(x)`` against the dictionary and the true coefficients.
+
+Stored: a table with one row per true feature (role, frequency, max cosine, matched latent and
+cosine, latents aligned, shrinkage ratio), arrays (the SAE's parameters by name, latent density),
+meta (metrics, config, spec). Subject: ``synthetic_fingerprint(spec)``, no model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analysis.errors import ConfigError
+from analysis.run import RunContext, Subject
+from analysis.store import Result, canonical_json
+from sae import ground_truth as gt
+from sae.synthetic import SyntheticSpec, dictionary, sample
+
+TRAIN_SEED, EVAL_SEED = 1, 2
+
+
+def synthetic_fingerprint(spec: SyntheticSpec) -> str:
+    """Store subject of a synthetic setting: "synthetic-" + 16 hex digits of its canonical JSON."""
+    return "synthetic-" + hashlib.blake2b(canonical_json(spec.store_params()).encode(), digest_size=8).hexdigest()
+
+
+def architecture_fields(architecture: str, *, k: int | None = None, l1_coefficient: float | None = None,
+                        extra: dict | None = None) -> dict[str, Any]:
+    """The architecture-specific ``SAEConfig`` fields of a ground-truth run.
+
+    ``k`` goes to every architecture that accepts it (topk today; a BatchTopK-like one later),
+    ``l1_coefficient`` to relu; any other field through ``extra``. Unknown architectures get their
+    training defaults (``sae.config.TrainSettings``), so a newly registered architecture is scored
+    without a change here. Raises ConfigError (from the config's own checks) for a bad field."""
+    from sae.config import ARCHITECTURES, TrainSettings
+
+    if architecture not in ARCHITECTURES:
+        raise ConfigError(f"architecture {architecture!r} is unknown; sae.config supports {', '.join(ARCHITECTURES)}")
+    fields = dict(extra or {})
+    if architecture == "relu" and l1_coefficient is not None:
+        fields.setdefault("l1_coefficient", float(l1_coefficient))
+    if k is not None and architecture != "relu":
+        try:
+            TrainSettings(architecture=architecture, k=k)
+            fields.setdefault("k", int(k))
+        except ConfigError:  # this architecture takes no k
+            pass
+    try:
+        defaults = TrainSettings(architecture=architecture, **{n: v for n, v in fields.items()
+                                                               if n in ("k", "l1_coefficient")}).sae_fields()
+    except ConfigError:
+        defaults = {}
+    own = {n: v for n, v in defaults.items() if n not in ("n_tokens", "batch_size", "lr", "seed", "dtype")}
+    return {**own, **fields, "architecture": architecture}
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class GroundTruthJob:
+    """One ground-truth run's settings: what goes into the store key."""
+
+    spec: SyntheticSpec
+    sae_fields: dict  # SAEConfig fields except d_in (architecture, d_sae, k / l1, n_tokens, batch_size, lr, seed)
+    n_train: int = 100_000
+    n_eval: int = 20_000
+    thresholds: dict = field(default_factory=lambda: {"threshold": gt.THRESHOLD, "absorb_fraction": gt.ABSORB_FRACTION,
+                                                      "split_tau": gt.SPLIT_TAU})
+
+    def __post_init__(self) -> None:
+        for name in ("n_train", "n_eval"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r} must be an integer >= 1 (synthetic samples); pass e.g. {name}=20000")
+        self.config()  # SAEConfig's checks, before any sample is drawn
+
+    def config(self) -> Any:
+        from sae.config import SAEConfig
+
+        return SAEConfig(d_in=self.spec.d_in, **self.sae_fields)
+
+    def store_params(self) -> dict:
+        return {"spec": self.spec.store_params(), "sae": dict(sorted(self.sae_fields.items())),
+                "n_train": self.n_train, "n_eval": self.n_eval, "thresholds": dict(self.thresholds)}
+
+
+def feature_roles(spec: SyntheticSpec) -> np.ndarray:
+    """[n_features] "parent" | "child" | "correlated" | "independent"."""
+    roles = np.full(spec.n_features, "independent", dtype=object)
+    roles[spec.parents] = "parent"
+    for p in spec.parents:
+        roles[spec.children(p)] = "child"
+    roles[spec.correlated_pairs.ravel()] = "correlated"
+    return roles
+
+
+def compute_groundtruth(subject: Subject, job: GroundTruthJob, ctx: RunContext) -> Result:
+    """Train on synthetic samples, score against the truth (module docstring)."""
+    from sae.metrics import reconstruction_metrics
+    from sae.model import sae_on
+    from sae.train import train_sae
+
+    spec, cfg = job.spec, job.config()
+    ctx.tick(0, 3, f"sampling {job.n_train} + {job.n_eval} synthetic activations")
+    train = sample(spec, job.n_train, seed=TRAIN_SEED)
+    held = sample(spec, job.n_eval, seed=EVAL_SEED)
+    ctx.tick(1, 3, f"training a {cfg.architecture} SAE")
+    result = train_sae(train.x.astype(np.float32), cfg, progress=ctx.sub("train"), device=ctx.device)
+    sae = result.sae
+    ctx.tick(2, 3, "scoring against the true dictionary")
+    x = torch.from_numpy(held.x.astype(np.float32))
+    rec = reconstruction_metrics(sae_on(sae, ctx.device), x)
+    with torch.no_grad():
+        codes = torch.cat([sae_on(sae, ctx.device).encode(x[s:s + 8192].to(ctx.device)).cpu()
+                           for s in range(0, len(x), 8192)]).double().numpy()
+    W_dec = sae.W_dec.detach().double().numpy()
+    D = dictionary(spec)
+    scores = gt.score(W_dec, D, codes, held.coefficients, spec.parents, [spec.children(p) for p in spec.parents],
+                      **job.thresholds)
+    r = scores.recovery
+    table = pd.DataFrame({"feature": np.arange(spec.n_features), "role": feature_roles(spec).astype(str),
+                          "probability": spec.probabilities(), "max_cosine": r.max_cosine,
+                          "matched_latent": r.matched_latent, "matched_cosine": r.matched_cosine,
+                          "recovered": r.recovered, "n_split": r.n_split, "shrinkage": scores.shrinkage.ratio})
+    arrays = {f"param.{n}": p.detach().cpu().float().numpy() for n, p in sae.state_dict().items()}
+    arrays["density"] = np.asarray(rec.density, dtype=np.float64)
+    arrays["absorption"] = np.asarray(scores.absorption.absorption)
+    metrics = {**rec.scalars(), **scores.scalars(), "expected_l0": spec.expected_l0,
+               "train_seconds": result.seconds, "train_steps": result.steps}
+    ctx.tick(3, 3, "done")
+    return Result(table, arrays, {"metrics": metrics, "cfg": cfg.to_dict(), "spec": spec.store_params(),
+                                  "architecture": cfg.architecture, "n_train": job.n_train, "n_eval": job.n_eval})
+
+
+@dataclass(frozen=True, eq=False)
+class GroundTruthResult:
+    """A stored ground-truth run: ``metrics`` (reconstruction + recovery scalars), ``features`` (one row
+    per true feature), ``params`` (the SAE's parameters by name), ``density``, ``meta``."""
+
+    metrics: dict
+    features: pd.DataFrame
+    params: dict
+    density: np.ndarray
+    absorption: np.ndarray  # [n_parents]
+    meta: dict
+
+    @property
+    def architecture(self) -> str:
+        return str(self.meta.get("architecture", ""))
+
+    @property
+    def spec(self) -> SyntheticSpec:
+        return SyntheticSpec(**self.meta["spec"])
+
+    def row(self) -> dict:
+        """One line of the comparison table."""
+        c = self.meta.get("cfg", {})
+        return {"architecture": self.architecture, "d_sae": c.get("d_sae"), "k": c.get("k"),
+                "l1_coefficient": c.get("l1_coefficient") if self.architecture == "relu" else None, **self.metrics}
+
+
+def groundtruth_from_result(result: Result) -> GroundTruthResult:
+    arrays = result.arrays
+    params = {n.split(".", 1)[1]: np.asarray(v) for n, v in arrays.items() if n.startswith("param.")}
+    return GroundTruthResult(dict(result.meta.get("metrics", {})), result.table, params,
+                             np.asarray(arrays["density"]), np.asarray(arrays["absorption"]), dict(result.meta))
