@@ -21,7 +21,7 @@ from analysis.run import NotStoredError
 from app import api
 from app import charts_bilinear as charts
 from app.allowed_paths import check_direction, check_source
-from app.state import get_store
+from app.state import get_store, link_model, pick_index, picked, remembered_model
 
 N_IMAGES = 4  # top positive and top negative eigenvectors shown as images
 FLASH = "bilinear_flash"
@@ -94,10 +94,13 @@ if not entries:
             "`lenslab bilinear decompose bilinear-digits --direction class:all` in a terminal.")
     st.stop()
 
-labels = {m.fingerprint: m.label for m in store.models()}
+models = store.models()
+labels = {m.fingerprint: m.label for m in models}
 fps = list(dict.fromkeys(e.fingerprint for e in entries))
 c1, c2, c3 = st.columns([2, 1, 2])
-fp = c1.selectbox("Model", fps, key="bl_model", format_func=lambda f: f"{labels.get(f, f[:8])} ({f[:8]})")
+fp = c1.selectbox("Model", fps, key="bl_model", index=pick_index("bl_model", fps, remembered_model(fps, models)),
+                  format_func=lambda f: f"{labels.get(f, f[:8])} ({f[:8]})", on_change=picked, args=("bl_model",))
+link_model(fp)
 mine = [e for e in entries if e.fingerprint == fp]
 
 

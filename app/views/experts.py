@@ -16,7 +16,7 @@ import streamlit as st
 from app import api
 from app import charts_experts as charts
 from app.allowed_paths import check_source
-from app.state import get_store, run_with_st_progress
+from app.state import get_store, link_model, pick_index, picked, remembered_model, run_with_st_progress
 
 FLASH = "experts_flash"
 ABLATION_COLUMNS = ["expert", "load", "usage", "n_flipped", "accuracy_drop", "n_classes_hurt", "polysemanticity",
@@ -169,10 +169,16 @@ with st.expander("Analyse a routed MoE", expanded=not routed):
 if not routed:
     st.info("No routing statistics yet. Run `lenslab experts tiny-mixtral` in a terminal, or use the form above.")
 else:
-    labels = {m.fingerprint: m.label for m in store.models()}
+    models = store.models()
+    labels = {m.fingerprint: m.label for m in models}
+    opens_on = remembered_model([e.fingerprint for e in routed], models)
     idx = st.selectbox("Model", range(len(routed)), key="routing_pick",
+                       index=pick_index("routing_pick", range(len(routed)),
+                                        next((i for i, e in enumerate(routed) if e.fingerprint == opens_on), None)),
+                       on_change=picked, args=("routing_pick", lambda i: routed[i].fingerprint),
                        format_func=lambda i: f"{labels.get(routed[i].fingerprint, routed[i].fingerprint[:8])} "
                                              f"({datetime.fromtimestamp(routed[i].created):%Y-%m-%d %H:%M})")
+    link_model(routed[idx].fingerprint)
     stats = _routing_stats(str(store.root), routed[idx].key)
     meta = stats.meta
     st.caption(f"{meta['n_experts']} experts, top-{meta['top_k']}, {meta['n_tokens']:,} tokens of {meta['n_texts']} "

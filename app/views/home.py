@@ -32,6 +32,7 @@ else:
         mine = [e for e in entries if e.fingerprint == m.fingerprint]
         rows.append({
             "label": m.label,
+            "also seen as": ", ".join(m.aliases),
             "kind": m.kind,
             "params": m.n_params,
             "tensors": m.n_tensors,

@@ -14,7 +14,7 @@ from analysis.errors import LensLabError
 from analysis.weights.export import FORMATS
 from analysis.weights.selection import RANKERS, Budget
 from app import api
-from app.state import get_store, load_spectra, model_picker
+from app.state import get_store, has_spectra, load_spectra, model_picker
 
 BUDGET_KINDS = {"% of tensors": "fraction", "count": "count", "% of params": "param_fraction"}
 RANKER_HELP = {
@@ -31,7 +31,7 @@ DOWNLOADS = {  # format -> (file name, mime type, code language)
 
 store = get_store()
 st.title("KappaTune selection")
-if (model := model_picker(store, key="selection_model")) is None:
+if (model := model_picker(store, key="selection_model", prefer=lambda m: has_spectra(store, m.fingerprint))) is None:
     st.stop()
 try:
     ws = load_spectra(store, model.fingerprint)

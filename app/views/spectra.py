@@ -11,7 +11,7 @@ import streamlit as st
 
 from analysis.errors import LensLabError
 from app import charts
-from app.state import analyze_with_progress, get_store, load_spectra, model_picker
+from app.state import analyze_with_progress, get_store, has_spectra, load_spectra, model_picker
 
 TABLE_COLUMNS = ["matrix", "layer", "module_type", "shape", "dtype", "status", "kappa", "log10_kappa", "alpha",
                  "alpha_sigma", "ks_distance", "stable_rank", "effective_rank", "numerical_rank", "sigma_max",
@@ -19,7 +19,7 @@ TABLE_COLUMNS = ["matrix", "layer", "module_type", "shape", "dtype", "status", "
 
 store = get_store()
 st.title("Conditioning & spectra")
-if (model := model_picker(store, key="spectra_model")) is None:
+if (model := model_picker(store, key="spectra_model", prefer=lambda m: has_spectra(store, m.fingerprint))) is None:
     st.stop()
 
 try:

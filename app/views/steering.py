@@ -23,7 +23,7 @@ from analysis.run import NotStoredError
 from app import api
 from app import charts_steering as charts
 from app.allowed_paths import check_contrasts, check_source
-from app.state import get_store, run_with_st_progress
+from app.state import get_store, link_model, pick_index, picked, remembered_model, run_with_st_progress
 
 FLASH = "steer_flash"
 HOOKS = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
@@ -90,12 +90,18 @@ if not entries:
             "`lenslab steer extract bilinear-lm numpy-torch` in a terminal.")
     st.stop()
 
-labels = {m.fingerprint: m.label for m in store.models()}
+models = store.models()
+labels = {m.fingerprint: m.label for m in models}
 by_key = {e.key: e for e in entries}
+opens_on = remembered_model([e.fingerprint for e in entries], models)  # the newest extraction of that model
 key = st.selectbox("Extraction", list(by_key), key="steer_entry",
+                   index=pick_index("steer_entry", list(by_key),
+                                    next((e.key for e in entries if e.fingerprint == opens_on), None)),
                    format_func=lambda k: f"{labels.get(by_key[k].fingerprint, by_key[k].fingerprint[:8])} · "
                                          f"{by_key[k].params['contrast']} · {by_key[k].params['hook']} · "
-                                         f"{by_key[k].params['position']}")
+                                         f"{by_key[k].params['position']}",
+                   on_change=picked, args=("steer_entry", lambda k: by_key[k].fingerprint))
+link_model(by_key[key].fingerprint)
 try:
     ext = _load(str(store.root), key)
 except NotStoredError:
