@@ -22,6 +22,7 @@ from app.allowed_paths import check_source
 MODEL_STATE = "lenslab_model"  # fingerprint of the model last picked on any page
 MODEL_PARAM = "model"  # query parameter naming the model a view opens on (?model=<fingerprint prefix | label>)
 FP_SHOWN = 12  # fingerprint characters in the query parameter
+MISSING = "–"  # how a missing value reads in tables and metrics (st.dataframe placeholder)
 
 
 def store_root() -> str:

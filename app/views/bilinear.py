@@ -21,7 +21,7 @@ from analysis.run import NotStoredError
 from app import api
 from app import charts_bilinear as charts
 from app.allowed_paths import check_direction, check_source
-from app.state import get_store, link_model, pick_index, picked, remembered_model
+from app.state import MISSING, get_store, link_model, pick_index, picked, remembered_model
 
 N_IMAGES = 4  # top positive and top negative eigenvectors shown as images
 FLASH = "bilinear_flash"
@@ -157,7 +157,8 @@ elif rep.top_tokens is not None and len(rep.top_tokens):
     tt = rep.top_tokens[rep.top_tokens["direction"] == dec.labels[k]]
     summary = (tt.sort_values(["eigen", "rank"]).groupby(["eigen", "eigenvalue", "sign"], sort=False)["token"]
                .agg(lambda s: " · ".join(repr(t) for t in s)).reset_index())
-    st.dataframe(summary.sort_values("eigenvalue", ascending=False, key=np.abs), hide_index=True, key="bl_tokens")
+    st.dataframe(summary.sort_values("eigenvalue", ascending=False, key=np.abs), hide_index=True, placeholder=MISSING,
+                 key="bl_tokens")
 
 if rep.truncation is not None:
     st.subheader("Truncation")
@@ -180,6 +181,7 @@ if rep.explorer_contrib is not None:
         row = rep.explorer_tokens.iloc[i]
         left.markdown(f"**token** `{row['token']!r}`  \n**context** `{row['context']}`")
     left.markdown(f"**largest output:** {dec.labels[ex.predicted]} ({ex.outputs[ex.predicted]:+.3g})")
-    left.dataframe(pd.DataFrame({"direction": dec.labels, "output": ex.outputs}), hide_index=True, key="bl_outputs")
+    left.dataframe(pd.DataFrame({"direction": dec.labels, "output": ex.outputs}), hide_index=True, placeholder=MISSING,
+                   key="bl_outputs")
     right.plotly_chart(charts.contribution_bars(ex.contributions, f"What drives {dec.labels[ex.predicted]}"),
                        key="bl_contrib")

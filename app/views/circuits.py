@@ -12,7 +12,7 @@ from analysis.errors import LensLabError
 from app import api
 from app import charts_circuits as charts
 from app.allowed_paths import check_source
-from app.state import get_store, model_picker, remember_model, run_with_st_progress
+from app.state import MISSING, get_store, model_picker, remember_model, run_with_st_progress
 
 FLASH = "circuits_flash"
 PICK = "circuits_model"
@@ -82,4 +82,4 @@ st.plotly_chart(charts.head_heatmap(cs.grid(metric, circuit), metric, circuit), 
 
 st.subheader(f"{circuit} heads by {metric}")
 rows = cs.table[cs.table["circuit"] == circuit].sort_values(metric, ascending=False, kind="stable")
-st.dataframe(rows, hide_index=True, key="circuits_table")
+st.dataframe(rows, hide_index=True, placeholder=MISSING, key="circuits_table")

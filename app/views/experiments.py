@@ -15,7 +15,7 @@ import streamlit as st
 from analysis.errors import LensLabError
 from app import api
 from app.experiment_charts import ARM_LABELS, forgetting_scatter
-from app.state import get_store, link_model, pick_index, picked, remembered_model
+from app.state import MISSING, get_store, link_model, pick_index, picked, remembered_model
 
 store = get_store()
 st.title("Experiments")
@@ -74,13 +74,13 @@ table = pd.DataFrame({
     "similarity Spearman": [pm(m, s, 4) for m, s in zip(summary["spearman_mean"], summary["spearman_std"])],
     "seeds": summary["n_seeds"],
 })
-st.dataframe(table, hide_index=True, key="experiment_summary",
+st.dataframe(table, hide_index=True, placeholder=MISSING, key="experiment_summary",
              column_config={"trained params": st.column_config.NumberColumn(format="localized")})
 st.plotly_chart(forgetting_scatter(summary, runs), key="experiment_scatter")
 st.caption("Drift: mean over held-out texts of 1 − cos(embedding before, after). Similarity Spearman: rank "
            "correlation of all pairwise cosine similarities before vs after (1 = structure kept). "
            "Selection arms share a tensor budget, not a parameter budget: compare the trained-params column.")
 with st.expander(f"All {len(runs)} runs"):
-    st.dataframe(runs, hide_index=True, key="experiment_runs")
+    st.dataframe(runs, hide_index=True, placeholder=MISSING, key="experiment_runs")
 with st.expander("Settings (store key parameters)"):
     st.json(cfg)

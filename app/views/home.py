@@ -11,7 +11,7 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from app.state import analyze_with_progress, get_store
+from app.state import MISSING, analyze_with_progress, get_store
 
 FLASH = "home_flash"
 
@@ -40,7 +40,7 @@ else:
             "last run": datetime.fromtimestamp(max(e.created for e in mine)) if mine else None,
             "fingerprint": m.fingerprint,
         })
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+    st.dataframe(pd.DataFrame(rows), hide_index=True, placeholder=MISSING, width="stretch",
                  column_config={"params": st.column_config.NumberColumn(format="compact"),
                                 "last run": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")})
     plural = {1: ""}
