@@ -36,9 +36,9 @@ ZOOM_SPAN = 0.05  # an axis whose values span less than this (e.g. accuracies 0.
 
 
 def tick_label(v: float) -> str:
-    """A log-axis tick as a number: 0.1 ... 100 written out, otherwise mantissa e exponent ("1e-4", "2e5")."""
-    mantissa, exponent = f"{v:.0e}".split("e")
-    return f"{v:g}" if -1 <= int(exponent) <= 2 else f"{mantissa}e{int(exponent)}"
+    """A log-axis tick as a number: 0.001 ... 1000 written out, otherwise mantissa e exponent ("1e-4", "2.5e5")."""
+    mantissa, exponent = f"{v:.1e}".split("e")
+    return f"{v:g}" if -3 <= int(exponent) <= 3 else f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def log_ticks(lo: float, hi: float, max_ticks: int = 8) -> tuple[list[float], list[str]]:
