@@ -9,7 +9,7 @@ import streamlit as st
 from analysis.store import Store
 from app import api
 from app.allowed_paths import check_source, check_stored_source
-from app.state import FP_SHOWN, pick_index, run_with_st_progress
+from app.state import FP_SHOWN, LINKED, pick_index, run_with_st_progress, write_query
 
 SAE_STATE = "lenslab_sae"  # store key of the SAE last picked on any SAE page
 SAE_PARAM = "sae"  # query parameter naming the SAE a view opens on (?sae=<key prefix>)
@@ -81,7 +81,8 @@ def sae_picker(store: Store, table, *, key: str, label: str = "SAE"):
     keys = list(table["key"])
     by_key = {r["key"]: r for _, r in table.iterrows()}
     remembered = st.session_state.get(SAE_STATE)
-    if remembered not in by_key and (query := st.query_params.get(SAE_PARAM, "").strip().lower()):
+    query = st.query_params.get(SAE_PARAM, "").strip().lower()
+    if remembered not in by_key and query and query != st.session_state.get(LINKED, {}).get(SAE_PARAM):
         found = [k for k in keys if len(query) >= 4 and k.startswith(query)]
         if len(found) == 1:
             remembered = st.session_state[SAE_STATE] = found[0]
@@ -90,8 +91,7 @@ def sae_picker(store: Store, table, *, key: str, label: str = "SAE"):
                        "of a stored SAE's key); showing another one.")
     choice = st.selectbox(label, keys, index=pick_index(key, keys, remembered), key=key,
                           format_func=lambda k: sae_label(by_key[k]["name"], k), on_change=_picked, args=(key,))
-    if st.query_params.get(SAE_PARAM) != choice[:FP_SHOWN]:
-        st.query_params[SAE_PARAM] = choice[:FP_SHOWN]
+    write_query(SAE_PARAM, choice[:FP_SHOWN])
     return by_key[choice]
 
 

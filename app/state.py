@@ -22,6 +22,7 @@ from app.allowed_paths import check_source
 MODEL_STATE = "lenslab_model"  # fingerprint of the model last picked on any page
 MODEL_PARAM = "model"  # query parameter naming the model a view opens on (?model=<fingerprint prefix | label>)
 FP_SHOWN = 12  # fingerprint characters in the query parameter
+LINKED = "lenslab_linked"  # query values this session wrote itself (not a link to follow): {param: value}
 MISSING = "–"  # how a missing value reads in tables and metrics (st.dataframe placeholder)
 
 
@@ -89,7 +90,7 @@ def remembered_model(candidates: Sequence[str], models: Sequence[ModelInfo],
     cands = set(candidates)
     if (fp := st.session_state.get(MODEL_STATE)) in cands:
         return fp
-    if query := st.query_params.get(MODEL_PARAM):
+    if (query := st.query_params.get(MODEL_PARAM)) and query != st.session_state.get(LINKED, {}).get(MODEL_PARAM):
         if (fp := _query_match(query, models)) in cands:
             remember_model(fp)
             return fp
@@ -113,8 +114,15 @@ def picked(key: str, fingerprint_of: Callable[[Any], str] | None = None) -> None
 
 def link_model(fingerprint: str) -> None:
     """Put the model a view shows in its URL (``?model=<fingerprint prefix>``) so the view can be linked."""
-    if st.query_params.get(MODEL_PARAM) != fingerprint[:FP_SHOWN]:
-        st.query_params[MODEL_PARAM] = fingerprint[:FP_SHOWN]
+    write_query(MODEL_PARAM, fingerprint[:FP_SHOWN])
+
+
+def write_query(param: str, value: str) -> None:
+    """Set ``?param=value`` in the URL, noting that this session wrote it: only a value that came from a link
+    opens a picker on it (a page showing another entry by default must not turn that into a choice)."""
+    st.session_state.setdefault(LINKED, {})[param] = value
+    if st.query_params.get(param) != value:
+        st.query_params[param] = value
 
 
 def pick_index(key: str, options: Sequence[str], default: str | None) -> int:

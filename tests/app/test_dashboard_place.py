@@ -85,6 +85,8 @@ def test_a_page_opened_by_default_does_not_change_the_choice(two_models):
     at.selectbox(key="selection_model").set_value(fp_a).run()
     _open(at, "experiments")
     assert at.selectbox(key="experiment_pick").value == 0 and at.query_params["model"] == fp_b[:12]
+    at.run()  # a rerun on that page (any widget) reads its own ?model= back: still not a choice
+    assert at.selectbox(key="experiment_pick").value == 0 and not at.warning
     _open(at, "spectra")
     assert at.selectbox(key="spectra_model").value == fp_a
     at.selectbox(key="spectra_model").set_value(fp_b).run()

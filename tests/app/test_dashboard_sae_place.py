@@ -92,6 +92,8 @@ def test_a_query_parameter_links_an_sae_and_the_choice_follows_across_pages(two_
     assert at.query_params["sae"] == other[:12]
     at.switch_page("views/sae_prompt.py").run()
     assert at.selectbox(key="sae_prompt_pick").value == other
+    at.run()
+    assert at.selectbox(key="sae_prompt_pick").value == other and not at.warning
     unknown = _open("sae", sae="zzzz")
     assert any("?sae=zzzz names no SAE" in w.value for w in unknown.warning)
 
