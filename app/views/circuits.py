@@ -43,7 +43,8 @@ if msg := st.session_state.pop(FLASH, None):
 if pending := st.session_state.pop(PENDING, None):  # open on the model just computed
     remember_model(pending)
     st.session_state.pop(PICK, None)
-model = model_picker(store, key=PICK, empty=EMPTY)
+model = model_picker(store, key=PICK, empty=EMPTY,  # no choice yet: the newest model with circuit spectra
+                     prefer=lambda m: bool(api.stored_circuits(m.fingerprint, store)))
 entries = api.stored_circuits(model.fingerprint, store) if model is not None else []
 
 with st.expander("Compute circuit spectra", expanded=not entries):

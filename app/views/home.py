@@ -42,6 +42,9 @@ else:
         })
     st.dataframe(pd.DataFrame(rows), hide_index=True, placeholder=MISSING, width="stretch",
                  column_config={"params": st.column_config.NumberColumn(format="compact"),
+                                "also seen as": st.column_config.TextColumn(
+                                    help="Other names or paths the same weights were analysed from; a model keeps "
+                                         "the label it was first stored under."),
                                 "last run": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")})
     plural = {1: ""}
     st.caption(f"{len(models)} model{plural.get(len(models), 's')}, {len(entries)} stored "
