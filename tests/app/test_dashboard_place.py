@@ -138,3 +138,21 @@ def test_home_page_keeps_the_first_label_and_lists_aliases(two_models):
     table = at.dataframe[0].value
     row = table[table["fingerprint"] == fp_a].iloc[0]
     assert row["label"] == first and row["also seen as"] == "/runs/ckpt-100"
+
+
+def test_analysing_the_same_weights_by_another_path_keeps_the_first_label(dashboard_store, tmp_path):
+    """End to end through the runner (analysis.run.register_source): the same checkpoint analysed again from a
+    copy under runs/ keeps its first label; the copy's path is an alias; the spectra page names the first."""
+    import shutil
+
+    from app import api
+
+    first = _checkpoint(tmp_path / "bilinear-lm.safetensors", 3)
+    (tmp_path / "runs").mkdir()
+    again = Path(shutil.copy(first, tmp_path / "runs" / "ckpt-100.safetensors"))
+    api.analyze(str(first), store=dashboard_store)
+    api.analyze(str(again), store=dashboard_store, refresh=True)
+    (m,) = dashboard_store.models()
+    assert (m.label, m.aliases) == (str(first.resolve()), (str(again.resolve()),))
+    at = _open(_app().run(), "spectra")
+    assert at.selectbox(key="spectra_model").options == [f"{first.resolve()} ({m.fingerprint[:8]})"]
