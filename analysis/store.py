@@ -17,9 +17,8 @@ temp files, and collects the orphans (``analysis/store_check.py``).
 A store whose directory cannot be written (read-only, or a full disk) still opens: it is read
 through a read-only SQLite connection, and any write raises ``StoreError`` naming the directory
 and the fix (``analysis/store_sqlite.py``). Every SQLite or file-system failure surfaces as a
-``StoreError``; nothing stored before a failed write is touched.
-
-Key = sha256 of the canonical JSON of (fingerprint, analysis, params, code_version).
+``StoreError``; nothing stored before a failed write is touched. Key = sha256 of the canonical
+JSON of (fingerprint, analysis, params, code_version). A model keeps its first label (aliases in ``info``).
 """
 
 from __future__ import annotations
@@ -48,6 +47,7 @@ from analysis.store_records import (  # noqa: F401  (EntryInfo, ModelInfo, canon
     entry_info_from_row,
     entry_key,
     json_object,
+    model_row,
 )
 from analysis.store_sqlite import ENV_VAR, default_store_root  # noqa: F401 (re-exported)
 from analysis.table_codec import from_parquet, to_parquet
@@ -352,30 +352,35 @@ class Store:
     def register_model(self, fingerprint: str, label: str, kind: str, *, n_tensors: int | None = None,
                        n_params: int | None = None, info: Mapping[str, Any] | None = None,
                        replace: bool = True) -> None:
-        """Record (or refresh the label of) a model the store holds results for; with
-        ``replace=False`` an existing record is kept as it is. Writes only when the record
-        changes, so serving stored results works on a read-only store."""
-        info_json = canonical_json(dict(info or {}))
+        """Record a model the store holds results for. It keeps its first label; another label (the same
+        weights by another path) joins ``ModelInfo.aliases`` and the rest is refreshed (``replace=False``:
+        an existing record stays as it is). Writes only on a change, so a read-only store still serves."""
+        select = "SELECT label, kind, n_tensors, n_params, info FROM models WHERE fingerprint=?"
         with self._connection("reading the model table") as con:
-            row = con.execute("SELECT label, kind, n_tensors, n_params, info FROM models WHERE fingerprint=?",
-                              (fingerprint,)).fetchone()
-        if row is not None and (not replace or row == (label, kind, n_tensors, n_params, info_json)):
+            row = con.execute(select, (fingerprint,)).fetchone()
+        if row is not None and (not replace or row == model_row(row, label, kind, n_tensors, n_params, info)):
             return
-        conflict = ("DO UPDATE SET label=excluded.label, kind=excluded.kind, n_tensors=excluded.n_tensors, "
-                    "n_params=excluded.n_params, info=excluded.info") if replace else "DO NOTHING"
         self._require_writable("recording a model")
         with self._connection("recording a model", write=True) as con:
-            con.execute(
-                f"INSERT INTO models VALUES (?,?,?,?,?,?,?) ON CONFLICT(fingerprint) {conflict}",
-                (fingerprint, label, kind, n_tensors, n_params, time.time(), info_json))
+            con.execute("BEGIN IMMEDIATE")  # read and update in one transaction: a concurrent alias is kept
+            try:
+                if (row := con.execute(select, (fingerprint,)).fetchone()) is None:
+                    con.execute("INSERT INTO models VALUES (?,?,?,?,?,?,?)", (fingerprint, label, kind, n_tensors,
+                                n_params, time.time(), canonical_json(dict(info or {}))))
+                elif replace:
+                    con.execute("UPDATE models SET kind=?, n_tensors=?, n_params=?, info=? WHERE fingerprint=?",
+                                (*model_row(row, label, kind, n_tensors, n_params, info)[1:], fingerprint))
+                con.execute("COMMIT")
+            except BaseException:
+                self._rollback(con)
+                raise
 
     def models(self) -> list[ModelInfo]:
         """Models with at least one stored result, most recently seen first (an ``info`` whose
         JSON no longer parses reads as {})."""
         with self._connection("listing models") as con:
-            rows = con.execute(
-                "SELECT m.*, MAX(e.created) AS last FROM models m JOIN entries e USING (fingerprint) "
-                "GROUP BY m.fingerprint ORDER BY last DESC").fetchall()
+            rows = con.execute("SELECT m.*, MAX(e.created) AS last FROM models m JOIN entries e USING (fingerprint) "
+                               "GROUP BY m.fingerprint ORDER BY last DESC").fetchall()
         return [ModelInfo(r[0], r[1], r[2], r[3], r[4], r[5], json_object(r[6])) for r in rows]
 
     # -- maintenance ----------------------------------------------------------------------
@@ -383,7 +388,6 @@ class Store:
         """Remove temp files left by killed writers and blobs no entry references (both older than
         ``older_than_s``); returns the count."""
         from analysis.store_check import collect_garbage
-
         return collect_garbage(self, older_than_s)
 
     def check(self, *, fix: bool = False, tmp_min_age_s: float = 600.0) -> StoreCheck:
@@ -393,3 +397,4 @@ class Store:
         from analysis.store_check import check_store
 
         return check_store(self, fix=fix, tmp_min_age_s=tmp_min_age_s)
+

@@ -51,6 +51,11 @@ class ModelInfo:
     first_seen: float
     info: dict[str, Any]
 
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Other labels the same weights were recorded under after the first (``label``), oldest first."""
+        return tuple(a for a in self.info.get("aliases", ()) if isinstance(a, str))
+
 
 def canonical_json(obj: Any) -> str:
     """Deterministic JSON (sorted keys, tuples as lists); raises ConfigError if not serialisable."""
@@ -96,3 +101,15 @@ def json_object(text: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def model_row(row: tuple, label: str, kind: str, n_tensors: int | None, n_params: int | None,
+               info: Mapping[str, Any] | None) -> tuple:
+    """The model-table row after registering (label, kind, ...) over the stored ``row``: the first
+    label stays, a new one joins the aliases (in the order first seen), the rest is refreshed."""
+    first = row[0]
+    aliases = [a for a in json_object(row[4]).get("aliases", []) if isinstance(a, str)]
+    if label != first and label not in aliases:
+        aliases.append(label)
+    merged = dict(info or {}) | ({"aliases": aliases} if aliases else {})
+    return (first, kind, n_tensors, n_params, canonical_json(merged))

@@ -7,8 +7,9 @@ inside an allowed root:
 - ``$LENSLAB_ALLOWED_ROOT``: one or more directories separated by ``os.pathsep`` (``:``), set by
   ``lenslab dashboard --allowed-root DIR`` (repeatable); it replaces the defaults;
 - default: the directory the dashboard was started from, LensLab's models directory
-  (``$LENSLAB_MODELS``, default ``~/.cache/lenslab/models``) and the Hugging Face cache
-  (``$HF_HOME``, default ``~/.cache/huggingface``).
+  (``$LENSLAB_MODELS``, default ``~/.cache/lenslab/models``) and the Hugging Face cache, found as
+  huggingface_hub finds it (``hf_home``): ``$HF_HOME``, else ``$XDG_CACHE_HOME/huggingface``, else
+  ``~/.cache/huggingface``; plus ``$HF_HUB_CACHE`` when it points elsewhere.
 
 A refused path is never opened (not even to check that it exists), so an error message cannot
 reveal anything about files outside the roots. A typed directory inside the roots must not hold
@@ -43,9 +44,24 @@ def allowed_roots() -> tuple[Path, ...]:
     else:
         from analysis.models import tiny_lm as tiny_models
 
-        hf_home = os.environ.get("HF_HOME") or Path("~/.cache/huggingface").expanduser()
-        roots = [Path.cwd(), tiny_models.models_dir(), Path(hf_home)]
+        roots = [Path.cwd(), tiny_models.models_dir(), *hf_roots()]
     return tuple(dict.fromkeys(r.resolve() for r in roots))
+
+
+def hf_home() -> Path:
+    """The Hugging Face home as huggingface_hub resolves it: ``$HF_HOME``, else ``$XDG_CACHE_HOME/huggingface``,
+    else ``~/.cache/huggingface`` (``~`` expanded in each)."""
+    if home := os.environ.get("HF_HOME", "").strip():
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip() or "~/.cache"
+    return Path(xdg).expanduser() / "huggingface"
+
+
+def hf_roots() -> list[Path]:
+    """The Hugging Face directories a typed model may lie in: ``hf_home()`` and ``$HF_HUB_CACHE`` (or its old
+    name ``$HUGGINGFACE_HUB_CACHE``) when set outside it."""
+    hub = os.environ.get("HF_HUB_CACHE", "").strip() or os.environ.get("HUGGINGFACE_HUB_CACHE", "").strip()
+    return [hf_home(), *([Path(hub).expanduser()] if hub else [])]
 
 
 def check_typed_path(spec: str, *, names: Iterable[str] = (), what: str = "model") -> str:

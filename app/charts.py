@@ -8,6 +8,10 @@ density of the histogram and the fitted line evaluated from the stored ``alpha``
 - ``esd_loglog(singular_values, row)``: ESD histogram (λ = σ², log-spaced bins, density) on
   log-log axes, the fitted power law p(λ) ∝ λ^−alpha from xmin, the Marchenko-Pastur edge and xmin.
 - ``singular_value_curve(singular_values, row)``: σ_i against rank i on a log y axis.
+
+Shared by every chart module: ``log_axis(lo, hi)`` (a log axis whose ticks read as numbers: powers of
+ten, with 2 and 5 between them when less than two powers fit; never plotly's "2 / 5 / 100µ") and
+``note_zoom(fig, values)`` (says so when an axis autoscales to a narrow range, e.g. accuracies within 0.004).
 """
 
 from __future__ import annotations
@@ -26,6 +30,52 @@ HEATMAP_VALUES = {"log10_kappa": "log10 κ", "alpha": "power-law α"}
 _COLORSCALES = {"log10_kappa": "Viridis", "alpha": "RdYlBu_r"}
 _MAX_CELL_TEXT = 160  # print values in the cells only when the grid is at most this many cells
 OUTSIDE_COLUMN = "outside blocks"
+
+
+ZOOM_SPAN = 0.05  # an axis whose values span less than this (e.g. accuracies 0.996-1.000) gets a note
+
+
+def tick_label(v: float) -> str:
+    """A log-axis tick as a number: 0.001 ... 1000 written out, otherwise mantissa e exponent ("1e-4", "2.5e5")."""
+    mantissa, exponent = f"{v:.1e}".split("e")
+    return f"{v:g}" if -3 <= int(exponent) <= 3 else f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def log_ticks(lo: float, hi: float, max_ticks: int = 8) -> tuple[list[float], list[str]]:
+    """Tick values and labels for a log axis over [lo, hi] (lo > 0): the powers of ten inside (every k-th
+    when there are more than ``max_ticks``), with 2 and 5 between them when fewer than two powers fit."""
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+        return [], []
+    e_lo, e_hi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    inside = [10.0**e for e in range(e_lo, e_hi + 1) if lo <= 10.0**e <= hi]
+    if len(inside) >= 2:
+        step = math.ceil(len(inside) / max_ticks)
+        values = inside[::step]
+    else:
+        values = [float(f"{m * 10.0**e:.12g}") for e in range(e_lo, e_hi + 1) for m in (1, 2, 5)
+                  if lo <= m * 10.0**e <= hi]
+        if len(values) < 2:
+            values = sorted({float(f"{lo:.2g}"), float(f"{hi:.2g}")})
+    return values, [tick_label(v) for v in values]
+
+
+def log_axis(lo: float, hi: float, title: str) -> dict[str, Any]:
+    """Layout of a log axis over [lo, hi] with readable ticks (``log_ticks``) and ``title``."""
+    values, labels = log_ticks(lo, hi)
+    return {"type": "log", "title": {"text": title}, "tickmode": "array", "tickvals": values, "ticktext": labels}
+
+
+def note_zoom(fig: go.Figure, values: Any, what: str, axis: str = "y") -> go.Figure:
+    """Add a note to ``fig`` when the finite ``values`` drawn on ``axis`` span less than ``ZOOM_SPAN``: plotly
+    then zooms the axis to that narrow range, which makes small differences look large."""
+    v = np.asarray(pd.to_numeric(pd.Series(np.ravel(np.asarray(values, dtype=object))), errors="coerce"), dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2 or (span := float(v.max() - v.min())) >= ZOOM_SPAN:
+        return fig
+    fig.add_annotation(text=f"{axis} axis zoomed: {what} spans only {span:.2g} ({v.min():.4g}–{v.max():.4g})",
+                       xref="paper", yref="paper", x=1, y=1, xanchor="right", yanchor="bottom", showarrow=False,
+                       font={"size": 11, "color": "#b45309"}, name="zoom note")
+    return fig
 
 
 def outside_blocks(table: pd.DataFrame) -> pd.DataFrame:
@@ -159,10 +209,11 @@ def esd_loglog(singular_values: np.ndarray, row: Mapping[str, Any] | pd.Series) 
             fig.add_trace(go.Scatter(x=[x0, x0], y=[y_lo, y_hi], mode="lines", name=name, line=style,
                                      hovertemplate=f"{name}<extra></extra>"))
     matrix, shape = _row_get(row, "matrix", ""), _row_get(row, "shape", "")
+    xs_all = [v for t in fig.data for v in np.asarray(t.x, dtype=float) if np.isfinite(v) and v > 0]
+    x_lo, x_hi = (min(xs_all), max(xs_all)) if xs_all else (1.0, 10.0)
     fig.update_layout(title={"text": f"ESD of {matrix} ({shape})"},
-                      xaxis={"type": "log", "title": {"text": "eigenvalue λ of WᵀW (σ²)"}},
-                      yaxis={"type": "log", "title": {"text": "density"}, "range": [math.log10(y_lo),
-                                                                                     math.log10(y_hi)]},
+                      xaxis=log_axis(x_lo, x_hi, "eigenvalue λ of WᵀW (σ²)"),
+                      yaxis={**log_axis(y_lo, y_hi, "density"), "range": [math.log10(y_lo), math.log10(y_hi)]},
                       legend={"orientation": "h", "y": -0.2}, margin={"l": 10, "r": 10, "t": 50, "b": 10},
                       height=460)
     return fig
@@ -174,7 +225,9 @@ def singular_value_curve(singular_values: np.ndarray, row: Mapping[str, Any] | p
     fig = go.Figure(go.Scatter(x=np.arange(1, len(sv) + 1), y=np.where(sv > 0, sv, np.nan), mode="lines",
                                name="σ", hovertemplate="i %{x}<br>σ %{y:.4g}<extra></extra>"))
     title = "singular values" if row is None else f"singular values of {_row_get(row, 'matrix', '')}"
+    positive = sv[sv > 0]
+    lo, hi = (float(positive.min()), float(positive.max())) if len(positive) else (1.0, 10.0)
     fig.update_layout(title={"text": title}, xaxis={"title": {"text": "rank i"}},
-                      yaxis={"type": "log", "title": {"text": "σ_i"}}, height=320,
+                      yaxis=log_axis(lo, hi, "σ_i"), height=320,
                       margin={"l": 10, "r": 10, "t": 50, "b": 40})
     return fig

@@ -21,6 +21,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.errors import ShapeError
+from app.charts import note_zoom
 
 if TYPE_CHECKING:
     from analysis.bilinear.evaluate import TruncationCurve
@@ -86,7 +87,7 @@ def truncation(curve: TruncationCurve, title: str = "Truncation") -> go.Figure:
     fig.update_layout(title={"text": title}, xaxis={"title": {"text": "eigenvectors kept per direction (top |λ|)"}},
                       yaxis={"title": {"text": "fraction"}}, height=340, legend={"orientation": "h", "y": -0.25},
                       margin={"l": 10, "r": 10, "t": 50, "b": 10})
-    return fig
+    return note_zoom(fig, [v for tr in fig.data for v in tr.y], "accuracy, agreement and error")
 
 
 def contribution_bars(table: pd.DataFrame, title: str = "") -> go.Figure:

@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.errors import ConfigError, ShapeError
+from app.charts import note_zoom
 
 FLIP, EFFECT = "#4c78a8", "#e45756"
 
@@ -109,7 +110,7 @@ def accuracy_curve(table: pd.DataFrame, linear_probe: float | None = None, match
                                                                "tickvals": list(t["n_experts"])},
                       yaxis={"title": {"text": "accuracy"}}, legend={"orientation": "h", "y": -0.25}, height=400,
                       margin={"l": 10, "r": 10, "t": 50, "b": 10})
-    return fig
+    return note_zoom(fig, [v for tr in fig.data for v in tr.y], "accuracy")
 
 
 def routing_heatmap(z: np.ndarray, *, x: Sequence[str], y: Sequence[str], title: str, zlabel: str,

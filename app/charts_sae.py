@@ -53,10 +53,12 @@ def head_bars(weights: np.ndarray, feature: int, layer: int | None = None) -> go
     names = [f"{'' if layer is None else f'L{layer}'}H{h}" for h in range(len(w))]
     fig = go.Figure(go.Bar(x=names, y=w, marker_color=NEG, name="weight",
                            hovertemplate="%{x}: %{y:.3f}<extra></extra>"))
-    if len(w):  # the share every head would get from a random direction
-        fig.add_hline(y=1 / len(w), line_dash="dot", line_color="grey", annotation_text="uniform 1/n_heads")
+    if len(w):  # the share every head would get from a random direction: a legend entry, not a label on the bars
+        fig.add_trace(go.Scatter(x=names, y=np.full(len(w), 1 / len(w)), mode="lines", name="uniform share 1/n_heads",
+                                 line={"dash": "dot", "color": "grey"}, hovertemplate="uniform %{y:.3f}<extra></extra>"))
     fig.update_layout(title={"text": f"Head attribution of feature {feature}"}, yaxis={"title": {"text": "weight"},
-                      "rangemode": "tozero"}, height=280, margin=_MARGIN, showlegend=False)
+                      "rangemode": "tozero"}, height=300, margin=_MARGIN, showlegend=True,
+                      legend={"orientation": "h", "y": -0.2, "x": 0})
     return fig
 
 
@@ -84,6 +86,7 @@ def dfa_heatmap(dfa: np.ndarray, tokens: list[str], feature: int) -> go.Figure:
     peak = float(np.abs(a).max()) or 1.0
     fig = go.Figure(go.Heatmap(z=a, x=[f"H{h}" for h in range(a.shape[1])], y=_labels(tokens), colorscale="RdBu_r",
                                zmin=-peak, zmax=peak, name="DFA",
+                               colorbar={"title": {"text": "DFA"}},
                                hovertemplate="%{y} · %{x}<br>DFA %{z:.3g}<extra></extra>"))
     fig.update_layout(title={"text": f"Direct feature attribution by head, feature {feature}"},
                       yaxis={"autorange": "reversed"}, height=max(300, 20 * len(tokens) + 100), margin=_MARGIN)
@@ -96,7 +99,7 @@ def prompt_heatmap(acts: np.ndarray, tokens: list[str], features: list[int]) -> 
     if a.ndim != 2 or a.shape != (len(tokens), len(features)):
         raise ShapeError(f"activations of shape {a.shape} do not match {len(tokens)} tokens x {len(features)} features")
     fig = go.Figure(go.Heatmap(z=a, x=[f"f{i}" for i in features], y=_labels(tokens), colorscale="Oranges", zmin=0,
-                               name="activation", hovertemplate="%{y} · %{x}<br>%{z:.3g}<extra></extra>"))
+                               name="activation", colorbar={"title": {"text": "activation"}}, hovertemplate="%{y} · %{x}<br>%{z:.3g}<extra></extra>"))
     fig.update_layout(title={"text": "Features firing on the prompt"}, yaxis={"autorange": "reversed"},
                       xaxis={"type": "category"}, height=max(300, 20 * len(tokens) + 100), margin=_MARGIN)
     return fig

@@ -12,12 +12,17 @@ a traceback in the server log. A value a page hands to ``app.api`` as a file goe
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from app.page_errors import run_page
 from app.state import store_root
 
-st.set_page_config(page_title="LensLab", page_icon=":material/biotech:", layout="wide")
+# The favicon is a local SVG (sent inline as a data: URL): a ":material/...:" page icon makes the browser fetch
+# it from a font CDN, which fails offline. The sidebar's material icons come from Streamlit's bundled font.
+FAVICON = Path(__file__).resolve().parent / "static" / "favicon.svg"
+st.set_page_config(page_title="LensLab", page_icon=str(FAVICON), layout="wide")
 
 # The page list (paths relative to this file). Append new pages here.
 PAGES = [

@@ -13,6 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from analysis.errors import ConfigError
+from app.charts import note_zoom
 
 ARM_COLORS = {"lowest_kappa": "#e45756", "highest_kappa": "#4c78a8", "random": "#f58518", "full": "#54a24b",
               "head_only": "#9d9da1"}
@@ -63,4 +64,4 @@ def forgetting_scatter(summary: pd.DataFrame, runs: pd.DataFrame | None = None) 
                       yaxis={"title": {"text": "task accuracy (test split)"}},
                       legend={"orientation": "h", "y": -0.2}, margin={"l": 10, "r": 10, "t": 50, "b": 10},
                       height=480)
-    return fig
+    return note_zoom(fig, [v for tr in fig.data for v in tr.y], "accuracy")

@@ -9,9 +9,12 @@ import streamlit as st
 from analysis.store import Store
 from app import api
 from app.allowed_paths import check_source, check_stored_source
-from app.state import run_with_st_progress
+from app.state import FP_SHOWN, LINKED, pick_index, run_with_st_progress, write_query
 
 SAE_STATE = "lenslab_sae"  # store key of the SAE last picked on any SAE page
+SAE_PARAM = "sae"  # query parameter naming the SAE a view opens on (?sae=<key prefix>)
+KEY_SHOWN = 8  # key characters shown after an SAE's name
+PICKERS = ("sae_pick", "sae_feat_pick", "sae_prompt_pick")  # the SAE pages' picker widgets
 FLASH = "sae_flash"
 
 
@@ -55,15 +58,40 @@ def load_sae(store_root: str, key: str):
     return api.load_sae(key, store=store_root)
 
 
+def sae_label(name: str, key: str) -> str:
+    """An SAE's name with its store-key prefix: two SAEs of the same settings (a re-import) stay apart."""
+    return f"{name} · {key[:KEY_SHOWN]}"
+
+
+def choose_sae(key: str) -> None:
+    """Open every SAE page on the SAE ``key`` (e.g. one just trained)."""
+    st.session_state[SAE_STATE] = key
+    for widget in PICKERS:
+        st.session_state.pop(widget, None)
+
+
+def _picked(widget: str) -> None:
+    st.session_state[SAE_STATE] = st.session_state[widget]
+
+
 def sae_picker(store: Store, table, *, key: str, label: str = "SAE"):
-    """A select box over the stored SAEs (rows of ``api.sae_list``); remembers the choice across pages.
-    Returns the chosen row (a pandas Series)."""
+    """A select box over the stored SAEs (rows of ``api.sae_list``), named with their key prefix. It opens
+    on the SAE last picked on any SAE page, else the one ``?sae=<key prefix>`` names, else the newest, and
+    puts its choice in the URL. Returns the chosen row (a pandas Series)."""
     keys = list(table["key"])
     by_key = {r["key"]: r for _, r in table.iterrows()}
     remembered = st.session_state.get(SAE_STATE)
-    index = keys.index(remembered) if remembered in by_key else 0
-    choice = st.selectbox(label, keys, index=index, key=key, format_func=lambda k: by_key[k]["name"])
-    st.session_state[SAE_STATE] = choice
+    query = st.query_params.get(SAE_PARAM, "").strip().lower()
+    if remembered not in by_key and query and query != st.session_state.get(LINKED, {}).get(SAE_PARAM):
+        found = [k for k in keys if len(query) >= 4 and k.startswith(query)]
+        if len(found) == 1:
+            remembered = st.session_state[SAE_STATE] = found[0]
+        else:
+            st.warning(f"The link's ?{SAE_PARAM}={query[:80]} names no SAE shown here (give 4 or more characters "
+                       "of a stored SAE's key); showing another one.")
+    choice = st.selectbox(label, keys, index=pick_index(key, keys, remembered), key=key,
+                          format_func=lambda k: sae_label(by_key[k]["name"], k), on_change=_picked, args=(key,))
+    write_query(SAE_PARAM, choice[:FP_SHOWN])
     return by_key[choice]
 
 

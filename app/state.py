@@ -9,6 +9,8 @@ share a key. ``st.cache_resource`` objects are shared by every session of the se
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import streamlit as st
 
@@ -18,6 +20,10 @@ from analysis.store import ModelInfo, Store, default_store_root
 from app.allowed_paths import check_source
 
 MODEL_STATE = "lenslab_model"  # fingerprint of the model last picked on any page
+MODEL_PARAM = "model"  # query parameter naming the model a view opens on (?model=<fingerprint prefix | label>)
+FP_SHOWN = 12  # fingerprint characters in the query parameter
+LINKED = "lenslab_linked"  # query values this session wrote itself (not a link to follow): {param: value}
+MISSING = "–"  # how a missing value reads in tables and metrics (st.dataframe placeholder)
 
 
 def store_root() -> str:
@@ -66,8 +72,70 @@ def model_label(model: ModelInfo) -> str:
     return f"{model.label} ({model.fingerprint[:8]})"
 
 
-def model_picker(store: Store, *, key: str, label: str = "Model", empty: str | None = None) -> ModelInfo | None:
-    """A select box over the store's models; remembers the choice across pages.
+def _query_match(value: str, models: Sequence[ModelInfo]) -> str | None:
+    """The fingerprint ``?model=VALUE`` names: a fingerprint prefix (4+ characters, unique), a label or an alias."""
+    value = value.strip()
+    exact = [m.fingerprint for m in models if value == m.label or value in m.aliases]
+    prefix = [m.fingerprint for m in models if len(value) >= 4 and m.fingerprint.startswith(value.lower())]
+    found = list(dict.fromkeys(exact or prefix))
+    return found[0] if len(found) == 1 else None
+
+
+def remembered_model(candidates: Sequence[str], models: Sequence[ModelInfo],
+                     preferred: Iterable[str] = ()) -> str | None:
+    """The fingerprint a picker over ``candidates`` opens on: the model last chosen on any page of this
+    session, else the one the ``?model=`` query parameter names (a linked view; remembered from then on),
+    else the first of ``preferred`` (e.g. the models holding what the page shows), else None (the picker's
+    first entry). A query value that names no candidate is said in a warning."""
+    cands = set(candidates)
+    if (fp := st.session_state.get(MODEL_STATE)) in cands:
+        return fp
+    if (query := st.query_params.get(MODEL_PARAM)) and query != st.session_state.get(LINKED, {}).get(MODEL_PARAM):
+        if (fp := _query_match(query, models)) in cands:
+            remember_model(fp)
+            return fp
+        if fp is None or fp != st.session_state.get(MODEL_STATE):
+            st.warning(f"The link's ?{MODEL_PARAM}={query[:80]} names no model shown on this page (give a "
+                       "fingerprint prefix, a label or an alias of a stored model); showing another one.")
+    return next((fp for fp in preferred if fp in cands), None)
+
+
+def remember_model(fingerprint: str) -> None:
+    """Keep ``fingerprint`` as the model chosen for every page of this session."""
+    st.session_state[MODEL_STATE] = fingerprint
+
+
+def picked(key: str, fingerprint_of: Callable[[Any], str] | None = None) -> None:
+    """``on_change`` callback of a model (or per-model entry) picker: remember the model the user picked.
+    Only a user's pick is remembered, never the entry a page opened on by default."""
+    value = st.session_state[key]
+    remember_model(value if fingerprint_of is None else fingerprint_of(value))
+
+
+def link_model(fingerprint: str) -> None:
+    """Put the model a view shows in its URL (``?model=<fingerprint prefix>``) so the view can be linked."""
+    write_query(MODEL_PARAM, fingerprint[:FP_SHOWN])
+
+
+def write_query(param: str, value: str) -> None:
+    """Set ``?param=value`` in the URL, noting that this session wrote it: only a value that came from a link
+    opens a picker on it (a page showing another entry by default must not turn that into a choice)."""
+    st.session_state.setdefault(LINKED, {})[param] = value
+    if st.query_params.get(param) != value:
+        st.query_params[param] = value
+
+
+def pick_index(key: str, options: Sequence[str], default: str | None) -> int:
+    """Index of ``default`` in ``options`` (0 when absent); drops a stale widget value (a deleted option)."""
+    if key in st.session_state and st.session_state[key] not in options:
+        del st.session_state[key]
+    return list(options).index(default) if default in options else 0
+
+
+def model_picker(store: Store, *, key: str, label: str = "Model", empty: str | None = None,
+                 prefer: Callable[[ModelInfo], bool] | None = None) -> ModelInfo | None:
+    """A select box over the store's models that opens on ``remembered_model`` (the model chosen on any
+    page, or the linked one, or the newest for which ``prefer`` holds) and remembers the choice.
 
     Shows an info box (``empty``, or how to analyse a first model) and returns None when the store holds no models.
     """
@@ -78,10 +146,11 @@ def model_picker(store: Store, *, key: str, label: str = "Model", empty: str | N
         return None
     by_fp = {m.fingerprint: m for m in models}
     fps = list(by_fp)
-    remembered = st.session_state.get(MODEL_STATE)
-    index = fps.index(remembered) if remembered in by_fp else 0
-    fp = st.selectbox(label, fps, index=index, key=key, format_func=lambda f: model_label(by_fp[f]))
-    st.session_state[MODEL_STATE] = fp
+    preferred = [m.fingerprint for m in models if prefer is not None and prefer(m)]
+    index = pick_index(key, fps, remembered_model(fps, models, preferred))
+    fp = st.selectbox(label, fps, index=index, key=key, format_func=lambda f: model_label(by_fp[f]),
+                      on_change=picked, args=(key,))
+    link_model(fp)
     return by_fp[fp]
 
 

@@ -21,7 +21,7 @@ from analysis.run import NotStoredError
 from app import api
 from app import charts_bilinear as charts
 from app.allowed_paths import check_direction, check_source
-from app.state import get_store
+from app.state import MISSING, get_store, link_model, pick_index, picked, remembered_model
 
 N_IMAGES = 4  # top positive and top negative eigenvectors shown as images
 FLASH = "bilinear_flash"
@@ -94,10 +94,13 @@ if not entries:
             "`lenslab bilinear decompose bilinear-digits --direction class:all` in a terminal.")
     st.stop()
 
-labels = {m.fingerprint: m.label for m in store.models()}
+models = store.models()
+labels = {m.fingerprint: m.label for m in models}
 fps = list(dict.fromkeys(e.fingerprint for e in entries))
 c1, c2, c3 = st.columns([2, 1, 2])
-fp = c1.selectbox("Model", fps, key="bl_model", format_func=lambda f: f"{labels.get(f, f[:8])} ({f[:8]})")
+fp = c1.selectbox("Model", fps, key="bl_model", index=pick_index("bl_model", fps, remembered_model(fps, models)),
+                  format_func=lambda f: f"{labels.get(f, f[:8])} ({f[:8]})", on_change=picked, args=("bl_model",))
+link_model(fp)
 mine = [e for e in entries if e.fingerprint == fp]
 
 
@@ -154,7 +157,8 @@ elif rep.top_tokens is not None and len(rep.top_tokens):
     tt = rep.top_tokens[rep.top_tokens["direction"] == dec.labels[k]]
     summary = (tt.sort_values(["eigen", "rank"]).groupby(["eigen", "eigenvalue", "sign"], sort=False)["token"]
                .agg(lambda s: " · ".join(repr(t) for t in s)).reset_index())
-    st.dataframe(summary.sort_values("eigenvalue", ascending=False, key=np.abs), hide_index=True, key="bl_tokens")
+    st.dataframe(summary.sort_values("eigenvalue", ascending=False, key=np.abs), hide_index=True, placeholder=MISSING,
+                 key="bl_tokens")
 
 if rep.truncation is not None:
     st.subheader("Truncation")
@@ -177,6 +181,7 @@ if rep.explorer_contrib is not None:
         row = rep.explorer_tokens.iloc[i]
         left.markdown(f"**token** `{row['token']!r}`  \n**context** `{row['context']}`")
     left.markdown(f"**largest output:** {dec.labels[ex.predicted]} ({ex.outputs[ex.predicted]:+.3g})")
-    left.dataframe(pd.DataFrame({"direction": dec.labels, "output": ex.outputs}), hide_index=True, key="bl_outputs")
+    left.dataframe(pd.DataFrame({"direction": dec.labels, "output": ex.outputs}), hide_index=True, placeholder=MISSING,
+                   key="bl_outputs")
     right.plotly_chart(charts.contribution_bars(ex.contributions, f"What drives {dec.labels[ex.predicted]}"),
                        key="bl_contrib")

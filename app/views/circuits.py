@@ -12,7 +12,7 @@ from analysis.errors import LensLabError
 from app import api
 from app import charts_circuits as charts
 from app.allowed_paths import check_source
-from app.state import get_store, model_picker, run_with_st_progress
+from app.state import MISSING, get_store, model_picker, remember_model, run_with_st_progress
 
 FLASH = "circuits_flash"
 PICK = "circuits_model"
@@ -40,9 +40,11 @@ st.caption("Singular values of every head's QK circuit W_Q W_Kᵀ (how queries s
            "float64. κ is s_max / s_min over the d_head nonzero-rank values (inf: a rank-deficient head).")
 if msg := st.session_state.pop(FLASH, None):
     st.success(msg)
-if pending := st.session_state.pop(PENDING, None):
-    st.session_state[PICK] = pending
-model = model_picker(store, key=PICK, empty=EMPTY)
+if pending := st.session_state.pop(PENDING, None):  # open on the model just computed
+    remember_model(pending)
+    st.session_state.pop(PICK, None)
+model = model_picker(store, key=PICK, empty=EMPTY,  # no choice yet: the newest model with circuit spectra
+                     prefer=lambda m: bool(api.stored_circuits(m.fingerprint, store)))
 entries = api.stored_circuits(model.fingerprint, store) if model is not None else []
 
 with st.expander("Compute circuit spectra", expanded=not entries):
@@ -81,4 +83,4 @@ st.plotly_chart(charts.head_heatmap(cs.grid(metric, circuit), metric, circuit), 
 
 st.subheader(f"{circuit} heads by {metric}")
 rows = cs.table[cs.table["circuit"] == circuit].sort_values(metric, ascending=False, kind="stable")
-st.dataframe(rows, hide_index=True, key="circuits_table")
+st.dataframe(rows, hide_index=True, placeholder=MISSING, key="circuits_table")

@@ -15,7 +15,7 @@ import streamlit as st
 from analysis.errors import LensLabError
 from app import api
 from app.experiment_charts import ARM_LABELS, forgetting_scatter
-from app.state import get_store
+from app.state import MISSING, get_store, link_model, pick_index, picked, remembered_model
 
 store = get_store()
 st.title("Experiments")
@@ -27,7 +27,8 @@ if not entries:
             "(a few minutes on 2 cores), or `app.api.experiment_kappatune('minilm')` in a notebook.")
     st.stop()
 
-labels = {m.fingerprint: m.label for m in store.models()}
+models = store.models()
+labels = {m.fingerprint: m.label for m in models}
 
 
 def describe(i: int) -> str:
@@ -38,7 +39,12 @@ def describe(i: int) -> str:
             f"{c.get('seeds')} seed(s) · {c.get('steps')} steps{' · bf16' if c.get('autocast') else ''} · {when}")
 
 
-pick = st.selectbox("Stored experiment", range(len(entries)), format_func=describe, key="experiment_pick")
+opens_on = remembered_model([e.fingerprint for e in entries], models)  # newest experiment of the chosen model
+pick = st.selectbox("Stored experiment", range(len(entries)), format_func=describe, key="experiment_pick",
+                    index=pick_index("experiment_pick", range(len(entries)),
+                                     next((i for i, e in enumerate(entries) if e.fingerprint == opens_on), None)),
+                    on_change=picked, args=("experiment_pick", lambda i: entries[i].fingerprint))
+link_model(entries[pick].fingerprint)
 try:
     res = api.load_experiment(entries[pick].key, store=store)
 except LensLabError as exc:  # corrupt, or deleted since the listing
@@ -68,13 +74,13 @@ table = pd.DataFrame({
     "similarity Spearman": [pm(m, s, 4) for m, s in zip(summary["spearman_mean"], summary["spearman_std"])],
     "seeds": summary["n_seeds"],
 })
-st.dataframe(table, hide_index=True, key="experiment_summary",
+st.dataframe(table, hide_index=True, placeholder=MISSING, key="experiment_summary",
              column_config={"trained params": st.column_config.NumberColumn(format="localized")})
 st.plotly_chart(forgetting_scatter(summary, runs), key="experiment_scatter")
 st.caption("Drift: mean over held-out texts of 1 − cos(embedding before, after). Similarity Spearman: rank "
            "correlation of all pairwise cosine similarities before vs after (1 = structure kept). "
            "Selection arms share a tensor budget, not a parameter budget: compare the trained-params column.")
 with st.expander(f"All {len(runs)} runs"):
-    st.dataframe(runs, hide_index=True, key="experiment_runs")
+    st.dataframe(runs, hide_index=True, placeholder=MISSING, key="experiment_runs")
 with st.expander("Settings (store key parameters)"):
     st.json(cfg)

@@ -16,7 +16,7 @@ import streamlit as st
 from app import api
 from app import charts_experts as charts
 from app.allowed_paths import check_source
-from app.state import get_store, run_with_st_progress
+from app.state import MISSING, get_store, link_model, pick_index, picked, remembered_model, run_with_st_progress
 
 FLASH = "experts_flash"
 ABLATION_COLUMNS = ["expert", "load", "usage", "n_flipped", "accuracy_drop", "n_classes_hurt", "polysemanticity",
@@ -108,7 +108,7 @@ else:
     right.plotly_chart(charts.accuracy_curve(curve.table, m["linear_probe"]["test_accuracy"],
                                              (m.get("matched_linear") or {}).get("test_accuracy")), key="curve_acc")
     with st.expander("Curve table"):
-        st.dataframe(curve.table, hide_index=True, key="curve_table")
+        st.dataframe(curve.table, hide_index=True, placeholder=MISSING, key="curve_table")
 
     st.subheader("One MMoE in detail")
     counts = sorted(curve.keys)
@@ -131,7 +131,7 @@ else:
         cols = [c for c in ABLATION_COLUMNS if c in report.experts.columns]
         table = report.experts[cols].sort_values("effect", ascending=False)
         table = table.assign(top_class=[report.classes[c] if c >= 0 else "" for c in table["top_class"]])
-        st.dataframe(table, hide_index=True, key="ablation_table",
+        st.dataframe(table, hide_index=True, placeholder=MISSING, key="ablation_table",
                      column_config={"usage": st.column_config.NumberColumn(format="%.4f"),
                                     "accuracy_drop": st.column_config.NumberColumn(format="%.4f")})
         st.markdown("**Top-activating examples**")
@@ -144,7 +144,8 @@ else:
             for col, (_, row) in zip(cols_img, ex_rows.iterrows()):
                 col.image(report.example_image(expert, int(row["rank"])),
                           caption=f"{row['label']} · a={row['gate']:.2f}", clamp=True)
-        st.dataframe(ex_rows[["rank", "gate", "label", "predicted", "text"]], hide_index=True, key="examples")
+        st.dataframe(ex_rows[["rank", "gate", "label", "predicted", "text"]], hide_index=True, placeholder=MISSING,
+                     key="examples")
 
 demos = api.stored_mmoe_bias(store=store)
 if demos:
@@ -153,7 +154,7 @@ if demos:
     st.markdown(f"Target **{demo.target}** (only {demo.meta['keep']:.0%} of its training samples kept): experts "
                 f"{list(demo.experts)} scaled by {demo.meta['scale']} — accuracy {demo.accuracy_before:.3f} → "
                 f"{demo.accuracy_after:.3f} on {demo.meta['n_eval']} held-out samples.")
-    st.dataframe(demo.table, hide_index=True, key="bias_table")
+    st.dataframe(demo.table, hide_index=True, placeholder=MISSING, key="bias_table")
 
 # ------------------------------------------------------------------------------------- routed MoE
 st.header("Routed MoE usage")
@@ -169,16 +170,22 @@ with st.expander("Analyse a routed MoE", expanded=not routed):
 if not routed:
     st.info("No routing statistics yet. Run `lenslab experts tiny-mixtral` in a terminal, or use the form above.")
 else:
-    labels = {m.fingerprint: m.label for m in store.models()}
+    models = store.models()
+    labels = {m.fingerprint: m.label for m in models}
+    opens_on = remembered_model([e.fingerprint for e in routed], models)
     idx = st.selectbox("Model", range(len(routed)), key="routing_pick",
+                       index=pick_index("routing_pick", range(len(routed)),
+                                        next((i for i, e in enumerate(routed) if e.fingerprint == opens_on), None)),
+                       on_change=picked, args=("routing_pick", lambda i: routed[i].fingerprint),
                        format_func=lambda i: f"{labels.get(routed[i].fingerprint, routed[i].fingerprint[:8])} "
                                              f"({datetime.fromtimestamp(routed[i].created):%Y-%m-%d %H:%M})")
+    link_model(routed[idx].fingerprint)
     stats = _routing_stats(str(store.root), routed[idx].key)
     meta = stats.meta
     st.caption(f"{meta['n_experts']} experts, top-{meta['top_k']}, {meta['n_tokens']:,} tokens of {meta['n_texts']} "
                f"docstrings; hooks read through {meta['backend']}. load_balance = E·Σ f_i P_i (1 = even); token "
                "specialisation = share of a token's occurrences routed to its most frequent expert.")
-    st.dataframe(stats.layers, hide_index=True, key="routing_layers")
+    st.dataframe(stats.layers, hide_index=True, placeholder=MISSING, key="routing_layers")
     E = meta["n_experts"]
     names = [f"e{e}" for e in range(E)]
     left, right = st.columns(2)
@@ -194,4 +201,4 @@ else:
                     key="routing_domains")
     with st.expander("Most specialised tokens"):
         tok = stats.tokens[stats.tokens["layer"] == layer].sort_values(["share", "count"], ascending=False)
-        st.dataframe(tok.head(50), hide_index=True, key="routing_tokens")
+        st.dataframe(tok.head(50), hide_index=True, placeholder=MISSING, key="routing_tokens")

@@ -11,7 +11,7 @@ from datetime import datetime
 import pandas as pd
 import streamlit as st
 
-from app.state import analyze_with_progress, get_store
+from app.state import MISSING, analyze_with_progress, get_store
 
 FLASH = "home_flash"
 
@@ -32,6 +32,7 @@ else:
         mine = [e for e in entries if e.fingerprint == m.fingerprint]
         rows.append({
             "label": m.label,
+            "also seen as": ", ".join(m.aliases),
             "kind": m.kind,
             "params": m.n_params,
             "tensors": m.n_tensors,
@@ -39,8 +40,11 @@ else:
             "last run": datetime.fromtimestamp(max(e.created for e in mine)) if mine else None,
             "fingerprint": m.fingerprint,
         })
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+    st.dataframe(pd.DataFrame(rows), hide_index=True, placeholder=MISSING, width="stretch",
                  column_config={"params": st.column_config.NumberColumn(format="compact"),
+                                "also seen as": st.column_config.TextColumn(
+                                    help="Other names or paths the same weights were analysed from; a model keeps "
+                                         "the label it was first stored under."),
                                 "last run": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")})
     plural = {1: ""}
     st.caption(f"{len(models)} model{plural.get(len(models), 's')}, {len(entries)} stored "

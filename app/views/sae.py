@@ -10,12 +10,13 @@ bar. Everything shown is read from the store.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from app import api
 from app import charts_sae as charts
 from app import sae_state
-from app.state import get_store
+from app.state import MISSING, get_store
 
 METRIC_COLUMNS = ["name", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "loss_recovered",
                   "dead_fraction", "dense_fraction", "n_train_tokens", "features"]
@@ -55,7 +56,7 @@ with st.expander("Train an SAE", expanded=table.empty):
                                               per_package=int(per_package), store=store, resume=not start_over,
                                               **extra)
         if trained is not None:
-            st.session_state[sae_state.SAE_STATE] = trained.key
+            sae_state.choose_sae(trained.key)
             st.rerun()
 
 if table.empty:
@@ -63,8 +64,11 @@ if table.empty:
             "`lenslab sae train minilm --layer 3` in a terminal.")
     st.stop()
 
-show = table[[c for c in METRIC_COLUMNS if c in table.columns]]
-st.dataframe(show, hide_index=True, key="sae_table",
+show = table[[c for c in METRIC_COLUMNS if c in table.columns]].assign(
+    name=[sae_state.sae_label(n, k) for n, k in zip(table["name"], table["key"])])
+numeric = [c for c in show.columns if c not in ("name", "features")]
+show[numeric] = show[numeric].apply(pd.to_numeric, errors="coerce")  # a None (not measured) reads as MISSING
+st.dataframe(show, hide_index=True, placeholder=MISSING, key="sae_table",
              column_config={"explained_variance_saelens": st.column_config.NumberColumn(
                                 "EV SAELens", format="%.3f", help="1 - NMSE: SAELens's explained_variance"),
                             "explained_variance_sklearn": st.column_config.NumberColumn(
@@ -88,7 +92,7 @@ if features is None and b2.button("Compute feature data", key="sae_features_butt
                                    store=store) is not None:
         st.rerun()
 
-st.subheader(row["name"])
+st.subheader(sae_state.sae_label(row["name"], key))
 if evaluation is None:
     st.info(f"Not evaluated yet: press **Evaluate** or run `lenslab sae eval {row['source']} --layer {row['layer']}`.")
 else:
@@ -100,7 +104,7 @@ else:
                                               ("loss_recovered", "loss recovered", ".3f"),
                                               ("dead_fraction", "dead", ".1%"), ("dense_fraction", "dense", ".1%")]):
         v = m.get(name)
-        col.metric(label, "—" if v is None or not np.isfinite(v) else format(v, fmt))
+        col.metric(label, MISSING if v is None or not np.isfinite(v) else format(v, fmt))
     st.caption(evaluation.caption)
     st.plotly_chart(charts.density_histogram(evaluation.density, "Feature density (evaluation tokens)"),
                     key="sae_density")
@@ -118,4 +122,4 @@ else:
                f"{poly.settings['min_jaccard']}) or their decoder rows align "
                f"(cosine ≥ {poly.settings['min_cosine']}); "
                "families are the connected groups.")
-    st.dataframe(poly.table, hide_index=True, key="sae_poly")
+    st.dataframe(poly.table, hide_index=True, placeholder=MISSING, key="sae_poly")

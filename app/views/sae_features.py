@@ -15,7 +15,7 @@ import streamlit as st
 from analysis.errors import LensLabError
 from app import charts_sae as charts
 from app import sae_state
-from app.state import get_store
+from app.state import MISSING, get_store
 
 FEATURE = "sae_feature"
 
@@ -63,19 +63,28 @@ with st.expander("Find a feature", expanded=False):
     hits = hits.sort_values(order, ascending=order == "feature")
     st.caption(f"{len(hits)} live features in range ({int((ft['density'] == 0).sum())} dead). "
                "Type an index below to open one.")
-    st.dataframe(hits.head(200), hide_index=True, key="sae_hits")
+    st.dataframe(hits.head(200), hide_index=True, placeholder=MISSING, key="sae_hits")
 
 d_sae = fd.d_sae
-raw = st.number_input(f"Feature (0..{d_sae - 1})", value=int(st.session_state.get(FEATURE, 0)), step=1,
-                      key="sae_feature_index")
+held = st.session_state.get(FEATURE)
+if isinstance(held, tuple) and held[0] == row["key"]:
+    start = held[1]
+else:  # another SAE: open on its most frequent live feature (feature 0 may be dead)
+    st.session_state.pop("sae_feature_index", None)
+    start = int(np.argmax(ft["density"].to_numpy())) if len(ft) else 0
+raw = st.number_input(f"Feature (0..{d_sae - 1})", value=start, step=1, key="sae_feature_index",
+                      help="Opens on the SAE's most frequent live feature.")
 try:
     i = fd.check_feature(int(raw))
 except LensLabError as exc:
     st.error(str(exc))
     st.stop()
-st.session_state[FEATURE] = i
+st.session_state[FEATURE] = (row["key"], i)
 
 info = ft.iloc[i]
+if info["density"] == 0:
+    st.info(f"Feature {i} is dead: it never fired on the tokens the feature data was computed on. "
+            "Pick a live one under **Find a feature**.")
 c = st.columns(4)
 c[0].metric("density", f"{info['density']:.3g}")
 c[1].metric("max activation", f"{info['max_act']:.3g}")

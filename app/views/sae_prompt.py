@@ -11,13 +11,14 @@ import streamlit as st
 
 from app import charts_sae as charts
 from app import sae_state
-from app.state import get_store
+from app.state import MISSING, get_store
 
 RESULT = "sae_prompt_result"
 N_SHOWN = 20  # features in the heatmap: the ones with the largest activation on the prompt
 
 store = get_store()
 st.title("SAE prompt")
+sae_state.flash()
 table = sae_state.sae_table(store)
 if table.empty:
     st.info("No SAEs in the store yet. Train one on the **Attention SAEs** page or run "
@@ -37,6 +38,7 @@ if submitted:
                                           store=store)
         if res is not None:
             st.session_state[RESULT] = (row["key"], res)
+            st.rerun()  # the success message shows with the result, not one action later
 
 held = st.session_state.get(RESULT)
 if held is None or held[0] != row["key"]:
@@ -51,7 +53,7 @@ if not fired:
     st.warning("No feature fired on this prompt.")
     st.stop()
 st.plotly_chart(charts.prompt_heatmap(res.acts[:, fired], res.tokens, fired), key="sae_prompt_heat")
-st.dataframe(res.token_table(5), hide_index=True, key="sae_prompt_tokens")
+st.dataframe(res.token_table(5), hide_index=True, placeholder=MISSING, key="sae_prompt_tokens")
 
 feature = st.selectbox("Feature for the DFA", fired, key="sae_prompt_feature",
                        format_func=lambda f: f"f{f} (max {res.acts[:, f].max():.3g})")

@@ -14,7 +14,7 @@ from analysis.errors import LensLabError
 from analysis.weights.export import FORMATS
 from analysis.weights.selection import RANKERS, Budget
 from app import api
-from app.state import get_store, load_spectra, model_picker
+from app.state import MISSING, get_store, has_spectra, load_spectra, model_picker
 
 BUDGET_KINDS = {"% of tensors": "fraction", "count": "count", "% of params": "param_fraction"}
 RANKER_HELP = {
@@ -31,7 +31,7 @@ DOWNLOADS = {  # format -> (file name, mime type, code language)
 
 store = get_store()
 st.title("KappaTune selection")
-if (model := model_picker(store, key="selection_model")) is None:
+if (model := model_picker(store, key="selection_model", prefer=lambda m: has_spectra(store, m.fingerprint))) is None:
     st.stop()
 try:
     ws = load_spectra(store, model.fingerprint)
@@ -47,18 +47,24 @@ c1, c2, c3 = st.columns([1, 1, 1])
 kind_label = c1.radio("Budget", list(BUDGET_KINDS), horizontal=True, key="budget_kind")
 kind = BUDGET_KINDS[kind_label]
 if kind == "count":
-    amount = c1.number_input("Tensors to select", min_value=1, value=8, step=1, key="budget_count")
+    amount = c1.number_input("Tensors to select", value=8, step=1, key="budget_count")
     budget_value: float = int(amount)
-else:
-    amount = c1.number_input(f"Budget ({kind_label})", min_value=0.1, max_value=100.0, value=20.0, step=5.0,
-                             key=f"budget_{kind}")
+    problem = None if amount >= 1 else f"A budget of {amount:g} tensors selects nothing: type a count of 1 or more."
+else:  # no min/max on the widget: an out-of-range value is said in words, not only outlined in red and ignored
+    amount = c1.number_input(f"Budget ({kind_label})", value=20.0, step=5.0, key=f"budget_{kind}")
     budget_value = float(amount) / 100
+    problem = (None if 0 < amount <= 100 else
+               f"A budget of {amount:g}{kind_label[0]} {kind_label[2:]} is outside 0–100%: type a share above 0 and "
+               f"at most 100" + (", or pick **count** to select a number of tensors." if amount > 100 else "."))
 ranker = c2.selectbox("Ranker", RANKERS, key="ranker", help="; ".join(f"{r}: {h}" for r, h in RANKER_HELP.items()))
 seed = c2.number_input("Seed (random ranker)", min_value=0, value=0, step=1, key="seed",
                        disabled=ranker != "random")
 include = c3.text_input("Include regex", value="", key="include", help="re.search on the tensor name; empty = all")
 exclude = c3.text_input("Exclude regex", value="", key="exclude", help="e.g. embeddings|pooler")
 
+if problem:
+    st.error(problem)
+    st.stop()
 try:
     selection = api.select_from_spectra(ws, Budget(kind, budget_value), ranker=ranker, include=include or None,
                                         exclude=exclude or None, seed=int(seed), fingerprint=model.fingerprint)
@@ -78,10 +84,10 @@ if selection.excluded:
                + ", ".join(selection.excluded[:10]))
 
 cols = ["rank", "tensor", "layer", "module_type", "shape", "n_params", "kappa", "welore_fraction", "score"]
-st.dataframe(cand.loc[cand["selected"], [c for c in cols if c in cand.columns]], hide_index=True,
+st.dataframe(cand.loc[cand["selected"], [c for c in cols if c in cand.columns]], hide_index=True, placeholder=MISSING,
              key="selected_table")
 with st.expander(f"All {len(cand)} candidates in rank order"):
-    st.dataframe(cand, hide_index=True)
+    st.dataframe(cand, hide_index=True, placeholder=MISSING)
 
 st.subheader("Export")
 with st.expander("PEFT LoRA settings"):

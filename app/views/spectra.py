@@ -11,7 +11,7 @@ import streamlit as st
 
 from analysis.errors import LensLabError
 from app import charts
-from app.state import analyze_with_progress, get_store, load_spectra, model_picker
+from app.state import MISSING, analyze_with_progress, get_store, has_spectra, load_spectra, model_picker
 
 TABLE_COLUMNS = ["matrix", "layer", "module_type", "shape", "dtype", "status", "kappa", "log10_kappa", "alpha",
                  "alpha_sigma", "ks_distance", "stable_rank", "effective_rank", "numerical_rank", "sigma_max",
@@ -19,7 +19,7 @@ TABLE_COLUMNS = ["matrix", "layer", "module_type", "shape", "dtype", "status", "
 
 store = get_store()
 st.title("Conditioning & spectra")
-if (model := model_picker(store, key="spectra_model")) is None:
+if (model := model_picker(store, key="spectra_model", prefer=lambda m: has_spectra(store, m.fingerprint))) is None:
     st.stop()
 
 try:
@@ -83,12 +83,13 @@ else:
 
 st.subheader("All matrices")
 st.caption("Click a column header to sort.")
-st.dataframe(table[[c for c in TABLE_COLUMNS if c in table.columns]], hide_index=True, key="spectra_table",
+st.dataframe(table[[c for c in TABLE_COLUMNS if c in table.columns]], hide_index=True, placeholder=MISSING,
+             key="spectra_table",
              column_config={"welore_fraction": st.column_config.NumberColumn("WeLore fraction", format="%.2f")})
 
 with st.expander(f"Skipped 1-D tensors ({len(ws.skipped)})"):
     if ws.skipped:
         st.dataframe([{"tensor": s["tensor"], "shape": str(tuple(s["shape"])),
-                       "reason": s["reason"].split(";")[0]} for s in ws.skipped], hide_index=True)
+                       "reason": s["reason"].split(";")[0]} for s in ws.skipped], hide_index=True, placeholder=MISSING)
     else:
         st.write("None: every floating-point tensor is a matrix.")

@@ -23,7 +23,7 @@ from analysis.run import NotStoredError
 from app import api
 from app import charts_steering as charts
 from app.allowed_paths import check_contrasts, check_source
-from app.state import get_store, run_with_st_progress
+from app.state import MISSING, get_store, link_model, pick_index, picked, remembered_model, run_with_st_progress
 
 FLASH = "steer_flash"
 HOOKS = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
@@ -59,6 +59,23 @@ def _extract(spec: str, contrasts: str, hook: str, position: str, store) -> bool
     return True
 
 
+def _find_dose(fingerprint: str, vec, contrasts: str, alphas: tuple[float, ...], scale: str, store):
+    """The stored dose-response of ``vec`` with the page's α grid, else the newest one stored with another grid
+    (``lenslab steer dose --alphas ...``), else None; and the grid found (index reads; never computes)."""
+    if (dr := api.find_dose_response(fingerprint, vec, check_contrasts(contrasts), alphas=alphas, scale=scale,
+                                     store=store)) is not None:
+        return dr, alphas
+    for entry in api.stored_dose_responses(fingerprint, store=store):
+        p = entry.params
+        if p.get("scale") != scale or p.get("layers") is not None or tuple(p.get("alphas") or ()) == alphas:
+            continue
+        grid = tuple(float(a) for a in p["alphas"])
+        if (dr := api.find_dose_response(fingerprint, vec, check_contrasts(contrasts), alphas=grid, scale=scale,
+                                         capability=bool(p.get("capability", True)), store=store)) is not None:
+            return dr, grid
+    return None, alphas
+
+
 store = get_store()
 st.title("Steering vectors")
 st.caption("A contrast set pairs texts that differ in one concept. At each layer the difference of their activations "
@@ -90,12 +107,18 @@ if not entries:
             "`lenslab steer extract bilinear-lm numpy-torch` in a terminal.")
     st.stop()
 
-labels = {m.fingerprint: m.label for m in store.models()}
+models = store.models()
+labels = {m.fingerprint: m.label for m in models}
 by_key = {e.key: e for e in entries}
+opens_on = remembered_model([e.fingerprint for e in entries], models)  # the newest extraction of that model
 key = st.selectbox("Extraction", list(by_key), key="steer_entry",
+                   index=pick_index("steer_entry", list(by_key),
+                                    next((e.key for e in entries if e.fingerprint == opens_on), None)),
                    format_func=lambda k: f"{labels.get(by_key[k].fingerprint, by_key[k].fingerprint[:8])} · "
                                          f"{by_key[k].params['contrast']} · {by_key[k].params['hook']} · "
-                                         f"{by_key[k].params['position']}")
+                                         f"{by_key[k].params['position']}",
+                   on_change=picked, args=("steer_entry", lambda k: by_key[k].fingerprint))
+link_model(by_key[key].fingerprint)
 try:
     ext = _load(str(store.root), key)
 except NotStoredError:
@@ -107,7 +130,7 @@ except LensLabError as exc:
 source = ext.meta.get("source", "")
 st.plotly_chart(charts.separability(ext.table), key="steer_separability")
 with st.expander("Per-layer table"):
-    st.dataframe(ext.table, hide_index=True, key="steer_table")
+    st.dataframe(ext.table, hide_index=True, placeholder=MISSING, key="steer_table")
 
 c1, c2, c3, c4 = st.columns(4)
 method = c1.selectbox("Method", list(ext.methods), key="steer_method")
@@ -123,18 +146,24 @@ alphas = tuple(sorted(set(alphas) | {float(alpha)}))
 
 st.subheader("Dose: the response to α on the held-out pairs")
 try:
-    dr = api.find_dose_response(vec.fingerprint, vec, check_contrasts(ext.meta["contrast_origin"]), alphas=alphas,
-                                  scale=scale, store=store)
+    dr, grid = _find_dose(vec.fingerprint, vec, ext.meta["contrast_origin"], alphas, scale, store)
 except LensLabError as exc:
     st.error(str(exc))
-    dr = None
-if dr is None and st.button("Dose", key="steer_dose", help="Measure the dose-response over α (stored)."):
-    dr = run_with_st_progress("Steering", _dose_api, source, vec, ext.meta["contrast_origin"], alphas=alphas,
-                              scale=scale, store=store, flash_key=FLASH)
+    dr, grid = None, alphas
+if (dr is None or grid != alphas) and st.button(
+        "Dose", key="steer_dose", help=f"Measure the dose-response over α = {', '.join(f'{a:+g}' for a in alphas)} "
+                                       "(stored)."):
+    if run_with_st_progress("Steering", _dose_api, source, vec, ext.meta["contrast_origin"], alphas=alphas,
+                            scale=scale, store=store, flash_key=FLASH) is not None:
+        st.rerun()  # the success message and the stored result show at once
 if dr is not None:
+    if grid != alphas:
+        st.caption(f"Stored with another α grid ({', '.join(f'{a:+g}' for a in grid)}), e.g. by `lenslab steer dose "
+                   "--alphas`; press **Dose** to measure this page's grid "
+                   f"({', '.join(f'{a:+g}' for a in alphas)}).")
     st.plotly_chart(charts.dose_response(dr.table, dr.kind, f"Dose-response · layer {layer} · {method} · {scale}"),
                     key="steer_dose_chart")
-    st.dataframe(dr.table, hide_index=True, key="steer_dose_table")
+    st.dataframe(dr.table, hide_index=True, placeholder=MISSING, key="steer_dose_table")
 else:
     st.caption("Not measured yet for this layer, method and scale.")
 
@@ -149,12 +178,13 @@ except LensLabError as exc:
     st.error(str(exc))
     sweep = None
 if sweep is None and st.button("Layers", key="steer_layers", help="Steer each layer with its own vector (stored)."):
-    sweep = run_with_st_progress("Sweeping layers", _layers_api, source, ext.meta["contrast_origin"], store=store,
-                                 flash_key=FLASH, **sweep_args)
+    if run_with_st_progress("Sweeping layers", _layers_api, source, ext.meta["contrast_origin"], store=store,
+                            flash_key=FLASH, **sweep_args) is not None:
+        st.rerun()  # the success message and the stored sweep show at once
 if sweep is not None:
     st.plotly_chart(charts.layer_sweep(sweep, f"Layer sweep · α = {float(alpha):+g} · {method} · {scale}"),
                     key="steer_layers_chart")
-    st.dataframe(sweep, hide_index=True, key="steer_layers_table")
+    st.dataframe(sweep, hide_index=True, placeholder=MISSING, key="steer_layers_table")
 else:
     st.caption("No layer sweep stored for this method, α and scale.")
 
@@ -168,6 +198,6 @@ if st.button("Apply", key="steer_apply", help="Continue the prompt without and w
     else:
         left, right = st.columns(2)
         left.markdown("**unsteered**")
-        left.code(prompt + out["unsteered"], language=None)
+        left.code(prompt + out["unsteered"], language=None, wrap_lines=True)
         right.markdown(f"**steered** (α = {float(alpha):+g}, {scale})")
-        right.code(prompt + out["steered"], language=None)
+        right.code(prompt + out["steered"], language=None, wrap_lines=True)

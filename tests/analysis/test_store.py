@@ -67,6 +67,38 @@ def test_list_delete_and_models(store):
         store.delete("ab")
 
 
+
+def test_model_keeps_its_first_label_and_lists_other_paths_as_aliases(store):
+    store.put(FP, "x", {}, "v1", _result(1))
+    store.register_model(FP, "bilinear-lm", "safetensors", n_tensors=3, info={"hf_dir": "/cache/bilinear-lm"})
+    for label in ("/work/runs/ckpt-100", "bilinear-lm", "/work/runs/ckpt-100", "/elsewhere/copy"):
+        store.register_model(FP, label, "safetensors", n_tensors=3, info={"hf_dir": label})
+    (m,) = store.models()
+    assert m.label == "bilinear-lm"
+    assert m.aliases == ("/work/runs/ckpt-100", "/elsewhere/copy")  # once each, oldest first
+    assert m.info["hf_dir"] == "/elsewhere/copy"  # the rest of the record is refreshed
+    store.register_model(FP, "sae-owner", "sae-source", replace=False)  # kept as it is
+    assert store.models()[0].aliases == ("/work/runs/ckpt-100", "/elsewhere/copy")
+
+
+def test_store_written_before_aliases_opens_with_the_same_labels(tmp_path):
+    """A model table as the code before aliases wrote it (label replaced by the last path, info without
+    aliases) lists the same labels; registering another path from then on adds an alias."""
+    root = tmp_path / "old"
+    Store(root).put(FP, "x", {}, "v1", _result(1))
+    _sql(Store(root), "INSERT INTO models VALUES (?,?,?,?,?,?,?)", FP, "/runs/ckpt-100", "safetensors", 3, 10,
+         time.time(), '{"hf_dir":"/runs/ckpt-100"}')
+    store = Store(root)
+    (m,) = store.models()
+    assert (m.label, m.aliases, m.info) == ("/runs/ckpt-100", (), {"hf_dir": "/runs/ckpt-100"})
+    store.register_model(FP, "/runs/ckpt-100", "safetensors", n_tensors=3, n_params=10,
+                         info={"hf_dir": "/runs/ckpt-100"})  # unchanged: nothing written
+    assert store.models()[0].info == {"hf_dir": "/runs/ckpt-100"}
+    store.register_model(FP, "bilinear-lm", "safetensors", n_tensors=3, n_params=10, info={"hf_dir": "/b"})
+    assert (store.models()[0].label, store.models()[0].aliases) == ("/runs/ckpt-100", ("bilinear-lm",))
+    _sql(store, "UPDATE models SET info='{\"aliases\": [\"a\", 3]}' WHERE fingerprint=?", FP)
+    assert store.models()[0].aliases == ("a",)  # a damaged alias list reads as the strings it holds
+
 def test_shared_blob_survives_deleting_one_of_two_entries(store):
     store.put(FP, "a", {}, "v1", _result(1))
     store.put(FP, "b", {}, "v1", _result(1))  # same content -> same blobs
