@@ -66,13 +66,14 @@ def _rate(n: float) -> str:
 class PipedProgress:
     """A progress callback printing plain lines (see the module docstring) for a stream that is not a
     terminal. A stage's rate is measured between its first and its last report (what was done before
-    the first report is not timed); ``clock`` is injectable for tests."""
+    the first report is not timed), or, for a stage reported once, from the report before it;
+    ``clock`` is injectable for tests."""
 
     def __init__(self, description: str, *, clock=None) -> None:
         self.clock = clock or time.monotonic
         self.stage: str | None = None  # current stage ("" for labels without one)
         self.done = self.total = self.first_done = 0
-        self.start = self.first = self.last = self.last_line = self.clock()
+        self.start = self.before = self.first = self.last = self.last_line = self.clock()
         console.print(f"{description} …", highlight=False, markup=False)
 
     def __call__(self, done: int, total: int, label: str) -> None:
@@ -80,7 +81,7 @@ class PipedProgress:
         stage = _stage(label)
         if stage != self.stage:
             self._end_stage()
-            self.stage, self.first, self.first_done = stage, now, int(done)
+            self.stage, self.before, self.first, self.first_done = stage, self.last, now, int(done)
         self.done, self.total, self.last = int(done), int(total or 0), now
         if now - self.last_line >= HEARTBEAT_S:
             self._line(now, f"{self._counts(self.stage, self.first, self.first_done)} so far ({label})")
@@ -102,8 +103,10 @@ class PipedProgress:
         return f"{stage + ': ' if stage else ''}{counts}{' ' + unit if unit else ''}{rate}, {seconds:,.1f} s"
 
     def _end_stage(self) -> None:
-        if self.stage:  # a named stage ended: its counts, rate and time
-            self._line(self.last, self._counts(self.stage, self.first, self.first_done))
+        if self.stage:  # a named stage ended: its counts, rate and time (one report: timed from the one before)
+            one = self.last == self.first or self.done == self.first_done
+            self._line(self.last, self._counts(self.stage, self.before if one else self.first,
+                                               0 if one else self.first_done))
         self.stage = None
 
     def _line(self, now: float, text: str) -> None:
