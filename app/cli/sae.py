@@ -207,8 +207,9 @@ def features(
                               "max_act": float(fd.max_act[feature]),
                               "head_attribution": None if fd.head_attribution is None
                               else fd.head_attribution[feature].tolist(),
-                              "contexts": [{"tokens": c.tokens, "acts": c.acts.tolist(), "centre": c.centre,
-                                            "activation": c.activation} for c in fd.contexts(feature)[:top]],
+                              "contexts": [{"tokens": c.tokens, "text": "".join(c.texts), "acts": c.acts.tolist(),
+                                            "centre": c.centre, "activation": c.activation}
+                                           for c in fd.contexts(feature)[:top]],
                               "boosted": None if lt is None else list(lt["boosted"]),
                               "suppressed": None if lt is None else list(lt["suppressed"])}
         typer.echo(json.dumps(out, indent=1))

@@ -125,3 +125,7 @@ def test_features_cli_prints_contexts_as_the_tokenizer_decodes_them(tiny_bert, t
         assert text.replace("[[", "").replace("]]", "") == decoded  # the tokenizer's own text, marks aside
         assert text.count("[[") == 1
     assert any("##" in "".join(c.tokens[1:]) for c in contexts)  # pieces were joined, not printed run together
+    res = CliRunner().invoke(app, ["sae", "features", str(tiny_bert), "--layer", "1", "-f", str(feature), "--top",
+                                   "10", "--texts", str(_texts_file(tmp_path, TEXTS)), "--store", str(store), "--json"])
+    assert [c["text"] for c in json.loads(res.stdout)["feature"]["contexts"]] == [
+        tok.decode(tok.convert_tokens_to_ids(c.tokens), clean_up_tokenization_spaces=False) for c in contexts]
