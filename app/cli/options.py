@@ -4,7 +4,9 @@ Options are ``Annotated`` types, declared once here and used as ``store: StoreOp
 command module. ``run_with_progress`` shows a rich bar on a terminal and, when stderr is not a
 terminal (CI logs, pipes), plain lines instead of redrawn bars: one when the run starts, one when
 each stage ends with its counts and rate (``  harvest: 40,960/40,960 tokens, 9,120 tokens/s,
-4.5 s``), one every ``HEARTBEAT_S`` seconds while a stage runs, and one when the run is done.
+4.5 s``), one whenever ``HEARTBEAT_S`` seconds passed without one (with the counts so far, or, in
+a phase that reports nothing such as a model booting, the time since the last report), and one
+when the run is done.
 Off a terminal nothing is wrapped at 80 columns: ``console`` prints each message on one line, and
 ``app.cli.tables.print_table`` widens a table to its natural width.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -44,7 +47,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help=f"Where torch computes:
                                                          "(auto: CUDA, then MPS, else CPU).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 
-HEARTBEAT_S = 30.0  # off a terminal, a stage still running prints a line this often
+HEARTBEAT_S = 30.0  # off a terminal, a line at least this often while a command runs
+BEAT_EVERY_S = 5.0  # how often the timer thread checks (``PipedProgress.beat``)
 # What a stage's progress counts (the stage is the label's text before ": "); others print bare counts.
 UNITS = {"harvest": "tokens", "train": "steps", "features": "tokens", "spectra": "tensors"}
 
@@ -67,33 +71,49 @@ class PipedProgress:
     """A progress callback printing plain lines (see the module docstring) for a stream that is not a
     terminal. A stage's rate is measured between its first and its last report (what was done before
     the first report is not timed), or, for a stage reported once, from the report before it;
-    ``clock`` is injectable for tests."""
+    ``clock`` is injectable for tests. ``beat()``, called from a timer thread, prints a line when
+    nothing was printed for ``HEARTBEAT_S`` seconds, so a phase that reports nothing (a model
+    booting) is not silent either."""
 
     def __init__(self, description: str, *, clock=None) -> None:
         self.clock = clock or time.monotonic
+        self.lock = threading.Lock()
         self.stage: str | None = None  # current stage ("" for labels without one)
         self.done = self.total = self.first_done = 0
+        self.label = ""
         self.start = self.before = self.first = self.last = self.last_line = self.clock()
         console.print(f"{description} …", highlight=False, markup=False)
 
     def __call__(self, done: int, total: int, label: str) -> None:
-        now = self.clock()
-        stage = _stage(label)
-        if stage != self.stage:
-            self._end_stage()
-            self.stage, self.before, self.first, self.first_done = stage, self.last, now, int(done)
-        self.done, self.total, self.last = int(done), int(total or 0), now
-        if now - self.last_line >= HEARTBEAT_S:
-            self._line(now, f"{self._counts(self.stage, self.first, self.first_done)} so far ({label})")
+        with self.lock:
+            now = self.clock()
+            stage = _stage(label)
+            if stage != self.stage:
+                self._end_stage()
+                self.stage, self.before, self.first, self.first_done = stage, self.last, now, int(done)
+            self.done, self.total, self.last, self.label = int(done), int(total or 0), now, label
+            if now - self.last_line >= HEARTBEAT_S:
+                self._line(now, f"{self._counts(self.stage, self.first, self.first_done)} so far ({label})")
+
+    def beat(self) -> None:
+        """A line if none was printed for ``HEARTBEAT_S`` seconds: how long since the last report, and what it said."""
+        with self.lock:
+            now = self.clock()
+            if now - self.last_line >= HEARTBEAT_S:
+                what = f" (last report: {self.label})" if self.label else ""
+                self._line(now, f"working, {now - self.start:,.0f} s in, {now - self.last:,.0f} s since the last "
+                                f"report{what}")
 
     def finish(self) -> None:
         """Print the last stage's line, then the run's total time (with its counts and rate when its
         labels name no stage: ``done: 104/104, 111/s, 0.9 s``, timed from the start of the run)."""
-        now = self.clock()
-        top = self.stage == "" and self.done
-        self._end_stage()
-        self.last = now
-        self._line(now, f"done: {self._counts('', self.start, 0)}" if top else f"done in {now - self.start:,.1f} s")
+        with self.lock:
+            now = self.clock()
+            top = self.stage == "" and self.done
+            self._end_stage()
+            self.last = now
+            self._line(now, f"done: {self._counts('', self.start, 0)}" if top
+                       else f"done in {now - self.start:,.1f} s")
 
     def _counts(self, stage: str, since: float, since_done: int) -> str:
         unit = UNITS.get(stage, "")
@@ -131,8 +151,19 @@ def run_with_progress(description: str, fn, *args, **kwargs) -> Any:
     else plain lines (``PipedProgress``)."""
     if not console.is_terminal:
         quiet_library_bars()
-        lines = PipedProgress(description)
-        out = fn(*args, progress=lines, **kwargs)
+        lines, stop = PipedProgress(description), threading.Event()
+
+        def beat_until_stopped() -> None:
+            while not stop.wait(BEAT_EVERY_S):
+                lines.beat()
+
+        beats = threading.Thread(target=beat_until_stopped, name="lenslab-progress", daemon=True)
+        beats.start()
+        try:
+            out = fn(*args, progress=lines, **kwargs)
+        finally:
+            stop.set()
+            beats.join()
         lines.finish()
         return out
     with _bar() as bar:

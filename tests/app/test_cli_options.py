@@ -68,6 +68,36 @@ def test_progress_off_a_terminal_without_stages_counts_the_whole_run(capsys, mon
     assert capsys.readouterr().err.splitlines() == ["conditioning of minilm …", "  done: 4/4, 4.0/s, 1.0 s"]
 
 
+def test_progress_off_a_terminal_beats_while_nothing_is_reported(capsys, monkeypatch):
+    """A phase that calls no progress (a model booting) still gets a line every HEARTBEAT_S seconds."""
+    import threading
+
+    clock = _Clock()
+    monkeypatch.setattr(options.time, "monotonic", clock)
+    monkeypatch.setattr(options, "BEAT_EVERY_S", 0.001)
+    printed = threading.Event()
+
+    def work(*, progress):
+        progress(0, 2, "booting minilm")
+        clock.now = 95.0  # 95 s without a report: the timer thread prints a line
+        assert printed.wait(timeout=60)
+        clock.now = 100.0
+        progress(2, 2, "running the prompt")
+
+    real_print = options.console.print
+
+    def spy(*args, **kwargs):
+        real_print(*args, **kwargs)
+        if "working" in str(args[0]):
+            printed.set()
+
+    monkeypatch.setattr(options.console, "print", spy)
+    options.run_with_progress("prompt through SAE abc", work)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1] == "  working, 95 s in, 95 s since the last report (last report: booting minilm)"
+    assert lines[-1] == "  done: 2/2, 0.02/s, 100.0 s" and len(lines) == 3
+
+
 @pytest.mark.parametrize("words", [40, 200])
 def test_console_never_wraps_off_a_terminal(capsys, words):
     name = ".".join(f"block{i}" for i in range(words)) + ".weight"  # one unbreakable name, longer than 80
