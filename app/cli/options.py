@@ -93,16 +93,22 @@ class PipedProgress:
                 self.stage, self.before, self.first, self.first_done = stage, self.last, now, int(done)
             self.done, self.total, self.last, self.label = int(done), int(total or 0), now, label
             if now - self.last_line >= HEARTBEAT_S:
-                self._line(now, f"{self._counts(self.stage, self.first, self.first_done)} so far ({label})")
+                self._line(now, self._beat_text(now))
 
     def beat(self) -> None:
-        """A line if none was printed for ``HEARTBEAT_S`` seconds: how long since the last report, and what it said."""
+        """A line if none was printed for ``HEARTBEAT_S`` seconds (``_beat_text``)."""
         with self.lock:
             now = self.clock()
             if now - self.last_line >= HEARTBEAT_S:
-                what = f" (last report: {self.label})" if self.label else ""
-                self._line(now, f"working, {now - self.start:,.0f} s in, {now - self.last:,.0f} s since the last "
-                                f"report{what}")
+                self._line(now, self._beat_text(now))
+
+    def _beat_text(self, now: float) -> str:
+        """The counts and rate so far when a report came in the last ``HEARTBEAT_S`` seconds, else how
+        long it has been since the last report and what it said."""
+        if self.label and now - self.last < HEARTBEAT_S:
+            return f"{self._counts(self.stage or '', self.first, self.first_done)} so far ({self.label})"
+        what = f" (last report: {self.label})" if self.label else ""
+        return f"working, {now - self.start:,.0f} s in, {now - self.last:,.0f} s since the last report{what}"
 
     def finish(self) -> None:
         """Print the last stage's line, then the run's total time (with its counts and rate when its
