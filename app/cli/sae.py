@@ -142,7 +142,7 @@ def train(
     console.print(f"{trained.name}: d_in {cfg.d_in} ({cfg.n_heads} heads x {cfg.d_head}), d_sae {cfg.d_sae}; "
                   f"store key {trained.key[:12]}", highlight=False)
     _print_metrics("training (last steps)", trained.training)
-    console.print(f"next: lenslab sae eval {source} --layer {layer}", highlight=False)
+    console.print(f"next: lenslab sae eval {source} --layer {layer} --sae {trained.key[:12]}", highlight=False)
 
 
 @sae_app.command("eval")
