@@ -103,3 +103,14 @@ def test_sae_train_prints_harvest_and_training_lines_with_counts_and_rates(tmp_p
     assert re.fullmatch(rf"  harvest: {n_tokens:,}/{n_tokens:,} tokens, [\d,.]+ tokens/s, [\d,.]+ s", lines[1])
     assert re.fullmatch(rf"  train: {steps}/{steps} steps, [\d,.]+ steps/s, [\d,.]+ s", lines[2])
     assert re.fullmatch(r"  done in [\d,.]+ s", lines[3]) and len(lines) == 4
+
+
+def test_table_cells_are_text_not_markup(tmp_path, piped):
+    """Expert slices are labelled `name[expert=k]`: rich markup would swallow the bracket as a style tag."""
+    path = tmp_path / "moe.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({"model.layers.0.block_sparse_moe.experts.w1": torch.randn(3, 8, 4, generator=g),
+               "odd[bold]name.weight": torch.randn(4, 4, generator=g)}, str(path))
+    out = piped("analyze", str(path), store=tmp_path / "s")
+    for label in [f"model.layers.0.block_sparse_moe.experts.w1[expert={k}]" for k in range(3)] + ["odd[bold]name.weight"]:
+        assert sum(f"│ {label} " in ln for ln in out.out.splitlines()) == 1, (label, out.out)
