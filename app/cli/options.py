@@ -30,13 +30,14 @@ from analysis.device import DEVICES
 
 class _Console(Console):
     """A rich console that never wraps a message when its stream is not a terminal (a pipe, a file,
-    a CI log): rich would fold at 80 columns and split tensor names and paths."""
+    a CI log): rich would fold at 80 columns and split tensor names and paths. Its messages are
+    plain text, not markup (``w[expert=0]`` would lose its bracket): style with ``rich.text.Text``."""
 
     def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:  # noqa: A003
         super().print(*objects, soft_wrap=(not self.is_terminal) if soft_wrap is None else soft_wrap, **kwargs)
 
 
-console = _Console(stderr=True)
+console = _Console(stderr=True, markup=False)
 
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE "
                                                                   "or the user cache dir).")]
@@ -55,7 +56,7 @@ UNITS = {"harvest": "tokens", "train": "steps", "features": "tokens", "spectra":
 
 def _bar() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[item]}"), TimeElapsedColumn(), console=console, transient=True)
+                    TextColumn("{task.fields[item]}", markup=False), TimeElapsedColumn(), console=console, transient=True)
 
 
 def _stage(label: str) -> str:
