@@ -38,3 +38,8 @@ class ConfigError(LensLabError, ValueError):
 class AmbiguousSourceError(SourceError):
     """A directory or set of files gives more than one answer to "which weights?" (two weights files
     a loader could pick, or one tensor defined in two files)."""
+
+
+class AmbiguousKeyError(ConfigError):
+    """Several stored results match a request that names none of them (e.g. two SAEs of one model
+    at one layer); the message lists their keys and the option that picks one."""

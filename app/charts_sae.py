@@ -113,8 +113,9 @@ def _entities(text: str) -> str:
 
 def context_html(tokens: list[str], acts: np.ndarray, scale: float, centre: int | None = None, sep: str = "") -> str:
     """Tokens as escaped ``<span>``s whose background opacity is act / scale (clipped to [0, 1]),
-    joined by ``sep`` (" " for WordPiece tokens); the token at ``centre`` is underlined and
-    hovering a token shows its activation."""
+    joined by ``sep``; pass the texts of ``sae.features.Context.texts`` (joined as the tokenizer
+    decodes them, ``analysis.detokenise``) with no ``sep``. The token at ``centre`` is underlined
+    and hovering a token shows its activation."""
     a = np.asarray(acts, dtype=np.float64)
     if len(a) != len(tokens):
         raise ShapeError(f"{len(tokens)} tokens but {len(a)} activations; pass one activation per token")

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.detokenise import token_texts
 from analysis.errors import ConfigError, ShapeError
 from analysis.progress import Progress
 from analysis.store import Result
@@ -58,6 +59,12 @@ class Context:
     centre: int
     activation: float
     row: int
+    wordpiece: bool = False  # tokens are WordPiece pieces (``##ing``)
+
+    @property
+    def texts(self) -> list[str]:
+        """One display text per token, joined as the tokenizer decodes them (``analysis.detokenise``)."""
+        return token_texts(self.tokens, wordpiece=self.wordpiece)
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,7 +137,7 @@ class FeatureData:
                 continue
             keep = tk >= 0
             out.append(Context([self.token(t) for t in tk[keep]], np.asarray(ac[keep]),
-                               int(keep[: self.centre].sum()), float(c), int(r)))
+                               int(keep[: self.centre].sum()), float(c), int(r), bool(self.meta.get("wordpiece"))))
         return out
 
     def logit_table(self, i: int) -> pd.DataFrame | None:

@@ -347,9 +347,9 @@ def harvest(source: Any, layer: int, texts: Sequence[Any], *, max_tokens: int = 
             zn = z.numpy()
             for j, i in enumerate(batch):
                 acts[offsets[i]:offsets[i + 1]] = zn[j, :lengths[i]]
-            done += len(batch)
-            if progress is not None:
-                progress(done, len(ids), f"harvest {hook}")
+            done += int(lengths[list(batch)].sum())
+            if progress is not None:  # counted in tokens, so a piped log shows tokens/s
+                progress(done, n_tokens, f"{hook} ({len(ids)} texts)")
         seconds = time.perf_counter() - t0
         bad = sum(int((~np.isfinite(acts[s:s + 65536])).sum()) for s in range(0, n_tokens, 65536))
         if bad:

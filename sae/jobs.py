@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis.detokenise import is_wordpiece
 from analysis.errors import SourceError
 from analysis.run import RunContext, Subject
 from analysis.sources import Source
@@ -197,9 +198,7 @@ class FeaturesJob:
 def decoder(tokenizer: Any) -> tuple[Callable[[Sequence[int]], list[str]], bool]:
     """(token ids -> texts, is WordPiece). WordPiece keeps its tokens (``##ing``); byte-level BPE
     decodes each id alone (``" the"``)."""
-    vocab = getattr(tokenizer, "vocab", None) or {}
-    wordpiece = type(tokenizer).__name__.startswith("Bert") or any(t.startswith("##") for t in list(vocab)[:5000])
-    if wordpiece:
+    if is_wordpiece(tokenizer):  # shown joined by analysis.detokenise, as the tokenizer decodes them
         return (lambda ids: list(tokenizer.convert_ids_to_tokens([int(i) for i in ids]))), True
     return (lambda ids: [tokenizer.decode([int(i)]) for i in ids]), False
 

@@ -39,7 +39,7 @@ from typing import Any
 import pandas as pd
 
 from analysis import run as runner
-from analysis.errors import ConfigError
+from analysis.errors import AmbiguousKeyError, ConfigError
 from analysis.progress import Progress
 from analysis.run import Analysis, NotStoredError, StoreLike, open_store, register
 from analysis.sources import open_source
@@ -75,9 +75,12 @@ def load_sae(key: str, store: StoreLike = None) -> TrainedSAE:
 
 
 def find_sae(source: Any, layer: int, key: str | None = None, store: StoreLike = None) -> str:
-    """Store key of the SAE ``key`` (prefix) or else of the newest SAE of ``source`` at ``layer``.
+    """Store key of the SAE ``key`` (prefix), or else of the one SAE of ``source`` at ``layer``.
 
-    ConfigError when none is stored at that layer (naming the layers that have SAEs)."""
+    ConfigError when none is stored at that layer (naming the layers that have SAEs);
+    AmbiguousKeyError when several are (listing each as ``sae ls`` shows it: key and name, newest
+    first), so an evaluation never lands on an SAE the caller did not mean: pass ``key``
+    (``--sae KEY``)."""
     st = open_store(store)
     if key is not None:
         return resolve(key, st).key
@@ -89,6 +92,11 @@ def find_sae(source: Any, layer: int, key: str | None = None, store: StoreLike =
         have = f"stored SAEs of {src.label} are at layers {layers}" if layers else f"no SAE of {src.label} is stored"
         raise ConfigError(f"no stored SAE for {src.label} layer {layer} ({have}); train one with "
                           f"`lenslab sae train {requests.spec_of(src) or 'SOURCE'} --layer {layer}`")
+    if len(mine) > 1:
+        listed = "; ".join(f"{e.key[:12]} {sae_name(e.meta)}" for e in mine)  # as `sae ls` prints them
+        raise AmbiguousKeyError(f"{len(mine)} SAEs of {src.label} are stored at layer {layer}: {listed}; pick one "
+                                f"with --sae KEY (API: key=KEY), e.g. --sae {mine[0].key[:12]} for the newest "
+                                "(`lenslab sae ls` lists every SAE)")
     return mine[0].key
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from analysis.errors import SourceError
 from analysis.sources import BUNDLED, TensorInfo, open_source
+from analysis.weights.matrices import require_matrices
 from analysis.weights.spectra import WeightSpectra, weight_spectra
 
 _GLOB_CHARS = set("*?[")
@@ -81,6 +82,8 @@ def summarize_task(item: tuple[str, bool]) -> SourceSummary:
     """Worker: open ``spec`` and fingerprint it (reads every tensor once)."""
     spec, trust_pickle = item
     src = open_source(spec, trust_pickle=trust_pickle)
+    if src.weight_infos():
+        require_matrices(src)  # as analyze(): 1-D vectors alone are an error for this source, not an entry
     d = src.describe()
     infos: list[TensorInfo] = src.tensor_infos()
     return SourceSummary(spec, src.fingerprint, d["label"], d["kind"], len(infos), d["n_tensors"], d["n_params"],

@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from analysis.errors import ShapeError
+from analysis.errors import ShapeError, SourceError
+
+if TYPE_CHECKING:
+    from analysis.sources import Source
 
 _EXPERT = re.compile(r"expert", re.IGNORECASE)
 _LAYER = re.compile(r"(?:^|\.)(?:layers?|h|blocks?|block)\.(\d+)(?:\.|$)")
@@ -46,6 +51,24 @@ def matrix_labels(name: str, shape: tuple[int, ...]) -> list[str]:
     if is_expert_stack(name, shape):
         return [f"{name}[expert={k}]" for k in range(shape[0])]
     return [name]
+
+
+def require_matrices(src: Source) -> None:
+    """Raise SourceError (naming the source, what it holds and the fix) unless ``src`` holds at least
+    one weight matrix: a floating-point tensor of >= 2 dims with no empty axis. A folder of steering
+    vectors, biases or other 1-D arrays is not a model; analysing it would store a model with 0
+    matrices. Reads headers only."""
+    if any(len(i.shape) >= 2 and 0 not in i.shape for i in src.weight_infos()):
+        return
+    infos = src.tensor_infos()
+    shown = ", ".join(f"{i.name} {tuple(i.shape)} {i.dtype}" for i in infos[:4])
+    more = f" and {len(infos) - 4} more" if len(infos) > 4 else ""
+    found = f"{len(infos)} tensor(s), none a weight matrix ({shown}{more})" if infos else "no tensors"
+    files = getattr(src, "files", None) or []
+    where = f" in {', '.join(Path(f).name for f in files)}" if files else ""
+    raise SourceError(f"{src.label}: nothing to analyse: found {found}{where}; spectra need a model's weight "
+                      "matrices (2-D or larger). Give the model's directory or checkpoint file instead (steering "
+                      "vectors, biases and other 1-D arrays are not a model)")
 
 
 def weight_matrices(name: str, weight: torch.Tensor) -> list[MatrixView]:

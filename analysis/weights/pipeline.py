@@ -48,6 +48,7 @@ from analysis.store import EntryInfo
 from analysis.weights import forgetting as fg
 from analysis.weights import spectra as spectra_mod
 from analysis.weights.export import export_selection
+from analysis.weights.matrices import require_matrices
 from analysis.weights.selection import RANKERS, Budget, Selection, select_tensors
 from analysis.weights.spectra import CONDITIONING_COLUMNS, WeightSpectra
 
@@ -100,6 +101,7 @@ def analyze(source: str | os.PathLike | torch.nn.Module | Source, *, store: Stor
     if not src.weight_infos():
         raise SourceError(f"{src.label}: the checkpoint holds no floating-point tensors, so there is nothing to "
                           "analyse; check that the file is the model's weights and not an empty export")
+    require_matrices(src)  # a folder of 1-D vectors is an error, never a stored model with 0 matrices
     return run(SPECTRA, src, spectra_params(), store=store, refresh=refresh, progress=progress, device=dev)
 
 

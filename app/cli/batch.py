@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from analysis.errors import SourceError, StoreError
 from app.cli.tables import print_table
@@ -63,9 +64,10 @@ def analyze_batch(sources: list[str], *, analysis: str, as_json: bool, refresh: 
             out.add_row(i.source, i.status, str(i.n_matrices), f"{i.seconds:.1f}" if i.status == "computed" else "",
                         (i.fingerprint or "")[:12])
         print_table(out)
-        console.print("stored; `lenslab analyze SOURCE` or the dashboard shows one model's table")
-    for i in failed:
-        console.print(f"[red]failed:[/red] {i.source}: {i.error}", highlight=False)
+        if len(failed) < len(items):
+            console.print("stored; `lenslab analyze SOURCE` or the dashboard shows one model's table")
+    for i in failed:  # the source and error as plain text: a tensor name such as w[expert=0] is no markup
+        console.print(Text.assemble(("failed:", "red"), f" {i.source}: {i.error}"), highlight=False)
     if failed:
         raise SourceError(f"{len(failed)} of {len(items)} sources failed (listed above); the other results are "
                           "stored: fix or drop those sources and run again")

@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from app.cli.options import DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, TrustOpt, console, run_with_progress
 from app.cli.tables import print_table
@@ -118,7 +119,7 @@ def decompose(
             "truncation": _curve_summary(rep)}, indent=1))
         return
     for note in dec.notes:
-        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        console.print(Text.assemble(("note:", "yellow"), f" {note}"), highlight=False)  # the note as plain text
     out = Table(title=f"{rep.source} · {rep.meta.get('layer_name')} · {rep.direction} · n = "
                       f"{dec.eigenvalues.shape[1]} ({'exact' if dec.exact else 'bilinear part only'})")
     for c in ("direction", "effective rank", f"top {top} eigenvalues (by |λ|)", "top-4 share"):

@@ -81,6 +81,10 @@ def run(app: typer.Typer, args: list[str], prog_name: str = "lenslab") -> int:
     """Run ``app`` on ``args``; print any error as one line; return the exit code (module docstring)."""
     command = typer.main.get_command(app)
     click_errors = _click_exceptions()
+    if not _stderr.is_terminal:  # plain lines off a terminal: no library's redrawn tqdm bars among them
+        from app.cli.options import quiet_library_bars
+
+        quiet_library_bars()
     try:
         with command.make_context(prog_name, list(args)) as ctx:
             command.invoke(ctx)

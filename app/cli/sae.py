@@ -13,7 +13,8 @@
 
 Each command is the API function ``sae_<verb>`` (``sae.pipeline``, ``sae.saelens_io``); the
 defaults of ``train`` are ``sae.config.TRAIN_DEFAULTS``. ``eval``, ``features``, ``prompt`` and
-``export`` use the newest stored SAE of SOURCE at LAYER (``--sae KEY`` picks another).
+``export`` use the SAE of SOURCE at LAYER; when several are stored they refuse with the list of their
+keys (as ``sae ls`` shows them) and ``--sae KEY`` picks one.
 Registered on the main app in ``app/cli/__init__.py``; errors are LensLab's typed errors (one line,
 exit 2).
 """
@@ -39,8 +40,9 @@ sae_app = typer.Typer(no_args_is_help=True, help="Attention-output SAEs: train, 
 
 SourceArg = Annotated[str, typer.Argument(help="minilm, bilinear-lm, tiny-mixtral or a HF model directory.")]
 LayerOpt = Annotated[int, typer.Option("--layer", "-l", help="Attention layer (blocks.L.attn.hook_z).")]
-SaeOpt = Annotated[Optional[str], typer.Option("--sae", help="Store key (prefix) of the SAE; default: the newest "
-                                                             "SAE of SOURCE at LAYER.")]
+SaeOpt = Annotated[Optional[str], typer.Option("--sae", help="Store key (prefix) of the SAE, as `lenslab sae ls` "
+                                                             "shows it; default: the one SAE of SOURCE at LAYER "
+                                                             "(when several are stored, the error lists them).")]
 TextsOpt = Annotated[Optional[Path], typer.Option("--texts", help="A text file, one text per line, used instead of "
                                                                   "the docstring corpus.")]
 METRICS = (("l0", "L0", ".2f"), ("nmse", "NMSE", ".4f"),
@@ -141,7 +143,7 @@ def train(
     console.print(f"{trained.name}: d_in {cfg.d_in} ({cfg.n_heads} heads x {cfg.d_head}), d_sae {cfg.d_sae}; "
                   f"store key {trained.key[:12]}", highlight=False)
     _print_metrics("training (last steps)", trained.training)
-    console.print(f"next: lenslab sae eval {source} --layer {layer}", highlight=False)
+    console.print(f"next: lenslab sae eval {source} --layer {layer} --sae {trained.key[:12]}", highlight=False)
 
 
 @sae_app.command("eval")
@@ -206,8 +208,9 @@ def features(
                               "max_act": float(fd.max_act[feature]),
                               "head_attribution": None if fd.head_attribution is None
                               else fd.head_attribution[feature].tolist(),
-                              "contexts": [{"tokens": c.tokens, "acts": c.acts.tolist(), "centre": c.centre,
-                                            "activation": c.activation} for c in fd.contexts(feature)[:top]],
+                              "contexts": [{"tokens": c.tokens, "text": "".join(c.texts), "acts": c.acts.tolist(),
+                                            "centre": c.centre, "activation": c.activation}
+                                           for c in fd.contexts(feature)[:top]],
                               "boosted": None if lt is None else list(lt["boosted"]),
                               "suppressed": None if lt is None else list(lt["suppressed"])}
         typer.echo(json.dumps(out, indent=1))
@@ -226,13 +229,19 @@ def features(
     heads = "" if fd.head_attribution is None else " ".join(f"H{h}:{w:.2f}" for h, w in
                                                             enumerate(fd.head_attribution[feature]))
     typer.echo(f"feature {feature}: density {fd.density[feature]:.3g}, max {fd.max_act[feature]:.3g}; heads {heads}")
-    for c in fd.contexts(feature)[:top]:
-        text = "".join(f"[[{t}]]" if j == c.centre else t for j, t in enumerate(c.tokens))
+    for c in fd.contexts(feature)[:top]:  # pieces joined as the tokenizer decodes them; the picked token in [[ ]]
+        text = "".join(_mark(t) if j == c.centre else t for j, t in enumerate(c.texts))
         typer.echo(f"  {c.activation:8.3f}  {text}")
     lt = fd.logit_table(feature)
     if lt is not None:
         typer.echo("  boosts:     " + " ".join(repr(t) for t in lt["boosted"]))
         typer.echo("  suppresses: " + " ".join(repr(t) for t in lt["suppressed"]))
+
+
+def _mark(text: str) -> str:
+    """``text`` in ``[[ ]]``, after its leading space (`` gaussian`` -> `` [[gaussian]]``)."""
+    body = text.lstrip(" ")
+    return f"{text[:len(text) - len(body)]}[[{body}]]"
 
 
 @sae_app.command("export")
@@ -269,7 +278,8 @@ def import_(
     """Store a SAELens-format SAE as an SAE of SOURCE, after checking its d_in against the hook's width."""
     from app import api
 
-    trained = api.sae_import(directory, source, layer, store=store, device=device)
+    trained = run_with_progress(f"importing {directory} as an SAE of {source}",  # the model boots to check it
+                                lambda progress: api.sae_import(directory, source, layer, store=store, device=device))
     if as_json:
         typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict()},
                               indent=1))

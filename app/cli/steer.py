@@ -147,8 +147,10 @@ def apply(
 
     vec = api.load_steering_vector(vector)
     vec = vec.row(row) if row is not None else vec
-    out = api.steer_apply(source, vec, prompt, alpha=alpha, layers=layer or None, scale=scale,
-                          max_new_tokens=max_new_tokens, allow_foreign=allow_foreign, device=device)
+    out = run_with_progress(f"continuing the prompt with {source}, without and with the vector",
+                            lambda progress: api.steer_apply(source, vec, prompt, alpha=alpha, layers=layer or None,
+                                                             scale=scale, max_new_tokens=max_new_tokens,
+                                                             allow_foreign=allow_foreign, device=device))
     if as_json:
         typer.echo(json.dumps({"prompt": prompt, "alpha": alpha, **out}, indent=1))
         return

@@ -10,24 +10,19 @@ Registered on the main app in ``app/cli/__init__.py``. Listing and checking work
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from app.cli.options import StoreOpt, console
 from app.cli.tables import print_table
 
 store_app = typer.Typer(no_args_is_help=True, help="List, delete or check stored results.")
-_err = Console(stderr=True)
-
-StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Store directory (default: $LENSLAB_STORE "
-                                                                  "or the user cache dir).")]
 
 
 def _note(message: str) -> None:
-    _err.print(message, soft_wrap=True, highlight=False, markup=False)
+    console.print(message, soft_wrap=True, highlight=False, markup=False)
 
 
 @store_app.command("ls")

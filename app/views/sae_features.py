@@ -20,12 +20,12 @@ from app.state import MISSING, get_store
 FEATURE = "sae_feature"
 
 
-def _show_contexts(contexts, scale: float, sep: str) -> None:
+def _show_contexts(contexts, scale: float) -> None:
     if not contexts:
         st.caption("No activations.")
-    for ctx in contexts:
-        st.markdown(f"<small>{ctx.activation:.3g}</small> " + charts.context_html(ctx.tokens, ctx.acts, scale,
-                                                                                  ctx.centre, sep),
+    for ctx in contexts:  # ctx.texts: tokens joined as the tokenizer decodes them (analysis.detokenise)
+        st.markdown(f"<small>{ctx.activation:.3g}</small> " + charts.context_html(ctx.texts, ctx.acts, scale,
+                                                                                  ctx.centre),
                     unsafe_allow_html=True)
 
 
@@ -91,18 +91,17 @@ c[1].metric("max activation", f"{info['max_act']:.3g}")
 c[2].metric("mean activation", f"{info['mean_act']:.3g}")
 if "top_head" in ft.columns:
     c[3].metric("top head", f"H{int(info['top_head'])} ({info['top_head_weight']:.0%})")
-sep = " " if fd.meta.get("wordpiece") else ""
 
 left, right = st.columns([3, 2])
 with left:
     st.subheader("Top activations")
-    _show_contexts(fd.contexts(i), float(info["max_act"]), sep)
+    _show_contexts(fd.contexts(i), float(info["max_act"]))
     n_int = fd.quantile_rows.shape[1]
     with st.expander(f"Quantile-interval samples ({n_int} equal-count intervals of the nonzero activations)"):
         for j in reversed(range(n_int)):
             lo_j, hi_j = fd.quantile_edges[i, j], fd.quantile_edges[i, j + 1]
             st.markdown(f"**interval {j}** ({lo_j:.3g} – {hi_j:.3g})")
-            _show_contexts(fd.contexts(i, j), float(info["max_act"]), sep)
+            _show_contexts(fd.contexts(i, j), float(info["max_act"]))
 with right:
     st.plotly_chart(charts.activation_histogram(fd.hist_counts[i], fd.hist_edges[i], i), key="sae_hist")
     if fd.head_attribution is not None:
