@@ -295,6 +295,8 @@ def _from_result(result: Result) -> SearchResult:
     for col in ("on_front", "chosen"):
         table[col] = table[col].astype(bool)
     comparison = pd.DataFrame(meta["comparison"])
+    order = ["source", *[c for c in comparison.columns if c.startswith("effect@")], "layer", "alpha", "wins_at"]
+    comparison = comparison[[c for c in order if c in comparison.columns]]
     for col in comparison.columns:
         if col.startswith("effect@"):
             comparison[col] = comparison[col].astype(float)

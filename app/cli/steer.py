@@ -6,7 +6,8 @@
     lenslab steer layers bilinear-lm numpy-torch --alpha 0.4 --scale norm
     lenslab steer orthogonalize bilinear-lm torch.safetensors --out bilinear-lm-no-torch
     lenslab steer extract bilinear-lm numpy-torch --method svd --k 3 --layer 1 --out torch-svd.safetensors
-    lenslab steer search bilinear-lm numpy-torch --budget 240 --out chosen.safetensors --plot pareto.png
+    lenslab steer search bilinear-lm numpy-torch --budget 240 --out chosen.safetensors   # app/cli/steer_search.py
+    lenslab steer audit bilinear-lm chosen.safetensors numpy-torch --lora chosen-lora     # app/cli/steer_search.py
 
 Each command is the API function ``steer_<verb>`` (``app.api``). ``steer sweep`` (the dose-response,
 plus a layer sweep with ``--layer-alpha``) is the old name of ``steer dose``, kept hidden.
@@ -293,83 +294,3 @@ def orthogonalize(
     typer.echo(f"wrote {res.path}: {len(res.tensors)} tensors projected ({res.n_directions} direction(s)); "
                f"largest remaining |r̂·W| = {worst:.2e}")
 
-
-@steer_app.command("search")
-def search(
-    source: SourceArg,
-    contrasts: ContrastArg,
-    sources: Annotated[str, typer.Option("--sources", help="Comma-separated direction sources: mean_diff, pca, "
-                                                           "logistic, file:PATH, sae:KEY:INDEX, "
-                                                           "bilinear:KEY:DIRECTION:EIGEN.")] = "mean_diff,pca,logistic",
-    layer: Annotated[Optional[list[int]], typer.Option("--layer", "-l", help="Layer(s) to search (default: "
-                                                                             "all).")] = None,
-    site: Annotated[str, typer.Option("--site", help="resid_pre | attn_out | resid_post (where the "
-                                                     "vector is added).")] = "resid_post",
-    strengths: Annotated[str, typer.Option("--strengths", help="α range lo,hi containing 0, in units of the "
-                                                               "layer's mean token norm.")] = "-1,1",
-    budget: Annotated[int, typer.Option("--budget", help="Forward passes (baseline + settings × passes per "
-                                                         "setting).")] = 240,
-    coarse: Annotated[int, typer.Option("--coarse", help="Strengths per (source, layer) in the coarse "
-                                                         "grid.")] = 5,
-    max_side: Annotated[Optional[float], typer.Option("--max-side", help="Side-effect limit of the chosen setting "
-                                                                         "(default: KL 0.1 nats for an LM, drift "
-                                                                         "0.02 for an encoder).")] = None,
-    masked: Annotated[bool, typer.Option("--masked", help="Encoders: also the masked-token loss (trains MiniLM's "
-                                                          "MLM head once).")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Save the chosen setting's vector "
-                                                                    "(.safetensors).")] = None,
-    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Also write it as a control-vector GGUF.")] = None,
-    weights: Annotated[Optional[Path], typer.Option("--weights", help="Also write it as a weight edit (a new "
-                                                                      "Llama model directory).")] = None,
-    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write the Pareto plot (PNG).")] = None,
-    all_rows: Annotated[bool, typer.Option("--all", help="Print every evaluated setting, not only the "
-                                                         "front.")] = False,
-    as_json: JsonOpt = False,
-    refresh: RefreshOpt = False,
-    store: StoreOpt = None,
-    device: DeviceOpt = "auto",
-) -> None:
-    """Search layers × strengths × direction sources on CONTRASTS' held-out pairs: the behaviour effect
-    against the side effects on neutral text; print the Pareto front, the per-source comparison and the
-    chosen setting (stored; a re-run computes only settings not stored yet)."""
-    from app import api
-
-    from analysis.errors import ConfigError
-
-    try:
-        lo_hi = [float(x) for x in strengths.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--strengths {strengths!r} must be two comma-separated numbers lo,hi, e.g. -1,1") from None
-    res = run_with_progress(f"steering search of {source}", api.steer_search, source, contrasts,
-                            sources=[s for s in sources.split(",") if s.strip()], layers=layer or None, site=site,
-                            strengths=lo_hi, budget=budget, n_coarse=coarse, max_side=max_side, masked=masked,
-                            store=store, refresh=refresh, device=device)
-    written = api.steer_search_export(res, out, gguf=gguf, weights=weights, source=source) \
-        if (out or gguf or weights) else {}
-    if plot is not None:
-        from app.charts_steering_search import pareto_png
-
-        written["plot"] = str(pareto_png(res.table, res.side, plot, title=f"{contrasts} in {source} · {site}"))
-    m = res.meta
-    if as_json:
-        typer.echo(json.dumps({"meta": {k: v for k, v in m.items() if k not in ("comparison", "chosen")},
-                               "chosen": {k: v for k, v in res.chosen.items() if k != "vector"},
-                               "front": json_rows(res.front), "settings": json_rows(res.table),
-                               "comparison": json_rows(res.comparison), "written": written}, indent=1, default=str))
-        return
-    cols = ["source", "layer", "alpha", "stage", "effect", *[c for c in res.table.columns
-                                                               if c not in ("source", "layer", "alpha", "stage",
-                                                                            "effect", "on_front", "chosen")]]
-    shown = res.table if all_rows else res.front
-    _print_table(shown[cols], f"{'settings' if all_rows else 'Pareto front'} · {contrasts} in {source} · {site} · "
-                              f"effect vs {res.side}")
-    _print_table(res.comparison, f"best effect at equal {res.side}, per source")
-    c = res.chosen
-    console.print(f"chosen: {c['source']} layer {c['layer']} α = {c['alpha']:+.4g} (× mean norm {c['mean_norm']:.4g}) "
-                  f"at {c['site']}: effect {c['effect']:+.4g}, {res.side} {c[res.side]:.4g} "
-                  f"(limit {m['max_side']:g})", highlight=False)
-    console.print(f"budget {m['budget']} forward passes: baseline {m['baseline_passes']} + {m['n_settings']} settings × "
-                  f"{m['passes_per_setting']}; computed now: {m['settings_computed']} settings "
-                  f"({m['passes_computed']} passes)", highlight=False)
-    for what, path in written.items():
-        console.print(f"wrote {what}: {path}", highlight=False)
