@@ -87,7 +87,7 @@ def bilinear_direction(source: DirectionSource, src: Any, store: Any, *, layers:
                        d_model: int) -> Fixed:
     from analysis.bilinear.report import from_result
 
-    _, result = _entry(store, source.key, "bilinear", src.fingerprint, source.spec)
+    _, result = _entry(store, source.key, "bilinear.decompose", src.fingerprint, source.spec)
     rep = from_result(result)
     dec = rep.decomposition
     if not 0 <= source.index < dec.eigenvectors.shape[0]:

@@ -91,7 +91,9 @@ def next_candidate(rows: list[dict], side: str, max_side: float, min_gap: float,
                 continue
             brackets = min(s0, s1) <= max_side < max(s0, s1)
             inner_effect = e0 if s0 <= s1 else e1
-            near_front = (source, layer, a0) in on_front or (source, layer, a1) in on_front
+            # the unsteered end (α = 0) is always on the front; its gap matters only toward a gain
+            near_front = ((source, layer, a0) in on_front and (a0 != 0.0 or e1 > 0)) or \
+                ((source, layer, a1) in on_front and (a1 != 0.0 or e0 > 0))
             if not (brackets or near_front):
                 continue
             rank = (1, inner_effect, a1 - a0) if brackets else (0, a1 - a0, max(e0, e1))
