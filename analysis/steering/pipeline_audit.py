@@ -45,7 +45,7 @@ from analysis.steering.contrasts import load_contrasts
 from analysis.steering.effect import concept_ids
 from analysis.steering.hooks import orthonormal_basis
 from analysis.steering.orthogonalize import SUPPORTED, _config, _write, writer_axis
-from analysis.steering.pipeline_search import NEUTRAL, _neutral_texts
+from analysis.steering.pipeline_search import NEUTRAL, neutral_texts
 from analysis.steering.pipeline_vectors import ContrastLike, SourceLike, VectorLike, as_vector
 from analysis.steering.vectors import check_compatible
 from analysis.store import EntryInfo, Result
@@ -127,16 +127,18 @@ def _gap(bridge: Any, cs: Any, max_tokens: int) -> float:
     out = []
     for texts in cs.texts("test"):
         total = n = 0.0
-        for ids, mask in sm._batches(bridge, texts, max_tokens):
-            m = sm._margin(sm._logp(bridge, ids, mask, []), pos_ids, neg_ids)
+        for ids, mask in sm.text_batches(bridge, texts, max_tokens):
+            m = sm.concept_margin(sm.log_probs(bridge, ids, mask, []), pos_ids, neg_ids)
             real = mask.to(m.device).bool()
             total, n = total + float(m[real].sum()), n + int(real.sum())
         out.append(total / n)
     return out[0] - out[1]
 
 
-def _neutral(bridge: Any, texts: tuple[str, ...], max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    return [(sm._logp(bridge, ids, mask, []), ids, mask) for ids, mask in sm._batches(bridge, list(texts), max_tokens)]
+def _neutral(bridge: Any, texts: tuple[str, ...], max_tokens: int) -> list[tuple]:
+    """(log-probabilities, ids, mask) per batch of neutral texts."""
+    return [(sm.log_probs(bridge, ids, mask, []), ids, mask)
+            for ids, mask in sm.text_batches(bridge, list(texts), max_tokens)]
 
 
 def _kl_nll(ref: list, got: list) -> tuple[float, float]:
@@ -155,7 +157,7 @@ def _audit_compute(subject: Subject, p: AuditParams, ctx: RunContext) -> Result:
     src = subject.source
     config = _config(src)
     basis = torch.from_numpy(p.basis)
-    neutral = _neutral_texts(p.neutral, p.n_neutral)
+    neutral = neutral_texts(p.neutral, p.n_neutral)
     with ctx.lock:
         bridge = ctx.bridge(src)
         gap0 = _gap(bridge, p.contrasts, p.max_tokens)

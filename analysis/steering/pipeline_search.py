@@ -141,7 +141,7 @@ class SearchParams:
                 "n_coarse": self.n_coarse, "max_side": self.max_side}
 
 
-def _neutral_texts(packages: Sequence[str], n: int) -> tuple[str, ...]:
+def neutral_texts(packages: Sequence[str], n: int) -> tuple[str, ...]:
     per = max(1, math.ceil(n / len(packages)))
     return tuple(d.text for d in docstring_corpus(tuple(packages), per_package=per, seed=0))[:n]
 
@@ -190,7 +190,7 @@ def search_params(source: Any, contrasts: ContrastLike, *, sources: Sequence[str
                         budget=budget, n_coarse=n_coarse, max_side=float(max_side), kind=kind,
                         neutral=tuple(neutral), n_neutral=n_neutral, max_tokens=max_tokens, masked=bool(masked),
                         passes_per_setting=per, baseline_passes=base, n_settings=n_settings,
-                        neutral_texts=_neutral_texts(neutral, n_neutral))
+                        neutral_texts=neutral_texts(neutral, n_neutral))
 
 
 def _mean_norms(ext: Any) -> dict[int, float]:
@@ -347,7 +347,4 @@ def steer_search_export(search: SearchResult | str, out: str | os.PathLike | Non
     key = ""
     if isinstance(search, str):
         key, search = search, load_search(search, store=store)
-    if source is not None:
-        search = SearchResult(search.table, search.comparison, search.chosen,
-                              {**search.meta, "source": open_source(source)})
-    return export_chosen(search, out, gguf=gguf, weights=weights, key=key, overwrite=overwrite)
+    return export_chosen(search, out, gguf=gguf, weights=weights, key=key, source=source, overwrite=overwrite)

@@ -73,7 +73,8 @@ def edit_weights(source: Any, vector: np.ndarray, alpha: float, *, site: str, la
     tensors = {name: t.contiguous() for name, t in src.iter_tensors()}
     n_layers = int(config["num_hidden_layers"])
     d, d_mlp = int(config["hidden_size"]), int(config["intermediate_size"])
-    n_heads, n_kv = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
+    n_heads = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
     d_head = int(config.get("head_dim") or d // n_heads)
     dtype = tensors["model.embed_tokens.weight"].dtype
     if target == "embed":
@@ -87,7 +88,8 @@ def edit_weights(source: Any, vector: np.ndarray, alpha: float, *, site: str, la
             p = f"model.layers.{i}.mlp."
             for name, size in (("gate_proj", d_mlp), ("up_proj", d_mlp), ("down_proj", d)):
                 tensors.setdefault(p + name + ".bias", torch.zeros(size, dtype=dtype))
-        tensors[f"model.layers.{at}.mlp.down_proj.bias"] = tensors[f"model.layers.{at}.mlp.down_proj.bias"] + c.to(dtype)
+        name = f"model.layers.{at}.mlp.down_proj.bias"
+        tensors[name] = tensors[name] + c.to(dtype)
     else:
         config["attention_bias"] = True
         for i in range(n_layers):
@@ -106,9 +108,10 @@ def edit_weights(source: Any, vector: np.ndarray, alpha: float, *, site: str, la
 
 def export_chosen(result: Any, out: str | os.PathLike | None = None, *, gguf: str | os.PathLike | None = None,
                   weights: str | os.PathLike | None = None, key: str = "", model_hint: str | None = None,
-                  overwrite: bool = False) -> dict[str, str]:
+                  source: Any = None, overwrite: bool = False) -> dict[str, str]:
     """Write the chosen setting as a vector file (``out``), a GGUF (``gguf``) and/or a weight edit
-    (``weights``, a new model directory); returns what was written."""
+    (``weights``, a new model directory); returns what was written. ``source``: the model (default: the
+    search's source label), needed for the GGUF's model type and the weight edit."""
     if out is None and gguf is None and weights is None:
         raise ConfigError("nothing to export: give out= (vector file), gguf= and/or weights= (model directory)")
     vec = chosen_vector(result, key)
@@ -118,7 +121,7 @@ def export_chosen(result: Any, out: str | os.PathLike | None = None, *, gguf: st
         written["vector"] = str(save_vector(vec, out))
     src = None
     if gguf is not None or weights is not None:
-        src = open_source(result.meta.get("source") or "")  # a label, or a Source given by the caller
+        src = open_source(source if source is not None else result.meta.get("source") or "")
         if src.fingerprint != vec.fingerprint:
             raise ConfigError(f"{src.label} no longer has the fingerprint the search ran on; re-run the search")
     if gguf is not None:

@@ -75,20 +75,20 @@ def setting_hooks(bridge: Any, vector: np.ndarray, alpha: float, layer: int, sit
 
 
 # -- causal LMs ------------------------------------------------------------------------------------------
-def _batches(bridge: Any, texts: Sequence[str], max_tokens: int):
+def text_batches(bridge: Any, texts: Sequence[str], max_tokens: int):
     rows = token_rows(bridge, texts, max_tokens=max_tokens)
     return [pad_rows(rows[s:s + BATCH_TEXTS], pad_id(bridge), "right") for s in range(0, len(rows), BATCH_TEXTS)]
 
 
 @torch.no_grad()
-def _logp(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, hooks: list) -> torch.Tensor:
+def log_probs(bridge: Any, ids: torch.Tensor, mask: torch.Tensor, hooks: list) -> torch.Tensor:
     device = model_device(bridge)
     with bridge.hooks(fwd_hooks=hooks, reset_hooks_end=True):
         logits = bridge(ids.to(device), attention_mask=mask.to(device), return_type="logits")
     return torch.log_softmax(logits.to(float64_home(logits.device)).to(torch.float64), dim=-1)
 
 
-def _margin(logp: torch.Tensor, pos_ids: list[int], neg_ids: list[int]) -> torch.Tensor:
+def concept_margin(logp: torch.Tensor, pos_ids: list[int], neg_ids: list[int]) -> torch.Tensor:
     m = torch.logsumexp(logp[..., pos_ids], -1)
     return m - torch.logsumexp(logp[..., neg_ids], -1) if neg_ids else m
 
@@ -96,13 +96,13 @@ def _margin(logp: torch.Tensor, pos_ids: list[int], neg_ids: list[int]) -> torch
 def lm_baseline(bridge: Any, held: Sequence[str], neutral: Sequence[str], *, concept_pos: Sequence[str],
                 concept_neg: Sequence[str], max_tokens: int = 64) -> Baseline:
     pos_ids, neg_ids = concept_ids(bridge, concept_pos), concept_ids(bridge, concept_neg)
-    held_b, neutral_b = _batches(bridge, held, max_tokens), _batches(bridge, neutral, max_tokens)
+    held_b, neutral_b = text_batches(bridge, held, max_tokens), text_batches(bridge, neutral, max_tokens)
     held0, neutral0 = [], []
     for ids, mask in held_b:
-        logp = _logp(bridge, ids, mask, [])
-        held0.append((_margin(logp, pos_ids, neg_ids), logp.argmax(-1)))
+        logp = log_probs(bridge, ids, mask, [])
+        held0.append((concept_margin(logp, pos_ids, neg_ids), logp.argmax(-1)))
     for ids, mask in neutral_b:
-        neutral0.append(_logp(bridge, ids, mask, []))
+        neutral0.append(log_probs(bridge, ids, mask, []))
     return Baseline("lm", {"pos_ids": pos_ids, "neg_ids": neg_ids, "held": held_b, "neutral": neutral_b,
                            "held0": held0, "neutral0": neutral0})
 
@@ -112,14 +112,14 @@ def lm_score(bridge: Any, base: Baseline, hooks: list) -> dict[str, float]:
     wide = float64_home(model_device(bridge))
     eff_sum = changed = n_held = 0.0
     for (ids, mask), (m0, g0) in zip(d["held"], d["held0"]):
-        logp = _logp(bridge, ids, mask, hooks)
+        logp = log_probs(bridge, ids, mask, hooks)
         real = mask.to(wide).bool()
-        eff_sum += float((_margin(logp, d["pos_ids"], d["neg_ids"]) - m0)[real].sum())
+        eff_sum += float((concept_margin(logp, d["pos_ids"], d["neg_ids"]) - m0)[real].sum())
         changed += float((logp.argmax(-1) != g0)[real].sum())
         n_held += int(real.sum())
     kl_sum = nll_delta = n_real = n_next = 0.0
     for (ids, mask), logp0 in zip(d["neutral"], d["neutral0"]):
-        logp = _logp(bridge, ids, mask, hooks)
+        logp = log_probs(bridge, ids, mask, hooks)
         real = mask.to(wide).bool()
         ids_w = ids.to(wide)
         kl_sum += float((logp0.exp() * (logp0 - logp)).sum(-1)[real].sum())

@@ -9,8 +9,9 @@ known point of every (source, layer) line and costs nothing.
 2. Refinement, one setting at a time until the budget is spent: on each (source, layer) line,
    sorted by α with the α = 0 point, every gap between neighbouring evaluated strengths is a
    candidate midpoint. A gap whose side effect brackets ``max_side`` (one end within it, the
-   other beyond) comes first, the largest effect at its inner end first (that is where the
-   chosen setting is decided), then gaps next to a point of the Pareto front, widest first.
+   other beyond) and promises a gain comes first, the largest effect at the limit first (linear
+   interpolation between its ends: that is where the chosen setting is decided), then gaps next
+   to a point of the Pareto front, widest first.
    The front counts the unsteered model as a point, so settings with no gain are never on it.
    Gaps narrower than ``min_gap`` (default (hi − lo)/128) are not split.
 
@@ -90,13 +91,14 @@ def next_candidate(rows: list[dict], side: str, max_side: float, min_gap: float,
             if (source, layer, mid) in tried:
                 continue
             brackets = min(s0, s1) <= max_side < max(s0, s1)
-            inner_effect = e0 if s0 <= s1 else e1
+            (e_in, s_in), (e_out, s_out) = sorted([(e0, s0), (e1, s1)], key=lambda p: p[1])
+            at_limit = e_in + (e_out - e_in) * (max_side - s_in) / (s_out - s_in) if brackets else 0.0
             # the unsteered end (α = 0) is always on the front; its gap matters only toward a gain
             near_front = ((source, layer, a0) in on_front and (a0 != 0.0 or e1 > 0)) or \
                 ((source, layer, a1) in on_front and (a1 != 0.0 or e0 > 0))
-            if not (brackets or near_front):
+            if not ((brackets and at_limit > 0) or near_front):
                 continue
-            rank = (1, inner_effect, a1 - a0) if brackets else (0, a1 - a0, max(e0, e1))
+            rank = (1, at_limit, a1 - a0) if brackets and at_limit > 0 else (0, a1 - a0, max(e0, e1))
             if best is None or rank > best[0]:
                 best = (rank, (source, layer, mid))
     return None if best is None else best[1]
@@ -105,7 +107,8 @@ def next_candidate(rows: list[dict], side: str, max_side: float, min_gap: float,
 def optimise(lines: Sequence[tuple[str, int]], lo: float, hi: float, n_settings: int,
              n_coarse: int, evaluate: Callable[[str, int, float, str], dict], side: str, max_side: float,
              min_gap: float | None = None) -> list[dict]:
-    """Evaluate at most ``n_settings`` settings on the (source, layer) ``lines``: the coarse grid, then refinement. ``evaluate(source,
+    """Evaluate at most ``n_settings`` settings on the (source, layer) ``lines``: the coarse grid, then
+    refinement. ``evaluate(source,
     layer, alpha, stage)`` returns the row (with ``effect`` and ``side``); rows come back in order."""
     min_gap = (hi - lo) * MIN_GAP_FRACTION if min_gap is None else min_gap
     rows: list[dict] = []

@@ -128,7 +128,8 @@ def check_site(site: str) -> str:
         more = {"resid_mid": " (a hook there changes only the MLP's input on Llama bridges; attn_out adds to the "
                              "stream after the attention)"}.get(site, f" ({site} is not a stream writer)"
                                                              if site in HOOKS else "")
-        raise ConfigError(f"site={site!r}{more} must be a site that adds to the residual stream: one of {', '.join(SITES)}")
+        raise ConfigError(f"site={site!r}{more} must be a site that adds to the residual stream: one of "
+                          f"{', '.join(SITES)}")
     return site
 
 

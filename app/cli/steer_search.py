@@ -91,10 +91,12 @@ def search(
                               f"effect vs {res.side}")
     _print_table(res.comparison, f"best effect at equal {res.side}, per source")
     c = res.chosen
-    console.print(f"chosen: {c['source']} layer {c['layer']} α = {c['alpha']:+.4g} (× mean norm {c['mean_norm']:.4g}) "
+    console.print(f"chosen: {c['source']} layer {c['layer']} α = {c['alpha']:+.4g} "
+                  f"(× mean norm {c['mean_norm']:.4g}) "
                   f"at {c['site']}: effect {c['effect']:+.4g}, {res.side} {c[res.side]:.4g} "
                   f"(limit {m['max_side']:g})", highlight=False)
-    console.print(f"budget {m['budget']} forward passes: baseline {m['baseline_passes']} + {m['n_settings']} settings × "
+    console.print(f"budget {m['budget']} forward passes: baseline {m['baseline_passes']} + "
+                  f"{m['n_settings']} settings × "
                   f"{m['passes_per_setting']}; the run that stored it computed {m['settings_computed']} new settings "
                   f"({m['passes_computed']} passes)", highlight=False)
     for what, path in written.items():

@@ -132,7 +132,8 @@ def searched(lm_dir, tmp_path_factory):
 def test_the_search_stays_in_its_budget_and_marks_the_front_and_choice(searched):
     _, res = searched
     t, m = res.table, res.meta
-    assert m["passes_used"] <= m["budget"] and m["passes_used"] == m["baseline_passes"] + len(t) * m["passes_per_setting"]
+    assert m["passes_used"] <= m["budget"]
+    assert m["passes_used"] == m["baseline_passes"] + len(t) * m["passes_per_setting"]
     assert len(t) == m["n_settings_budget"]  # the whole budget was spent
     assert set(t["source"]) == {"mean_diff", "pca", "logistic"} and set(t["layer"]) == {0, 1}
     assert (t["stage"] == "refine").any() and (t["alpha"].between(-1, 1)).all()
@@ -191,7 +192,7 @@ def test_effect_and_kl_match_a_direct_computation_and_the_exported_vector_reprod
     apply_hooks = steering_hooks(bridge, vec, alpha=vec.meta["alpha"])
     test_pos, test_neg = cs.texts("test")
     effect, _, _ = _direct(bridge, test_pos + test_neg, apply_hooks, pos_ids, neg_ids)
-    neutral = ps._neutral_texts(ps.NEUTRAL, 32)
+    neutral = ps.neutral_texts(ps.NEUTRAL, 32)
     _, kl, nll = _direct(bridge, neutral, apply_hooks, pos_ids, neg_ids)
     row = res.table[res.table["chosen"]].iloc[0]
     assert effect == pytest.approx(row["effect"], rel=1e-5, abs=1e-7)
@@ -232,7 +233,7 @@ def test_an_sae_feature_equals_adding_its_decoder_row_at_hook_z(lm_dir, store):
         return z + z_add.to(z.dtype)
 
     cs = load_contrasts("numpy-torch")
-    base = sm.lm_baseline(bridge, sum(cs.texts("test"), []), ps._neutral_texts(ps.NEUTRAL, 32),
+    base = sm.lm_baseline(bridge, sum(cs.texts("test"), []), ps.neutral_texts(ps.NEUTRAL, 32),
                           concept_pos=cs.concept_positive, concept_neg=cs.concept_negative)
     direct = sm.lm_score(bridge, base, [("blocks.1.attn.hook_z", at_z)])
     assert direct["effect"] == pytest.approx(row["effect"], rel=1e-3, abs=1e-6)
@@ -263,3 +264,48 @@ def test_a_bilinear_eigenvector_scores_as_the_same_vector_given_as_a_file(lm_dir
     np.testing.assert_allclose(a["kl"], b["kl"], rtol=1e-4, atol=1e-8)
     with pytest.raises(ConfigError, match=r"decomposition is of layer 1; include --layers 1"):
         ps.steer_search(lm_dir, "numpy-torch", sources=[spec_b], layers=[0], store=store, device="cpu")
+
+
+@pytest.mark.slow  # MiniLM: extraction of 48 pairs at 6 layers plus the search, ~1 min on two loaded cores
+def test_minilm_search_scores_the_probe_shift_and_embedding_drift(minilm, store):
+    from analysis.steering.effect import sentence_embeddings
+    from analysis.steering.hooks import steering_hooks
+
+    res = ps.steer_search("minilm", "positive-negative", sources=["mean_diff"], layers=[3], budget=30, n_coarse=3,
+                          store=store, device="cpu")
+    assert res.meta["kind"] == "encoder" and res.side == "drift"
+    t = res.table
+    assert (t["drift"] >= 0).all() and t.loc[t["alpha"].abs().idxmax(), "drift"] == t["drift"].max()
+    row = t.loc[t["alpha"].idxmax()]
+    assert row["effect"] > 0  # toward the positive class along the mean difference
+    # independent: one text at a time, plain mean pooling of the last resid_post, sklearn probe refitted
+    from sklearn.linear_model import LogisticRegression
+
+    bridge = minilm.boot_bridge()
+    from app import api
+
+    ext = api.steer_extract("minilm", "positive-negative", store=store, device="cpu")
+    vec = ext.vector(3, "mean_diff")
+    v = (res.meta["mean_norms"]["3"] * vec / np.linalg.norm(vec)).astype(np.float32)
+    cs = load_contrasts("positive-negative")
+
+    def embed(texts, hooks):
+        out = []
+        for text in texts:
+            with bridge.hooks(fwd_hooks=hooks, reset_hooks_end=True):
+                out.append(sentence_embeddings(bridge, [text], max_tokens=64)[0].double())
+        return torch.stack(out)
+
+    tr_pos, tr_neg = cs.texts("train")
+    x = embed(tr_pos + tr_neg, []).numpy()
+    probe = LogisticRegression(C=1.0, tol=1e-8, max_iter=10_000).fit(x, np.r_[np.ones(len(tr_pos)),
+                                                                               np.zeros(len(tr_neg))])
+    hooks = steering_hooks(bridge, v, alpha=float(row["alpha"]), layers=[3], hook="resid_post")
+    held = cs.texts("test")[1]
+    shift = probe.predict_proba(embed(held, hooks).numpy())[:, 1].mean() - \
+        probe.predict_proba(embed(held, []).numpy())[:, 1].mean()
+    neutral = list(ps.neutral_texts(ps.NEUTRAL, 32))
+    e0, e1 = embed(neutral, []), embed(neutral, hooks)
+    drift = float((1 - torch.nn.functional.cosine_similarity(e0, e1, dim=-1)).mean())
+    assert shift == pytest.approx(row["effect"], abs=2e-3)
+    assert drift == pytest.approx(row["drift"], rel=1e-3, abs=1e-6)
