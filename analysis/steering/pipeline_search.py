@@ -265,12 +265,12 @@ def _search_compute(subject: Subject, p: SearchParams, ctx: RunContext) -> Resul
         ctx.tick(computed[0], p.n_settings, f"{stage} {spec} L{layer} α={alpha:+.3g}")
         return {"source": spec, "layer": layer, "alpha": float(alpha), "stage": stage, **row}
 
-    rows = so.optimise(lines, *p.strengths, p.n_settings, p.n_coarse, evaluate, side, p.max_side)
+    levels = tuple(f * p.max_side for f in LEVEL_FACTORS)
+    rows = so.optimise(lines, *p.strengths, p.n_settings, p.n_coarse, evaluate, side, p.max_side, levels=levels)
     table = pd.DataFrame(rows)
     table["on_front"] = so.pareto_mask(table["effect"].to_numpy(), table[side].to_numpy())
     pick = so.choose(table, side, p.max_side)
     table["chosen"] = table.index == pick
-    levels = tuple(f * p.max_side for f in LEVEL_FACTORS)
     comparison = so.compare_sources(table, side, levels)
     c = table.loc[pick]
     norms = _mean_norms(ext)

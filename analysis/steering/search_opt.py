@@ -10,8 +10,9 @@ known point of every (source, layer) line and costs nothing.
    sorted by α with the α = 0 point, every gap between neighbouring evaluated strengths is a
    candidate midpoint. A gap whose side effect brackets ``max_side`` (one end within it, the
    other beyond) and promises a gain comes first, the largest effect at the limit first (linear
-   interpolation between its ends: that is where the chosen setting is decided), then gaps next
-   to a point of the Pareto front, widest first.
+   interpolation between its ends: that is where the chosen setting is decided); then gaps
+   bracketing each comparison level (``levels``) on every line, so that sources are compared at
+   equal side effect; then gaps next to a point of the Pareto front, widest first.
    The front counts the unsteered model as a point, so settings with no gain are never on it.
    Gaps narrower than ``min_gap`` (default (hi − lo)/128) are not split.
 
@@ -74,11 +75,12 @@ def _lines(rows: list[dict], side: str) -> dict[tuple[str, int], list[tuple[floa
 
 
 def next_candidate(rows: list[dict], side: str, max_side: float, min_gap: float,
-                   tried: set | None = None) -> tuple[str, int, float] | None:
+                   tried: set | None = None, levels: Sequence[float] = ()) -> tuple[str, int, float] | None:
     """The next setting to evaluate (module docstring, step 2), or None when every gap is too narrow."""
     if not rows:
         return None
     tried = tried or set()
+    limits = [max_side, *[lv for lv in levels if lv != max_side]]
     front = pareto_mask(np.array([r["effect"] for r in rows]), np.array([r[side] for r in rows]))
     on_front = {(r["source"], r["layer"], r["alpha"]) for r, f in zip(rows, front) if f}
     on_front |= {(r["source"], r["layer"], 0.0) for r in rows}  # the unsteered model is on every front
@@ -90,23 +92,27 @@ def next_candidate(rows: list[dict], side: str, max_side: float, min_gap: float,
             mid = round((a0 + a1) / 2, 10)
             if (source, layer, mid) in tried:
                 continue
-            brackets = min(s0, s1) <= max_side < max(s0, s1)
             (e_in, s_in), (e_out, s_out) = sorted([(e0, s0), (e1, s1)], key=lambda p: p[1])
-            at_limit = e_in + (e_out - e_in) * (max_side - s_in) / (s_out - s_in) if brackets else 0.0
+            rank: tuple | None = None
+            for i, limit in enumerate(limits):  # the chosen setting's limit first, then the comparison levels
+                if s_in <= limit < s_out:
+                    at_limit = e_in + (e_out - e_in) * (limit - s_in) / (s_out - s_in)
+                    if at_limit > 0:
+                        rank = (1, -i, at_limit, a1 - a0)
+                        break
             # the unsteered end (α = 0) is always on the front; its gap matters only toward a gain
             near_front = ((source, layer, a0) in on_front and (a0 != 0.0 or e1 > 0)) or \
                 ((source, layer, a1) in on_front and (a1 != 0.0 or e0 > 0))
-            if not ((brackets and at_limit > 0) or near_front):
-                continue
-            rank = (1, at_limit, a1 - a0) if brackets and at_limit > 0 else (0, a1 - a0, max(e0, e1))
-            if best is None or rank > best[0]:
+            if rank is None and near_front:
+                rank = (0, 0, a1 - a0, max(e0, e1))
+            if rank is not None and (best is None or rank > best[0]):
                 best = (rank, (source, layer, mid))
     return None if best is None else best[1]
 
 
 def optimise(lines: Sequence[tuple[str, int]], lo: float, hi: float, n_settings: int,
              n_coarse: int, evaluate: Callable[[str, int, float, str], dict], side: str, max_side: float,
-             min_gap: float | None = None) -> list[dict]:
+             min_gap: float | None = None, levels: Sequence[float] = ()) -> list[dict]:
     """Evaluate at most ``n_settings`` settings on the (source, layer) ``lines``: the coarse grid, then
     refinement. ``evaluate(source,
     layer, alpha, stage)`` returns the row (with ``effect`` and ``side``); rows come back in order."""
@@ -120,7 +126,7 @@ def optimise(lines: Sequence[tuple[str, int]], lo: float, hi: float, n_settings:
             rows.append(evaluate(source, layer, alpha, "coarse"))
             tried.add((source, layer, alpha))
     while len(rows) < n_settings:
-        cand = next_candidate(rows, side, max_side, min_gap, tried)
+        cand = next_candidate(rows, side, max_side, min_gap, tried, levels)
         if cand is None:
             break
         tried.add(cand)
