@@ -48,19 +48,25 @@ def edit_tensor(w: torch.Tensor, basis: torch.Tensor, axis: int, edit: str) -> t
     return y.movedim(-1, axis).to(dtype=w.dtype).contiguous()
 
 
-def _metrics(m: torch.Tensor) -> dict[str, float]:
+def _metrics(m: torch.Tensor, k: int) -> dict[str, float]:
     sv = singular_values(m.to(torch.float64))
     got = spectrum_metrics(sv, int(m.shape[0]), int(m.shape[1]))
-    return {"kappa": got["kappa"], "stable_rank": got["stable_rank"], "alpha": got["alpha"]}
+    kept = sv[:len(sv) - k] if len(sv) > k else sv[:1]
+    return {"kappa": got["kappa"], "kappa_kept": float(kept[0] / kept[-1]) if kept[-1] > 0 else math.inf,
+            "stable_rank": got["stable_rank"], "alpha": got["alpha"]}
 
 
-def tensor_audit(name: str, before: torch.Tensor, after: torch.Tensor, edit: str) -> dict:
-    """One row: κ, stable rank, α before and after (2-D tensors; NaN otherwise) and the relative change."""
+def tensor_audit(name: str, before: torch.Tensor, after: torch.Tensor, edit: str, k: int = 1) -> dict:
+    """One row: κ, stable rank, α before and after (2-D tensors; NaN otherwise) and the relative change.
+
+    Removing k directions from the d_model side leaves the matrix rank-deficient by k when
+    d_model is its smaller side, so κ after is 1/rounding; ``kappa_kept`` = σ₁/σ_{r−k} (the k
+    smallest singular values dropped) compares the part the edit keeps."""
     row: dict = {"tensor": name, "edit": edit, "shape": "×".join(map(str, before.shape))}
     b, a = before.to(torch.float64), after.to(torch.float64)
     row["rel_change"] = float((a - b).norm() / b.norm()) if float(b.norm()) > 0 else math.nan
     if before.ndim == 2 and min(before.shape) > 1:
-        mb, ma = _metrics(b), _metrics(a)
+        mb, ma = _metrics(b, k), _metrics(a, k)
         for k in mb:
             row[f"{k}_before"], row[f"{k}_after"] = mb[k], ma[k]
             row[f"d_{k}"] = ma[k] - mb[k] if math.isfinite(ma[k]) and math.isfinite(mb[k]) else math.nan

@@ -98,7 +98,7 @@ def _edited(src: Source, config: dict, basis: torch.Tensor, edit: str) -> tuple[
             if tied and name.endswith("embed_tokens.weight"):
                 tensors["lm_head.weight"] = t.clone()
             new = au.edit_tensor(t, basis, axis, edit)
-            rows.append(au.tensor_audit(name, t, new, edit))
+            rows.append(au.tensor_audit(name, t, new, edit, k=int(basis.shape[0])))
             t = new
         tensors[name] = t.contiguous()
     return tensors, ({**config, "tie_word_embeddings": False} if tied else config), rows

@@ -68,7 +68,7 @@ def edit_weights(source: Any, vector: np.ndarray, alpha: float, *, site: str, la
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose a new directory or pass overwrite=True")
-    c = torch.from_numpy(np.asarray(vector, dtype=np.float32)) * float(alpha)
+    c = torch.from_numpy(np.array(vector, dtype=np.float32)) * float(alpha)
     target, at = _bias_target(site, layer)
     tensors = {name: t.contiguous() for name, t in src.iter_tensors()}
     n_layers = int(config["num_hidden_layers"])

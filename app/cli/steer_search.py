@@ -134,7 +134,8 @@ def audit(
                                "written": written}, indent=1, default=str))
         return
     _print_table(res.summary, f"weight edits removing {Path(vector).name} from {source} · {contrasts}")
-    cols = ["edit", "tensor", "kappa_before", "kappa_after", "stable_rank_before", "stable_rank_after",
+    cols = ["edit", "tensor", "kappa_before", "kappa_after", "kappa_kept_before", "kappa_kept_after",
+            "stable_rank_before", "stable_rank_after",
             "alpha_before", "alpha_after", "rel_change"]
     _print_table(res.tensors[[c for c in cols if c in res.tensors.columns]], "per tensor")
     for what, path in written.items():

@@ -122,3 +122,13 @@ def test_the_bias_weight_edit_reproduces_the_steering_hook(lm_dir, tmp_path, sit
             want = bridge(ids, return_type="logits")
         got = edited(ids, return_type="logits")
     assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+
+
+def test_kappa_kept_drops_the_removed_directions(rng):
+    w = torch.from_numpy(rng.standard_normal((12, 30)))  # d_model = 12 is the smaller side
+    basis = orthonormal_basis(rng.standard_normal((2, 12)), 12)
+    new = au.edit_tensor(w, basis, 0, "orthogonalized")
+    row = au.tensor_audit("w", w, new, "orthogonalized", k=2)
+    sv = np.linalg.svd(new.numpy(), compute_uv=False)
+    assert sv[-2:].max() < 1e-12 * sv[0] and row["kappa_after"] > 1e10  # rank-deficient by 2
+    assert row["kappa_kept_after"] == pytest.approx(sv[0] / sv[-3], rel=1e-8)
