@@ -194,10 +194,9 @@ def search_params(source: Any, contrasts: ContrastLike, *, sources: Sequence[str
 
 
 def _mean_norms(ext: Any) -> dict[int, float]:
-    """Mean token norm ‖h‖ per layer at the extraction's site: ‖v_mean_diff‖ / rel_norm."""
+    """Mean token norm ‖h‖ per layer at the extraction's site (its ``act_norm`` column)."""
     t = ext.table[ext.table["method"] == "mean_diff"].set_index("layer")
-    return {int(layer): float(np.linalg.norm(ext.vector(int(layer), "mean_diff")) / t.loc[layer, "rel_norm"])
-            for layer in ext.layers}
+    return {int(layer): float(t.loc[layer, "act_norm"]) for layer in ext.layers}
 
 
 def _directions(p: SearchParams, ext: Any) -> dict[tuple[str, int], np.ndarray]:
