@@ -20,7 +20,7 @@ Each choice depends only on the settings evaluated before it, so the settings of
 budget extend those of a smaller one: with the points cached, a re-run computes only the new ones.
 
 The chosen setting: the largest effect with side ≤ ``max_side``; none qualifying, the smallest
-side. ``compare_sources``: per source, the best effect at side ≤ each level (NaN: no setting
+side among the settings with a gain (effect > 0), else the smallest side. ``compare_sources``: per source, the best effect at side ≤ each level (NaN: no setting
 that gentle), and the levels each source wins. Pure Python on rows; no model.
 """
 
@@ -64,7 +64,8 @@ def choose(table: pd.DataFrame, side: str, max_side: float) -> int:
     ok = table[table[side] <= max_side]
     if len(ok):
         return int(ok["effect"].idxmax())
-    return int(table[side].idxmin())
+    gains = table[table["effect"] > 0]
+    return int((gains if len(gains) else table)[side].idxmin())
 
 
 def _lines(rows: list[dict], side: str) -> dict[tuple[str, int], list[tuple[float, float, float]]]:

@@ -309,3 +309,10 @@ def test_minilm_search_scores_the_probe_shift_and_embedding_drift(minilm, store)
     drift = float((1 - torch.nn.functional.cosine_similarity(e0, e1, dim=-1)).mean())
     assert shift == pytest.approx(row["effect"], abs=2e-3)
     assert drift == pytest.approx(row["drift"], rel=1e-3, abs=1e-6)
+
+
+def test_choose_prefers_a_gain_when_nothing_is_within_the_limit():
+    t = pd.DataFrame({"effect": [-0.5, 0.2, 0.9, -0.1], "kl": [0.3, 0.5, 0.4, 0.05]})
+    assert so.choose(t, "kl", 0.35) == 3  # within the limit (rows 0, 3): the largest effect there
+    assert so.choose(t, "kl", 0.01) == 2  # none within: the gentlest setting that gains (not row 3, a loss)
+    assert so.choose(t.assign(effect=-t["effect"].abs()), "kl", 0.01) == 3  # no gain at all: the gentlest
