@@ -20,7 +20,8 @@ Each choice depends only on the settings evaluated before it, so the settings of
 budget extend those of a smaller one: with the points cached, a re-run computes only the new ones.
 
 The chosen setting: the largest effect with side ≤ ``max_side``; none qualifying, the smallest
-side among the settings with a gain (effect > 0), else the smallest side. ``compare_sources``: per source, the best effect at side ≤ each level (NaN: no setting
+side among the settings with a gain (effect > 0), else the smallest side. ``compare_sources``:
+per source, the best effect at side ≤ each level (NaN: no setting
 that gentle), and the levels each source wins. Pure Python on rows; no model.
 """
 

@@ -293,4 +293,3 @@ def orthogonalize(
     worst = residual_component(res.path, vec.vectors)
     typer.echo(f"wrote {res.path}: {len(res.tensors)} tensors projected ({res.n_directions} direction(s)); "
                f"largest remaining |r̂·W| = {worst:.2e}")
-
