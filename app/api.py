@@ -53,6 +53,10 @@ from analysis.steering.pipeline import (find_dose_response, find_layer_sweep, lo
                                         steer_extract, steer_generate, steer_layers, steer_sweep,
                                         stored_dose_response, stored_dose_responses, stored_extractions,
                                         stored_layer_sweep, stored_layer_sweeps)
+from analysis.steering.pipeline_audit import (AuditResult, load_audit, steer_audit, steer_edit,  # noqa: F401
+                                              steer_lora, stored_audits)
+from analysis.steering.pipeline_search import (SearchResult, load_search, steer_search,  # noqa: F401
+                                               steer_search_export, stored_searches)
 from analysis.steering.pipeline_vectors import (contrast_sets, export_steering_gguf,  # noqa: F401
                                                 load_steering_vector, save_steering_vector, steer_apply,
                                                 steer_orthogonalize, steer_vector)

@@ -33,6 +33,7 @@ PAGES = [
     st.Page("views/bilinear.py", title="Bilinear MLPs", icon=":material/grid_on:"),
     st.Page("views/experts.py", title="Experts", icon=":material/hub:"),
     st.Page("views/steering.py", title="Steering", icon=":material/tune:"),
+    st.Page("views/steering_search.py", title="Steering search", icon=":material/query_stats:"),
     st.Page("views/sae.py", title="Attention SAEs", icon=":material/blur_on:"),
     st.Page("views/sae_features.py", title="SAE features", icon=":material/manage_search:"),
     st.Page("views/sae_prompt.py", title="SAE prompt", icon=":material/edit_note:"),

@@ -31,6 +31,8 @@ from app.cli.bilinear import bilinear_app  # noqa: E402  (lenslab bilinear train
 app.add_typer(bilinear_app, name="bilinear")
 from app.cli.steer import steer_app  # noqa: E402  (lenslab steer extract|apply|dose|layers|orthogonalize)
 app.add_typer(steer_app, name="steer")
+from app.cli.steer_search import register as _register_steer_search  # noqa: E402  (lenslab steer search|audit)
+_register_steer_search(steer_app)
 from app.cli.sae import sae_app  # noqa: E402  (lenslab sae train|eval|features|prompt|export|import|list)
 app.add_typer(sae_app, name="sae")
 from app.cli.sae_eval import groundtruth as _sae_groundtruth, probe as _sae_probe  # noqa: E402

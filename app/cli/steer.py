@@ -6,6 +6,8 @@
     lenslab steer layers bilinear-lm numpy-torch --alpha 0.4 --scale norm
     lenslab steer orthogonalize bilinear-lm torch.safetensors --out bilinear-lm-no-torch
     lenslab steer extract bilinear-lm numpy-torch --method svd --k 3 --layer 1 --out torch-svd.safetensors
+    lenslab steer search bilinear-lm numpy-torch --budget 240 --out chosen.safetensors   # app/cli/steer_search.py
+    lenslab steer audit bilinear-lm chosen.safetensors numpy-torch --lora chosen-lora     # app/cli/steer_search.py
 
 Each command is the API function ``steer_<verb>`` (``app.api``). ``steer sweep`` (the dose-response,
 plus a layer sweep with ``--layer-alpha``) is the old name of ``steer dose``, kept hidden.

@@ -17,8 +17,8 @@ from app import api
 API_FILE = Path(api.__file__)
 ANALYSIS_NAMES = {"spectra", "experiment.kappatune_forgetting", "bilinear.decompose", "mmoe.features", "mmoe.probe",
                   "mmoe.specialisation", "mmoe.curve", "mmoe.bias", "experts.routing", "steering.extract",
-                  "steering.dose", "steering.sweep", "sae", "sae-eval", "sae-features", "circuits",
-                  "sae-groundtruth", "sae-probe"}
+                  "steering.dose", "steering.sweep", "steering.point", "steering.search", "steering.audit", "sae",
+                  "sae-eval", "sae-features", "circuits", "sae-groundtruth", "sae-probe"}
 
 
 def test_api_module_defines_no_function_or_class():

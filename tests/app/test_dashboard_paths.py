@@ -43,6 +43,8 @@ FIELDS = {  # (page, label) -> what the typed text is; "model", "contrasts" and 
     ("steering", "Contrast set"): "contrasts",
     ("steering", "Position"): "a position rule (last, mean, index:K)",
     ("steering", "Prompt"): "prompt text for the model",
+    ("steering_search", "Source"): "model",
+    ("steering_search", "Contrast set"): "contrasts",
     ("sae", "Source"): "model",
     ("sae_prompt", "Prompt"): "prompt text for the model",
     ("circuits", "Source"): "model",
@@ -51,7 +53,7 @@ PATH_KINDS = {"model", "contrasts", "direction"}
 CHECKS = {"check_source", "check_stored_source", "check_contrasts", "check_direction"}  # app.allowed_paths
 PATH_ARGS = {  # app.api function -> its arguments (position or keyword) that name files; keywords must be given
     "analyze": (0,), "bilinear_decompose": (0, "direction"), "experts_routing": (0,), "sae_train": (0,),
-    "steer_extract": (0, 1), "steer_dose": (0, 2), "steer_layers": (0, 1), "steer_apply": (0,),
+    "steer_extract": (0, 1), "steer_dose": (0, 2), "steer_layers": (0, 1), "steer_apply": (0,), "steer_search": (0, 1),
     "find_dose_response": (2,), "find_layer_sweep": (1,),
     "sae_eval": ("source",), "sae_features": ("source",), "sae_prompt": ("source",),  # else: the stored source
     "circuits": (0,),
@@ -73,6 +75,8 @@ NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no fi
     **dict.fromkeys(["list_spectra", "load_spectra", "spectra_params", "stored_experiments", "load_experiment"],
                     "reads the store by key or returns values in memory"),
     **dict.fromkeys(["select_from_spectra", "export_text"], "works on spectra/selections in memory, writes nothing"),
+    **dict.fromkeys(["stored_searches", "load_search", "stored_audits", "load_audit"],
+                    "reads the store by key or returns values in memory"),
 }
 OPENERS = {"open_source", "load_contrasts", "load_vector", "spec_params", "resolve_directions", "load_file",
            "safe_open", "read_bytes", "read_text", "open"}  # the pages reach files only through app.api
@@ -164,6 +168,10 @@ CASES = [  # field key, page, button, other inputs ("{allowed}" is the allowed r
                  id="steering-source"),
     pytest.param("steer_contrast", "steering", "Extract", {"steer_source": "{allowed}/model"}, "{}", "pairs.jsonl",
                  id="steering-contrast-set"),
+    pytest.param("ss_source", "steering_search", "Search", {"ss_contrast": "code-prose"}, "{}", "model",
+                 id="steering-search-source"),
+    pytest.param("ss_contrast", "steering_search", "Search", {"ss_source": "{allowed}/model"}, "{}", "pairs.jsonl",
+                 id="steering-search-contrast-set"),
     pytest.param("sae_source", "sae", "Train", {}, "{}", "model", id="sae-source"),
     pytest.param("circuits_source", "circuits", "Compute circuits", {}, "{}", "model", id="circuits-source"),
 ]
