@@ -69,8 +69,12 @@ def blocks(text: str) -> list[Block]:
 
 ALL = blocks(README.read_text(encoding="utf-8"))
 PYTHON = [b for b in ALL if b.lang == "python"]
-COMMANDS = [(b, ln) for b in ALL if b.lang == "bash" for ln in b.code.splitlines()
-            if ln.strip().startswith("lenslab ")]
+def shell_lines(code: str) -> list[str]:
+    """The block's command lines, a line ending in a backslash joined with the next (as bash reads it)."""
+    return [ln.strip() for ln in re.sub(r"\\\n", " ", code).splitlines()]
+
+
+COMMANDS = [(b, ln) for b in ALL if b.lang == "bash" for ln in shell_lines(b.code) if ln.startswith("lenslab ")]
 
 
 def test_the_readme_has_blocks_and_markers_are_rare():
