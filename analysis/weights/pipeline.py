@@ -4,7 +4,7 @@ the KappaTune forgetting experiment, each stored analysis declared once for the 
 
     >>> from app import api
     >>> ws = api.analyze("minilm")                     # computed once, then served from the store
-    >>> sel = api.select("minilm", "20%", exclude="embeddings")
+    >>> sel = api.select("minilm", "20%")                # the linear weights PEFT would rank
     >>> api.export(sel, "peft", "lora.json")           # written atomically
     >>> res = api.experiment_kappatune("minilm", seeds=3)
 
@@ -145,12 +145,17 @@ def stored_spectra(fingerprint: str, store: StoreLike = None) -> WeightSpectra |
 # -- KappaTune selection and export -------------------------------------------------------------
 def select(source: str | os.PathLike | torch.nn.Module | Source, budget: Budget | str | int | float, *,
            ranker: str = "lowest_kappa", include: str | None = None, exclude: str | None = None, seed: int = 0,
+           include_embeddings: bool = False, include_heads: bool = False,
            store: StoreLike = None, trust_pickle: bool = False, progress: Progress | None = None,
            device: str | torch.device = "auto") -> Selection:
     """KappaTune-style tensor selection (``analysis.weights.selection``) on the spectra of ``source``
     (``analyze``: computed on ``device`` once, then served from the store).
 
-        >>> sel = api.select("minilm", "20%", exclude="embeddings")
+    Candidates are the linear weight matrices (and stacked experts), as PEFT's
+    ``find_kappa_target_modules`` ranks; embedding tables and output heads are opt-in
+    (``include_embeddings`` / ``include_heads``).
+
+        >>> sel = api.select("minilm", "20%")
         >>> api.export(sel, "peft", "lora.json")
     """
     budget = Budget.parse(budget)  # fail on a bad budget, ranker or device before any analysis runs
@@ -160,17 +165,19 @@ def select(source: str | os.PathLike | torch.nn.Module | Source, budget: Budget 
     src = open_source(source, trust_pickle=trust_pickle)
     ws = analyze(src, store=store, progress=progress, device=dev)
     return select_from_spectra(ws, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
-                               fingerprint=src.fingerprint)
+                               fingerprint=src.fingerprint, include_embeddings=include_embeddings,
+                               include_heads=include_heads)
 
 
 def select_from_spectra(spectra: WeightSpectra | pd.DataFrame, budget: Budget | str | int | float, *,
                         ranker: str = "lowest_kappa", include: str | None = None, exclude: str | None = None,
-                        seed: int = 0, fingerprint: str | None = None) -> Selection:
+                        seed: int = 0, fingerprint: str | None = None, include_embeddings: bool = False,
+                        include_heads: bool = False) -> Selection:
     """The selection of ``select`` from spectra already in hand (a ``WeightSpectra`` or its table):
     no store, no source (the dashboard's selection page works from the stored spectra alone)."""
     table = spectra.table if isinstance(spectra, WeightSpectra) else spectra
     return select_tensors(table, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, include_embeddings=include_embeddings, include_heads=include_heads)
 
 
 def export_text(selection: Selection, fmt: str, **opts: Any) -> str:

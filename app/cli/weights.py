@@ -5,7 +5,7 @@ forgetting experiment). Each command calls one ``app.api`` function of the same 
 one line each in ``app/cli/__init__.py``.
 
     lenslab analyze minilm --analysis spectra --device auto
-    lenslab select minilm --budget 20% --exclude embeddings --format peft -o lora.json
+    lenslab select minilm --budget 20% --format peft -o lora.json
     lenslab experiment kappatune --seeds 3 --threads 1
 """
 
@@ -95,6 +95,10 @@ def select(
                                                                      "this regex (re.search).")] = None,
     exclude: Annotated[Optional[str], typer.Option("--exclude", help="Drop tensors whose name matches "
                                                                      "this regex, e.g. embeddings.")] = None,
+    include_embeddings: Annotated[bool, typer.Option("--include-embeddings", help="Embedding tables are "
+                                                     "candidates too (default: linear weights only, as PEFT).")] = False,
+    include_heads: Annotated[bool, typer.Option("--include-heads", help="Output heads (lm_head, cls., "
+                                                "classifier) are candidates too.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random ranker.")] = 0,
     fmt: Annotated[str, typer.Option("--format", "-f", help="params | peft | axolotl")] = "params",
     as_regex: Annotated[bool, typer.Option("--regex", help="peft: one target_modules regex, not a list.")] = False,
@@ -106,8 +110,9 @@ def select(
     trust_pickle: TrustOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Pick the tensors of SOURCE to fine-tune (KappaTune: lowest condition number first) and
-    export them as parameter names, a PEFT LoraConfig JSON or an axolotl YAML fragment."""
+    """Pick the tensors of SOURCE to fine-tune (KappaTune: lowest condition number first) among its linear
+    weight matrices (as PEFT's find_kappa_target_modules) and export them as parameter names, a PEFT
+    LoraConfig JSON or an axolotl YAML fragment."""
     from analysis.weights.export import FORMATS
     from analysis.weights.selection import RANKERS, Budget
     from app import api
@@ -119,7 +124,8 @@ def select(
     parsed = Budget.parse(budget)
     resolve_device(device)
     sel = run_with_progress(f"spectra of {source}", api.select, source, parsed, ranker=ranker, include=include,
-                            exclude=exclude, seed=seed, store=store, trust_pickle=trust_pickle, device=device)
+                            exclude=exclude, seed=seed, include_embeddings=include_embeddings,
+                            include_heads=include_heads, store=store, trust_pickle=trust_pickle, device=device)
     text = api.export(sel, fmt, output, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       as_regex=as_regex)
     out = Table(title=sel.summary())
