@@ -12,6 +12,11 @@ Rankers (ties always keep the table's tensor order):
 - ``highest_kappa``: the contrast: descending κ, ``inf`` first. ``score`` = κ.
 - ``random``: a seeded baseline: each candidate draws ``numpy.random.default_rng(seed).random()``
   and the lowest draws rank first. ``score`` = the draw.
+- ``lowest_kappa_per_type``: KappaTune within each module type (``module_type``, e.g.
+  ``intermediate.dense``): round-robin over types, the lowest-κ tensor of every type first,
+  then the second lowest of every type, ...; within a round, ascending κ. A control for κ
+  merely tracking the tensor type (on MiniLM plain KappaTune picks all MLP up-projections
+  first). ``score`` = κ.
 - ``low_rank``: WeLore/LIFT-style: highest ``welore_fraction`` first (the share of the
   min-max-normalised spectrum below τ: the most low-rank-like components first), ties
   broken by lower κ. ``score`` = welore_fraction.
@@ -52,7 +57,7 @@ import pandas as pd
 from analysis.errors import ConfigError
 from analysis.weights.matrices import module_path
 
-RANKERS = ("lowest_kappa", "highest_kappa", "random", "low_rank")
+RANKERS = ("lowest_kappa", "highest_kappa", "random", "low_rank", "lowest_kappa_per_type")
 KINDS = ("linear", "experts", "embedding", "head")  # tensor_kind values; the first two are default candidates
 DEFAULT_KINDS = ("linear", "experts")
 # a name component that marks an embedding table (BERT embeddings., GPT-2 wte/wpe, Llama embed_tokens, ...)
@@ -234,6 +239,12 @@ def rank_order(cand: pd.DataFrame, ranker: str, seed: int = 0) -> tuple[np.ndarr
     if ranker == "random":
         draw = np.random.default_rng(seed).random(n)
         return np.lexsort((idx, draw)), draw
+    if ranker == "lowest_kappa_per_type":
+        within = np.empty(n, dtype=np.int64)
+        for _, rows in cand.groupby("module_type", sort=False).indices.items():
+            rows = np.asarray(rows)
+            within[rows[np.lexsort((rows, kappa[rows]))]] = np.arange(len(rows))
+        return np.lexsort((idx, kappa, within)), kappa
     if ranker == "low_rank":
         frac = cand["welore_fraction"].to_numpy(dtype=np.float64)
         return np.lexsort((idx, kappa, -frac)), frac

@@ -377,3 +377,17 @@ def test_default_fraction_agrees_with_find_kappa_target_modules(minilm_table, ka
     assert list(ours.modules) == selector.get_best_targets(top_p=0.2)
     assert len(ours.params) == 7  # max(1, int(37 * 0.2))
     assert selector.get_best_target_parameters(top_p=0.2) == []
+
+
+def test_lowest_kappa_per_type_is_round_robin_over_module_types():
+    kappa = {"layers.0.up.weight": 1.0, "layers.1.up.weight": 2.0, "layers.2.up.weight": 3.0,
+             "layers.0.q.weight": 50.0, "layers.1.q.weight": 10.0, "layers.0.o.weight": 7.0}
+    table = pd.DataFrame({"tensor": list(kappa), "layer": [int(t.split(".")[1]) for t in kappa],
+                          "module_type": [t.split(".")[2] for t in kappa], "n_params": 4, "status": "ok",
+                          "kappa": list(kappa.values()), "welore_fraction": 0.0})
+    sel = select_tensors(table, "100%", ranker="lowest_kappa_per_type")
+    # round 1: the best of each type (up 1, o 7, q 10) by kappa; round 2: up 2, q 50; round 3: up 3
+    assert sel.params == ("layers.0.up.weight", "layers.0.o.weight", "layers.1.q.weight", "layers.1.up.weight",
+                          "layers.0.q.weight", "layers.2.up.weight")
+    assert list(select_tensors(table, "100%").params)[:3] == ["layers.0.up.weight", "layers.1.up.weight",
+                                                              "layers.2.up.weight"]
