@@ -46,6 +46,7 @@ from analysis.run import (Analysis, RunContext, StoreLike, Subject, find, has, l
 from analysis.sources import Source, open_source
 from analysis.store import EntryInfo
 from analysis.weights import forgetting as fg
+from analysis.weights import forgetting_matched as fm
 from analysis.weights import spectra as spectra_mod
 from analysis.weights.export import export_selection
 from analysis.weights.selection import RANKERS, Budget, Selection, select_tensors
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 SPECTRA_NAME = "spectra"  # the store's analysis column of the spectra (in every key: never change it)
 DEPRECATED = {  # old name -> new name (each old name still works as before, with a DeprecationWarning)
     "stored_spectra": "find_spectra",
-    "kappatune_experiment": "experiment_kappatune",
+    "kappatune_experiment": "experiment_forgetting",
     "stored_kappatune_experiments": "stored_experiments",  # then load_experiment(entry.key) for each
 }
 
@@ -212,12 +213,51 @@ EXPERIMENT: Analysis[fg.ForgettingResult] = register(Analysis(
         "(analysis.weights.forgetting)."))
 
 
-def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "20%",
-                         seeds: int = 3, steps: int = 100, store: StoreLike = None, progress: Progress | None = None,
-                         refresh: bool = False, device: str | torch.device = "auto",
-                         **settings: Any) -> fg.ForgettingResult:
-    """KappaTune forgetting experiment (``analysis.weights.forgetting``), cached in the store
-    (``lenslab experiment kappatune``).
+def _compute_matched(subject: Subject, config: fm.KappaTuneConfig, ctx: RunContext) -> Result:
+    src = subject.source
+    table = run(SPECTRA, src, spectra_params(), ctx=ctx.child(ctx.sub("spectra"))).table
+    return fm.to_result(fm.kappatune_matched(str(src.model_dir()), table, config, label=src.label,
+                                             progress=ctx.report))
+
+
+MATCHED: Analysis[fm.KappaTuneResult] = register(Analysis(
+    name=fm.ANALYSIS, code_version=fm.CODE_VERSION, compute=_compute_matched, from_result=fm.from_result,
+    doc="KappaTune, settled: parameter-matched arms on an encoder (embedding drift) or a causal LM "
+        "(perplexity), bootstrap intervals and paired comparisons (analysis.weights.forgetting_matched)."))
+
+
+def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "12.5%params",
+                         seeds: int = 5, steps: int = 100, store: StoreLike = None, progress: Progress | None = None,
+                         refresh: bool = False, **settings: Any) -> fm.KappaTuneResult:
+    """KappaTune, settled (``analysis.weights.forgetting_matched``; ``lenslab experiment kappatune``):
+    every arm (``forgetting_arms.ARMS``) at the same trained-parameter budget (±5%), ``seeds``
+    seeds, on ``source``: an encoder directory (default MiniLM; forgetting = held-out embedding
+    drift) or a causal LM directory such as ``"bilinear-lm"`` (forgetting = held-out stdlib
+    perplexity). Arms run through the executor (``executor="local"`` processes, ``workers=N``, or
+    ``executor="ray"``, ``ray_address=...``), on the CPU. ``settings``: any other
+    ``KappaTuneConfig`` field. Cached in the store; Ctrl-C stores nothing.
+
+        >>> res = api.experiment_kappatune("bilinear-lm")
+        >>> res.summary[["arm", "gain_mean", "gain_lo", "gain_hi", "forgetting_mean"]]; res.paired
+    """
+    fields = fm.KappaTuneConfig.__dataclass_fields__
+    if unknown := sorted(set(settings) - set(fields)):
+        raise ConfigError(f"unknown experiment setting(s) {unknown}; valid: {', '.join(fields)}")
+    config = fm.KappaTuneConfig(budget=str(budget), seeds=seeds, steps=steps, **settings)
+    src = open_source(source)
+    if src.hf_dir is None:
+        raise SourceError(f"{src.label}: the KappaTune experiment fine-tunes the model, so it needs a Hugging Face "
+                          "directory (config.json + tokenizer), e.g. 'minilm' or 'bilinear-lm'")
+    return run(MATCHED, src, config, store=store, refresh=refresh, progress=progress, device="cpu")
+
+
+def experiment_forgetting(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "20%",
+                          seeds: int = 3, steps: int = 100, store: StoreLike = None, progress: Progress | None = None,
+                          refresh: bool = False, device: str | torch.device = "auto",
+                          **settings: Any) -> fg.ForgettingResult:
+    """The first KappaTune forgetting experiment (``analysis.weights.forgetting``; encoder only, a
+    tensor-count budget, embedding drift), cached in the store (``lenslab experiment forgetting``).
+    ``experiment_kappatune`` is its parameter-matched successor.
 
     Fine-tunes ``source`` (a Hugging Face encoder directory; default the bundled MiniLM) on the
     docstring-package task with each arm (lowest_kappa, highest_kappa, random, full, head_only)
@@ -226,7 +266,7 @@ def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budge
     ``lr=...``). Returns a ``ForgettingResult`` (``.runs`` one row per arm x seed, ``.summary``
     one row per arm). Interrupting (Ctrl-C) stores no experiment entry.
 
-        >>> res = api.experiment_kappatune("minilm", seeds=3)
+        >>> res = api.experiment_forgetting("minilm", seeds=3)
         >>> res.summary[["arm", "accuracy_mean", "drift_mean", "spearman_mean"]]
     """
     fields = fg.ForgettingConfig.__dataclass_fields__
@@ -242,23 +282,30 @@ def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budge
 
 
 def stored_experiments(fingerprint: str | None = None, store: StoreLike = None) -> list[EntryInfo]:
-    """Index rows of the stored forgetting experiments (of one model, or all), newest first; never
-    computes. ``entry.params`` holds the experiment's settings; ``load_experiment(entry.key)`` its result."""
-    return stored(EXPERIMENT, fingerprint, store=store)
+    """Index rows of the stored KappaTune experiments, both designs (``entry.analysis``: the matched
+    ``fm.ANALYSIS`` or the first ``fg.ANALYSIS``), of one model or all, newest first; never computes.
+    ``entry.params`` holds the experiment's settings; ``load_experiment(entry.key)`` its result."""
+    rows = stored(MATCHED, fingerprint, store=store) + stored(EXPERIMENT, fingerprint, store=store)
+    return sorted(rows, key=lambda e: e.created, reverse=True)
 
 
-def load_experiment(key: str, store: StoreLike = None) -> fg.ForgettingResult:
-    """The forgetting experiment stored under entry ``key`` (or a unique prefix of 8+ characters).
+def load_experiment(key: str, store: StoreLike = None) -> fm.KappaTuneResult | fg.ForgettingResult:
+    """The KappaTune experiment stored under entry ``key`` (or a unique prefix of 8+ characters): a
+    ``KappaTuneResult`` for the matched design, a ``ForgettingResult`` for the first one.
 
     Raises NotStoredError when there is no such experiment, CorruptEntryError when its blobs fail
     their checksum."""
-    return load(key, store=store, analysis=EXPERIMENT)
+    from analysis.run import entry
+
+    kind = entry(key, store=store).analysis
+    return load(key, store=store, analysis=MATCHED if kind == MATCHED.name else EXPERIMENT)
 
 
 def kappatune_experiment(source: str | os.PathLike | Source = "minilm", **kwargs: Any) -> fg.ForgettingResult:
-    """Deprecated: ``experiment_kappatune`` (same arguments, same result)."""
-    warnings.warn("kappatune_experiment is deprecated; use experiment_kappatune", DeprecationWarning, stacklevel=2)
-    return experiment_kappatune(source, **kwargs)
+    """Deprecated: ``experiment_forgetting`` (same arguments, same result as before)."""
+    warnings.warn("kappatune_experiment is deprecated; use experiment_forgetting (or experiment_kappatune, the "
+                  "parameter-matched design)", DeprecationWarning, stacklevel=2)
+    return experiment_forgetting(source, **kwargs)
 
 
 def stored_kappatune_experiments(store: StoreLike = None) -> list[tuple[EntryInfo, fg.ForgettingResult]]:
