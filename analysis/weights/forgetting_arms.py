@@ -14,8 +14,10 @@ Arms (``ARMS``):
 
 Budgets (``plan_arm``):
 
-- a parameter budget ``"P%params"`` is *matched*: the target is T = P% of the candidates'
-  parameters; every tensor arm walks its own ranking and takes each tensor that still fits
+- a parameter budget ``"P%params"`` is *matched*: the target T is P% of the candidates'
+  parameters rounded to the nearest multiple of the greatest common divisor of their sizes
+  (``matched_target``; MiniLM: one 384×384 matrix, 147,456; the tiny LM: 4,096), which whole
+  tensors can add up to; every tensor arm walks its own ranking and takes each tensor that still fits
   under (1 + tol)·T, skipping the ones that do not (``selection.fill_to_limit``; ties keep the
   table's tensor order; when no tensor fits, the first-ranked one alone is taken); a LoRA arm
   picks the rank r >= 1 whose r·Σ(d_out + d_in) is closest to T. An arm is ``matched`` when
@@ -74,6 +76,13 @@ def lora_rank(shapes: list[tuple[int, int]], target: int) -> int:
     return min((low, low + 1), key=lambda r: (abs(r * per_rank - target), r))
 
 
+def matched_target(fraction: float, sizes: np.ndarray) -> int:
+    """T = ``fraction`` of the candidates' parameters, rounded to the nearest multiple (>= 1) of the
+    greatest common divisor of their sizes, so that whole tensors can add up to it exactly."""
+    g = int(np.gcd.reduce(np.asarray(sizes, dtype=np.int64)))
+    return g * max(1, int(round(fraction * float(np.sum(sizes)) / g)))
+
+
 def _lora(sel: Selection, modules: pd.DataFrame, r: int) -> tuple[dict[str, Any], int]:
     from analysis.weights.export import export_selection
 
@@ -97,7 +106,7 @@ def plan_arm(arm: str, seed: int, table: pd.DataFrame, *, budget: str, include: 
     cand = ranked.candidates
     sizes = cand["n_params"].to_numpy()
     matched_budget = b.kind == "param_fraction"
-    target = int(round(b.value * float(sizes.sum()))) if matched_budget else 0
+    target = matched_target(b.value, sizes) if matched_budget else 0
     if arm == "lora_all":
         mask = np.ones(len(cand), dtype=bool)
     elif matched_budget:

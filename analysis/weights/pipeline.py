@@ -146,15 +146,15 @@ def stored_spectra(fingerprint: str, store: StoreLike = None) -> WeightSpectra |
 # -- KappaTune selection and export -------------------------------------------------------------
 def select(source: str | os.PathLike | torch.nn.Module | Source, budget: Budget | str | int | float, *,
            ranker: str = "lowest_kappa", include: str | None = None, exclude: str | None = None, seed: int = 0,
-           include_embeddings: bool = False, include_heads: bool = False,
+           include_embeddings: bool = False, include_heads: bool = False, include_routers: bool = False,
            store: StoreLike = None, trust_pickle: bool = False, progress: Progress | None = None,
            device: str | torch.device = "auto") -> Selection:
     """KappaTune-style tensor selection (``analysis.weights.selection``) on the spectra of ``source``
     (``analyze``: computed on ``device`` once, then served from the store).
 
     Candidates are the linear weight matrices (and stacked experts), as PEFT's
-    ``find_kappa_target_modules`` ranks; embedding tables and output heads are opt-in
-    (``include_embeddings`` / ``include_heads``).
+    ``find_kappa_target_modules`` ranks; embedding tables, output heads and MoE routers are
+    opt-in (``include_embeddings`` / ``include_heads`` / ``include_routers``).
 
         >>> sel = api.select("minilm", "20%")
         >>> api.export(sel, "peft", "lora.json")
@@ -167,18 +167,19 @@ def select(source: str | os.PathLike | torch.nn.Module | Source, budget: Budget 
     ws = analyze(src, store=store, progress=progress, device=dev)
     return select_from_spectra(ws, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
                                fingerprint=src.fingerprint, include_embeddings=include_embeddings,
-                               include_heads=include_heads)
+                               include_heads=include_heads, include_routers=include_routers)
 
 
 def select_from_spectra(spectra: WeightSpectra | pd.DataFrame, budget: Budget | str | int | float, *,
                         ranker: str = "lowest_kappa", include: str | None = None, exclude: str | None = None,
                         seed: int = 0, fingerprint: str | None = None, include_embeddings: bool = False,
-                        include_heads: bool = False) -> Selection:
+                        include_heads: bool = False, include_routers: bool = False) -> Selection:
     """The selection of ``select`` from spectra already in hand (a ``WeightSpectra`` or its table):
     no store, no source (the dashboard's selection page works from the stored spectra alone)."""
     table = spectra.table if isinstance(spectra, WeightSpectra) else spectra
     return select_tensors(table, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
-                          fingerprint=fingerprint, include_embeddings=include_embeddings, include_heads=include_heads)
+                          fingerprint=fingerprint, include_embeddings=include_embeddings, include_heads=include_heads,
+                          include_routers=include_routers)
 
 
 def export_text(selection: Selection, fmt: str, **opts: Any) -> str:
@@ -228,13 +229,15 @@ MATCHED: Analysis[fm.KappaTuneResult] = register(Analysis(
 
 def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "12.5%params",
                          seeds: int = 5, steps: int = 100, store: StoreLike = None, progress: Progress | None = None,
-                         refresh: bool = False, **settings: Any) -> fm.KappaTuneResult:
+                         refresh: bool = False, device: str | torch.device = "auto",
+                         **settings: Any) -> fm.KappaTuneResult:
     """KappaTune, settled (``analysis.weights.forgetting_matched``; ``lenslab experiment kappatune``):
     every arm (``forgetting_arms.ARMS``) at the same trained-parameter budget (±5%), ``seeds``
     seeds, on ``source``: an encoder directory (default MiniLM; forgetting = held-out embedding
     drift) or a causal LM directory such as ``"bilinear-lm"`` (forgetting = held-out stdlib
     perplexity). Arms run through the executor (``executor="local"`` processes, ``workers=N``, or
-    ``executor="ray"``, ``ray_address=...``), on the CPU. ``settings``: any other
+    ``executor="ray"``, ``ray_address=...``), on the CPU (``device``: auto or cpu; another device
+    is a ConfigError). ``settings``: any other
     ``KappaTuneConfig`` field. Cached in the store; Ctrl-C stores nothing.
 
         >>> res = api.experiment_kappatune("bilinear-lm")
@@ -244,6 +247,9 @@ def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budge
     if unknown := sorted(set(settings) - set(fields)):
         raise ConfigError(f"unknown experiment setting(s) {unknown}; valid: {', '.join(fields)}")
     config = fm.KappaTuneConfig(budget=str(budget), seeds=seeds, steps=steps, **settings)
+    if resolve_device(device).type != "cpu":
+        raise ConfigError(f"device {device!r}: the experiment's arms run in CPU worker processes; use device='cpu' "
+                          "(or 'auto')")
     src = open_source(source)
     if src.hf_dir is None:
         raise SourceError(f"{src.label}: the KappaTune experiment fine-tunes the model, so it needs a Hugging Face "

@@ -35,8 +35,9 @@ Budgets (``Budget.parse``):
 Candidates (``tensor_kind``): by default the *linear weight matrices*, what PEFT's
 ``find_kappa_target_modules`` ranks: every 2-D (or reshaped conv) weight that is not an
 embedding or an output head, and stacked experts (PEFT's ``target_parameters``). Embedding
-tables (``include_embeddings=True``) and output heads such as ``lm_head`` / ``cls.`` /
-``classifier`` (``include_heads=True``) are opt-in; norms and biases are 1-D, have no
+tables (``include_embeddings=True``), output heads such as ``lm_head`` / ``cls.`` /
+``classifier`` (``include_heads=True``) and MoE routers (``include_routers=True``; not
+``nn.Linear`` modules in transformers, so PEFT never ranks them) are opt-in; norms and biases are 1-D, have no
 spectrum and are never candidates. ``include`` / ``exclude`` regexes then narrow the set.
 
 Stacked experts (a 3-D ``…experts…`` tensor, one matrix row per expert) are one candidate:
@@ -58,11 +59,14 @@ from analysis.errors import ConfigError
 from analysis.weights.matrices import module_path
 
 RANKERS = ("lowest_kappa", "highest_kappa", "random", "low_rank", "lowest_kappa_per_type")
-KINDS = ("linear", "experts", "embedding", "head")  # tensor_kind values; the first two are default candidates
+KINDS = ("linear", "experts", "embedding", "head", "router")  # tensor_kind values; the first two are default candidates
 DEFAULT_KINDS = ("linear", "experts")
 # a name component that marks an embedding table (BERT embeddings., GPT-2 wte/wpe, Llama embed_tokens, ...)
 _EMBEDDING = re.compile(r"(?:^|\.)(?:[\w]*embed(?:ding)?s?[\w]*|wte|wpe|shared)(?:\.|$)", re.IGNORECASE)
 # an output head's module path (the LM head of Llama/GPT-2, GPT-NeoX's embed_out, BERT's cls., task heads)
+# an MoE router (Mixtral's mlp.gate / block_sparse_moe.gate, OLMoE/Qwen-MoE gate, Switch "router"): not an nn.Linear
+# in current transformers, so PEFT does not rank it
+_ROUTER = re.compile(r"(?:^|\.)(?:gate|router)(?:\.weight)?$")
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output_layer|cls|classifier|score|qa_outputs)(?:\.|$)")
 BUDGET_KINDS = ("count", "fraction", "param_fraction")
 _REQUIRED = ("tensor", "layer", "module_type", "n_params", "status", "kappa", "welore_fraction")
@@ -162,13 +166,16 @@ class Selection:
 
 def tensor_kind(name: str, n_experts: int = 0) -> str:
     """``"experts"`` for a stacked-experts tensor, ``"head"`` for an output head (``lm_head``,
-    ``embed_out``, ``cls.``, ``classifier``, ``score``, ``qa_outputs``), ``"embedding"`` for an
+    ``embed_out``, ``cls.``, ``classifier``, ``score``, ``qa_outputs``), ``"router"`` for an MoE
+    router (a module named ``gate`` or ``router``), ``"embedding"`` for an
     embedding table (a name component containing ``embed``, or ``wte`` / ``wpe`` / ``shared``),
     else ``"linear"`` (a weight matrix of a linear map, or a conv kernel viewed as one)."""
     if n_experts:
         return "experts"
     if _HEAD.search(name):
         return "head"
+    if _ROUTER.search(name):
+        return "router"
     if _EMBEDDING.search(name):
         return "embedding"
     return "linear"
@@ -288,12 +295,12 @@ def selected_mask(budget: Budget, n_params_ranked: np.ndarray) -> np.ndarray:
 def select_tensors(spectra_table: pd.DataFrame, budget: Budget | str | int | float, *,
                    ranker: str = "lowest_kappa", include: str | None = None, exclude: str | None = None,
                    seed: int = 0, fingerprint: str | None = None, include_embeddings: bool = False,
-                   include_heads: bool = False) -> Selection:
+                   include_heads: bool = False, include_routers: bool = False) -> Selection:
     """Rank the finite candidate tensors of ``spectra_table`` with ``ranker`` and keep ``budget`` of them.
 
     Candidates: the linear weight matrices and stacked experts (``tensor_kind``; PEFT's
-    candidates), plus embedding tables with ``include_embeddings`` and output heads with
-    ``include_heads``. ``include`` / ``exclude``: regexes tested with ``re.search`` on the
+    candidates), plus embedding tables with ``include_embeddings``, output heads with
+    ``include_heads`` and MoE routers with ``include_routers``. ``include`` / ``exclude``: regexes tested with ``re.search`` on the
     tensor name (a tensor stays a candidate if it matches ``include`` and does not match
     ``exclude``). Raises ConfigError for an unknown ranker, a bad budget, an invalid regex, a
     non-integer seed, or filters that leave no candidate.
@@ -307,10 +314,12 @@ def select_tensors(spectra_table: pd.DataFrame, budget: Budget | str | int | flo
     table = tensor_table(spectra_table)
     ok = table["status"] == "ok"
     excluded = tuple(table.loc[~ok, "tensor"])
-    for flag, what in ((include_embeddings, "include_embeddings"), (include_heads, "include_heads")):
+    for flag, what in ((include_embeddings, "include_embeddings"), (include_heads, "include_heads"),
+                       (include_routers, "include_routers")):
         if not isinstance(flag, (bool, np.bool_)):
             raise ConfigError(f"{what}={flag!r} must be True or False")
-    kinds = DEFAULT_KINDS + (("embedding",) if include_embeddings else ()) + (("head",) if include_heads else ())
+    kinds = (DEFAULT_KINDS + (("embedding",) if include_embeddings else ()) + (("head",) if include_heads else ())
+             + (("router",) if include_routers else ()))
     keep = ok & table["kind"].isin(kinds)
     if inc is not None:
         keep &= table["tensor"].map(lambda t: inc.search(t) is not None)
@@ -319,7 +328,7 @@ def select_tensors(spectra_table: pd.DataFrame, budget: Budget | str | int | flo
     cand = table[keep].reset_index(drop=True)
     if cand.empty:
         filters = ", ".join(f"{k}={v!r}" for k, v in (("include", include), ("exclude", exclude)) if v is not None)
-        left_out = [k for k in ("embedding", "head") if k not in kinds and (table["kind"] == k).any()]
+        left_out = [k for k in ("embedding", "head", "router") if k not in kinds and (table["kind"] == k).any()]
         opt_in = "".join(f", --include-{k}s" for k in left_out)
         raise ConfigError(f"no candidate tensors: {int(ok.sum())} of {len(table)} tensors have finite weights"
                           + (f" and none is left by {filters}" if filters else "")

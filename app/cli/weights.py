@@ -100,6 +100,8 @@ def select(
                                                      "candidates too (default: linear weights only, as PEFT).")] = False,
     include_heads: Annotated[bool, typer.Option("--include-heads", help="Output heads (lm_head, cls., "
                                                 "classifier) are candidates too.")] = False,
+    include_routers: Annotated[bool, typer.Option("--include-routers", help="MoE routers (mlp.gate) are "
+                                                  "candidates too.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random ranker.")] = 0,
     fmt: Annotated[str, typer.Option("--format", "-f", help="params | peft | axolotl")] = "params",
     as_regex: Annotated[bool, typer.Option("--regex", help="peft: one target_modules regex, not a list.")] = False,
@@ -126,7 +128,7 @@ def select(
     resolve_device(device)
     sel = run_with_progress(f"spectra of {source}", api.select, source, parsed, ranker=ranker, include=include,
                             exclude=exclude, seed=seed, include_embeddings=include_embeddings,
-                            include_heads=include_heads, store=store, trust_pickle=trust_pickle, device=device)
+                            include_heads=include_heads, include_routers=include_routers, store=store, trust_pickle=trust_pickle, device=device)
     text = api.export(sel, fmt, output, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       as_regex=as_regex)
     out = Table(title=sel.summary())
@@ -236,14 +238,15 @@ def experiment_kappatune(
     if resolve_device(device).type != "cpu":
         raise ConfigError(f"--device {device}: the experiment's arms run in CPU worker processes; drop --device "
                           "(or use --device cpu)")
-    settings: dict = {"autocast": bf16, "executor": executor, "workers": workers, "ray_address": ray_address}
+    settings: dict = {"device": device, "autocast": bf16, "executor": executor, "workers": workers, "ray_address": ray_address}
     if arms is not None:
         settings["arms"] = tuple(a.strip() for a in arms.split(",") if a.strip())
     if per_class is not None:
         settings["per_class"] = per_class
     from analysis.weights.forgetting_matched import DEFAULT_SOURCES, KappaTuneConfig
 
-    KappaTuneConfig(budget=budget, seeds=seeds, steps=steps, **settings)  # bad settings fail before any work
+    KappaTuneConfig(budget=budget, seeds=seeds, steps=steps,  # bad settings fail before any work
+                    **{k: v for k, v in settings.items() if k != "device"})
     out_json = []
     for source in sources or DEFAULT_SOURCES:
         res = run_with_progress(f"kappatune on {source}", api.experiment_kappatune, source, budget=budget,

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from app import api
 
 API_FILE = Path(api.__file__)
-ANALYSIS_NAMES = {"spectra", "experiment.kappatune_forgetting", "bilinear.decompose", "mmoe.features", "mmoe.probe",
-                  "mmoe.specialisation", "mmoe.curve", "mmoe.bias", "experts.routing", "steering.extract",
+ANALYSIS_NAMES = {"spectra", "experiment.kappatune_forgetting", "experiment.kappatune_matched", "bilinear.decompose",
+                  "mmoe.features", "mmoe.probe", "mmoe.specialisation", "mmoe.curve", "mmoe.bias", "experts.routing", "steering.extract",
                   "steering.dose", "steering.sweep", "sae", "sae-eval", "sae-features", "circuits"}
 
 
