@@ -20,7 +20,9 @@ Budgets (``plan_arm``):
   tensors can add up to; every tensor arm walks its own ranking and takes each tensor that still fits
   under (1 + tol)·T, skipping the ones that do not (``selection.fill_to_limit``; ties keep the
   table's tensor order; when no tensor fits, the first-ranked one alone is taken); a LoRA arm
-  picks the rank r >= 1 whose r·Σ(d_out + d_in) is closest to T. An arm is ``matched`` when
+  picks the rank r >= 1 whose r·Σ(d_out + d_in) is closest to T (lora_alpha = 2r, the export's
+  default ratio; same lr, steps and batches as the tensor arms unless ``lora_lr_scale`` says
+  otherwise). An arm is ``matched`` when
   its trained count lies within ±tol·T (tol = 5% by default); ``full`` and ``head_only`` are
   references and never matched;
 - a tensor-count or tensor-fraction budget (``"7"``, ``"20%"``) keeps the old unmatched design:
