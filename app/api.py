@@ -28,7 +28,7 @@ from analysis.store import EntryInfo, Store, default_store_root as default_store
 
 # -- weight spectra, KappaTune selection and export, the forgetting experiment: analysis/weights/ ---------
 from analysis.weights.pipeline import (SPECTRA_NAME as SPECTRA, analyze, conditioning,  # noqa: F401
-                                       experiment_kappatune, export, export_text,
+                                       experiment_forgetting, experiment_kappatune, export, export_text,
                                        find_spectra, has_spectra, kappatune_experiment, list_spectra,
                                        load_experiment, load_spectra, select, select_from_spectra, spectra_params,
                                        stored_experiments, stored_kappatune_experiments, stored_spectra)

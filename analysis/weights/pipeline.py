@@ -4,7 +4,7 @@ the KappaTune forgetting experiment, each stored analysis declared once for the 
 
     >>> from app import api
     >>> ws = api.analyze("minilm")                     # computed once, then served from the store
-    >>> sel = api.select("minilm", "20%", exclude="embeddings")
+    >>> sel = api.select("minilm", "20%")                # the linear weights PEFT would rank
     >>> api.export(sel, "peft", "lora.json")           # written atomically
     >>> res = api.experiment_kappatune("minilm", seeds=3)
 
@@ -46,6 +46,7 @@ from analysis.run import (Analysis, RunContext, StoreLike, Subject, find, has, l
 from analysis.sources import Source, open_source
 from analysis.store import EntryInfo
 from analysis.weights import forgetting as fg
+from analysis.weights import forgetting_matched as fm
 from analysis.weights import spectra as spectra_mod
 from analysis.weights.export import export_selection
 from analysis.weights.matrices import require_matrices
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 SPECTRA_NAME = "spectra"  # the store's analysis column of the spectra (in every key: never change it)
 DEPRECATED = {  # old name -> new name (each old name still works as before, with a DeprecationWarning)
     "stored_spectra": "find_spectra",
-    "kappatune_experiment": "experiment_kappatune",
+    "kappatune_experiment": "experiment_forgetting",
     "stored_kappatune_experiments": "stored_experiments",  # then load_experiment(entry.key) for each
 }
 
@@ -147,12 +148,17 @@ def stored_spectra(fingerprint: str, store: StoreLike = None) -> WeightSpectra |
 # -- KappaTune selection and export -------------------------------------------------------------
 def select(source: str | os.PathLike | torch.nn.Module | Source, budget: Budget | str | int | float, *,
            ranker: str = "lowest_kappa", include: str | None = None, exclude: str | None = None, seed: int = 0,
+           include_embeddings: bool = False, include_heads: bool = False, include_routers: bool = False,
            store: StoreLike = None, trust_pickle: bool = False, progress: Progress | None = None,
            device: str | torch.device = "auto") -> Selection:
     """KappaTune-style tensor selection (``analysis.weights.selection``) on the spectra of ``source``
     (``analyze``: computed on ``device`` once, then served from the store).
 
-        >>> sel = api.select("minilm", "20%", exclude="embeddings")
+    Candidates are the linear weight matrices (and stacked experts), as PEFT's
+    ``find_kappa_target_modules`` ranks; embedding tables, output heads and MoE routers are
+    opt-in (``include_embeddings`` / ``include_heads`` / ``include_routers``).
+
+        >>> sel = api.select("minilm", "20%")
         >>> api.export(sel, "peft", "lora.json")
     """
     budget = Budget.parse(budget)  # fail on a bad budget, ranker or device before any analysis runs
@@ -162,17 +168,20 @@ def select(source: str | os.PathLike | torch.nn.Module | Source, budget: Budget 
     src = open_source(source, trust_pickle=trust_pickle)
     ws = analyze(src, store=store, progress=progress, device=dev)
     return select_from_spectra(ws, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
-                               fingerprint=src.fingerprint)
+                               fingerprint=src.fingerprint, include_embeddings=include_embeddings,
+                               include_heads=include_heads, include_routers=include_routers)
 
 
 def select_from_spectra(spectra: WeightSpectra | pd.DataFrame, budget: Budget | str | int | float, *,
                         ranker: str = "lowest_kappa", include: str | None = None, exclude: str | None = None,
-                        seed: int = 0, fingerprint: str | None = None) -> Selection:
+                        seed: int = 0, fingerprint: str | None = None, include_embeddings: bool = False,
+                        include_heads: bool = False, include_routers: bool = False) -> Selection:
     """The selection of ``select`` from spectra already in hand (a ``WeightSpectra`` or its table):
     no store, no source (the dashboard's selection page works from the stored spectra alone)."""
     table = spectra.table if isinstance(spectra, WeightSpectra) else spectra
     return select_tensors(table, budget, ranker=ranker, include=include, exclude=exclude, seed=seed,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint, include_embeddings=include_embeddings, include_heads=include_heads,
+                          include_routers=include_routers)
 
 
 def export_text(selection: Selection, fmt: str, **opts: Any) -> str:
@@ -207,12 +216,56 @@ EXPERIMENT: Analysis[fg.ForgettingResult] = register(Analysis(
         "(analysis.weights.forgetting)."))
 
 
-def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "20%",
-                         seeds: int = 3, steps: int = 100, store: StoreLike = None, progress: Progress | None = None,
+def _compute_matched(subject: Subject, config: fm.KappaTuneConfig, ctx: RunContext) -> Result:
+    src = subject.source
+    table = run(SPECTRA, src, spectra_params(), ctx=ctx.child(ctx.sub("spectra"))).table
+    return fm.to_result(fm.kappatune_matched(str(src.model_dir()), table, config, label=src.label,
+                                             progress=ctx.report))
+
+
+MATCHED: Analysis[fm.KappaTuneResult] = register(Analysis(
+    name=fm.ANALYSIS, code_version=fm.CODE_VERSION, compute=_compute_matched, from_result=fm.from_result,
+    doc="KappaTune, settled: parameter-matched arms on an encoder (embedding drift) or a causal LM "
+        "(perplexity), bootstrap intervals and paired comparisons (analysis.weights.forgetting_matched)."))
+
+
+def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "12.5%params",
+                         seeds: int = 5, steps: int = 100, store: StoreLike = None, progress: Progress | None = None,
                          refresh: bool = False, device: str | torch.device = "auto",
-                         **settings: Any) -> fg.ForgettingResult:
-    """KappaTune forgetting experiment (``analysis.weights.forgetting``), cached in the store
-    (``lenslab experiment kappatune``).
+                         **settings: Any) -> fm.KappaTuneResult:
+    """KappaTune, settled (``analysis.weights.forgetting_matched``; ``lenslab experiment kappatune``):
+    every arm (``forgetting_arms.ARMS``) at the same trained-parameter budget (±5%), ``seeds``
+    seeds, on ``source``: an encoder directory (default MiniLM; forgetting = held-out embedding
+    drift) or a causal LM directory such as ``"bilinear-lm"`` (forgetting = held-out stdlib
+    perplexity). Arms run through the executor (``executor="local"`` processes, ``workers=N``, or
+    ``executor="ray"``, ``ray_address=...``), on the CPU (``device``: auto or cpu; another device
+    is a ConfigError). ``settings``: any other
+    ``KappaTuneConfig`` field. Cached in the store; Ctrl-C stores nothing.
+
+        >>> res = api.experiment_kappatune("bilinear-lm")
+        >>> res.summary[["arm", "gain_mean", "gain_lo", "gain_hi", "forgetting_mean"]]; res.paired
+    """
+    fields = fm.KappaTuneConfig.__dataclass_fields__
+    if unknown := sorted(set(settings) - set(fields)):
+        raise ConfigError(f"unknown experiment setting(s) {unknown}; valid: {', '.join(fields)}")
+    config = fm.KappaTuneConfig(budget=str(budget), seeds=seeds, steps=steps, **settings)
+    if resolve_device(device).type != "cpu":
+        raise ConfigError(f"device {device!r}: the experiment's arms run in CPU worker processes; use device='cpu' "
+                          "(or 'auto')")
+    src = open_source(source)
+    if src.hf_dir is None:
+        raise SourceError(f"{src.label}: the KappaTune experiment fine-tunes the model, so it needs a Hugging Face "
+                          "directory (config.json + tokenizer), e.g. 'minilm' or 'bilinear-lm'")
+    return run(MATCHED, src, config, store=store, refresh=refresh, progress=progress, device="cpu")
+
+
+def experiment_forgetting(source: str | os.PathLike | Source = "minilm", *, budget: str | int | float = "20%",
+                          seeds: int = 3, steps: int = 100, store: StoreLike = None, progress: Progress | None = None,
+                          refresh: bool = False, device: str | torch.device = "auto",
+                          **settings: Any) -> fg.ForgettingResult:
+    """The first KappaTune forgetting experiment (``analysis.weights.forgetting``; encoder only, a
+    tensor-count budget, embedding drift), cached in the store (``lenslab experiment forgetting``).
+    ``experiment_kappatune`` is its parameter-matched successor.
 
     Fine-tunes ``source`` (a Hugging Face encoder directory; default the bundled MiniLM) on the
     docstring-package task with each arm (lowest_kappa, highest_kappa, random, full, head_only)
@@ -221,7 +274,7 @@ def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budge
     ``lr=...``). Returns a ``ForgettingResult`` (``.runs`` one row per arm x seed, ``.summary``
     one row per arm). Interrupting (Ctrl-C) stores no experiment entry.
 
-        >>> res = api.experiment_kappatune("minilm", seeds=3)
+        >>> res = api.experiment_forgetting("minilm", seeds=3)
         >>> res.summary[["arm", "accuracy_mean", "drift_mean", "spearman_mean"]]
     """
     fields = fg.ForgettingConfig.__dataclass_fields__
@@ -237,23 +290,30 @@ def experiment_kappatune(source: str | os.PathLike | Source = "minilm", *, budge
 
 
 def stored_experiments(fingerprint: str | None = None, store: StoreLike = None) -> list[EntryInfo]:
-    """Index rows of the stored forgetting experiments (of one model, or all), newest first; never
-    computes. ``entry.params`` holds the experiment's settings; ``load_experiment(entry.key)`` its result."""
-    return stored(EXPERIMENT, fingerprint, store=store)
+    """Index rows of the stored KappaTune experiments, both designs (``entry.analysis``: the matched
+    ``fm.ANALYSIS`` or the first ``fg.ANALYSIS``), of one model or all, newest first; never computes.
+    ``entry.params`` holds the experiment's settings; ``load_experiment(entry.key)`` its result."""
+    rows = stored(MATCHED, fingerprint, store=store) + stored(EXPERIMENT, fingerprint, store=store)
+    return sorted(rows, key=lambda e: e.created, reverse=True)
 
 
-def load_experiment(key: str, store: StoreLike = None) -> fg.ForgettingResult:
-    """The forgetting experiment stored under entry ``key`` (or a unique prefix of 8+ characters).
+def load_experiment(key: str, store: StoreLike = None) -> fm.KappaTuneResult | fg.ForgettingResult:
+    """The KappaTune experiment stored under entry ``key`` (or a unique prefix of 8+ characters): a
+    ``KappaTuneResult`` for the matched design, a ``ForgettingResult`` for the first one.
 
     Raises NotStoredError when there is no such experiment, CorruptEntryError when its blobs fail
     their checksum."""
-    return load(key, store=store, analysis=EXPERIMENT)
+    from analysis.run import entry
+
+    kind = entry(key, store=store).analysis
+    return load(key, store=store, analysis=MATCHED if kind == MATCHED.name else EXPERIMENT)
 
 
 def kappatune_experiment(source: str | os.PathLike | Source = "minilm", **kwargs: Any) -> fg.ForgettingResult:
-    """Deprecated: ``experiment_kappatune`` (same arguments, same result)."""
-    warnings.warn("kappatune_experiment is deprecated; use experiment_kappatune", DeprecationWarning, stacklevel=2)
-    return experiment_kappatune(source, **kwargs)
+    """Deprecated: ``experiment_forgetting`` (same arguments, same result as before)."""
+    warnings.warn("kappatune_experiment is deprecated; use experiment_forgetting (or experiment_kappatune, the "
+                  "parameter-matched design)", DeprecationWarning, stacklevel=2)
+    return experiment_forgetting(source, **kwargs)
 
 
 def stored_kappatune_experiments(store: StoreLike = None) -> list[tuple[EntryInfo, fg.ForgettingResult]]:

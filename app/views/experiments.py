@@ -1,6 +1,9 @@
-"""Experiments page: stored KappaTune forgetting experiments (``lenslab experiment kappatune``).
+"""Experiments page: stored KappaTune experiments (``lenslab experiment kappatune``, parameter-matched;
+and the first design, ``lenslab experiment forgetting``).
 
-Read-only: shows the per-arm summary, drift vs accuracy with error bars, and every run; the
+Read-only: shows the per-arm summary (matched design: mean with bootstrap 95% intervals, the paired
+comparison of lowest κ against each control, the Pareto plot of task gain vs forgetting; first design:
+drift vs accuracy with error bars), and every run; the
 experiment itself runs from the CLI or ``app.api.experiment_kappatune`` (minutes of CPU). The picker
 lists the stored entries from the index (their settings are the key's params); only the picked one is read.
 """
@@ -14,12 +17,12 @@ import streamlit as st
 
 from analysis.errors import LensLabError
 from app import api
-from app.experiment_charts import ARM_LABELS, forgetting_scatter
+from app.experiment_charts import ARM_LABELS, forgetting_scatter, pareto_plot
 from app.state import MISSING, get_store, link_model, pick_index, picked, remembered_model
 
 store = get_store()
 st.title("Experiments")
-st.subheader("KappaTune forgetting")
+st.subheader("KappaTune: does lowest-κ fine-tuning forget less?")
 
 entries = api.stored_experiments(store=store)
 if not entries:
@@ -35,7 +38,8 @@ def describe(i: int) -> str:
     entry = entries[i]
     c = entry.params
     when = datetime.fromtimestamp(entry.created).strftime("%Y-%m-%d %H:%M")
-    return (f"{labels.get(entry.fingerprint, entry.fingerprint[:8])} · budget {c.get('budget')} · "
+    design = "matched" if "tol" in c else "first design"
+    return (f"{labels.get(entry.fingerprint, entry.fingerprint[:8])} · {design} · budget {c.get('budget')} · "
             f"{c.get('seeds')} seed(s) · {c.get('steps')} steps{' · bf16' if c.get('autocast') else ''} · {when}")
 
 
@@ -51,6 +55,47 @@ except LensLabError as exc:  # corrupt, or deleted since the listing
     st.error(str(exc))
     st.stop()
 cfg, summary, runs = res.config, res.summary, res.runs
+
+
+def interval(mean: float, lo: float, hi: float, digits: int = 4) -> str:
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+if hasattr(res, "paired"):  # the parameter-matched design (KappaTuneResult)
+    units = res.meta.get("units", {})
+    st.caption(f"Task: {res.meta.get('task')} on {res.meta.get('label') or 'the model'}; budget {cfg.get('budget')} "
+               f"(target {res.meta.get('target', 0):,} trained parameters, matched arms within ±{cfg.get('tol', 0):.0%}); "
+               f"{cfg.get('steps')} steps, batch {cfg.get('batch_size')}. Gain = {units.get('gain')}; "
+               f"forgetting = {units.get('forgetting')}. Mean over seeds [bootstrap 95% interval].")
+    matched = runs.groupby("arm", sort=False)["matched"].all()
+    st.dataframe(pd.DataFrame({
+        "arm": [ARM_LABELS.get(a, a) for a in summary["arm"]],
+        "trained params": summary["n_params_mean"].round().astype(int),
+        "matched": [bool(matched.get(a)) for a in summary["arm"]],
+        "task gain": [interval(m, lo, hi) for m, lo, hi in zip(summary["gain_mean"], summary["gain_lo"],
+                                                                summary["gain_hi"])],
+        "forgetting": [interval(m, lo, hi) for m, lo, hi in zip(summary["forgetting_mean"], summary["forgetting_lo"],
+                                                                 summary["forgetting_hi"])],
+        "seeds": summary["n_seeds"],
+    }), hide_index=True, placeholder=MISSING, key="experiment_summary",
+        column_config={"trained params": st.column_config.NumberColumn(format="localized")})
+    st.plotly_chart(pareto_plot(summary, runs, res.meta), key="experiment_pareto")
+    if not res.paired.empty:
+        p = res.paired
+        st.markdown("**Lowest κ minus each control**, seed by seed (negative Δ forgetting: lowest κ forgot less)")
+        st.dataframe(pd.DataFrame({
+            "control": [ARM_LABELS.get(a, a) for a in p["control"]],
+            "Δ gain": [interval(m, lo, hi) for m, lo, hi in zip(p["gain_diff"], p["gain_diff_lo"], p["gain_diff_hi"])],
+            "Δ forgetting": [interval(m, lo, hi) for m, lo, hi in zip(p["forgetting_diff"], p["forgetting_diff_lo"],
+                                                                     p["forgetting_diff_hi"])],
+            "forgot less": [f"{a}/{n}" for a, n in zip(p["forgets_less"], p["n_seeds"])],
+            "gained more": [f"{a}/{n}" for a, n in zip(p["gains_more"], p["n_seeds"])],
+        }), hide_index=True, placeholder=MISSING, key="experiment_paired")
+    with st.expander(f"All {len(runs)} runs"):
+        st.dataframe(runs, hide_index=True, placeholder=MISSING, key="experiment_runs")
+    with st.expander("Settings (store key parameters)"):
+        st.json(cfg)
+    st.stop()
 
 st.caption(
     f"Task: which package a docstring comes from ({', '.join(res.meta.get('classes', []))}); "

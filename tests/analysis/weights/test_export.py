@@ -55,7 +55,7 @@ class Wrapper(torch.nn.Module):
 
 
 SELECTIONS = {
-    "lowest5": {"budget": 5},  # includes nn.Embedding modules
+    "lowest5": {"budget": 5, "include_embeddings": True},  # includes nn.Embedding modules
     "low_rank_10pp": {"budget": "10%params", "ranker": "low_rank"},
     "random6_no_embed": {"budget": 6, "ranker": "random", "seed": 3, "exclude": "embeddings"},
     "highest30": {"budget": 30, "ranker": "highest_kappa"},  # >= 20 entries: PEFT compresses the list to suffixes
@@ -300,6 +300,23 @@ def test_cli_select_writes_a_peft_config(tmp_path, shared_store, minilm_table):
     result = CliRunner().invoke(app, ["select", "minilm", "-b", "3", "--exclude", "embeddings", *store])
     assert result.exit_code == 0
     assert result.stdout.splitlines() == list(select_tensors(minilm_table, 3, exclude="embeddings").params)
+
+
+def test_cli_select_default_is_peft_and_embeddings_are_opt_in(shared_store, minilm_table, minilm):
+    from peft.helpers import find_kappa_target_modules
+    from typer.testing import CliRunner
+
+    from app.cli import app
+
+    store = ["--store", str(shared_store.root)]
+    result = CliRunner().invoke(app, ["select", "minilm", "-b", "20%", "-f", "peft", *store])
+    assert result.exit_code == 0, result.output
+    want = find_kappa_target_modules(fresh_minilm(), top_p=0.2, show_progress=False)["target_modules"]
+    assert json.loads(result.stdout)["target_modules"] == want  # the default export is what PEFT picks
+    result = CliRunner().invoke(app, ["select", "minilm", "-b", "5", "--include-embeddings", *store])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == list(select_tensors(minilm_table, 5, include_embeddings=True).params)
+    assert "embeddings.token_type_embeddings.weight" in result.stdout.splitlines()  # 2x384, kappa ranks it first
 
 
 def test_cli_select_table_on_piped_stderr_keeps_tensor_names_whole(shared_store, minilm_table):

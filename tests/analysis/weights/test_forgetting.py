@@ -289,27 +289,27 @@ def test_api_caches_and_ctrl_c_stores_nothing(store):
 
     small = {k: v for k, v in TINY.items() if k not in ("steps", "seeds")}
     with pytest.raises(KeyboardInterrupt):
-        api.experiment_kappatune("minilm", seeds=1, steps=3, store=store, progress=interrupt, **small)
+        api.experiment_forgetting("minilm", seeds=1, steps=3, store=store, progress=interrupt, **small)
     assert store.list(analysis=fg.ANALYSIS) == []
-    res = api.experiment_kappatune("minilm", seeds=1, steps=3, store=store, arms=("random", "head_only"), **small)
+    res = api.experiment_forgetting("minilm", seeds=1, steps=3, store=store, arms=("random", "head_only"), **small)
     entries = store.list(analysis=fg.ANALYSIS)
     assert len(entries) == 1 and entries[0].params["arms"] == ["random", "head_only"]
     t0 = time.perf_counter()
-    hit = api.experiment_kappatune("minilm", seeds=1, steps=3, store=store, arms=("random", "head_only"), **small)
+    hit = api.experiment_forgetting("minilm", seeds=1, steps=3, store=store, arms=("random", "head_only"), **small)
     assert time.perf_counter() - t0 < 5
     assert hit.runs.equals(res.runs)
     stored = api.stored_experiments(store=store)
     assert len(stored) == 1 and api.load_experiment(stored[0].key, store=store).summary.equals(res.summary)
     with pytest.raises(ConfigError, match=r"unknown experiment setting\(s\) \['speed'\]"):
-        api.experiment_kappatune("minilm", store=store, speed=2)
+        api.experiment_forgetting("minilm", store=store, speed=2)
 
 
-def test_cli_experiment_kappatune(tmp_path):
+def test_cli_experiment_forgetting(tmp_path):
     from typer.testing import CliRunner
 
     from app.cli import app
 
-    args = ["experiment", "kappatune", "--seeds", "1", "--steps", "2", "--per-class", "8",
+    args = ["experiment", "forgetting", "--seeds", "1", "--steps", "2", "--per-class", "8",
             "--arms", "lowest_kappa,head_only", "--store", str(tmp_path / "s")]
     result = CliRunner().invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
@@ -319,7 +319,7 @@ def test_cli_experiment_kappatune(tmp_path):
     table = CliRunner().invoke(app, args)  # served from the store
     assert table.exit_code == 0, table.output
     assert "lowest_kappa" in table.stdout and "drift" in table.stdout
-    bad = CliRunner().invoke(app, ["experiment", "kappatune", "--arms", "nope", "--store", str(tmp_path / "s")])
+    bad = CliRunner().invoke(app, ["experiment", "forgetting", "--arms", "nope", "--store", str(tmp_path / "s")])
     assert bad.exit_code != 0 and "must be distinct names" in str(bad.exception)
 
 
@@ -327,7 +327,7 @@ def test_cli_experiment_kappatune(tmp_path):
 def test_default_experiment(store):
     from app import api
 
-    res = api.experiment_kappatune("minilm", store=store)
+    res = api.experiment_forgetting("minilm", store=store)
     s = res.summary.set_index("arm")
     assert list(s.index) == list(fg.ARMS) and (s["n_seeds"] == 3).all()
     assert (s.loc[list(fg.SELECTION_ARMS), "n_tensors_mean"] == 7).all()

@@ -250,9 +250,9 @@ def test_experiment_listing_load_and_an_old_entry_served(tmp_path, minilm, monke
         W.load_experiment(st.list(analysis="spectra")[0].key, store=st)
 
     monkeypatch.setattr(fg, "kappatune_forgetting", lambda *a, **k: pytest.fail("the stored entry was not served"))
-    served = W.experiment_kappatune("minilm", seeds=2, store=st, device="cpu")
+    served = W.experiment_forgetting("minilm", seeds=2, store=st, device="cpu")
     pd.testing.assert_frame_equal(served.runs, res.runs)
-    with pytest.warns(DeprecationWarning, match="use experiment_kappatune"):
+    with pytest.warns(DeprecationWarning, match="use experiment_forgetting"):
         old = W.kappatune_experiment("minilm", seeds=2, store=st)
     pd.testing.assert_frame_equal(old.runs, res.runs)
     with pytest.warns(DeprecationWarning, match="use stored_experiments"):
@@ -260,11 +260,12 @@ def test_experiment_listing_load_and_an_old_entry_served(tmp_path, minilm, monke
     assert [(e.key, r.summary.equals(res.summary)) for e, r in pairs] == [(entry.key, True)]
 
 
-def test_experiment_settings_are_checked_before_any_work(tmp_path):
+@pytest.mark.parametrize("experiment", ["experiment_forgetting", "experiment_kappatune"])
+def test_experiment_settings_are_checked_before_any_work(tmp_path, experiment):
     with pytest.raises(ConfigError, match=r"unknown experiment setting\(s\) \['speed'\]"):
-        W.experiment_kappatune("minilm", store=tmp_path, speed=2)
+        getattr(W, experiment)("minilm", store=tmp_path, speed=2)
     with pytest.raises(ConfigError, match="unknown device"):
-        W.experiment_kappatune("minilm", store=tmp_path, device="gpu")
+        getattr(W, experiment)("minilm", store=tmp_path, device="gpu")
     assert not (tmp_path / "index.sqlite").exists()
 
 

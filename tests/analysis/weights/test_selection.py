@@ -38,7 +38,7 @@ def synthetic():
               (40, 10)]
     weights = {}
     for i, (shape, k) in enumerate(zip(shapes, kappas)):
-        name = f"embed.weight" if i == 0 else f"layers.{i}.{'attn' if i % 2 else 'mlp'}.proj.weight"
+        name = "stem.proj.weight" if i == 0 else f"layers.{i}.{'attn' if i % 2 else 'mlp'}.proj.weight"
         weights[name] = _conditioned(rng, *shape, k)
     weights[EXPERT] = np.stack([_conditioned(rng, 8, 6, k) for k in (3.0, 40.0, 7.0, 900.0)])
     broken = rng.standard_normal((5, 5))
@@ -139,28 +139,48 @@ def test_fraction_rounding_keeps_29_of_100():
     assert len(select_tensors(table, "29%").params) == 29  # 0.29 * 100 = 28.999999999999996 in floats
 
 
+def _greedy_reference(sizes: list[int], limit: float) -> list[bool]:
+    """Independent reference of the parameter budget: walk the ranking, take what still fits."""
+    taken, used = [], 0
+    for size in sizes:
+        fits = used + size <= limit
+        taken.append(fits)
+        used += size if fits else 0
+    return taken if any(taken) else [True] + [False] * (len(sizes) - 1)
+
+
 @pytest.mark.parametrize("ranker", ["lowest_kappa", "highest_kappa", "random", "low_rank"])
 @pytest.mark.parametrize("frac", [0.01, 0.1, 0.25, 0.5, 0.9, 1.0])
-def test_param_budget_is_a_maximal_prefix_within_the_budget(synthetic, ranker, frac):
+def test_param_budget_fills_in_rank_order_skipping_what_does_not_fit(synthetic, ranker, frac):
     table, weights = synthetic
     sel = select_tensors(table, f"{frac * 100:g}%params", ranker=ranker, seed=3)
-    sizes = [weights[t].size for t in sel.candidates["tensor"]]  # rank order
+    ranked = list(sel.candidates["tensor"])
+    sizes = [weights[t].size for t in ranked]
     total = sum(sizes)
-    k = len(sel.params)
-    assert list(sel.params) == list(sel.candidates["tensor"][:k])
-    assert sel.n_params_selected == sum(sizes[:k]) and sel.n_params_total == total
-    if k > 1:
-        assert sum(sizes[:k]) <= frac * total  # never over budget...
-    else:
-        assert k == 1  # ...except the one tensor that is always taken
-    if k < len(sizes):
-        assert sum(sizes[: k + 1]) > frac * total  # and the next tensor would not fit
+    expected = [t for t, keep in zip(ranked, _greedy_reference(sizes, frac * total)) if keep]
+    assert list(sel.params) == expected  # selected in rank order
+    assert list(sel.candidates["selected"]) == [t in expected for t in ranked]
+    assert sel.n_params_selected == sum(weights[t].size for t in expected) and sel.n_params_total == total
+    if sel.n_params_selected > frac * total:
+        assert len(sel.params) == 1 and min(sizes) > frac * total  # only when nothing fits at all
+    for t, size in zip(ranked, sizes):  # maximal: every tensor left out would overshoot the budget
+        if t not in expected:
+            assert sel.n_params_selected + size > frac * total
 
 
-def test_param_budget_smaller_than_first_tensor_still_takes_it(synthetic):
+def test_param_budget_skips_a_large_tensor_and_keeps_filling():
+    # ranks: a (10), big (1000), b (10), c (10): 10% of 1030 = 103 -> a, b, c (skip big), not a alone
+    table = pd.DataFrame({"tensor": ["a.weight", "big.weight", "b.weight", "c.weight"], "layer": -1,
+                          "module_type": "t", "n_params": [10, 1000, 10, 10], "status": "ok",
+                          "kappa": [1.0, 2.0, 3.0, 4.0], "welore_fraction": 0.0})
+    sel = select_tensors(table, "10%params")
+    assert sel.params == ("a.weight", "b.weight", "c.weight") and sel.n_params_selected == 30
+
+
+def test_param_budget_smaller_than_every_tensor_takes_the_first(synthetic):
     table, weights = synthetic
     sel = select_tensors(table, "0.001%params")
-    assert len(sel.params) == 1 and sel.n_params_selected > 0.00001 * sel.n_params_total
+    assert sel.params == (sel.candidates["tensor"].iloc[0],) and sel.n_params_selected > 0.00001 * sel.n_params_total
 
 
 def test_random_is_reproducible_by_seed_and_differs_across_seeds(synthetic):
@@ -182,9 +202,9 @@ def test_include_and_exclude_filter_by_regex_search(synthetic):
     attn = [t for t in _ref_order(ref, "lowest_kappa") if "attn" in t]
     sel = select_tensors(table, len(attn), include="attn")
     assert list(sel.params) == attn and set(sel.candidates["tensor"]) == set(attn)
-    no_embed = [t for t in _ref_order(ref, "lowest_kappa") if not t.startswith("embed")]
-    sel = select_tensors(table, "100%", exclude=r"^embed")
-    assert list(sel.params) == no_embed
+    no_stem = [t for t in _ref_order(ref, "lowest_kappa") if not t.startswith("stem")]
+    sel = select_tensors(table, "100%", exclude=r"^stem")
+    assert list(sel.params) == no_stem
     both = [t for t in attn if "layers.1." not in t]
     assert list(select_tensors(table, "100%", include="attn", exclude=r"layers\.1\.").params) == both
 
@@ -291,6 +311,57 @@ def test_candidates_are_peft_linear_modules_when_embeddings_are_excluded(minilm_
     assert len(sel.candidates) == 37
 
 
+def test_default_candidates_are_peft_linear_modules(minilm_table, kappa_selector):
+    _, selector = kappa_selector
+    sel = select_tensors(minilm_table, 1)
+    assert list(sel.candidates["module"]) == selector.get_best_targets()  # same 37 modules, same order
+    assert set(sel.candidates["kind"]) == {"linear"}
+    with_embeddings = select_tensors(minilm_table, 1, include_embeddings=True)
+    assert set(with_embeddings.candidates["tensor"]) - set(sel.candidates["tensor"]) == {
+        "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight"}
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.2, 0.5, 1.0])
+def test_default_selection_is_find_kappa_target_modules(minilm_table, kappa_selector, top_p):
+    from peft.helpers import find_kappa_target_modules
+
+    model, _ = kappa_selector
+    if top_p != 0.2:  # one full peft run (its own SVDs); the other fractions reuse the cached selector
+        got = kappa_selector[1].get_best_targets(top_p=top_p)
+    else:
+        got = find_kappa_target_modules(model, top_p=top_p, show_progress=False)["target_modules"]
+    assert list(select_tensors(minilm_table, top_p).modules) == got
+
+
+def test_tensor_kind_names():
+    from analysis.weights.selection import tensor_kind
+
+    cases = {"embeddings.word_embeddings.weight": "embedding", "model.embed_tokens.weight": "embedding",
+             "transformer.wte.weight": "embedding", "transformer.wpe.weight": "embedding",
+             "lm_head.weight": "head", "embed_out.weight": "head", "cls.predictions.transform.dense.weight": "head",
+             "classifier.weight": "head", "model.layers.0.self_attn.q_proj.weight": "linear",
+             "encoder.layer.3.attention.output.dense.weight": "linear", "pooler.dense.weight": "linear",
+             "transformer.h.0.attn.c_attn.weight": "linear"}
+    assert {n: tensor_kind(n) for n in cases} == cases
+    assert tensor_kind("model.layers.0.mlp.experts.gate_up_proj", n_experts=4) == "experts"
+
+
+def test_embeddings_and_heads_are_opt_in():
+    eye = torch.eye(4, dtype=torch.float64)
+    table = weight_spectra([("model.embed_tokens.weight", eye * 3), ("model.layers.0.q_proj.weight", eye * 2),
+                            ("lm_head.weight", eye)]).table
+    assert select_tensors(table, "100%").params == ("model.layers.0.q_proj.weight",)
+    assert set(select_tensors(table, "100%", include_embeddings=True).params) == {
+        "model.layers.0.q_proj.weight", "model.embed_tokens.weight"}
+    assert len(select_tensors(table, "100%", include_embeddings=True, include_heads=True).params) == 3
+    with pytest.raises(ConfigError, match=r"not embeddings, heads\); loosen --include/--exclude, "
+                                          r"--include-embeddings, --include-heads"):
+        select_tensors(table, 1, include="embed|lm_head")
+    with pytest.raises(ConfigError, match=r"include_embeddings='yes' must be True or False"):
+        select_tensors(table, 1, include_embeddings="yes")
+
+
 @pytest.mark.parametrize("k", [1, 5, 12, 37])
 def test_count_ranking_agrees_with_peft(minilm_table, kappa_selector, k):
     _, selector = kappa_selector
@@ -306,3 +377,17 @@ def test_default_fraction_agrees_with_find_kappa_target_modules(minilm_table, ka
     assert list(ours.modules) == selector.get_best_targets(top_p=0.2)
     assert len(ours.params) == 7  # max(1, int(37 * 0.2))
     assert selector.get_best_target_parameters(top_p=0.2) == []
+
+
+def test_lowest_kappa_per_type_is_round_robin_over_module_types():
+    kappa = {"layers.0.up.weight": 1.0, "layers.1.up.weight": 2.0, "layers.2.up.weight": 3.0,
+             "layers.0.q.weight": 50.0, "layers.1.q.weight": 10.0, "layers.0.o.weight": 7.0}
+    table = pd.DataFrame({"tensor": list(kappa), "layer": [int(t.split(".")[1]) for t in kappa],
+                          "module_type": [t.split(".")[2] for t in kappa], "n_params": 4, "status": "ok",
+                          "kappa": list(kappa.values()), "welore_fraction": 0.0})
+    sel = select_tensors(table, "100%", ranker="lowest_kappa_per_type")
+    # round 1: the best of each type (up 1, o 7, q 10) by kappa; round 2: up 2, q 50; round 3: up 3
+    assert sel.params == ("layers.0.up.weight", "layers.0.o.weight", "layers.1.q.weight", "layers.1.up.weight",
+                          "layers.0.q.weight", "layers.2.up.weight")
+    assert list(select_tensors(table, "100%").params)[:3] == ["layers.0.up.weight", "layers.1.up.weight",
+                                                              "layers.2.up.weight"]
