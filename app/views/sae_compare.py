@@ -15,7 +15,7 @@ import streamlit as st
 
 from app import api
 from app import charts_sae_compare as charts
-from app.state import get_store, run_with_st_progress
+from app.state import MISSING, get_store, run_with_st_progress
 
 GT_COLUMNS = ["architecture", "d_sae", "k", "l1_coefficient", "l0", "nmse", "mcc", "mean_max_cosine", "precision",
               "recall", "absorption", "parent_split_fraction", "shrinkage", "dead_fraction"]
@@ -49,7 +49,7 @@ else:
     else:
         p2.info("Loss recovered was not measured for these SAEs (evaluated with --no-loss).")
     st.dataframe(site[["name", "architecture", "l0", "nmse", "explained_variance_saelens", "loss_recovered",
-                       "dead_fraction"]], hide_index=True, key="cmp_table")
+                       "dead_fraction"]], hide_index=True, key="cmp_table", placeholder=MISSING)
 
 st.header("Ground truth (synthetic activations)")
 if st.button("Score every architecture on the default synthetic setting", key="cmp_score",
@@ -70,7 +70,7 @@ g1, g2, g3 = st.columns(3)
 g1.plotly_chart(charts.pareto_scatter(runs, "l0", "nmse", title="L0 vs NMSE"), key="gt_nmse")
 g2.plotly_chart(charts.pareto_scatter(runs, "l0", "mcc", minimise_y=False, title="L0 vs MCC"), key="gt_mcc")
 g3.plotly_chart(charts.pareto_scatter(runs, "l0", "absorption", title="L0 vs absorption"), key="gt_absorption")
-st.dataframe(runs[[c for c in GT_COLUMNS if c in runs.columns]], hide_index=True, key="gt_table")
+st.dataframe(runs[[c for c in GT_COLUMNS if c in runs.columns]], hide_index=True, key="gt_table", placeholder=MISSING)
 st.caption("MCC: Hungarian-matched |cos| between decoder rows and true features; precision/recall at |cos| >= 0.9; "
            "absorption: the parent latent is off while other latents write at least half of the parent's "
            "coefficient along its direction; shrinkage: "

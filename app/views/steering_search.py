@@ -19,7 +19,7 @@ from analysis.run import NotStoredError
 from app import api
 from app.allowed_paths import check_contrasts, check_source
 from app.charts_steering_search import pareto
-from app.state import get_store, run_with_st_progress
+from app.state import MISSING, get_store, run_with_st_progress
 
 FLASH = "ss_flash"
 METHODS = ("mean_diff", "pca", "logistic")
@@ -106,13 +106,13 @@ st.caption(f"{m['contrast']} · {m['site']} · budget {m['budget']} forward pass
            f"{m['source']} {m['contrast']} --budget {m['budget']} --out chosen.safetensors` (served from the store).")
 st.plotly_chart(pareto(res.table, side), key="ss_pareto")
 st.subheader("Pareto front")
-st.dataframe(res.front.drop(columns=["on_front"]), hide_index=True, key="ss_front")
+st.dataframe(res.front.drop(columns=["on_front"]), hide_index=True, key="ss_front", placeholder=MISSING)
 st.subheader(f"Direction sources at equal {side}")
 st.caption(f"Best effect of each source among its settings with {side} at or below each level; wins_at: the levels "
            "where it is best.")
-st.dataframe(res.comparison, hide_index=True, key="ss_comparison")
+st.dataframe(res.comparison, hide_index=True, key="ss_comparison", placeholder=MISSING)
 with st.expander(f"Every evaluated setting ({len(res.table)})"):
-    st.dataframe(res.table, hide_index=True, key="ss_all")
+    st.dataframe(res.table, hide_index=True, key="ss_all", placeholder=MISSING)
 
 st.subheader("Audit of weight edits")
 audits = api.stored_audits(store=store)
@@ -129,6 +129,6 @@ try:
 except LensLabError as exc:
     st.error(str(exc))
     st.stop()
-st.dataframe(audit.summary, hide_index=True, key="ss_audit_summary")
+st.dataframe(audit.summary, hide_index=True, key="ss_audit_summary", placeholder=MISSING)
 with st.expander("Per tensor"):
-    st.dataframe(audit.tensors, hide_index=True, key="ss_audit_tensors")
+    st.dataframe(audit.tensors, hide_index=True, key="ss_audit_tensors", placeholder=MISSING)
