@@ -53,7 +53,7 @@ def quickstart(
             continue
         new += out.new_entries
         done = f"{out.new_entries} new results stored" if out.new_entries else "found in the store"
-        say(f"  {s.name}: {done} ({_duration(out.seconds)})")
+        console.print(f"  {s.name}: {done} ({_duration(out.seconds)})", soft_wrap=True, highlight=False)
     total = _duration(time.perf_counter() - start)
     if failed:
         error(f"quickstart: {len(failed)} of {len(chosen)} steps failed ({', '.join(failed)}) in {total}; the "
