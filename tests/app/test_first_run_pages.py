@@ -172,6 +172,7 @@ PAGE_CHECKS: dict[str, Callable[[AppTest, Store], None]] = {
 @pytest.mark.browser
 def test_every_page_draws_a_chart_or_table_in_chromium(built, tmp_path):
     from _dashboard_server import CHROMIUM, CHROMIUM_ARGS, VIEWPORT, require_chromium, serve_dashboard
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     require_chromium()
@@ -186,7 +187,12 @@ def test_every_page_draws_a_chart_or_table_in_chromium(built, tmp_path):
                 page.wait_for_selector(f"h1:has-text('{title.split()[0]}')", timeout=90_000)
                 if stem == "sae_prompt":
                     page.get_by_role("button", name="Run").click()
-                page.wait_for_selector(".js-plotly-plot .main-svg, [data-testid='stDataFrame']", timeout=120_000)
+                try:  # a chart or a table drawn (some sit in collapsed expanders: attached, not visible)
+                    page.wait_for_selector(".js-plotly-plot .main-svg, [data-testid='stDataFrame']",
+                                           state="attached", timeout=120_000)
+                except PlaywrightTimeout:
+                    page.screenshot(path=str(tmp_path / f"{stem}.png"), full_page=True)
+                    pytest.fail(f"page {stem}: no chart or table after 120 s (screenshot {tmp_path / stem}.png)")
                 page.wait_for_timeout(1000)
                 page.wait_for_selector("[data-testid='stStatusWidgetRunningIcon'], "
                                        "[data-testid='stStatusWidgetRunningManIcon']", state="detached",
