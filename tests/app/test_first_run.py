@@ -188,3 +188,25 @@ def test_piped_output_is_plain_lines(tmp_path, tiny_file, monkeypatch, capsys):
     assert code == 0
     assert "[1/1] tiny: spectra of a tiny file … first … second … tiny: 1 new results stored" in err
     assert "quickstart: 1 steps in" in err and "1 new results in" in err
+
+
+def test_sae_page_shows_an_evaluation_without_loss_recovered(tmp_path, monkeypatch, streamlit_caches_cleared):
+    """The quickstart evaluates its SAE without loss recovered (MiniLM would need its masked-LM head trained
+    first): the SAE page shows that evaluation, and says the loss was not measured, instead of "Not evaluated"."""
+    from _tiny_llama import make_tiny_llama
+    from streamlit.testing.v1 import AppTest
+
+    llama = make_tiny_llama(tmp_path / "llama")
+    store = tmp_path / "store"
+    monkeypatch.setenv("LENSLAB_ACTIVATIONS", str(tmp_path / "activations"))
+    trained = api.sae_train(llama, 1, per_package=5, max_tokens=32, d_sae=64, k=4, n_tokens=4096, batch_size=256,
+                            store=store)
+    ev = api.sae_eval(trained.key, loss=False, store=store)
+    assert api.find_sae_eval(trained.key, store=store) is None  # not the settings the page runs by default
+    monkeypatch.setenv("LENSLAB_STORE", str(store))
+    at = AppTest.from_file(str(DASHBOARD), default_timeout=120).run()
+    at.switch_page("views/sae.py").run()
+    assert not at.exception and not at.error
+    assert not [i.value for i in at.info if "Not evaluated" in i.value]
+    assert {m.label: m.value for m in at.metric}["NMSE"] == f"{ev.metrics['nmse']:.3f}"
+    assert any("loss recovered not measured" in c.value for c in at.caption)
