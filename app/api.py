@@ -74,6 +74,9 @@ from sae.eval_pipeline import (GroundTruthResult, ProbeResult, find_sae_groundtr
 # -- per-head attention circuit spectra: analysis/circuits/ -----------------------------------------------
 from analysis.circuits.pipeline import circuits, find_circuits, load_circuits, stored_circuits  # noqa: F401
 
+# -- the first-run job: one small result per analysis (lenslab quickstart, make run): app/first_run.py ---------
+from app.first_run import STEPS as QUICKSTART_STEPS, quickstart  # noqa: F401
+
 # -- old names (each still works as before and warns) -> new names -----------------------------------------
 from analysis.bilinear.pipeline import DEPRECATED as _bilinear_old
 from analysis.circuits.pipeline import DEPRECATED as _circuits_old

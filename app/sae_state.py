@@ -43,11 +43,12 @@ def load_features(store: Store, key: str):
 
 @st.cache_data(show_spinner="Loading the evaluation…", max_entries=16)
 def _evaluation(store_root: str, key: str):
-    return api.find_sae_eval(key, store=store_root)
+    return api.find_sae_eval(key, store=store_root) or api.find_sae_eval(key, loss=False, store=store_root)
 
 
 def load_evaluation(store: Store, key: str):
-    """The evaluation of the SAE ``key`` with the settings the page runs (``api.find_sae_eval``) or None."""
+    """The evaluation of the SAE ``key`` with the settings the page runs (``api.find_sae_eval``), else the one
+    without loss recovered (``lenslab sae eval --no-loss``, ``lenslab quickstart``), or None."""
     if not api.has_sae_eval(key, store=store):
         return None
     return _evaluation(str(store.root), key)

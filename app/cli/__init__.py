@@ -44,6 +44,8 @@ app.command()(weights.select)
 app.add_typer(weights.experiment_app, name="experiment")
 from app.cli.circuits import circuits as _circuits  # noqa: E402  (lenslab circuits)
 app.command("circuits")(_circuits)
+from app.cli.quickstart import quickstart as _quickstart  # noqa: E402  (lenslab quickstart)
+app.command("quickstart")(_quickstart)
 
 
 @app.command()
