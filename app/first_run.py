@@ -16,9 +16,11 @@ store this job builds.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from analysis.bilinear.pipeline import bilinear_decompose, bilinear_train
@@ -28,9 +30,12 @@ from analysis.experts.pipeline import experts_routing, mmoe_analyze
 from analysis.progress import Progress, sub_progress
 from analysis.run import StoreLike, open_store
 from analysis.steering.pipeline import steer_dose, steer_extract, steer_layers
+from analysis.steering.pipeline_audit import steer_audit
+from analysis.steering.pipeline_search import steer_search, steer_search_export
 from analysis.steering.pipeline_vectors import steer_vector
 from analysis.store import Store
 from analysis.weights.pipeline import analyze, experiment_kappatune, select
+from sae.eval_pipeline import sae_groundtruth_table
 from sae.pipeline import sae_eval, sae_features, sae_train
 
 MINILM = "minilm"
@@ -43,6 +48,9 @@ STEER_SCALE = "norm"
 STEER_ALPHA = 0.4
 STEER_ALPHAS = (-0.6, -0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.4, 0.6)
 SAE_LAYER = 3
+SEARCH_LM = "bilinear-lm"  # the tiny Llama-shaped LM trained here (~40 s, once): search, audit and experiment
+SEARCH_BUDGET = 60  # forward passes of the steering search (the CLI's default is 240)
+GT_TOKENS = 2_000_000  # training tokens per architecture in the ground-truth table
 
 
 @dataclass(frozen=True)
@@ -108,11 +116,28 @@ def _sae(store: Store, *, progress: Progress | None = None) -> Any:
     return sae_features(trained.key, store=store, progress=sub_progress(progress, "features"))
 
 
+def _search(store: Store, *, progress: Progress | None = None) -> Any:
+    found = steer_search(SEARCH_LM, CONTRASTS, budget=SEARCH_BUDGET, store=store,
+                         progress=sub_progress(progress, "search"))
+    # the audit keys on the vector's bytes, so the exported file may live in a temporary directory
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "chosen.safetensors"
+        steer_search_export(found, out, source=SEARCH_LM, store=store)
+        steer_audit(SEARCH_LM, out, CONTRASTS, store=store, progress=sub_progress(progress, "audit"))
+    return found
+
+
 def _experiment(store: Store, *, progress: Progress | None = None) -> Any:
-    # the README's experiment with 1 seed and 50 steps instead of 3 and 100; 1 thread (deterministic, and
-    # fast on a busy machine)
-    return experiment_kappatune(MINILM, budget="20%", seeds=1, steps=50, threads=1, store=store,
-                                progress=progress)
+    # the parameter-matched experiment on the tiny causal LM, 2 seeds x 50 steps (the default is 5 x 100 on
+    # MiniLM and the LM): every arm, intervals and the Pareto plot, in seconds
+    return experiment_kappatune(SEARCH_LM, seeds=2, steps=50, store=store, progress=progress)
+
+
+def _groundtruth(store: Store, *, progress: Progress | None = None) -> Any:
+    # every architecture on the default synthetic dictionary, with a short schedule (the README's table
+    # trains 8M tokens each)
+    return sae_groundtruth_table(n_tokens=GT_TOKENS, n_train=20_000, n_eval=5_000, store=store,
+                                 progress=progress)
 
 
 # Ordered so that a MiniLM step comes last: MiniLM is then the store's most recently seen model, the one the
@@ -124,13 +149,17 @@ STEPS: tuple[Step, ...] = (
     Step("routing", f"train {LM} (4 experts, top-2) and measure its routing on docstrings", ("experts",), _routing),
     Step("steering", f"{CONTRASTS} steering directions of {LM}, their dose-response and layer sweep",
          ("steering",), _steering),
+    Step("search", f"steering search on {SEARCH_LM} ({SEARCH_BUDGET} forward passes) and the audit of its "
+                   "chosen direction as a weight edit", ("steering_search",), _search),
+    Step("experiment", f"KappaTune experiment on {SEARCH_LM}, every arm parameter-matched (2 seeds, 50 steps)",
+         ("experiments",), _experiment),
     Step("spectra", "MiniLM's weight spectra (kappa, alpha, ESD) and a KappaTune selection (20%, lowest kappa)",
          ("home", "spectra", "selection"), _spectra),
     Step("circuits", "QK and OV circuit spectra of MiniLM's 72 attention heads", ("circuits",), _circuits),
     Step("sae", f"a TopK SAE on MiniLM layer {SAE_LAYER}'s attention output (200k tokens), its evaluation and "
                 "feature data", ("sae", "sae_features", "sae_prompt"), _sae),
-    Step("experiment", "KappaTune forgetting experiment on MiniLM (5 arms, 1 seed, 50 steps)", ("experiments",),
-         _experiment),
+    Step("groundtruth", f"every SAE architecture scored against a known synthetic dictionary "
+                        f"({GT_TOKENS // 1000}k tokens each)", ("sae_compare",), _groundtruth),
 )
 
 
