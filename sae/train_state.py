@@ -22,6 +22,8 @@ from sae.dense_relu import Workspace, dense_relu_gradients, encoder_matrix, with
 from sae.model import SAE
 from sae.resample import resample_dead
 from sae.sparse import Pattern, positive
+from sae.train_arch import NEW_ARCHITECTURES
+from sae.train_arch import gradients as arch_gradients
 
 # A ReLU step runs the dense path while the previous step's L0 exceeds this fraction of d_sae
 # (per compute dtype), else the sparse one. Measured crossover of the two paths' step times on this
@@ -48,6 +50,14 @@ class TrainState:
         self.sae.W_enc.data = w_enc_t.T
         self.p = {"W_encT": w_enc_t, "W_dec": self.sae.W_dec.data, "b_enc": self.sae.b_enc.data,
                   "b_dec": self.sae.b_dec.data}
+        if cfg.architecture == "jumprelu":  # Adam-trained (batchtopk's threshold is a running mean instead)
+            self.p["threshold"] = self.sae.threshold.data
+        elif cfg.architecture == "gated":
+            self.p.update(r_mag=self.sae.r_mag.data, b_mag=self.sae.b_mag.data)
+        # Non-parameter state a checkpoint carries (batchtopk's running threshold, float64 on the host).
+        self.extra_state: dict[str, torch.Tensor] = {}
+        if cfg.architecture in ("batchtopk", "matryoshka_batchtopk"):
+            self.extra_state["topk_threshold"] = torch.zeros((), dtype=torch.float64)
         self.m = {n: torch.zeros_like(t) for n, t in self.p.items()}
         self.v = {n: torch.zeros_like(t) for n, t in self.p.items()}
         self.step = 0
@@ -121,6 +131,8 @@ class TrainState:
         self.step += 1
         step = self.step
         x = self.batch(step - 1)
+        if c.architecture == "jumprelu":  # keep thresholds >= 0 (SAELens projects before each step)
+            p["threshold"].clamp_(min=0.0)
         grads, metrics, fired_counts = self.gradients(x, step)
         SAE.remove_parallel_grad_(p["W_dec"], grads["W_dec"])
         self._adam(step, grads)
@@ -142,6 +154,8 @@ class TrainState:
         at 1-based ``step`` (its L1 coefficient; latents dead before it get AuxK). ``dense``
         forces the dense (True) or sparse (False) path; None picks by the previous L0."""
         c, p, cd = self.cfg, self.p, self.cd
+        if c.architecture in NEW_ARCHITECTURES:
+            return arch_gradients(self, x, step, dense)
         bsz = x.shape[0]
         xc = x - p["b_dec"]
         xc1 = with_columns(xc, (1.0,), cd)  # [xc | 1]: b_enc rides in the encoder GEMM
@@ -184,6 +198,7 @@ class TrainState:
         v = pattern.sample(xc, p["W_encT"].T).add_(pattern.gather(p["b_enc"]))
         active = v > 0
         v.clamp_min_(0)
+        self._kept = v  # the codes at the pattern (batchtopk's threshold update reads them)
         x_hat = pattern.matmul(v, p["W_dec"]).add_(p["b_dec"])
         err = x_hat.sub_(x)
         sq_err = float(err.pow(2).sum())

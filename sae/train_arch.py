@@ -1,0 +1,274 @@
+"""Training steps of the jumprelu, batchtopk, matryoshka_batchtopk and gated SAEs (``TrainState``
+calls ``gradients`` for them; relu and topk keep their own steps in ``sae.train_state``).
+
+Losses (mean over the batch's B tokens; SAELens 6.54's maths, ``SAEConfig``'s docstring):
+
+- jumprelu: ||x_hat - x||^2 + l0 * sum_i H(z_i - theta_i), f = z H(z - theta). H has no useful
+  derivative, so theta gets SAELens's straight-through pseudo-derivatives with the rectangle kernel
+  K(u) = 1{|u| < 1/2} and bandwidth eps: d f_i / d theta_i = -(theta_i / eps) K((z_i - theta_i) / eps),
+  d H / d theta_i = -(1 / eps) K(...); z gets d f / d z = H(z - theta) and nothing from the L0 term
+  (DeepMind's estimator, SAELens's default ``jumprelu_ste_to_input=False``). theta is projected to
+  >= 0 before every step (SAELens).
+- batchtopk: ||x_hat - x||^2 + AuxK, f = ReLU(z) at the int(k B) largest entries of the batch;
+  afterwards threshold <- (1 - topk_threshold_lr) threshold + topk_threshold_lr * (smallest positive kept f),
+  kept in float64 (SAELens's ``update_topk_threshold``).
+- matryoshka_batchtopk: sum over the prefixes m_l of ||f[:m_l] W_dec[:m_l] + b_dec - x||^2, plus AuxK
+  on the full reconstruction. With g_l = 2 (x_hat_l - x) / B, a latent of block j (m_{j-1} <= i < m_j)
+  sees G_j = sum_{l >= j} g_l: its code's gradient is G_j . W_dec[i] and its decoder row's sum_b f G_j.
+- gated: ||x_hat - x||^2 + l1 * sum_i ReLU(pi_i) ||W_dec[i]|| + ||ReLU(pi) W_dec + b_dec - x||^2, where
+  the magnitude path's gradient reaches W_enc through W_enc * exp(r_mag) (SAELens 6.54 keeps W_dec and
+  b_dec in the last term's graph, unlike the paper's frozen copy: we follow SAELens).
+
+Two routes compute the same gradients: ``dense_gradients`` (autograd on dense [B, d_sae] tensors,
+matmuls in the compute dtype; the reference, the route of gated, and of jumprelu while more than
+``DENSE_ABOVE_DENSITY`` of its latents fire) and ``sparse_gradients`` (hand-written over the active
+set, as ``sae.train_state``'s topk step: jumprelu's pattern also holds the kernel's band
+theta - eps/2 < z < theta + eps/2, which is where theta's gradient lives).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sae import activations
+from sae.dense_relu import encoder_matrix, with_columns
+from sae.sparse import Pattern, _offsets
+
+if TYPE_CHECKING:
+    from sae.train_state import TrainState
+
+NEW_ARCHITECTURES = ("jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
+BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """f = z * H(z - theta) with the straight-through gradient of theta (module docstring)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        z, theta = ctx.saved_tensors
+        ste = (theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g
+        return (z > theta) * g, -ste.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(z - theta); gradient -(1/eps) K((z - theta)/eps) to theta only."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.eps = eps
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        z, theta = ctx.saved_tensors
+        return None, -((1.0 / ctx.eps) * _rectangle((z - theta) / ctx.eps) * g).sum(0), None
+
+
+def jumprelu_loss_terms(z: torch.Tensor, theta: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, per-token L0) of a JumpReLU with straight-through gradients; z [B, d_sae] float32."""
+    return _JumpReLU.apply(z, theta, eps), _Step.apply(z, theta, eps).sum(-1)
+
+
+def l0_coefficient(cfg: Any, step: int) -> float:
+    """jumprelu's L0 coefficient at 1-based ``step`` (linear warm-up over ``l0_warmup_steps``)."""
+    w = cfg.l0_warmup_steps
+    return cfg.l0_coefficient * (min(1.0, step / w) if w else 1.0)
+
+
+def _auxk_dense(tr: TrainState, z: torch.Tensor, resid: torch.Tensor, W_dec: torch.Tensor, step: int) -> torch.Tensor:
+    """AuxK loss (as ``TrainState._auxk``) on dense tensors: the top aux_k dead pre-activations
+    reconstruct the detached residual x - x_hat."""
+    c = tr.cfg
+    dead = tr.last_fired <= step - 1 - c.dead_window_steps
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return z.new_zeros(())
+    ka = min(c.aux_k_effective, n_dead)
+    masked = torch.where(dead, z, torch.full_like(z, -torch.inf))
+    vals, idx = masked.topk(ka, dim=-1, sorted=False)
+    f_aux = torch.zeros_like(z).scatter(-1, idx, vals.relu())
+    scale = c.aux_coefficient * min(1.0, n_dead / c.aux_k_effective)
+    return scale * (f_aux @ W_dec - resid).pow(2).sum(-1).mean()
+
+
+def dense_gradients(tr: TrainState, x: torch.Tensor, step: int
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]:
+    """(gradients by parameter name, metrics, firings per latent) by autograd on dense tensors."""
+    c, cd = tr.cfg, tr.cd
+    arch = c.architecture
+    p = {n: t.detach().clone().requires_grad_(True) for n, t in tr.p.items()}
+    W_enc = p["W_encT"].T
+    xc = x - p["b_dec"]
+    z = (xc.to(cd) @ W_enc.to(cd)).float() + p["b_enc"]  # [B, d_sae]
+    terms: dict[str, torch.Tensor] = {}
+    if arch == "jumprelu":
+        f, l0_tok = jumprelu_loss_terms(z, p["threshold"], c.jumprelu_bandwidth)
+        terms["l0_loss"] = l0_coefficient(c, step) * l0_tok.mean()
+    elif arch in BATCH_TOPK:
+        f = z.relu() * activations.batch_topk_mask(z.detach(), c.k)
+    else:  # gated: z is the gate pre-activation pi
+        mag = (xc.to(cd) @ (W_enc * p["r_mag"].exp()).to(cd)).float() + p["b_mag"]
+        f = (z.detach() > 0) * mag.relu()
+        pi = z.relu()
+        terms["l1_loss"] = tr.l1(step) * (pi * p["W_dec"].norm(dim=1)).sum(-1).mean()
+        terms["aux"] = ((pi.to(cd) @ p["W_dec"].to(cd)).float() + p["b_dec"] - x).pow(2).sum(-1).mean()
+    x_hat = (f.to(cd) @ p["W_dec"].to(cd)).float() + p["b_dec"]
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+    if arch == "matryoshka_batchtopk":
+        for m in c.matryoshka_widths[:-1]:
+            inner = (f[:, :m].to(cd) @ p["W_dec"][:m].to(cd)).float() + p["b_dec"]
+            terms[f"inner_mse_{m}"] = (inner - x).pow(2).sum(-1).mean()
+    if arch in BATCH_TOPK:
+        terms["aux"] = _auxk_dense(tr, z, (x - x_hat).detach(), p["W_dec"], step)
+    loss = mse + sum(terms.values())
+    loss.backward()
+    fired = f.detach() > 0
+    fired_counts = fired.sum(0)
+    if arch in BATCH_TOPK:
+        update_topk_threshold(tr, f.detach()[fired])
+    mse_v = float(mse.detach())
+    metrics = {"loss": float(loss.detach()), "mse": mse_v, "nmse": mse_v / max(tr.var_per_token, 1e-30),
+               "l0": float(fired_counts.sum()) / x.shape[0], "aux": float(terms.get("aux", torch.zeros(())).detach()),
+               "dense": 1.0}
+    grads = {n: t.grad if t.grad is not None else torch.zeros_like(t) for n, t in p.items()}
+    return grads, metrics, fired_counts
+
+
+@torch.no_grad()
+def update_topk_threshold(tr: TrainState, kept: torch.Tensor) -> None:
+    """threshold <- (1 - lr) threshold + lr * min(kept positive codes), in float64 (SAELens)."""
+    kept = kept[kept > 0]
+    if kept.numel():
+        lr = tr.cfg.topk_threshold_lr
+        tr.extra_state["topk_threshold"].mul_(1 - lr).add_(lr * kept.min().to(torch.float64).cpu())
+
+
+def gradients(tr: TrainState, x: torch.Tensor, step: int, dense: bool | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]:
+    """The step's gradients for a new architecture: sparse when it can (module docstring)."""
+    from sae.train_state import DENSE_ABOVE_DENSITY
+
+    c = tr.cfg
+    if dense is None:
+        dense = c.architecture == "gated" or (
+            c.architecture == "jumprelu" and tr.l0_est > DENSE_ABOVE_DENSITY[c.dtype] * c.d_sae)
+    if dense or c.architecture == "gated":
+        return dense_gradients(tr, x, step)
+    return sparse_gradients(tr, x, step)
+
+
+def sparse_gradients(tr: TrainState, x: torch.Tensor, step: int
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]:
+    """Hand-written gradients over the active set (jumprelu, batchtopk, matryoshka_batchtopk)."""
+    c, p, cd = tr.cfg, tr.p, tr.cd
+    bsz = x.shape[0]
+    xc = x - p["b_dec"]
+    pre = torch.matmul(with_columns(xc, (1.0,), cd), encoder_matrix(p["W_encT"], p["b_enc"], cd).T,
+                       out=tr.ws.get("pre", (bsz, c.d_sae), cd, x.device))
+    aux = 0.0
+    l0_loss = 0.0
+    if c.architecture == "jumprelu":
+        pattern = Pattern.from_mask(pre > (p["threshold"] - 0.5 * c.jumprelu_bandwidth).to(cd))
+        out = _jumprelu_sparse(tr, x, xc, pattern, step)
+        l0_loss = out[-1]
+        out = out[:-1]
+    else:
+        n = activations.batch_topk_count(c.k, bsz, c.d_sae)
+        flat = pre.view(-1).topk(n, sorted=False)[1].sort()[0]  # row-major order = CSR order
+        rows, cols = (flat // c.d_sae).to(torch.int32), (flat % c.d_sae).to(torch.int32)
+        pattern = Pattern(_offsets(torch.bincount(rows, minlength=bsz)), rows, cols, bsz, c.d_sae)
+        if c.architecture == "matryoshka_batchtopk":
+            out = _matryoshka_sparse(tr, x, xc, pattern)
+        else:
+            out = tr._sparse(x, xc, pattern, step)
+        dead = tr.last_fired <= step - 1 - c.dead_window_steps
+        if bool(dead.any()):
+            aux = tr._auxk(xc, pre, dead, out)
+    g_W_dec, g_W_encT, g_b_enc, g_b_dec, fired_counts, sq_err, extra = out[:7]
+    mse = sq_err / bsz
+    loss = mse + aux + l0_loss + (extra if c.architecture == "matryoshka_batchtopk" else 0.0)
+    metrics = {"loss": loss, "mse": mse, "nmse": mse / max(tr.var_per_token, 1e-30),
+               "l0": float(fired_counts.sum()) / bsz, "aux": aux, "dense": 0.0}
+    grads = {"W_encT": g_W_encT, "W_dec": g_W_dec, "b_enc": g_b_enc, "b_dec": g_b_dec}
+    if c.architecture == "jumprelu":
+        grads["threshold"] = out[7]
+    else:
+        update_topk_threshold(tr, tr._kept)
+    return grads, metrics, fired_counts
+
+
+def _jumprelu_sparse(tr: TrainState, x, xc, pattern: Pattern, step: int):
+    c, p = tr.cfg, tr.p
+    bsz, eps = x.shape[0], c.jumprelu_bandwidth
+    z = pattern.sample(xc, p["W_encT"].T).add_(pattern.gather(p["b_enc"]))
+    theta = pattern.gather(p["threshold"])
+    active = z > theta
+    band = ((z - theta) / eps).abs_() < 0.5
+    f = z * active
+    x_hat = pattern.matmul(f, p["W_dec"]).add_(p["b_dec"])
+    err = x_hat.sub_(x)
+    sq_err = float(err.pow(2).sum())
+    g = err.mul_(2.0 / bsz)
+    g_f = pattern.sample(g, p["W_dec"].T)
+    lam = l0_coefficient(c, step)
+    g_theta_e = (-(theta / eps) * g_f - lam / (bsz * eps)) * band
+    g_theta = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_theta_e)
+    g_z = g_f.mul_(active)
+    g_W_dec = pattern.t_matmul(f, g)
+    g_W_encT = pattern.t_matmul(g_z, xc)
+    g_b_enc = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_z)
+    g_b_dec = g.sum(0) - g_b_enc @ p["W_encT"]
+    fired_counts = torch.bincount(pattern.cols[active], minlength=c.d_sae)
+    l0_loss = lam * float(active.sum()) / bsz
+    return g_W_dec, g_W_encT, g_b_enc, g_b_dec, fired_counts, sq_err, 0.0, g_theta, l0_loss
+
+
+def _matryoshka_sparse(tr: TrainState, x, xc, pattern: Pattern):
+    """Prefix losses over one pattern: entries regrouped into rows (block j, token b) -> j*B + b, so one
+    sparse product gives every block's partial decode and one sampled product every code's G_j."""
+    c, p = tr.cfg, tr.p
+    bsz, d_in = x.shape
+    widths = c.matryoshka_widths
+    n_lev = len(widths)
+    v = pattern.sample(xc, p["W_encT"].T).add_(pattern.gather(p["b_enc"]))
+    active = v > 0
+    v.clamp_min_(0)
+    bounds = torch.tensor(widths[:-1], dtype=torch.int32, device=x.device)
+    block = torch.bucketize(pattern.cols, bounds, right=True).to(torch.int32)
+    rows2 = block * bsz + pattern.rows
+    order = torch.sort(rows2, stable=True)[1]
+    rows2 = rows2.index_select(0, order)
+    p2 = Pattern(_offsets(torch.bincount(rows2, minlength=n_lev * bsz)), rows2, pattern.cols.index_select(0, order),
+                 n_lev * bsz, c.d_sae)
+    v2 = v.index_select(0, order)
+    parts = p2.matmul(v2, p["W_dec"]).view(n_lev, bsz, d_in)
+    err = parts.cumsum_(0).add_(p["b_dec"]).sub_(x)  # [L, B, d_in]: x_hat_l - x
+    sq = err.pow(2).sum(dim=(1, 2))
+    sq_err = float(sq[-1])
+    inner = float(sq[:-1].sum()) / bsz
+    g = err.mul_(2.0 / bsz)
+    G = g.flip(0).cumsum(0).flip(0).reshape(n_lev * bsz, d_in)  # G_j = sum_{l >= j} g_l
+    g_v2 = p2.sample(G, p["W_dec"].T).mul_(active.index_select(0, order))
+    g_W_dec = p2.t_matmul(v2, G)
+    g_v = torch.empty_like(g_v2).index_copy_(0, order, g_v2)
+    g_W_encT = pattern.t_matmul(g_v, xc)
+    g_b_enc = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_v)
+    g_b_dec = g.sum(dim=(0, 1)) - g_b_enc @ p["W_encT"]
+    fired_counts = torch.bincount(pattern.cols[active], minlength=c.d_sae)
+    tr._last = (pattern, g[-1])  # the full reconstruction's scaled error, for AuxK
+    tr._kept = v
+    return g_W_dec, g_W_encT, g_b_enc, g_b_dec, fired_counts, sq_err, inner
