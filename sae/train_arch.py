@@ -28,16 +28,15 @@ theta - eps/2 < z < theta + eps/2, which is where theta's gradient lives).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from sae import activations
-from sae.dense_relu import encoder_matrix, with_columns
+from sae.dense_relu import DENSE_ABOVE_DENSITY, encoder_matrix, with_columns
 from sae.sparse import Pattern, _offsets
 
-if TYPE_CHECKING:
-    from sae.train_state import TrainState
+TrainState = Any  # sae.train_state.TrainState (not imported: it imports this module)
 
 NEW_ARCHITECTURES = ("jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
 BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
@@ -160,8 +159,6 @@ def update_topk_threshold(tr: TrainState, kept: torch.Tensor) -> None:
 def gradients(tr: TrainState, x: torch.Tensor, step: int, dense: bool | None = None
               ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]:
     """The step's gradients for a new architecture: sparse when it can (module docstring)."""
-    from sae.train_state import DENSE_ABOVE_DENSITY
-
     c = tr.cfg
     if dense is None:
         dense = c.architecture == "gated" or (

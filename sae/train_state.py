@@ -18,19 +18,13 @@ import torch
 
 from sae.checkpoint import data_signature, load_checkpoint, save_checkpoint
 from sae.config import SAEConfig
-from sae.dense_relu import Workspace, dense_relu_gradients, encoder_matrix, with_columns
+from sae.dense_relu import DENSE_ABOVE_DENSITY, Workspace, dense_relu_gradients, encoder_matrix, with_columns
 from sae.model import SAE
 from sae.resample import resample_dead
 from sae.sparse import Pattern, positive
 from sae.train_arch import NEW_ARCHITECTURES
 from sae.train_arch import gradients as arch_gradients
 
-# A ReLU step runs the dense path while the previous step's L0 exceeds this fraction of d_sae
-# (per compute dtype), else the sparse one. Measured crossover of the two paths' step times on this
-# project's 2-core CPU (d_in 384, d_sae 6144, batch 4096; 1 and 2 threads): ~3.5-4% of d_sae in
-# bfloat16, ~14% in float32 (its dense GEMMs cost ~5x the bf16 ones; the sparse products are float32
-# in both). A fixed threshold (not timing at run time) keeps a run a function of (cfg, step, state).
-DENSE_ABOVE_DENSITY = {"bfloat16": 0.035, "float32": 0.14}
 _EPS = 1e-8
 
 

@@ -115,7 +115,7 @@ BAD_SETTINGS = [
     (dict(d_sae=-4), r"d_sae=-4: must be a positive integer"),
     (dict(k=0), r"k=0: a topk SAE needs an integer 1 <= k"),
     (dict(d_sae=16, k=17), r"k=17: a topk SAE needs an integer 1 <= k <= d_sae=16"),
-    (dict(architecture="gated"), r"architecture 'gated' is unknown; use 'relu' .* or 'topk'"),
+    (dict(architecture="vanilla"), r"architecture 'vanilla' is unknown; use 'relu' .* 'gated'"),
     (dict(expansion=0), r"expansion=0: must be an integer >= 1"),
     (dict(dtype="fp16"), r"dtype='fp16': must be one of float32, bfloat16"),
     (dict(n_tokens=0), r"n_tokens=0: must be a positive integer"),
