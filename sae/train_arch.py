@@ -28,6 +28,7 @@ theta - eps/2 < z < theta + eps/2, which is where theta's gradient lives).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -122,6 +123,7 @@ def dense_gradients(tr: TrainState, x: torch.Tensor, step: int
     else:  # gated: z is the gate pre-activation pi
         mag = (xc.to(cd) @ (W_enc * p["r_mag"].exp()).to(cd)).float() + p["b_mag"]
         f = (z.detach() > 0) * mag.relu()
+        tr.extra_state["gate_l0"].fill_(float((z.detach() > 0).sum()) / x.shape[0])
         pi = z.relu()
         terms["l1_loss"] = tr.l1(step) * (pi * p["W_dec"].norm(dim=1)).sum(-1).mean()
         terms["aux"] = ((pi.to(cd) @ p["W_dec"].to(cd)).float() + p["b_dec"] - x).pow(2).sum(-1).mean()
@@ -160,12 +162,35 @@ def gradients(tr: TrainState, x: torch.Tensor, step: int, dense: bool | None = N
               ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]:
     """The step's gradients for a new architecture: sparse when it can (module docstring)."""
     c = tr.cfg
-    if dense is None:
-        dense = c.architecture == "gated" or (
-            c.architecture == "jumprelu" and tr.l0_est > DENSE_ABOVE_DENSITY[c.dtype] * c.d_sae)
-    if dense or c.architecture == "gated":
+    if dense is None:  # gated: by the gate's count (pi > 0) of the last step, the size of its pattern
+        l0 = float(tr.extra_state["gate_l0"]) if c.architecture == "gated" else tr.l0_est
+        dense = c.architecture in ("jumprelu", "gated") and l0 > DENSE_ABOVE_DENSITY[c.dtype] * c.d_sae
+    if dense:
         return dense_gradients(tr, x, step)
     return sparse_gradients(tr, x, step)
+
+
+def batch_topk_flat(pre: torch.Tensor, k: float) -> torch.Tensor:
+    """Sorted flat indices (row-major = CSR order) of the int(k B) largest entries of ``pre`` [B, d_sae].
+
+    Exact, in two stages: a cutoff from every 64th entry (the value that about 1.5x the wanted share
+    of them exceed), then the top int(k B) among the entries above it. When fewer than int(k B)
+    entries pass the cutoff (rare), the top of the whole matrix is taken instead. Every entry left
+    out is <= the cutoff < every candidate, so the result is the full top-k's (up to which of equal
+    values are kept); the cutoff depends on ``pre`` alone, so a run stays a function of its state.
+    A full top-k over B x d_sae entries costs several times the comparison and the small top-k."""
+    flat = pre.reshape(-1)
+    n = activations.batch_topk_count(k, pre.shape[0], pre.shape[1])
+    stride = 64
+    sample = flat[::stride]
+    m = min(sample.numel(), max(1, math.ceil(1.5 * n / stride)))
+    if m < sample.numel():
+        cutoff = sample.topk(m, sorted=False)[0].min()
+        cand = (flat > cutoff).nonzero().squeeze(1)
+        if cand.numel() >= n:
+            keep = flat.index_select(0, cand).topk(n, sorted=False)[1]
+            return cand.index_select(0, keep).sort()[0]
+    return flat.topk(n, sorted=False)[1].sort()[0]
 
 
 def sparse_gradients(tr: TrainState, x: torch.Tensor, step: int
@@ -178,14 +203,15 @@ def sparse_gradients(tr: TrainState, x: torch.Tensor, step: int
                        out=tr.ws.get("pre", (bsz, c.d_sae), cd, x.device))
     aux = 0.0
     l0_loss = 0.0
+    if c.architecture == "gated":
+        return _gated_sparse(tr, x, xc, Pattern.from_mask(pre > 0), step)
     if c.architecture == "jumprelu":
         pattern = Pattern.from_mask(pre > (p["threshold"] - 0.5 * c.jumprelu_bandwidth).to(cd))
         out = _jumprelu_sparse(tr, x, xc, pattern, step)
         l0_loss = out[-1]
         out = out[:-1]
     else:
-        n = activations.batch_topk_count(c.k, bsz, c.d_sae)
-        flat = pre.view(-1).topk(n, sorted=False)[1].sort()[0]  # row-major order = CSR order
+        flat = batch_topk_flat(pre, c.k)
         rows, cols = (flat // c.d_sae).to(torch.int32), (flat % c.d_sae).to(torch.int32)
         pattern = Pattern(_offsets(torch.bincount(rows, minlength=bsz)), rows, cols, bsz, c.d_sae)
         if c.architecture == "matryoshka_batchtopk":
@@ -205,6 +231,49 @@ def sparse_gradients(tr: TrainState, x: torch.Tensor, step: int
         grads["threshold"] = out[7]
     else:
         update_topk_threshold(tr, tr._kept)
+    return grads, metrics, fired_counts
+
+
+def _gated_sparse(tr: TrainState, x, xc, pattern: Pattern, step: int):
+    """Gated gradients over the gate's pattern pi > 0: f, ReLU(pi) and both penalties vanish off it.
+    On an entry: mag = (pi - b_gate) exp(r_mag) + b_mag, f = 1[pi > 0] ReLU(mag); recon error e1 =
+    f W_dec + b_dec - x, aux error e2 = ReLU(pi) W_dec + b_dec - x, L1 = l1 sum ReLU(pi) ||W_dec[i]||."""
+    c, p = tr.cfg, tr.p
+    bsz = x.shape[0]
+    pi = pattern.sample(xc, p["W_encT"].T).add_(pattern.gather(p["b_enc"]))
+    gate = pi > 0
+    pi_pos = pi.clamp_min(0)
+    er = pattern.gather(p["r_mag"]).exp_()
+    mag = (pi - pattern.gather(p["b_enc"])).mul_(er).add_(pattern.gather(p["b_mag"]))
+    f = mag.clamp_min(0).mul_(gate)
+    g1 = pattern.matmul(f, p["W_dec"]).add_(p["b_dec"]).sub_(x)
+    g2 = pattern.matmul(pi_pos, p["W_dec"]).add_(p["b_dec"]).sub_(x)
+    sq_err, aux = float(g1.pow(2).sum()), float(g2.pow(2).sum()) / bsz
+    g1.mul_(2.0 / bsz)
+    g2.mul_(2.0 / bsz)
+    l1 = tr.l1(step)
+    norms = p["W_dec"].norm(dim=1)
+    g_mag = pattern.sample(g1, p["W_dec"].T).mul_(gate & (mag > 0))
+    g_pi = pattern.sample(g2, p["W_dec"].T).add_(pattern.gather(norms), alpha=l1 / bsz).mul_(gate)
+    g_pre = g_mag * er  # d mag / d (xc . W_enc[:, i]) = exp(r_mag)
+    g_pre.add_(g_pi)
+    pi_sum = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, pi_pos)
+    g_W_dec = pattern.t_matmul(f, g1).add_(pattern.t_matmul(pi_pos, g2))
+    g_W_dec.add_(p["W_dec"] * (l1 / bsz * pi_sum / norms.clamp_min(1e-12)).unsqueeze(1))
+    g_W_encT = pattern.t_matmul(g_pre, xc)
+    g_b_gate = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_pi)
+    g_pre_sum = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_pre)
+    g_b_mag = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_mag)
+    g_r_mag = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_mag * (mag - pattern.gather(p["b_mag"])))
+    g_b_dec = g1.sum(0) + g2.sum(0) - g_pre_sum @ p["W_encT"]
+    fired_counts = torch.bincount(pattern.cols[f > 0], minlength=c.d_sae)
+    mse = sq_err / bsz
+    l1_loss = l1 * float((pi_sum * norms).sum()) / bsz
+    metrics = {"loss": mse + aux + l1_loss, "mse": mse, "nmse": mse / max(tr.var_per_token, 1e-30),
+               "l0": float(fired_counts.sum()) / bsz, "aux": aux, "dense": 0.0}
+    tr.extra_state["gate_l0"].fill_(float(gate.sum()) / bsz)
+    grads = {"W_encT": g_W_encT, "W_dec": g_W_dec, "b_enc": g_b_gate, "b_dec": g_b_dec, "r_mag": g_r_mag,
+             "b_mag": g_b_mag}
     return grads, metrics, fired_counts
 
 

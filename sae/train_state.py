@@ -52,6 +52,8 @@ class TrainState:
         self.extra_state: dict[str, torch.Tensor] = {}
         if cfg.architecture in ("batchtopk", "matryoshka_batchtopk"):
             self.extra_state["topk_threshold"] = torch.zeros((), dtype=torch.float64)
+        if cfg.architecture == "gated":  # the gate's L0 (pi > 0) of the last step: picks the dense or sparse route
+            self.extra_state["gate_l0"] = torch.full((), float(cfg.d_sae), dtype=torch.float64)
         self.m = {n: torch.zeros_like(t) for n, t in self.p.items()}
         self.v = {n: torch.zeros_like(t) for n, t in self.p.items()}
         self.step = 0

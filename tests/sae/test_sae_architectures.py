@@ -23,7 +23,7 @@ from sae.config import ARCH_FIELDS, SAEConfig, TrainSettings
 from sae.model import SAE
 from sae.store_io import sae_from_result, sae_to_result
 from sae.train import train_sae
-from sae.train_arch import dense_gradients, jumprelu_loss_terms, sparse_gradients
+from sae.train_arch import batch_topk_flat, dense_gradients, jumprelu_loss_terms, sparse_gradients
 from sae.train_state import TrainState
 
 
@@ -59,6 +59,21 @@ def test_batch_topk_keeps_k_per_token_on_average(k, rng):
     assert per_token.float().std() > 0  # ... spread unevenly over its tokens
     kept = pre.relu()[f > 0]
     assert float(kept.min()) >= float(pre.relu()[f == 0].max())  # the largest ones
+
+
+@pytest.mark.parametrize("case", ["spread", "one_row_dominates", "bf16_ties"])
+def test_batch_topk_flat_keeps_the_largest_entries(case, rng):
+    """The two-stage selection of the sparse step keeps the entries a full top-k over the batch keeps."""
+    pre = torch.from_numpy(rng.standard_normal((300, 200)).astype(np.float32))
+    if case == "one_row_dominates":  # the cutoff stage cannot hold them: exact fallback
+        pre[7] += 50
+    if case == "bf16_ties":
+        pre = pre.to(torch.bfloat16)
+    got = batch_topk_flat(pre, 2.5)
+    want = pre.reshape(-1).topk(750)[1]
+    assert got.numel() == 750 and torch.equal(got, got.sort()[0]) and got.unique().numel() == 750
+    torch.testing.assert_close(pre.reshape(-1)[got].float().sort()[0], pre.reshape(-1)[want].float().sort()[0],
+                               rtol=0, atol=0)
 
 
 def test_batchtopk_training_l0_is_k_and_threshold_tracks_the_smallest_kept(rng):
@@ -160,6 +175,7 @@ def test_matryoshka_loss_is_the_sum_of_prefix_losses(route, rng):
 def test_gated_gradients_match_float64_reference(rng):
     x, _ = _planted(rng, n=3000)
     tr = _state("gated", x, steps=3, **ARCH_KW["gated"])
+    tr.p["W_dec"].mul_(torch.from_numpy(rng.uniform(0.5, 1.5, (64, 1)).astype(np.float32)))  # norms off 1
     with torch.no_grad():  # non-trivial magnitudes
         tr.p["r_mag"].copy_(torch.from_numpy(0.3 * rng.standard_normal(64).astype(np.float32)))
         tr.p["b_mag"].copy_(torch.from_numpy(0.1 * rng.standard_normal(64).astype(np.float32)))
@@ -174,11 +190,12 @@ def test_gated_gradients_match_float64_reference(rng):
     sparsity = l1 * (pi.relu() * p["W_dec"].norm(dim=1)).sum(-1).mean()
     aux = ((pi.relu() @ p["W_dec"] + p["b_dec"] - xd) ** 2).sum(-1).mean()
     (recon + sparsity + aux).backward()
-    grads, metrics, _ = dense_gradients(tr, xb, 5)
-    assert metrics["loss"] == pytest.approx(float(recon + sparsity + aux), rel=1e-5)
-    for n, g in grads.items():
-        scale = float(p[n].grad.abs().max())
-        torch.testing.assert_close(g.double(), p[n].grad, atol=1e-5 * scale, rtol=0, msg=n)
+    for route in (dense_gradients, sparse_gradients):
+        grads, metrics, _ = route(tr, xb, 5)
+        assert metrics["loss"] == pytest.approx(float(recon + sparsity + aux), rel=1e-5)
+        for n, g in grads.items():
+            scale = float(p[n].grad.abs().max())
+            torch.testing.assert_close(g.double(), p[n].grad, atol=1e-5 * scale, rtol=0, msg=f"{route.__name__} {n}")
 
 
 def test_gated_encode_is_gate_times_magnitude(rng):
@@ -195,7 +212,7 @@ def test_gated_encode_is_gate_times_magnitude(rng):
 
 
 # ---------------------------------------------------------------------------------- both routes
-@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "matryoshka_batchtopk"])
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "matryoshka_batchtopk", "gated"])
 def test_sparse_route_matches_dense_autograd(arch, rng):
     x, _ = _planted(rng, n=3000)
     tr = _state(arch, x, steps=4, **ARCH_KW[arch])  # step 6 > dead window of 2 steps: AuxK may engage
