@@ -27,6 +27,7 @@ gradients agree with float32 autograd to bf16 precision (tested). Names: x, xc [
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -97,12 +98,16 @@ class DenseGradients:
 
 
 def dense_relu_gradients(xc: torch.Tensor, xc1: torch.Tensor, pre: torch.Tensor, W_dec: torch.Tensor,
-                         W_encT: torch.Tensor, l1: float, ws: Workspace | None = None) -> DenseGradients:
+                         W_encT: torch.Tensor, l1: float, ws: Workspace | None = None,
+                         on_code_grad: Callable[[torch.Tensor], None] | None = None) -> DenseGradients:
     """Gradients of ``||x_hat - x||^2 + l1 * sum|f|`` (mean over the batch) of a ReLU SAE.
 
     ``xc`` = x - b_dec [batch, d_in] float32; ``xc1`` = [xc | 1] and ``pre`` [batch, d_sae]
     (the encoder pre-activation, bias included) in the compute dtype; ``pre`` is overwritten
     with f. ``W_dec``, ``W_encT``: the float32 master weights; ``ws``: reused buffers.
+    ``on_code_grad(g_f)``: called with the loss gradient of the codes [batch, d_sae] before the
+    ReLU mask is applied (the JumpReLU step reads its threshold gradient there). A ``pre`` that
+    already holds codes (>= 0, e.g. a JumpReLU's) passes through the ReLU unchanged.
     """
     bsz, d_in = xc.shape
     cd = pre.dtype
@@ -117,6 +122,8 @@ def dense_relu_gradients(xc: torch.Tensor, xc1: torch.Tensor, pre: torch.Tensor,
     fired = column_counts(positive(f))
     ws = ws if ws is not None else Workspace()
     g_pre = torch.matmul(G, W_dec_aug.T, out=ws.get("g_pre", tuple(f.shape), cd, f.device))  # g W_dec^T + c
+    if on_code_grad is not None:
+        on_code_grad(g_pre)
     torch.ops.aten.threshold_backward.grad_input(g_pre, f, 0, grad_input=g_pre)  # zero where f == 0
     t2 = (g_pre.T @ xc1).float()  # [grad W_enc^T | grad b_enc]
     g_b_enc = t2[:, d_in].contiguous()

@@ -19,11 +19,13 @@ Losses (mean over the batch's B tokens; SAELens 6.54's maths, ``SAEConfig``'s do
   the magnitude path's gradient reaches W_enc through W_enc * exp(r_mag) (SAELens 6.54 keeps W_dec and
   b_dec in the last term's graph, unlike the paper's frozen copy: we follow SAELens).
 
-Two routes compute the same gradients: ``dense_gradients`` (autograd on dense [B, d_sae] tensors,
-matmuls in the compute dtype; the reference, the route of gated, and of jumprelu while more than
-``DENSE_ABOVE_DENSITY`` of its latents fire) and ``sparse_gradients`` (hand-written over the active
-set, as ``sae.train_state``'s topk step: jumprelu's pattern also holds the kernel's band
-theta - eps/2 < z < theta + eps/2, which is where theta's gradient lives).
+Routes that compute the same gradients: ``dense_gradients`` (autograd on dense [B, d_sae] tensors,
+matmuls in the compute dtype: the reference, and gated's route while more than
+``DENSE_ABOVE_DENSITY`` of its gates are open), ``dense_jumprelu_gradients`` (jumprelu while more
+than that share of its latents fire: ``sae.dense_relu``'s GEMMs) and ``sparse_gradients``
+(hand-written over the active set, as ``sae.train_state``'s topk step: jumprelu's pattern also
+holds the kernel's band theta - eps/2 < z < theta + eps/2, where theta's gradient lives; gated's is
+the open gates pi > 0, where every one of its terms lives).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from typing import Any
 import torch
 
 from sae import activations
-from sae.dense_relu import DENSE_ABOVE_DENSITY, encoder_matrix, with_columns
-from sae.sparse import Pattern, _offsets
+from sae.dense_relu import DENSE_ABOVE_DENSITY, dense_relu_gradients, encoder_matrix, with_columns
+from sae.sparse import Pattern, _offsets, column_counts
 
 TrainState = Any  # sae.train_state.TrainState (not imported: it imports this module)
 
@@ -166,8 +168,40 @@ def gradients(tr: TrainState, x: torch.Tensor, step: int, dense: bool | None = N
         l0 = float(tr.extra_state["gate_l0"]) if c.architecture == "gated" else tr.l0_est
         dense = c.architecture in ("jumprelu", "gated") and l0 > DENSE_ABOVE_DENSITY[c.dtype] * c.d_sae
     if dense:
-        return dense_gradients(tr, x, step)
+        return dense_jumprelu_gradients(tr, x, step) if c.architecture == "jumprelu" else dense_gradients(tr, x, step)
     return sparse_gradients(tr, x, step)
+
+
+def dense_jumprelu_gradients(tr: TrainState, x: torch.Tensor, step: int
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, float], torch.Tensor]:
+    """JumpReLU's step while most latents fire: the dense ReLU step (``sae.dense_relu``: GEMMs in the
+    compute dtype, reductions folded into them) on the codes z H(z - theta), with no L1 term; theta's
+    gradient from the codes' gradient on the kernel's band (read before the mask). In bfloat16 the
+    band and the mask come from the bfloat16 pre-activations, as the ReLU path's mask does."""
+    c, p, cd = tr.cfg, tr.p, tr.cd
+    bsz, eps = x.shape[0], c.jumprelu_bandwidth
+    xc = x - p["b_dec"]
+    xc1 = with_columns(xc, (1.0,), cd)
+    pre = torch.matmul(xc1, encoder_matrix(p["W_encT"], p["b_enc"], cd).T,
+                       out=tr.ws.get("pre", (bsz, c.d_sae), cd, x.device))
+    theta = p["threshold"]
+    band = ((pre - theta.to(cd)).abs_() < 0.5 * eps)  # [B, d_sae] bool
+    n_band = column_counts(band).to(torch.float32)
+    pre.mul_(pre > theta.to(cd))  # z H(z - theta) in place
+    lam = l0_coefficient(c, step)
+    band_sum: list[torch.Tensor] = []
+
+    def threshold_grad(g_f: torch.Tensor) -> None:
+        band_sum.append(torch.where(band, g_f, 0).sum(0, dtype=torch.float32))
+
+    d = dense_relu_gradients(xc, xc1, pre, p["W_dec"], p["W_encT"], 0.0, tr.ws, on_code_grad=threshold_grad)
+    g_theta = -(theta / eps) * band_sum[0] - (lam / (bsz * eps)) * n_band
+    mse = d.sq_err / bsz
+    l0 = float(d.fired.sum()) / bsz
+    metrics = {"loss": mse + lam * l0, "mse": mse, "nmse": mse / max(tr.var_per_token, 1e-30), "l0": l0,
+               "aux": 0.0, "dense": 1.0}
+    grads = {"W_encT": d.W_encT, "W_dec": d.W_dec, "b_enc": d.b_enc, "b_dec": d.b_dec, "threshold": g_theta}
+    return grads, metrics, d.fired
 
 
 def batch_topk_flat(pre: torch.Tensor, k: float) -> torch.Tensor:

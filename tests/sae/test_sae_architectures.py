@@ -23,7 +23,7 @@ from sae.config import ARCH_FIELDS, SAEConfig, TrainSettings
 from sae.model import SAE
 from sae.store_io import sae_from_result, sae_to_result
 from sae.train import train_sae
-from sae.train_arch import batch_topk_flat, dense_gradients, jumprelu_loss_terms, sparse_gradients
+from sae.train_arch import batch_topk_flat, dense_gradients, dense_jumprelu_gradients, jumprelu_loss_terms, sparse_gradients
 from sae.train_state import TrainState
 
 
@@ -212,6 +212,21 @@ def test_gated_encode_is_gate_times_magnitude(rng):
 
 
 # ---------------------------------------------------------------------------------- both routes
+def test_dense_jumprelu_step_matches_autograd(rng):
+    """The GEMM route JumpReLU takes while dense, against the autograd route (float32)."""
+    x, _ = _planted(rng, n=3000)
+    tr = _state("jumprelu", x, steps=2, **ARCH_KW["jumprelu"])
+    xb = tr.batch(5)
+    gh, mh, fh = dense_jumprelu_gradients(tr, xb, 6)
+    ga, ma, fa = dense_gradients(tr, xb, 6)
+    assert torch.equal(fh.long(), fa.long()) and mh["l0"] > 0.2 * 64  # dense: many latents fire
+    for key in ("loss", "mse", "l0"):
+        assert mh[key] == pytest.approx(ma[key], rel=1e-5), key
+    for n in ga:
+        scale = float(ga[n].abs().max())
+        torch.testing.assert_close(gh[n], ga[n], atol=2e-6 * max(scale, 1.0), rtol=0, msg=n)
+
+
 @pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "matryoshka_batchtopk", "gated"])
 def test_sparse_route_matches_dense_autograd(arch, rng):
     x, _ = _planted(rng, n=3000)
