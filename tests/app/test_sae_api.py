@@ -147,7 +147,13 @@ def test_api_rejects_bad_settings_before_booting(kw, match, no_boot, tmp_path):
 
 @pytest.mark.parametrize("argv, match", [(["--d-sae", "0"], "d_sae=0: must be a positive integer"),
                                          (["--k", "0"], "k=0: a topk SAE needs"),
-                                         (["--architecture", "gated"], "architecture 'gated' is unknown"),
+                                         (["--architecture", "vanilla"], "architecture 'vanilla' is unknown"),
+                                         (["--architecture", "jumprelu", "--init-threshold", "nan"],
+                                          "jumprelu_init_threshold=nan: must be a finite number >= 0"),
+                                         (["--architecture", "batchtopk", "--d-sae", "64", "--k", "64"],
+                                          "k=64: a batchtopk SAE needs a number 0 < k < d_sae=64"),
+                                         (["--architecture", "matryoshka_batchtopk", "--widths", "8,x"],
+                                          "--widths '8,x': expected comma-separated integers"),
                                          (["--checkpoint-every", "0"], "checkpoint_every=0")], ids=str)
 def test_cli_rejects_bad_settings_before_booting(argv, match, no_boot, tmp_path):
     from app.cli import app
