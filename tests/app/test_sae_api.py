@@ -243,7 +243,8 @@ def test_export_import_round_trip_through_the_store(llama, tmp_path):
         api.sae_import(out, llama, 0, store=b)
 
 
-@pytest.mark.parametrize("name, layer", [("standard", 0), ("topk", 1)])
+@pytest.mark.parametrize("name, layer", [("standard", 0), ("topk", 1), ("jumprelu", 0), ("batchtopk", 1),
+                                         ("matryoshka_batchtopk", 1), ("gated", 0)])
 def test_saelens_written_sae_imported_and_evaluated(name, layer, llama16, tmp_path):
     """An SAE SAELens itself wrote: stored for a model whose hook_z is 16 wide, its outputs still
     SAELens's own, then evaluated (reconstruction and next-token loss recovered)."""
@@ -254,6 +255,7 @@ def test_saelens_written_sae_imported_and_evaluated(name, layer, llama16, tmp_pa
     imported = api.sae_import(FIXTURE / name, llama16, store=tmp_path / "s")
     cfg = imported.sae.cfg
     assert (cfg.layer, cfg.n_heads, cfg.d_head, cfg.d_sae) == (layer, 4, 4, 32)
+    assert cfg.architecture == expected["saes"][name].get("trained_as", {"standard": "relu"}.get(name, name))
     with torch.no_grad():
         feats = imported.sae.encode(torch.tensor(expected["input"], dtype=torch.float32))
     np.testing.assert_allclose(feats.numpy(), np.array(expected["saes"][name]["feature_acts"]), atol=1e-5, rtol=1e-5)
