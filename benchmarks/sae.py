@@ -443,7 +443,8 @@ def training_section(args, src, bridge) -> tuple[list[list[str]], list[str], dic
     dtypes = args.ours_dtypes.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="lenslab-sae-bench-"))
     for arch, l1_ours, l1_theirs, fields, peer_extra in archs:
-        label = {"topk": f"TopK k={args.k}", "relu": "ReLU", "jumprelu": "JumpReLU", "batchtopk": f"BatchTopK k={args.k}",
+        label = {"topk": f"TopK k={args.k}", "relu": "ReLU", "jumprelu": "JumpReLU",
+                 "batchtopk": f"BatchTopK k={args.k}",
                  "matryoshka_batchtopk": f"Matryoshka BatchTopK k={args.k}", "gated": "Gated"}[arch]
         peer_arch = "standard" if arch == "relu" else arch
         theirs_name = {ac: f"SAELens SAETrainer, {'bf16 autocast' if ac else 'float32'}" for ac in precisions}
