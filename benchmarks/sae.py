@@ -270,7 +270,7 @@ def heldout_metrics(sae, x: torch.Tensor) -> dict[str, float]:
 
 
 def run_saelens(npy: Path, arch: str, args, *, autocast: bool, l1: float | None, l1_warmup: int, n_tokens: int,
-                save: Path | None) -> dict:
+                save: Path | None, extra: tuple[str, ...] = ()) -> dict:
     """Train in ``.venv-saelens`` (``saelens_peer.py train``); its JSON report. No ``save`` =
     a timing-only run (no held-out evaluation)."""
     cmd = [str(SAELENS_PYTHON), str(PEER), "train", "--acts", str(npy), "--architecture", arch,
@@ -281,6 +281,7 @@ def run_saelens(npy: Path, arch: str, args, *, autocast: bool, l1: float | None,
     cmd += ["--save", str(save)] if save is not None else ["--skip-eval"]
     if l1 is not None:
         cmd += ["--l1", str(l1)]
+    cmd += list(extra)
     if autocast:
         cmd.append("--autocast")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -290,22 +291,25 @@ def run_saelens(npy: Path, arch: str, args, *, autocast: bool, l1: float | None,
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ours_config(x_train: torch.Tensor, arch: str, args, meta: dict, *, dtype: str, l1: float | None, n_tokens: int):
+def ours_config(x_train: torch.Tensor, arch: str, args, meta: dict, *, dtype: str, l1: float | None, n_tokens: int,
+                fields: dict | None = None):
     """LensLab's ``SAEConfig`` for this benchmark (its defaults: L1 warm-up 5% of the steps,
-    resampling at 10/20/30/40% for ReLU; AuxK for TopK)."""
+    resampling at 10/20/30/40% for ReLU; AuxK for TopK, BatchTopK, Matryoshka). ``fields``: the
+    architecture's own settings (jumprelu, batchtopk, matryoshka_batchtopk, gated)."""
     from sae.config import SAEConfig
 
-    kw = {"k": args.k} if arch == "topk" else {"l1_coefficient": l1}
+    kw = dict(fields) if fields is not None else {"k": args.k} if arch == "topk" else {"l1_coefficient": l1}
     return SAEConfig(d_in=x_train.shape[1], d_sae=args.d_sae, architecture=arch, lr=args.lr, betas=(0.9, 0.99),
                      batch_size=args.batch, n_tokens=n_tokens, seed=args.seed, dtype=dtype,
                      hook_name=meta["hook_name"], layer=args.layer, n_heads=meta["n_heads"], d_head=meta["d_head"],
                      source_fingerprint=meta["fingerprint"], source_label=meta["source_label"], **kw)
 
 
-def run_ours(x_train: torch.Tensor, arch: str, args, meta: dict, *, dtype: str, l1: float | None, n_tokens: int):
+def run_ours(x_train: torch.Tensor, arch: str, args, meta: dict, *, dtype: str, l1: float | None, n_tokens: int,
+             fields: dict | None = None):
     from sae.train import train_sae
 
-    cfg = ours_config(x_train, arch, args, meta, dtype=dtype, l1=l1, n_tokens=n_tokens)
+    cfg = ours_config(x_train, arch, args, meta, dtype=dtype, l1=l1, n_tokens=n_tokens, fields=fields)
     return train_sae(x_train[:n_tokens], cfg, log_every=1)  # every step logged: per-step wall times and L0
 
 
@@ -370,6 +374,35 @@ def _spread(values: list[float]) -> str:
     return f"{min(values):,.0f}-{max(values):,.0f}" if len(values) > 1 else ""
 
 
+def new_architectures(args) -> list[tuple]:
+    """(arch, None, None, LensLab SAEConfig fields, SAELens peer arguments) of each architecture in
+    ``--archs`` beyond topk/relu. BatchTopK and Matryoshka share k (and the widths); JumpReLU and
+    Gated take a coefficient per tool (``--jumprelu-l0`` / ``--jumprelu-l0-saelens``,
+    ``--gated-l1`` / ``--gated-l1-saelens``) tuned so their held-out L0 match, as the ReLU L1s are:
+    SAELens starts its decoder at norm 0.1 and does not renormalise it, LensLab keeps unit rows."""
+    widths = tuple(int(w) for w in args.matryoshka_widths.split(",")) if args.matryoshka_widths else \
+        (args.d_sae // 8, args.d_sae // 2, args.d_sae)
+    out = []
+    for arch in args.archs.split(","):
+        if arch == "jumprelu":
+            ours = dict(l0_coefficient=args.jumprelu_l0, jumprelu_init_threshold=args.jumprelu_init_threshold,
+                        jumprelu_bandwidth=args.jumprelu_bandwidth)
+            theirs = ("--l0", str(args.jumprelu_l0_saelens), "--init-threshold", str(args.jumprelu_init_threshold),
+                      "--bandwidth", str(args.jumprelu_bandwidth))
+            out.append((arch, None, None, ours, theirs))
+        elif arch == "batchtopk":
+            out.append((arch, None, None, dict(k=args.k), ()))
+        elif arch == "matryoshka_batchtopk":
+            out.append((arch, None, None, dict(k=args.k, matryoshka_widths=widths),
+                        ("--widths", ",".join(str(w) for w in widths))))
+        elif arch == "gated":
+            out.append((arch, None, args.gated_l1_saelens, dict(l1_coefficient=args.gated_l1), ()))
+        elif arch not in ("topk", "relu"):
+            raise SystemExit(f"--archs: {arch!r} is not one of topk, relu, jumprelu, batchtopk, matryoshka_batchtopk, "
+                             "gated")
+    return out
+
+
 def training_section(args, src, bridge) -> tuple[list[list[str]], list[str], dict]:
     """(b): for each architecture, ``--speed-rounds`` interleaved full-length runs per tool
     (SAELens, LensLab, SAELens, ...); speed = median over the rounds; held-out quality from the
@@ -402,14 +435,16 @@ def training_section(args, src, bridge) -> tuple[list[list[str]], list[str], dic
              "NMSE (table) = sum||x_hat - x||^2 / sum||x - mean||^2 on the held-out tokens, computed by "
              "sae.metrics.reconstruction_metrics for both SAEs (SAELens's read back with "
              "sae.saelens_format.load_saelens); the SAELens peer's own numbers are in the notes column"]
-    archs = [("topk", None, None)]
+    archs = [("topk", None, None, None, ())] if "topk" in args.archs.split(",") else []
     if args.relu:
-        archs.append(("relu", args.relu_l1, args.relu_l1_saelens))
+        archs.append(("relu", args.relu_l1, args.relu_l1_saelens, None, ()))
+    archs += new_architectures(args)
     precisions = [] if args.skip_saelens else [m == "bf16" for m in args.saelens_precisions.split(",")]
     dtypes = args.ours_dtypes.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="lenslab-sae-bench-"))
-    for arch, l1_ours, l1_theirs in archs:
-        label = f"TopK k={args.k}" if arch == "topk" else "ReLU"
+    for arch, l1_ours, l1_theirs, fields, peer_extra in archs:
+        label = {"topk": f"TopK k={args.k}", "relu": "ReLU", "jumprelu": "JumpReLU", "batchtopk": f"BatchTopK k={args.k}",
+                 "matryoshka_batchtopk": f"Matryoshka BatchTopK k={args.k}", "gated": "Gated"}[arch]
         peer_arch = "standard" if arch == "relu" else arch
         theirs_name = {ac: f"SAELens SAETrainer, {'bf16 autocast' if ac else 'float32'}" for ac in precisions}
         ours_name = {d: f"LensLab sae.train.train_sae, {d}" for d in dtypes}
@@ -421,23 +456,25 @@ def training_section(args, src, bridge) -> tuple[list[list[str]], list[str], dic
                 log(f"{label} run {r + 1}/{args.speed_rounds}: {name}")
                 save = tmp / f"saelens-{arch}-{int(ac)}" if r == 0 else None
                 peer = run_saelens(npy, peer_arch, args, autocast=ac, l1=l1_theirs, l1_warmup=l1_warmup,
-                                   n_tokens=args.n_tokens, save=save)
+                                   n_tokens=args.n_tokens, save=save, extra=peer_extra)
                 runs.setdefault(name, []).append(peer_run(name, peer))
                 if r == 0:
                     quality[name] = (heldout_metrics(load_saelens(save), x_eval),
                                      f"SAELens {peer['sae_lens_version']}; peer's own: L0 {peer['l0']:.1f}, NMSE "
                                      f"{peer['fvu']:.4f} (vs |x|^2: {peer['nmse']:.4f}), save/load_from_disk diff "
                                      f"{peer['reload_max_abs_diff']:.1e}"
-                                     + (f"; l1 {l1_theirs}" if arch == "relu" else ""))
+                                     + (f"; l1 {l1_theirs}" if l1_theirs is not None else "")
+                                     + (f"; {' '.join(peer_extra)}" if peer_extra else ""))
             for d in dtypes:
                 name = ours_name[d]
                 log(f"{label} run {r + 1}/{args.speed_rounds}: {name}")
-                res = run_ours(x_train, arch, args, meta, dtype=d, l1=l1_ours, n_tokens=args.n_tokens)
+                res = run_ours(x_train, arch, args, meta, dtype=d, l1=l1_ours, n_tokens=args.n_tokens, fields=fields)
                 runs.setdefault(name, []).append(our_run(name, res))
                 if r == 0:
                     quality[name] = (heldout_metrics(res.sae, x_eval),
                                      f"{res.n_resampled} latents resampled"
-                                     + (f"; l1 {l1_ours}" if arch == "relu" else ""))
+                                     + (f"; l1 {l1_ours}" if arch == "relu" else "")
+                                     + (f"; {fields}" if fields else ""))
         summary = {}
         for name, rs in runs.items():
             wall = [x.wall_tps for x in rs]
@@ -498,6 +535,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relu", action="store_true", help="also compare ReLU SAEs (secondary)")
     parser.add_argument("--relu-l1", type=float, default=0.87, help="LensLab's ReLU L1 coefficient")
     parser.add_argument("--relu-l1-saelens", type=float, default=1.4, help="SAELens's ReLU l1_coefficient")
+    parser.add_argument("--archs", default="topk,jumprelu,batchtopk,matryoshka_batchtopk,gated",
+                        help="architectures to compare (relu: --relu)")
+    parser.add_argument("--jumprelu-l0", type=float, default=0.05, help="LensLab's JumpReLU l0_coefficient")
+    parser.add_argument("--jumprelu-l0-saelens", type=float, default=0.05, help="SAELens's JumpReLU l0_coefficient")
+    parser.add_argument("--jumprelu-init-threshold", type=float, default=0.01, help="both tools' initial threshold")
+    parser.add_argument("--jumprelu-bandwidth", type=float, default=0.05, help="both tools' STE bandwidth")
+    parser.add_argument("--matryoshka-widths", default=None, help="prefix widths (default d_sae/8, d_sae/2, d_sae)")
+    parser.add_argument("--gated-l1", type=float, default=0.87, help="LensLab's Gated l1_coefficient")
+    parser.add_argument("--gated-l1-saelens", type=float, default=1.4, help="SAELens's Gated l1_coefficient")
     parser.add_argument("--saelens-precisions", default="bf16", help="SAELens runs: float32 and/or bf16 "
                         "(SAETrainerConfig.autocast)")
     parser.add_argument("--ours-dtypes", default="float32,bfloat16", help="LensLab runs: SAEConfig.dtype values")

@@ -43,10 +43,12 @@ reloads it with ``SAE.load_from_disk`` and reports the largest output difference
 ``reshape_activations="hook_z"`` gets the input as [n, n_heads, d_head] (``--d-head`` or
 ``metadata.d_head``), as SAELens applies it to a hook_z activation.
 
-``tiny``: writes the committed compatibility fixture ``DIR/{standard,topk,topk_checkpoint}/``
-(d_in 16 = 4 heads x 4, d_sae 32, k 4; trained 40 steps on synthetic data so biases and decoder
-norms are non-trivial; ``standard`` has ``reshape_activations="hook_z"``; ``topk_checkpoint`` is
-written by ``save_model`` with unfolded decoder norms) and ``DIR/expected.json`` (inputs
+``tiny``: writes the committed compatibility fixture ``DIR/{standard,topk,topk_checkpoint,jumprelu,
+batchtopk,matryoshka_batchtopk,gated}/`` (d_in 16 = 4 heads x 4, d_sae 32, k 4; trained 40 steps on
+synthetic data so biases and decoder norms are non-trivial; ``standard`` and ``gated`` have
+``reshape_activations="hook_z"``; ``topk_checkpoint`` is written by ``save_model`` with unfolded
+decoder norms; batchtopk and matryoshka_batchtopk are saved, as SAELens saves them, as jumprelu
+files; jumprelu: l0 0.05, initial threshold 0.05; matryoshka widths 8, 16, 32; gated: l1 2) and ``DIR/expected.json`` (inputs
 [6, 16] and SAELens's ``encode`` / ``forward`` outputs on them, flattened to [6, d]).
 """
 
@@ -73,6 +75,14 @@ import sae_lens  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from sae_lens import (  # noqa: E402
     SAE,
+    BatchTopKTrainingSAE,
+    BatchTopKTrainingSAEConfig,
+    GatedTrainingSAE,
+    GatedTrainingSAEConfig,
+    JumpReLUTrainingSAE,
+    JumpReLUTrainingSAEConfig,
+    MatryoshkaBatchTopKTrainingSAE,
+    MatryoshkaBatchTopKTrainingSAEConfig,
     StandardTrainingSAE,
     StandardTrainingSAEConfig,
     TopKTrainingSAE,
@@ -124,18 +134,33 @@ def batches(train: torch.Tensor, batch_size: int, log: StepLog | None = None) ->
         i += 1
 
 
-def build_sae(architecture: str, d_in: int, d_sae: int, k: int, l1: float, l1_warmup: int,
-              hook_name: str, reshape: str = "none", model_name: str = "lenslab-benchmark") -> Any:
-    """A SAELens training SAE with SAELens's defaults except the arguments given."""
+ARCHITECTURES = ["relu", "standard", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated"]
+
+
+def build_sae(architecture: str, d_in: int, d_sae: int, k: float, l1: float, l1_warmup: int,
+              hook_name: str, reshape: str = "none", model_name: str = "lenslab-benchmark", *,
+              l0: float = 1.0, init_threshold: float = 0.01, bandwidth: float = 0.05,
+              widths: list[int] | None = None) -> Any:
+    """A SAELens training SAE with SAELens's defaults except the arguments given (``k``: topk,
+    batchtopk, matryoshka; ``l1``: relu, gated; ``l0``, ``init_threshold``, ``bandwidth``:
+    jumprelu; ``widths``: matryoshka prefix widths)."""
     meta = SAEMetadata(hook_name=hook_name, model_name=model_name)
+    common = dict(d_in=d_in, d_sae=d_sae, metadata=meta, reshape_activations=reshape)
     if architecture == "topk":
-        cfg = TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, metadata=meta, reshape_activations=reshape)
-        return TopKTrainingSAE(cfg)
+        return TopKTrainingSAE(TopKTrainingSAEConfig(k=int(k), **common))
     if architecture in ("relu", "standard"):
-        cfg = StandardTrainingSAEConfig(d_in=d_in, d_sae=d_sae, l1_coefficient=l1, l1_warm_up_steps=l1_warmup,
-                                        metadata=meta, reshape_activations=reshape)
-        return StandardTrainingSAE(cfg)
-    raise SystemExit(f"saelens_peer: architecture {architecture!r} is not relu/standard or topk")
+        return StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=l1, l1_warm_up_steps=l1_warmup, **common))
+    if architecture == "jumprelu":
+        return JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(
+            l0_coefficient=l0, jumprelu_init_threshold=init_threshold, jumprelu_bandwidth=bandwidth, **common))
+    if architecture == "batchtopk":
+        return BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=k, **common))
+    if architecture == "matryoshka_batchtopk":
+        return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            k=k, matryoshka_widths=list(widths or [d_sae // 4, d_sae]), **common))
+    if architecture == "gated":
+        return GatedTrainingSAE(GatedTrainingSAEConfig(l1_coefficient=l1, l1_warm_up_steps=l1_warmup, **common))
+    raise SystemExit(f"saelens_peer: architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
 
 
 def train_sae(sae: Any, train: torch.Tensor, n_tokens: int, batch: int, lr: float,
@@ -197,15 +222,19 @@ def cmd_train(a: argparse.Namespace) -> dict[str, Any]:
     if a.eval_tokens >= data.shape[0]:
         raise SystemExit(f"saelens_peer: --eval-tokens {a.eval_tokens} >= {data.shape[0]} rows")
     train, held_out = data[:-a.eval_tokens], data[-a.eval_tokens:]
-    sae = build_sae(a.architecture, data.shape[1], a.d_sae, a.k, a.l1, a.l1_warmup, a.hook_name)
+    sae = build_sae(a.architecture, data.shape[1], a.d_sae, a.k, a.l1, a.l1_warmup, a.hook_name, l0=a.l0,
+                    init_threshold=a.init_threshold, bandwidth=a.bandwidth,
+                    widths=[int(w) for w in a.widths.split(",")] if a.widths else None)
     trainer, seconds, step_s, cpu_s, step_l0 = train_sae(sae, train, a.n_tokens, a.batch, a.lr, (a.beta1, a.beta2),
                                                          a.autocast)
     out = {
         "tool": "sae_lens", "sae_lens_version": sae_lens.__version__, "torch_version": torch.__version__,
         "threads": torch.get_num_threads(), "architecture": a.architecture, "d_in": int(data.shape[1]),
-        "d_sae": a.d_sae, "k": a.k if a.architecture == "topk" else None,
-        "l1_coefficient": a.l1 if a.architecture != "topk" else None,
-        "l1_warmup_steps": a.l1_warmup if a.architecture != "topk" else None, "lr": a.lr, "batch": a.batch,
+        "d_sae": a.d_sae, "k": a.k if "topk" in a.architecture else None,
+        "l1_coefficient": a.l1 if a.architecture in ("relu", "standard", "gated") else None,
+        "l1_warmup_steps": a.l1_warmup if a.architecture in ("relu", "standard", "gated") else None,
+        "l0_coefficient": a.l0 if a.architecture == "jumprelu" else None,
+        "matryoshka_widths": a.widths if a.architecture == "matryoshka_batchtopk" else None, "lr": a.lr, "batch": a.batch,
         "n_tokens": trainer.n_training_samples, "steps": trainer.n_training_steps, "train_seconds": seconds,
         "tokens_per_s": trainer.n_training_samples / seconds, "step_seconds": step_s, "step_l0": step_l0,
         "median_step_s": float(np.median(step_s)), "cpu_seconds": cpu_s,
@@ -273,13 +302,19 @@ def cmd_tiny(a: argparse.Namespace) -> dict[str, Any]:
     # decoder rows NOT unit norm, so a loader must fold the norms to reproduce SAELens.
     specs = {"standard": ("relu", "blocks.0.attn.hook_z", "hook_z", "save_inference_model"),
              "topk": ("topk", "blocks.1.attn.hook_z", "none", "save_inference_model"),
-             "topk_checkpoint": ("topk", "blocks.1.attn.hook_z", "none", "save_model")}
+             "topk_checkpoint": ("topk", "blocks.1.attn.hook_z", "none", "save_model"),
+             # written as SAELens's runner writes them: batchtopk and matryoshka become "jumprelu" files
+             "jumprelu": ("jumprelu", "blocks.0.attn.hook_z", "none", "save_inference_model"),
+             "batchtopk": ("batchtopk", "blocks.1.attn.hook_z", "none", "save_inference_model"),
+             "matryoshka_batchtopk": ("matryoshka_batchtopk", "blocks.1.attn.hook_z", "none", "save_inference_model"),
+             "gated": ("gated", "blocks.0.attn.hook_z", "hook_z", "save_inference_model")}
     trained: dict[tuple[str, str], tuple[Any, Any]] = {}
     for name, (arch, hook, reshape, writer) in specs.items():
         if (arch, hook) not in trained:
             torch.manual_seed(1)
             sae = build_sae(arch, d_in, d_sae, k=4, l1=2.0, l1_warmup=0, hook_name=hook, reshape=reshape,
-                            model_name="saelens-tiny-fixture")
+                            model_name="saelens-tiny-fixture", l0=0.05, init_threshold=0.05, bandwidth=0.05,
+                            widths=[8, 16, d_sae])
             trainer = train_sae(sae, data, n_tokens=40 * 256, batch=256, lr=1e-2, betas=(0.9, 0.99),
                                 autocast=False)[0]
             trained[arch, hook] = sae, trainer
@@ -297,7 +332,7 @@ def cmd_tiny(a: argparse.Namespace) -> dict[str, Any]:
             "architecture": loaded.cfg.architecture(), "class": type(loaded).__name__, "hook_name": hook,
             "writer": writer, "reshape_activations": reshape, "k": getattr(loaded.cfg, "k", None),
             "rescale_acts_by_decoder_norm": getattr(loaded.cfg, "rescale_acts_by_decoder_norm", None),
-            "feature_acts": feats.tolist(), "sae_out": recon.tolist(),
+            "trained_as": arch, "feature_acts": feats.tolist(), "sae_out": recon.tolist(),
             "l0": (feats != 0).sum(-1).float().mean().item(),
             "w_dec_row_norms": loaded.W_dec.norm(dim=-1).tolist(),
             "checksums": checksums(loaded),
@@ -311,11 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="mode", required=True)
     t = sub.add_parser("train", help="train with SAELens's SAETrainer and report tokens/s, L0, NMSE")
     t.add_argument("--acts", required=True, help="float32 .npy [tokens, d_in], shuffled")
-    t.add_argument("--architecture", choices=["relu", "standard", "topk"], default="topk")
+    t.add_argument("--architecture", choices=ARCHITECTURES, default="topk")
     t.add_argument("--d-sae", type=int, required=True)
-    t.add_argument("--k", type=int, default=32, help="topk: active features per token")
-    t.add_argument("--l1", type=float, default=5.0, help="relu/standard: l1 coefficient")
-    t.add_argument("--l1-warmup", type=int, default=0, help="relu/standard: l1 warm-up steps")
+    t.add_argument("--k", type=float, default=32, help="topk: active features per token; batchtopk: on average")
+    t.add_argument("--l1", type=float, default=5.0, help="relu/standard/gated: l1 coefficient")
+    t.add_argument("--l1-warmup", type=int, default=0, help="relu/standard/gated: l1 warm-up steps")
+    t.add_argument("--l0", type=float, default=1.0, help="jumprelu: l0 coefficient")
+    t.add_argument("--init-threshold", type=float, default=0.01, help="jumprelu: initial threshold")
+    t.add_argument("--bandwidth", type=float, default=0.05, help="jumprelu: STE kernel bandwidth")
+    t.add_argument("--widths", default=None, help="matryoshka: comma-separated prefix widths ending at d_sae")
     t.add_argument("--lr", type=float, default=1.2e-3)
     t.add_argument("--beta1", type=float, default=0.9)
     t.add_argument("--beta2", type=float, default=0.99)

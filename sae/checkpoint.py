@@ -41,7 +41,8 @@ def save_checkpoint(tr: TrainState, path: Path) -> None:
 
     tensors = {**{n: t.contiguous() for n, t in tr.p.items()},
                **{f"adam_m.{n}": t for n, t in tr.m.items()}, **{f"adam_v.{n}": t for n, t in tr.v.items()},
-               "last_fired": tr.last_fired, "counts": tr.counts, "prev_counts": tr.prev_counts}
+               "last_fired": tr.last_fired, "counts": tr.counts, "prev_counts": tr.prev_counts,
+               **{f"state.{n}": t for n, t in tr.extra_state.items()}}
     tensors = {n: t.cpu() for n, t in tensors.items()}
     state = {"version": CHECKPOINT_VERSION, "cfg": tr.cfg.to_dict(), "step": tr.step,
              "count_tokens": tr.count_tokens, "prev_tokens": tr.prev_tokens,
@@ -84,10 +85,12 @@ def load_checkpoint(tr: TrainState, path: Path) -> None:
         raise ConfigError(f"{path}: the checkpoint was trained on other activations ({state['data']} vs "
                           f"{data_signature(tr)}); resume on the same activations or pass resume=False "
                           "(lenslab sae train --no-resume)")
-    for n in PARAMS:
+    for n in tr.p:  # PARAMS plus the architecture's own (jumprelu's threshold, gated's r_mag, b_mag)
         tr.p[n].copy_(tensors[n])
         tr.m[n].copy_(tensors[f"adam_m.{n}"])
         tr.v[n].copy_(tensors[f"adam_v.{n}"])
+    for n, t in tr.extra_state.items():
+        t.copy_(tensors[f"state.{n}"])
     tr.last_fired.copy_(tensors["last_fired"])
     tr.counts.copy_(tensors["counts"])
     tr.prev_counts.copy_(tensors["prev_counts"])

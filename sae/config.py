@@ -24,7 +24,16 @@ from typing import Any
 
 from analysis.errors import ConfigError
 
-ARCHITECTURES = ("relu", "topk")
+ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
+K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")  # take k (latents per token, or on average)
+L1_ARCHITECTURES = ("relu", "gated")  # take l1_coefficient
+ARCHITECTURE_HELP = ("'relu' (L1 penalty), 'topk' (k per token), 'jumprelu' (learned thresholds, L0 penalty), "
+                     "'batchtopk' (k on average over the batch), 'matryoshka_batchtopk' (nested prefixes) or "
+                     "'gated' (gate and magnitude paths, L1 on the gate)")
+# Fields added with the architectures beyond relu/topk: ``to_dict`` leaves them out while they hold
+# their defaults, so the store keys of relu/topk SAEs (their config dicts) stay what they were.
+ARCH_FIELDS = ("l0_coefficient", "l0_warmup_steps", "jumprelu_init_threshold", "jumprelu_bandwidth",
+               "topk_threshold_lr", "matryoshka_widths")
 DTYPES = ("float32", "bfloat16")
 B_DEC_INITS = ("mean", "zero")
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.attn\.hook_z$")
@@ -44,14 +53,24 @@ class SAEConfig:
       so the L1 term needs no decoder-norm weighting);
     - topk: ``||x_hat - x||^2 + aux_coefficient * ||e - e_hat||^2`` where e = x - x_hat and
       e_hat is e reconstructed from the top ``aux_k`` dead latents (AuxK, Gao et al. 2024),
-      the term scaled by min(1, n_dead / aux_k) as in SAELens.
+      the term scaled by min(1, n_dead / aux_k) as in SAELens;
+    - batchtopk: as topk, with the k * batch largest ReLU(pre) of the whole batch kept
+      (``k`` may be fractional); inference uses one threshold, the running mean (rate
+      ``topk_threshold_lr``) of the smallest kept value;
+    - matryoshka_batchtopk: batchtopk codes, loss sum_l ||x_hat_l - x||^2 over the prefixes
+      ``matryoshka_widths`` (m_1 < ... < m_L = d_sae) plus AuxK on the full reconstruction;
+    - jumprelu: ``||x_hat - x||^2 + l0_coefficient * sum_i H(pre_i - threshold_i)``, thresholds
+      trained by the rectangle-kernel straight-through estimator of bandwidth ``jumprelu_bandwidth``;
+    - gated: ``||x_hat - x||^2 + l1_coefficient * sum_i ReLU(pi_i) + ||ReLU(pi) W_dec' + b_dec - x||^2``
+      (pi the gate pre-activation, W_dec' and b_dec detached in the last term).
+    See ``sae.activations`` for the encoders.
     """
 
     d_in: int
     d_sae: int
     architecture: str = "relu"
-    k: int | None = None  # topk: latents kept per token (the L0 target)
-    l1_coefficient: float = 1.0  # relu
+    k: int | float | None = None  # topk: latents kept per token (the L0 target); batchtopk: on average
+    l1_coefficient: float = 1.0  # relu, gated
     l1_warmup_steps: int | None = None  # relu: L1 ramps linearly from 0 over these steps; None = 5% of steps
     lr: float = 1.2e-3
     betas: tuple[float, float] = (0.9, 0.99)
@@ -78,11 +97,20 @@ class SAEConfig:
     d_head: int | None = None
     source_fingerprint: str = ""
     source_label: str = ""
+    # jumprelu (SAELens's names and defaults).
+    l0_coefficient: float = 1.0
+    l0_warmup_steps: int = 0  # the L0 coefficient ramps linearly from 0 over these steps
+    jumprelu_init_threshold: float = 0.01
+    jumprelu_bandwidth: float = 0.05
+    # batchtopk / matryoshka_batchtopk.
+    topk_threshold_lr: float = 0.01
+    matryoshka_widths: tuple[int, ...] | None = None  # matryoshka: prefix widths, ending at d_sae
 
     def __post_init__(self) -> None:
         normal = check_fields({f.name: getattr(self, f.name) for f in fields(self)})
         object.__setattr__(self, "betas", normal["betas"])
         object.__setattr__(self, "resample_steps", normal["resample_steps"])
+        object.__setattr__(self, "matryoshka_widths", normal["matryoshka_widths"])
 
     # -- derived --------------------------------------------------------------------------
     @property
@@ -119,6 +147,11 @@ class SAEConfig:
         d["betas"] = list(self.betas)
         if self.resample_steps is not None:
             d["resample_steps"] = list(self.resample_steps)
+        if self.matryoshka_widths is not None:
+            d["matryoshka_widths"] = list(self.matryoshka_widths)
+        for name in ARCH_FIELDS:
+            if getattr(self, name) == config_default(name):
+                del d[name]
         return d
 
     @classmethod
@@ -136,8 +169,9 @@ class SAEConfig:
         d = dict(data)
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
-        if d.get("resample_steps") is not None:
-            d["resample_steps"] = tuple(d["resample_steps"])
+        for name in ("resample_steps", "matryoshka_widths"):
+            if isinstance(d.get(name), list):
+                d[name] = tuple(d[name])
         return cls(**d)
 
     def replace(self, **changes: Any) -> SAEConfig:
@@ -165,16 +199,22 @@ def check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
     for name in ("d_in", "d_sae", "batch_size", "n_tokens", "resample_sample", "dead_window"):
         if name in v and (isinstance(v[name], bool) or not isinstance(v[name], int) or v[name] <= 0):
             raise _bad(name, v[name], "must be a positive integer", f"pass {name} >= 1")
-    if v["architecture"] not in ARCHITECTURES:
-        raise _bad("architecture", v["architecture"], f"must be one of {', '.join(ARCHITECTURES)}",
-                   "use 'relu' (L1 penalty) or 'topk' (fixed L0)")
+    arch = v["architecture"]
+    if arch not in ARCHITECTURES:
+        raise _bad("architecture", arch, f"must be one of {', '.join(ARCHITECTURES)}", f"use {ARCHITECTURE_HELP}")
     k = v["k"]
-    if v["architecture"] == "topk":
-        top = f"d_sae={v['d_sae']}" if "d_sae" in v else "d_sae"
+    top = f"d_sae={v['d_sae']}" if "d_sae" in v else "d_sae"
+    if arch == "topk":
         if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= v.get("d_sae", k)):
             raise _bad("k", k, f"a topk SAE needs an integer 1 <= k <= {top}", "pass k (e.g. k=32)")
+    elif arch in K_ARCHITECTURES:
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not (0 < k < v.get("d_sae", math.inf)):
+            raise _bad("k", k, f"a {arch} SAE needs a number 0 < k < {top} (latents per token on average)",
+                       "pass k below the width (e.g. k=32)")
     elif k is not None:
-        raise _bad("k", k, "only a topk SAE takes k", "drop k or use architecture='topk'")
+        raise _bad("k", k, f"only {', '.join(K_ARCHITECTURES)} SAEs take k",
+                   "drop k or use architecture='topk' or 'batchtopk'")
+    _check_arch_fields(v)
     if v["aux_k"] is not None and (not isinstance(v["aux_k"], int) or v["aux_k"] < 1):
         raise _bad("aux_k", v["aux_k"], "must be a positive integer or None", "pass e.g. aux_k=192")
     for name in ("l1_coefficient", "aux_coefficient", "resample_encoder_scale"):
@@ -217,6 +257,41 @@ def check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
     return v
 
 
+def _check_arch_fields(v: dict[str, Any]) -> None:
+    """The jumprelu / batchtopk / matryoshka fields of ``v`` (normalises ``matryoshka_widths``)."""
+    for name, low in (("l0_coefficient", 0.0), ("jumprelu_init_threshold", 0.0)):
+        x = v[name]
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < low:
+            raise _bad(name, x, f"must be a finite number >= {low:g} (NaN and inf are not thresholds)",
+                       f"pass e.g. {name}={config_default(name)}")
+    for name in ("jumprelu_bandwidth", "topk_threshold_lr"):
+        x = v[name]
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not 0 < x <= 1:
+            raise _bad(name, x, "must be a finite number in (0, 1]", f"pass e.g. {name}={config_default(name)}")
+    w0 = v["l0_warmup_steps"]
+    if isinstance(w0, bool) or not isinstance(w0, int) or w0 < 0:
+        raise _bad("l0_warmup_steps", w0, "must be an integer >= 0", "pass l0_warmup_steps >= 0")
+    widths = v["matryoshka_widths"]
+    if v["architecture"] != "matryoshka_batchtopk":
+        if widths is not None:
+            raise _bad("matryoshka_widths", widths, "only a matryoshka_batchtopk SAE takes prefix widths",
+                       "drop matryoshka_widths or use architecture='matryoshka_batchtopk'")
+        return
+    d_sae = v.get("d_sae")
+    if widths is None:
+        raise _bad("matryoshka_widths", widths, "a matryoshka_batchtopk SAE needs its prefix widths",
+                   "pass e.g. matryoshka_widths=(d_sae // 8, d_sae // 2, d_sae)")
+    try:
+        w = tuple(int(x) for x in widths)
+    except (TypeError, ValueError):
+        raise _bad("matryoshka_widths", widths, "must be integers", "pass e.g. (128, 512, 2048)") from None
+    if not w or any(a >= b for a, b in zip(w, w[1:])) or w[0] < 1 or (d_sae is not None and w[-1] != d_sae):
+        end = f"d_sae={d_sae}" if d_sae is not None else "d_sae"
+        raise _bad("matryoshka_widths", widths, f"must increase strictly from >= 1 and end at {end}",
+                   "pass e.g. matryoshka_widths=(d_sae // 8, d_sae // 2, d_sae)")
+    v["matryoshka_widths"] = w
+
+
 # -- training requests ---------------------------------------------------------------------------
 TOPK_K = 32  # k of a topk SAE trained without one
 
@@ -248,8 +323,8 @@ class TrainSettings:
     architecture: str = "topk"
     expansion: int | None = 8
     d_sae: int | None = None
-    k: int | None = None  # topk; None = TOPK_K
-    l1_coefficient: float | None = None  # relu; None = SAEConfig's l1_coefficient
+    k: int | float | None = None  # topk / batchtopk / matryoshka_batchtopk; None = TOPK_K
+    l1_coefficient: float | None = None  # relu / gated; None = SAEConfig's l1_coefficient
     n_tokens: int = 2_000_000
     batch_size: int = config_default("batch_size")
     lr: float = config_default("lr")
@@ -263,15 +338,14 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", dict(self.extra))  # a copy: the caller's dict may change
-        if self.architecture == "topk":
-            if self.l1_coefficient is not None:
-                raise ConfigError("l1_coefficient applies to relu SAEs only; drop it or use architecture='relu'")
-        elif self.architecture == "relu":
-            if self.k is not None:
-                raise ConfigError("k applies to topk SAEs only; drop it or use architecture='topk'")
-        else:
-            raise ConfigError(f"SAE architecture {self.architecture!r} is unknown; use 'relu' (L1 penalty) or "
-                              "'topk' (fixed L0)")
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(f"SAE architecture {self.architecture!r} is unknown; use {ARCHITECTURE_HELP}")
+        if self.l1_coefficient is not None and self.architecture not in L1_ARCHITECTURES:
+            raise ConfigError(f"l1_coefficient applies to {' and '.join(L1_ARCHITECTURES)} SAEs only; drop it or use "
+                              "architecture='relu' or 'gated'")
+        if self.k is not None and self.architecture not in K_ARCHITECTURES:
+            raise ConfigError(f"k applies to {', '.join(K_ARCHITECTURES)} SAEs only; drop it or use "
+                              "architecture='topk' or 'batchtopk'")
         valid = [f.name for f in fields(SAEConfig) if f.name not in HOOK_FIELDS + NAMED_FIELDS]
         unknown = sorted(set(self.extra) - set(valid))
         if unknown:
@@ -295,9 +369,10 @@ class TrainSettings:
     def sae_fields(self) -> dict[str, Any]:
         """The ``SAEConfig`` fields these settings fix (all but the width and the hook's), as a
         training request records them."""
-        if self.architecture == "topk":
+        arch: dict[str, Any] = {}
+        if self.architecture in K_ARCHITECTURES:
             arch = {"k": TOPK_K if self.k is None else self.k}
-        else:
+        elif self.architecture in L1_ARCHITECTURES:
             l1 = config_default("l1_coefficient") if self.l1_coefficient is None else self.l1_coefficient
             arch = {"l1_coefficient": float(l1)}
         return {"architecture": self.architecture, **arch, "n_tokens": int(self.n_tokens),

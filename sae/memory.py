@@ -57,6 +57,10 @@ PER_ACTIVE_BYTES = 80  # per active (row, latent) entry of the sparse ReLU path
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 _DENSE_ABOVE_DENSITY = {"bfloat16": 0.035, "float32": 0.14}  # = sae.train.DENSE_ABOVE_DENSITY (tested)
 
+# Architectures beyond relu/topk are estimated as the nearest of the two (sae.train_arch).
+_FAMILY = {"topk": "topk", "relu": "relu", "batchtopk": "topk", "matryoshka_batchtopk": "topk",
+           "jumprelu": "relu", "gated": "relu"}
+
 PARTS = {  # part -> (short label, what it is, the fix)
     "weights": ("weights and Adam state", "the weights, their gradients and Adam state ([d_sae, d_in])",
                 "lower d_sae or expansion (--d-sae / --expansion)"),
@@ -97,15 +101,18 @@ def training_bytes(*, d_in: int, d_sae: int, batch_size: int, architecture: str 
     or are not known yet). Pure: no I/O."""
     for name, v in (("d_in", d_in), ("d_sae", d_sae), ("batch_size", batch_size), ("n_tokens", n_tokens)):
         _check_count(name, v)
-    if dtype not in _DTYPE_BYTES or architecture not in ("topk", "relu"):
-        raise ConfigError(f"architecture={architecture!r}, dtype={dtype!r}: expected topk/relu and "
+    if dtype not in _DTYPE_BYTES or architecture not in _FAMILY:
+        raise ConfigError(f"architecture={architecture!r}, dtype={dtype!r}: expected one of {'/'.join(_FAMILY)} and "
                           f"{'/'.join(_DTYPE_BYTES)}")
     c = _DTYPE_BYTES[dtype]
-    if architecture == "topk":
-        per_bs = 2 * c + 0.5
+    family = _FAMILY[architecture]
+    if family == "topk":
+        per_bs = 2 * c + 0.5 + (4 if architecture == "matryoshka_batchtopk" else 0)
     else:
         per_bs = max(2 * c + 1, c + 1 + PER_ACTIVE_BYTES * _DENSE_ABOVE_DENSITY[dtype])
-    parts = {"weights": SD_BYTES[architecture] * d_sae * d_in + LATENT_BYTES * d_sae,
+    if architecture in ("jumprelu", "gated"):  # dense autograd route (sae.train_arch): ~10 float32 copies alive
+        per_bs = max(per_bs, 10 * 4 + 2 * c)
+    parts = {"weights": SD_BYTES[family] * d_sae * d_in + LATENT_BYTES * d_sae,
              "step": int(per_bs * batch_size * d_sae),
              "batch": BD_BYTES * batch_size * d_in,
              "activations": n_tokens * (4 * d_in + TOKEN_BYTES)}

@@ -1,16 +1,19 @@
-"""``SAE``: a sparse autoencoder on flattened attention outputs (``hook_z``), ReLU or TopK.
+"""``SAE``: a sparse autoencoder on flattened attention outputs (``hook_z``): relu, topk,
+jumprelu, batchtopk, matryoshka_batchtopk or gated (``SAEConfig.architecture``).
 
 Shapes (glossary: batch, d_in = n_heads*d_head, d_sae)::
 
     pre   = (x - b_dec) @ W_enc + b_enc          # [..., d_sae]
-    relu: f = ReLU(pre)
-    topk: f = ReLU(pre) on the k largest entries of pre per row, 0 elsewhere (exactly k
-          positions are kept even when values tie: torch.topk picks k indices)
+    f     = activation(pre)                        # sae.activations, one per architecture
     x_hat = f @ W_dec + b_dec                     # [..., d_in]
 
 Parameters: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in] (rows unit norm), ``b_enc``
 [d_sae], ``b_dec`` [d_in], all float32 (training may compute in bfloat16; the master weights
-stay float32). Same names and layout as SAELens (``sae.saelens_format``).
+stay float32); plus ``threshold`` [d_sae] (jumprelu, batchtopk, matryoshka_batchtopk: the
+inference threshold) or ``r_mag``, ``b_mag`` [d_sae] (gated, whose ``b_enc`` is the gate bias
+SAELens calls ``b_gate``). ``weight_names`` lists them. Same names and layout as SAELens
+(``sae.saelens_format``). ``encode(x)``, ``decode(f)`` and ``W_dec`` are the interface every
+architecture shares.
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ import torch
 from torch import nn
 
 from analysis.errors import ShapeError
+from sae import activations
 from sae.config import SAEConfig
+
+BASE_WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec")
+EXTRA_WEIGHTS = {"jumprelu": ("threshold",), "batchtopk": ("threshold",), "matryoshka_batchtopk": ("threshold",),
+                 "gated": ("r_mag", "b_mag")}
+TOPK_INIT = ("topk", "batchtopk", "matryoshka_batchtopk")  # encoder initialised at the decoder's scale
 
 
 class SAE(nn.Module):
@@ -40,14 +49,27 @@ class SAE(nn.Module):
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        scale = 1.0 if cfg.architecture == "topk" else min(1.0, 2.0 * cfg.d_in / cfg.d_sae)
+        scale = 1.0 if cfg.architecture in TOPK_INIT else min(1.0, 2.0 * cfg.d_in / cfg.d_sae)
         self.W_enc = nn.Parameter((w_dec.T * scale).contiguous())
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold)))
+        elif "threshold" in self.weight_names:  # batchtopk: estimated in training (starts at 0, as SAELens)
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae))
+        elif cfg.architecture == "gated":
+            self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+            self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """Names of this architecture's tensors, as stored and as in SAELens (b_enc = gated's b_gate)."""
+        return BASE_WEIGHTS + EXTRA_WEIGHTS.get(self.cfg.architecture, ())
 
     def extra_repr(self) -> str:
         c = self.cfg
-        k = f", k={c.k}" if c.architecture == "topk" else f", l1={c.l1_coefficient:g}"
+        k = f", k={c.k}" if c.k is not None else f", l0={c.l0_coefficient:g}" if c.architecture == "jumprelu" \
+            else f", l1={c.l1_coefficient:g}"
         return f"{c.architecture}, d_in={c.d_in}, d_sae={c.d_sae}{k}, hook={c.hook_name}"
 
     # -- forward pieces -------------------------------------------------------------------
@@ -65,11 +87,17 @@ class SAE(nn.Module):
                            self.W_enc).reshape(*x.shape[:-1], self.cfg.d_sae)
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        """ReLU, or ReLU of the top-k entries per row (exactly k positions kept) for topk."""
-        if self.cfg.architecture == "relu":
-            return torch.relu(pre)
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
-        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+        """The architecture's inference nonlinearity (``sae.activations``): ReLU; ReLU of the top-k
+        entries per row (exactly k kept) for topk; ReLU above ``threshold`` for jumprelu, batchtopk and
+        matryoshka_batchtopk; gate times magnitude for gated (``pre`` = the gate pre-activation)."""
+        arch = self.cfg.architecture
+        if arch == "relu":
+            return activations.relu(pre)
+        if arch == "topk":
+            return activations.topk(pre, self.cfg.k)
+        if arch == "gated":
+            return activations.gated(pre, self.b_enc, self.r_mag, self.b_mag)
+        return activations.jumprelu(pre, self.threshold)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Feature activations f. x: [..., d_in] -> f: [..., d_sae] (non-negative)."""

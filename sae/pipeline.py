@@ -103,9 +103,11 @@ def sae_train(source: Any = "minilm", layer: int = _D.layer, *, architecture: st
               **cfg_fields: Any) -> TrainedSAE:
     """Harvest hook_z of ``layer`` on the training texts and train an SAE, cached in the store.
 
-    Defaults: ``sae.config.TrainSettings``. ``architecture`` "topk" (``k``, default 32) or "relu"
-    (``l1_coefficient``, default 1.0); width ``d_sae`` or ``expansion`` x d_in; ``cfg_fields``: any
-    other ``SAEConfig`` field (``resample_steps``, ``aux_k``, ``lr_decay_fraction`` ...). Text: the
+    Defaults: ``sae.config.TrainSettings``. ``architecture`` "topk" (``k``, default 32), "relu"
+    (``l1_coefficient``, default 1.0), "jumprelu" (``l0_coefficient``, ``jumprelu_init_threshold``,
+    ``jumprelu_bandwidth``), "batchtopk" (``k`` on average), "matryoshka_batchtopk" (``k``,
+    ``matryoshka_widths``) or "gated" (``l1_coefficient``); width ``d_sae`` or ``expansion`` x d_in;
+    ``cfg_fields``: any other ``SAEConfig`` field (``resample_steps``, ``aux_k``, ``lr_decay_fraction`` ...). Text: the
     train split of the docstring corpus (``per_package``, ``seed``, ``eval_fraction``) or ``texts``.
     The settings are checked before the model boots or the corpus is harvested.
 

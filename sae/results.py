@@ -20,6 +20,7 @@ from analysis.run import NotStoredError
 from analysis.store import EntryInfo, Result, Store
 from sae import features as feat
 from sae import store_io
+from sae.config import config_default
 from sae.metrics import upgrade_scalars
 from sae.model import SAE
 
@@ -55,8 +56,10 @@ def sae_name(meta: dict) -> str:
     """Short label: "minilm L3 topk 3072 (k=32)", "minilm L3 relu 3072 (l1=2.0)"; an imported ReLU
     SAE whose file records no L1 coefficient says "(l1 not recorded)"."""
     c = meta.get("cfg", {})
-    if c.get("architecture") == "topk":
+    if c.get("architecture") in ("topk", "batchtopk", "matryoshka_batchtopk"):
         extra = f"k={c.get('k')}"
+    elif c.get("architecture") == "jumprelu":  # l0_coefficient is left out of the dict at its default
+        extra = f"l0={c.get('l0_coefficient', config_default('l0_coefficient'))}"
     elif meta.get("l1_coefficient_recorded", True):
         extra = f"l1={c.get('l1_coefficient')}"
     else:
@@ -173,8 +176,8 @@ def sae_table(st: Store) -> pd.DataFrame:
         rows.append({"key": e.key, "name": sae_name(e.meta), "source": e.meta.get("source_spec") or "",
                      "model": labels.get(e.fingerprint, e.fingerprint[:8]), "layer": c.get("layer"),
                      "architecture": c.get("architecture"), "d_in": c.get("d_in"), "d_sae": c.get("d_sae"),
-                     "k": c.get("k"), "l1_coefficient": c.get("l1_coefficient") if c.get("architecture") == "relu"
-                     else None, "n_train_tokens": e.meta.get("training", {}).get("n_tokens"),
+                     "k": c.get("k"), "l1_coefficient": c.get("l1_coefficient")
+                     if c.get("architecture") in ("relu", "gated") else None, "n_train_tokens": e.meta.get("training", {}).get("n_tokens"),
                      **{name: m.get(name, np.nan) for name in _METRICS},
                      "features": e.key in with_features, "created": pd.Timestamp(e.created, unit="s")})
     return pd.DataFrame(rows, columns=LIST_COLUMNS)

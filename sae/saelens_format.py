@@ -6,13 +6,20 @@ A directory with
 - ``cfg.json``: ``d_in``, ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input`` (true),
   ``normalize_activations`` ("none"), ``reshape_activations`` ("hook_z"), ``architecture``
   ("standard" for ReLU, "topk" with ``k`` and ``rescale_acts_by_decoder_norm`` false; a TopK SAE
-  SAELens saved with it true is folded to unit-norm decoder rows on load) and
+  SAELens saved with it true is folded to unit-norm decoder rows on load; "jumprelu" for jumprelu,
+  and for batchtopk and matryoshka_batchtopk, which SAELens also saves as JumpReLU SAEs with their
+  inference threshold; "gated") and
   ``metadata`` (``sae_lens_version``, ``hook_name``, ``model_name``, ...). SAELens 6 keeps
   ``hook_name`` in ``metadata``; we also write top-level ``hook_name`` and ``hook_layer`` as
   pre-6 readers expect (SAELens 6 ignores unknown top-level keys). Our full ``SAEConfig``
   rides along as ``metadata.lenslab_config``.
 - ``sae_weights.safetensors``: ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc``
-  [d_sae], ``b_dec`` [d_in] (float32 unless the cfg says otherwise).
+  [d_sae], ``b_dec`` [d_in] (float32 unless the cfg says otherwise); jumprelu files add
+  ``threshold`` [d_sae]; gated files hold ``b_gate`` (our ``b_enc``), ``r_mag``, ``b_mag`` [d_sae]
+  and no ``b_enc``. ``metadata.training_architecture`` and ``training_architecture_details``
+  record the training settings as SAELens writes them (k, matryoshka_widths, l0_coefficient ...);
+  a jumprelu file SAELens wrote for a batchtopk / matryoshka_batchtopk run loads as that
+  architecture when they are complete.
 - ``sparsity.safetensors`` (optional): ``sparsity`` [d_sae] = log10(feature density + 1e-10),
   as SAELens's trainer writes it.
 
@@ -43,9 +50,21 @@ CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 SAELENS_FORMAT_VERSION = "6.54.12"  # the SAELens release whose writer this mirrors
-_ARCH_TO_SAELENS = {"relu": "standard", "topk": "topk"}
-_SAELENS_TO_ARCH = {v: k for k, v in _ARCH_TO_SAELENS.items()}
+_ARCH_TO_SAELENS = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                    "matryoshka_batchtopk": "jumprelu", "gated": "gated"}
+_SAELENS_TO_ARCH = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 _WEIGHT_SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc": ("d_sae",), "b_dec": ("d_in",)}
+_FILE_WEIGHTS = {  # SAELens file tensor name -> our SAE's, per SAELens architecture
+    "standard": {n: n for n in _WEIGHT_SHAPES}, "topk": {n: n for n in _WEIGHT_SHAPES},
+    "jumprelu": {**{n: n for n in _WEIGHT_SHAPES}, "threshold": "threshold"},
+    "gated": {"W_enc": "W_enc", "W_dec": "W_dec", "b_gate": "b_enc", "b_dec": "b_dec", "r_mag": "r_mag", "b_mag": "b_mag"},
+}
+_SHAPES = {**_WEIGHT_SHAPES, "threshold": ("d_sae",), "b_gate": ("d_sae",), "r_mag": ("d_sae",), "b_mag": ("d_sae",)}
+# training settings SAELens records in metadata.training_architecture_details, per our architecture
+_DETAILS = {"relu": ("l1_coefficient",), "gated": ("l1_coefficient",), "topk": ("k",),
+            "jumprelu": ("l0_coefficient", "l0_warmup_steps", "jumprelu_init_threshold", "jumprelu_bandwidth"),
+            "batchtopk": ("k", "topk_threshold_lr"), "matryoshka_batchtopk": ("k", "topk_threshold_lr", "matryoshka_widths")}
+_DETAIL_NAMES = {"l0_warmup_steps": "l0_warm_up_steps"}  # ours -> SAELens's where they differ
 
 
 def saelens_cfg_dict(sae: SAE) -> dict[str, Any]:
@@ -79,6 +98,11 @@ def saelens_cfg_dict(sae: SAE) -> dict[str, Any]:
     if c.architecture == "topk":
         cfg["k"] = c.k
         cfg["rescale_acts_by_decoder_norm"] = False
+    details = {_DETAIL_NAMES.get(n, n): getattr(c, n) for n in _DETAILS[c.architecture]}
+    if c.matryoshka_widths is not None:
+        details["matryoshka_widths"] = list(c.matryoshka_widths)
+    cfg["metadata"]["training_architecture"] = "standard" if c.architecture == "relu" else c.architecture
+    cfg["metadata"]["training_architecture_details"] = details
     return cfg
 
 
@@ -98,7 +122,8 @@ def save_saelens(sae: SAE, directory: str | os.PathLike, sparsity: torch.Tensor 
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    weights = {n: getattr(sae, n).detach().to(torch.float32).contiguous().cpu() for n in _WEIGHT_SHAPES}
+    names = _FILE_WEIGHTS[_ARCH_TO_SAELENS[sae.cfg.architecture]]
+    weights = {f: getattr(sae, n).detach().to(torch.float32).contiguous().cpu() for f, n in names.items()}
     _atomic_write(d / WEIGHTS_FILENAME, lambda p: save_file(weights, str(p)))
     if sparsity is not None:
         sp = torch.as_tensor(sparsity).detach().to(torch.float32).reshape(-1).contiguous()
@@ -180,8 +205,10 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
     path = d / CFG_FILENAME
     arch_name = cfg.get("architecture", "standard")
     if arch_name not in _SAELENS_TO_ARCH:
-        raise ConfigError(f"{path}: architecture {arch_name!r} is not supported; LensLab loads "
-                          f"{', '.join(_SAELENS_TO_ARCH)} SAEs")
+        raise ConfigError(f"{path}: SAELens architecture {arch_name!r} is not supported; LensLab loads "
+                          f"{', '.join(_SAELENS_TO_ARCH)} SAEs (batchtopk and matryoshka_batchtopk as SAELens saves "
+                          "them, as jumprelu); load it in SAELens, or retrain it here with lenslab sae train "
+                          "--architecture one of relu, topk, jumprelu, batchtopk, matryoshka_batchtopk, gated")
     norm = cfg.get("normalize_activations", "none")
     if norm not in (None, "none", False):
         raise ConfigError(f"{path}: normalize_activations={norm!r} is not supported; fold the scaling into the "
@@ -197,12 +224,12 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
                 raise ConfigError(f"metadata.lenslab_config says d_in={sae_cfg.d_in}, d_sae={sae_cfg.d_sae} but "
                                   f"cfg.json says {d_in}, {d_sae}")
         else:
-            arch = _SAELENS_TO_ARCH[arch_name]
+            arch, fields = _file_architecture(cfg, arch_name, d_sae)
             layer = int(HOOK_RE.match(hook).group(1))
             n_heads, d_head = meta.get("n_heads"), meta.get("d_head")
-            l1 = file_l1_coefficient(cfg) if arch == "relu" else None
+            l1 = file_l1_coefficient(cfg) if arch in ("relu", "gated") else None
             sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch,
-                                k=int(cfg["k"]) if arch == "topk" else None,
+                                k=int(cfg["k"]) if arch == "topk" else fields.pop("k", None), **fields,
                                 **({} if l1 is None else {"l1_coefficient": float(l1)}),
                                 hook_name=hook_name_for(layer), layer=layer,
                                 n_heads=int(n_heads) if n_heads is not None and d_head is not None else None,
@@ -221,12 +248,13 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
         raise CorruptCheckpointError(f"{d}: no {WEIGHTS_FILENAME}; the SAE directory is incomplete: re-save it")
     header = read_safetensors_header(wpath)  # CorruptCheckpointError when truncated
     dims = {"d_in": d_in, "d_sae": d_sae}
-    for name, dim_names in _WEIGHT_SHAPES.items():
-        want = [dims[n] for n in dim_names]
+    names = _FILE_WEIGHTS[arch_name]
+    for name in names:
+        want = [dims[n] for n in _SHAPES[name]]
         got = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
         if got is None:
-            raise CorruptCheckpointError(f"{wpath}: no tensor {name!r}; SAELens weights hold W_enc, W_dec, b_enc, "
-                                         "b_dec: re-save the SAE")
+            raise CorruptCheckpointError(f"{wpath}: no tensor {name!r}; SAELens {arch_name} weights hold "
+                                         f"{', '.join(names)}: re-save the SAE")
         if list(got) != want:
             raise CorruptCheckpointError(f"{wpath}: {name} has shape {tuple(got)} but cfg.json implies {tuple(want)}; "
                                          "the weights and cfg.json do not belong together: re-save the SAE")
@@ -234,12 +262,16 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
 
     try:
         with safe_open(str(wpath), framework="pt") as f:
-            tensors = {n: f.get_tensor(n).to(torch.float32) for n in _WEIGHT_SHAPES}
+            tensors = {ours: f.get_tensor(name).to(torch.float32) for name, ours in names.items()}
     except SafetensorError as exc:
         raise CorruptCheckpointError(f"{wpath}: safetensors refused the file ({exc}); re-save the SAE") from exc
     if not cfg.get("apply_b_dec_to_input", True):
-        # f = act(x W_enc + b_enc) == act((x - b_dec) W_enc + b_enc + b_dec W_enc): fold into b_enc.
-        tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
+        # f = act(x W_enc + b_enc) == act((x - b_dec) W_enc + b_enc + b_dec W_enc): fold into b_enc
+        # (gated: b_gate likewise, b_mag with the magnitude encoder W_enc * exp(r_mag)).
+        shift = tensors["b_dec"] @ tensors["W_enc"]
+        tensors["b_enc"] = tensors["b_enc"] + shift
+        if "b_mag" in tensors:
+            tensors["b_mag"] = tensors["b_mag"] + shift * tensors["r_mag"].exp()
     if arch_name == "topk" and cfg.get("rescale_acts_by_decoder_norm", False):
         # SAELens ranks pre-activations scaled by n_i = ||W_dec[i]|| and divides the decoder by n_i:
         # the same SAE with unit-norm decoder rows has W_enc[:, i] * n_i, b_enc[i] * n_i, W_dec[i] / n_i
@@ -251,6 +283,9 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
         tensors["W_enc"] = tensors["W_enc"] * n
         tensors["b_enc"] = tensors["b_enc"] * n
         tensors["W_dec"] = tensors["W_dec"] / n[:, None]
+    if "threshold" in tensors and bool((tensors["threshold"] < 0).any()):
+        raise ConfigError(f"{wpath}: a jumprelu threshold is negative ({float(tensors['threshold'].min()):g}); "
+                          "SAELens keeps thresholds >= 0: clamp them to 0 in SAELens and re-save")
     bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise CorruptCheckpointError(f"{wpath}: tensors {bad} hold NaN or inf; the SAE diverged or the file is "
@@ -260,6 +295,30 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
         for n, t in tensors.items():
             getattr(sae, n).copy_(t)
     return sae
+
+
+def _file_architecture(cfg: dict[str, Any], arch_name: str, d_sae: int) -> tuple[str, dict[str, Any]]:
+    """(our architecture, its SAEConfig fields) for a file without ``lenslab_config``: a "jumprelu"
+    file SAELens wrote for a batchtopk / matryoshka_batchtopk run is that architecture when its
+    ``training_architecture_details`` hold k (and the widths); settings it records are kept."""
+    arch = _SAELENS_TO_ARCH[arch_name]
+    meta = cfg.get("metadata") or {}
+    trained = meta.get("training_architecture")
+    details = meta.get("training_architecture_details")
+    details = details if isinstance(details, dict) else {}
+    if arch == "jumprelu" and trained in ("batchtopk", "matryoshka_batchtopk") and details.get("k") is not None \
+            and (trained == "batchtopk" or details.get("matryoshka_widths")):
+        arch = trained
+    fields: dict[str, Any] = {}
+    for name in _DETAILS[arch]:
+        value = details.get(_DETAIL_NAMES.get(name, name))
+        if value is not None and name != "l1_coefficient":  # l1 comes from file_l1_coefficient
+            fields[name] = tuple(int(w) for w in value) if name == "matryoshka_widths" else value
+    if "matryoshka_widths" in fields and fields["matryoshka_widths"][-1] != d_sae:
+        fields["matryoshka_widths"] = fields["matryoshka_widths"] + (d_sae,)  # SAELens appends d_sae too
+    if arch == "topk":
+        fields.pop("k", None)
+    return arch, fields
 
 
 def load_saelens_sparsity(directory: str | os.PathLike) -> torch.Tensor | None:

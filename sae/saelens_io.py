@@ -35,7 +35,6 @@ from sae.pipeline import SAE as SAE_ANALYSIS
 from sae.pipeline import deprecated_alias, load_sae
 from sae.results import TrainedSAE, resolve
 
-_WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
 def sae_export(key: str, directory: str | os.PathLike, *, store: StoreLike = None) -> Path:
@@ -96,7 +95,7 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
                            source_label=src.label))
     digest = hashlib.sha256()
     with torch.no_grad():
-        for n in _WEIGHTS:
+        for n in sae.weight_names:  # relu/topk: the four base weights, hashed as before
             w = getattr(sae, n).detach()
             getattr(mine, n).copy_(w)
             digest.update(np.ascontiguousarray(w.numpy()).tobytes())

@@ -6,7 +6,8 @@ Analysis names: ``"sae"`` (a trained SAE), ``"sae-eval"`` (its evaluation), ``"s
 model's (``cfg.source_fingerprint``).
 
 - "sae": arrays ``W_enc`` [d_in, d_sae], ``W_dec`` [d_sae, d_in], ``b_enc`` [d_sae], ``b_dec``
-  [d_in], ``log10_density`` [d_sae] (training, or an imported SAELens ``sparsity``); table =
+  [d_in] (plus the architecture's own: ``threshold``, or ``r_mag`` and ``b_mag``, ``SAE.weight_names``),
+  ``log10_density`` [d_sae] (training, or an imported SAELens ``sparsity``); table =
   training history; meta = {"cfg": ...,
   "training": {steps, n_tokens, seconds, tokens_per_s, n_resampled, resumed_from}, ...extra}.
 - "sae-eval": arrays ``density`` [d_sae], ``density_hist`` [50], ``density_edges`` [51];
@@ -31,7 +32,6 @@ CODE_VERSION = "sae-1"
 ANALYSIS_SAE = "sae"
 ANALYSIS_EVAL = "sae-eval"
 ANALYSIS_FEATURES = "sae-features"
-_WEIGHTS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
 def sae_params(cfg: SAEConfig, **extra: Any) -> dict[str, Any]:
@@ -43,7 +43,7 @@ def sae_to_result(sae: SAE, train: Any = None, *, meta: Mapping[str, Any] | None
                   log10_density: np.ndarray | None = None) -> Result:
     """A Result holding the SAE's weights (and, given a ``TrainResult``, its history and density;
     ``log10_density`` [d_sae] stores a density without one, e.g. an imported SAELens sparsity)."""
-    arrays = {n: getattr(sae, n).detach().to(torch.float32).cpu().numpy() for n in _WEIGHTS}
+    arrays = {n: getattr(sae, n).detach().to(torch.float32).cpu().numpy() for n in sae.weight_names}
     out_meta: dict[str, Any] = {"cfg": sae.cfg.to_dict(), **dict(meta or {})}
     table = None
     if log10_density is not None:
@@ -63,16 +63,15 @@ def sae_from_result(result: Result) -> SAE:
         cfg = SAEConfig.from_dict(dict(result.meta["cfg"]))
     except (KeyError, TypeError, LensLabError) as exc:
         raise CorruptEntryError(f"stored SAE has no valid config ({exc}); retrain it (lenslab sae train)") from exc
-    want = {"W_enc": (cfg.d_in, cfg.d_sae), "W_dec": (cfg.d_sae, cfg.d_in), "b_enc": (cfg.d_sae,),
-            "b_dec": (cfg.d_in,)}
+    sae = SAE(cfg)
+    want = {n: tuple(getattr(sae, n).shape) for n in sae.weight_names}
     for n, shape in want.items():
         a = result.arrays.get(n)
         if a is None or tuple(a.shape) != shape:
             raise CorruptEntryError(f"stored SAE weight {n} is {None if a is None else tuple(a.shape)}, expected "
                                     f"{shape}; retrain it (lenslab sae train)")
-    sae = SAE(cfg)
     with torch.no_grad():
-        for n in _WEIGHTS:
+        for n in sae.weight_names:
             getattr(sae, n).copy_(torch.from_numpy(np.array(result.arrays[n], dtype=np.float32)))
     return sae
 

@@ -187,6 +187,8 @@ def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
             tr.save(ckpt)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     tr.sae.W_enc.data = tr.p["W_encT"].T.contiguous()  # detach from the trainer's layout
+    if "topk_threshold" in tr.extra_state:  # batchtopk: inference is a JumpReLU with the running threshold
+        tr.sae.threshold.data.fill_(float(tr.extra_state["topk_threshold"]))
     tr.sae.cpu()
     trained = (tr.step - start_step) * cfg.batch_size
     return TrainResult(sae=tr.sae, history=pd.DataFrame(tr.history), steps=tr.step,

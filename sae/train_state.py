@@ -18,17 +18,13 @@ import torch
 
 from sae.checkpoint import data_signature, load_checkpoint, save_checkpoint
 from sae.config import SAEConfig
-from sae.dense_relu import Workspace, dense_relu_gradients, encoder_matrix, with_columns
+from sae.dense_relu import DENSE_ABOVE_DENSITY, Workspace, dense_relu_gradients, encoder_matrix, with_columns
 from sae.model import SAE
 from sae.resample import resample_dead
 from sae.sparse import Pattern, positive
+from sae.train_arch import NEW_ARCHITECTURES
+from sae.train_arch import gradients as arch_gradients
 
-# A ReLU step runs the dense path while the previous step's L0 exceeds this fraction of d_sae
-# (per compute dtype), else the sparse one. Measured crossover of the two paths' step times on this
-# project's 2-core CPU (d_in 384, d_sae 6144, batch 4096; 1 and 2 threads): ~3.5-4% of d_sae in
-# bfloat16, ~14% in float32 (its dense GEMMs cost ~5x the bf16 ones; the sparse products are float32
-# in both). A fixed threshold (not timing at run time) keeps a run a function of (cfg, step, state).
-DENSE_ABOVE_DENSITY = {"bfloat16": 0.035, "float32": 0.14}
 _EPS = 1e-8
 
 
@@ -48,6 +44,16 @@ class TrainState:
         self.sae.W_enc.data = w_enc_t.T
         self.p = {"W_encT": w_enc_t, "W_dec": self.sae.W_dec.data, "b_enc": self.sae.b_enc.data,
                   "b_dec": self.sae.b_dec.data}
+        if cfg.architecture == "jumprelu":  # Adam-trained (batchtopk's threshold is a running mean instead)
+            self.p["threshold"] = self.sae.threshold.data
+        elif cfg.architecture == "gated":
+            self.p.update(r_mag=self.sae.r_mag.data, b_mag=self.sae.b_mag.data)
+        # Non-parameter state a checkpoint carries (batchtopk's running threshold, float64 on the host).
+        self.extra_state: dict[str, torch.Tensor] = {}
+        if cfg.architecture in ("batchtopk", "matryoshka_batchtopk"):
+            self.extra_state["topk_threshold"] = torch.zeros((), dtype=torch.float64)
+        if cfg.architecture == "gated":  # the gate's L0 (pi > 0) of the last step: picks the dense or sparse route
+            self.extra_state["gate_l0"] = torch.full((), float(cfg.d_sae), dtype=torch.float64)
         self.m = {n: torch.zeros_like(t) for n, t in self.p.items()}
         self.v = {n: torch.zeros_like(t) for n, t in self.p.items()}
         self.step = 0
@@ -121,6 +127,8 @@ class TrainState:
         self.step += 1
         step = self.step
         x = self.batch(step - 1)
+        if c.architecture == "jumprelu":  # keep thresholds >= 0 (SAELens projects before each step)
+            p["threshold"].clamp_(min=0.0)
         grads, metrics, fired_counts = self.gradients(x, step)
         SAE.remove_parallel_grad_(p["W_dec"], grads["W_dec"])
         self._adam(step, grads)
@@ -142,6 +150,8 @@ class TrainState:
         at 1-based ``step`` (its L1 coefficient; latents dead before it get AuxK). ``dense``
         forces the dense (True) or sparse (False) path; None picks by the previous L0."""
         c, p, cd = self.cfg, self.p, self.cd
+        if c.architecture in NEW_ARCHITECTURES:
+            return arch_gradients(self, x, step, dense)
         bsz = x.shape[0]
         xc = x - p["b_dec"]
         xc1 = with_columns(xc, (1.0,), cd)  # [xc | 1]: b_enc rides in the encoder GEMM
@@ -184,6 +194,7 @@ class TrainState:
         v = pattern.sample(xc, p["W_encT"].T).add_(pattern.gather(p["b_enc"]))
         active = v > 0
         v.clamp_min_(0)
+        self._kept = v  # the codes at the pattern (batchtopk's threshold update reads them)
         x_hat = pattern.matmul(v, p["W_dec"]).add_(p["b_dec"])
         err = x_hat.sub_(x)
         sq_err = float(err.pow(2).sum())

@@ -84,12 +84,25 @@ def _print_metrics(title: str, metrics: dict) -> None:
 def train(
     source: SourceArg,
     layer: LayerOpt = _D.layer,
-    architecture: Annotated[str, typer.Option("--architecture", "-a", help="topk | relu")] = _D.architecture,
-    k: Annotated[Optional[int], typer.Option("--k", help=f"topk: latents kept per token (the L0; default "
-                                                         f"{TOPK_K}).")] = _D.k,
-    l1: Annotated[Optional[float], typer.Option("--l1", help="relu: L1 coefficient (default "
+    architecture: Annotated[str, typer.Option("--architecture", "-a", help="topk | relu | jumprelu | batchtopk | "
+                                                                           "matryoshka_batchtopk | gated")]
+    = _D.architecture,
+    k: Annotated[Optional[float], typer.Option("--k", help=f"topk: latents kept per token (the L0; default "
+                                                           f"{TOPK_K}); batchtopk, matryoshka_batchtopk: on "
+                                                           "average over the batch.")] = _D.k,
+    l1: Annotated[Optional[float], typer.Option("--l1", help="relu, gated: L1 coefficient (default "
                                                              f"{config_default('l1_coefficient')}).")]
     = _D.l1_coefficient,
+    l0: Annotated[Optional[float], typer.Option("--l0", help="jumprelu: L0 coefficient (default "
+                                                             f"{config_default('l0_coefficient')}).")] = None,
+    init_threshold: Annotated[Optional[float], typer.Option("--init-threshold", help="jumprelu: initial threshold "
+                                                            f"(default {config_default('jumprelu_init_threshold')}).")]
+    = None,
+    bandwidth: Annotated[Optional[float], typer.Option("--bandwidth", help="jumprelu: bandwidth of the threshold's "
+                                                       "straight-through estimator (default "
+                                                       f"{config_default('jumprelu_bandwidth')}).")] = None,
+    widths: Annotated[Optional[str], typer.Option("--widths", help="matryoshka_batchtopk: prefix widths, "
+                                                  "comma-separated, ending at d_sae (e.g. 384,1536,3072).")] = None,
     expansion: Annotated[int, typer.Option("--expansion", help="d_sae = expansion x d_in.")] = _D.expansion,
     d_sae: Annotated[Optional[int], typer.Option("--d-sae", help="Number of features (overrides --expansion).")]
     = _D.d_sae,
@@ -120,8 +133,20 @@ def train(
     Interrupted (Ctrl-C), the same command resumes from the last checkpoint."""
     from app import api
 
+    arch_fields = {name: v for name, v in (("l0_coefficient", l0), ("jumprelu_init_threshold", init_threshold),
+                                            ("jumprelu_bandwidth", bandwidth)) if v is not None}
+    if widths is not None:
+        try:
+            arch_fields["matryoshka_widths"] = tuple(int(w) for w in widths.split(","))
+        except ValueError:
+            from analysis.errors import ConfigError
+
+            raise ConfigError(f"--widths {widths!r}: expected comma-separated integers ending at d_sae, such as "
+                              "384,1536,3072") from None
+    if k is not None and float(k).is_integer():
+        k = int(k)  # topk takes an integer; batchtopk any number
     try:
-        trained = run_with_progress(f"SAE on {source} layer {layer}", api.sae_train, source, layer,
+        trained = run_with_progress(f"SAE on {source} layer {layer}", api.sae_train, source, layer, **arch_fields,
                                     architecture=architecture, k=k, l1_coefficient=l1, expansion=expansion,
                                     d_sae=d_sae, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
                                     per_package=per_package, max_tokens=max_tokens, eval_fraction=eval_fraction,

@@ -115,7 +115,7 @@ BAD_SETTINGS = [
     (dict(d_sae=-4), r"d_sae=-4: must be a positive integer"),
     (dict(k=0), r"k=0: a topk SAE needs an integer 1 <= k"),
     (dict(d_sae=16, k=17), r"k=17: a topk SAE needs an integer 1 <= k <= d_sae=16"),
-    (dict(architecture="gated"), r"architecture 'gated' is unknown; use 'relu' .* or 'topk'"),
+    (dict(architecture="vanilla"), r"architecture 'vanilla' is unknown; use 'relu' .* 'gated'"),
     (dict(expansion=0), r"expansion=0: must be an integer >= 1"),
     (dict(dtype="fp16"), r"dtype='fp16': must be one of float32, bfloat16"),
     (dict(n_tokens=0), r"n_tokens=0: must be a positive integer"),
@@ -147,7 +147,13 @@ def test_api_rejects_bad_settings_before_booting(kw, match, no_boot, tmp_path):
 
 @pytest.mark.parametrize("argv, match", [(["--d-sae", "0"], "d_sae=0: must be a positive integer"),
                                          (["--k", "0"], "k=0: a topk SAE needs"),
-                                         (["--architecture", "gated"], "architecture 'gated' is unknown"),
+                                         (["--architecture", "vanilla"], "architecture 'vanilla' is unknown"),
+                                         (["--architecture", "jumprelu", "--init-threshold", "nan"],
+                                          "jumprelu_init_threshold=nan: must be a finite number >= 0"),
+                                         (["--architecture", "batchtopk", "--d-sae", "64", "--k", "64"],
+                                          "k=64: a batchtopk SAE needs a number 0 < k < d_sae=64"),
+                                         (["--architecture", "matryoshka_batchtopk", "--widths", "8,x"],
+                                          "--widths '8,x': expected comma-separated integers"),
                                          (["--checkpoint-every", "0"], "checkpoint_every=0")], ids=str)
 def test_cli_rejects_bad_settings_before_booting(argv, match, no_boot, tmp_path):
     from app.cli import app
@@ -237,7 +243,8 @@ def test_export_import_round_trip_through_the_store(llama, tmp_path):
         api.sae_import(out, llama, 0, store=b)
 
 
-@pytest.mark.parametrize("name, layer", [("standard", 0), ("topk", 1)])
+@pytest.mark.parametrize("name, layer", [("standard", 0), ("topk", 1), ("jumprelu", 0), ("batchtopk", 1),
+                                         ("matryoshka_batchtopk", 1), ("gated", 0)])
 def test_saelens_written_sae_imported_and_evaluated(name, layer, llama16, tmp_path):
     """An SAE SAELens itself wrote: stored for a model whose hook_z is 16 wide, its outputs still
     SAELens's own, then evaluated (reconstruction and next-token loss recovered)."""
@@ -248,6 +255,7 @@ def test_saelens_written_sae_imported_and_evaluated(name, layer, llama16, tmp_pa
     imported = api.sae_import(FIXTURE / name, llama16, store=tmp_path / "s")
     cfg = imported.sae.cfg
     assert (cfg.layer, cfg.n_heads, cfg.d_head, cfg.d_sae) == (layer, 4, 4, 32)
+    assert cfg.architecture == expected["saes"][name].get("trained_as", {"standard": "relu"}.get(name, name))
     with torch.no_grad():
         feats = imported.sae.encode(torch.tensor(expected["input"], dtype=torch.float32))
     np.testing.assert_allclose(feats.numpy(), np.array(expected["saes"][name]["feature_acts"]), atol=1e-5, rtol=1e-5)

@@ -39,10 +39,11 @@ def _randomise(sae: SAE, rng) -> SAE:
 @pytest.mark.parametrize("kw, match", [
     (dict(d_sae=0), "d_sae=0: must be a positive integer"),
     (dict(d_sae=-4), "d_sae=-4: must be a positive integer"),
-    (dict(architecture="gated"), "architecture='gated': must be one of relu, topk"),
+    (dict(architecture="vanilla"), "architecture='vanilla': must be one of relu, topk, jumprelu, batchtopk, "
+                                   "matryoshka_batchtopk, gated; use 'relu'"),
     (dict(architecture="topk"), "k=None: a topk SAE needs an integer 1 <= k <= d_sae=40"),
     (dict(architecture="topk", k=41), "k=41"),
-    (dict(k=3), "only a topk SAE takes k"),
+    (dict(k=3), "k=3: only topk, batchtopk, matryoshka_batchtopk SAEs take k"),
     (dict(layer=3), "layer=3: disagrees with hook_name 'blocks.2.attn.hook_z'"),
     (dict(hook_name="blocks.2.hook_resid_post"), "must be blocks.L.attn.hook_z"),
     (dict(n_heads=4), "d_in=12: must equal n_heads\\*d_head = 4\\*4"),
@@ -274,7 +275,8 @@ def test_load_saelens_folds_b_dec_when_not_applied_to_input(tmp_path, rng):
     ("cfg_not_json", CorruptCheckpointError, "not valid JSON"),
     ("topk_without_k", CorruptCheckpointError, "missing key 'k'"),
     ("wrong_d_in", CorruptCheckpointError, "W_enc has shape \\(8, 16\\) but cfg.json implies \\(9, 16\\)"),
-    ("jumprelu", ConfigError, "architecture 'jumprelu' is not supported"),
+    ("matching_pursuit", ConfigError, "SAELens architecture 'matching_pursuit' is not supported; LensLab loads "
+                                      "standard, topk, jumprelu, gated SAEs .*retrain it here"),
     ("normalized", ConfigError, "normalize_activations='expected_average_only_in' is not supported"),
     ("resid_hook", ConfigError, "is not an attention hook_z"),
 ], ids=lambda v: v if isinstance(v, str) else "")
@@ -295,8 +297,8 @@ def test_load_saelens_rejects_damaged_files(damage, error, match, tmp_path, rng)
             del cfg["k"]
         elif damage == "wrong_d_in":
             cfg["d_in"] = 9
-        elif damage == "jumprelu":
-            cfg["architecture"] = "jumprelu"
+        elif damage == "matching_pursuit":
+            cfg["architecture"] = "matching_pursuit"
         elif damage == "normalized":
             cfg["normalize_activations"] = "expected_average_only_in"
         elif damage == "resid_hook":

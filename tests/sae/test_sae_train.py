@@ -92,7 +92,13 @@ def test_resampling_follows_the_rule(rng):
 
 
 @pytest.mark.parametrize("arch, kw", [("relu", dict(l1_coefficient=0.2, resample_steps=(7, 14))),
-                                      ("topk", dict(k=3, dead_window=2 * 256))], ids=["relu", "topk"])
+                                      ("topk", dict(k=3, dead_window=2 * 256)),
+                                      ("jumprelu", dict(l0_coefficient=0.3, jumprelu_init_threshold=0.3)),
+                                      ("batchtopk", dict(k=3.5, dead_window=2 * 256)),
+                                      ("matryoshka_batchtopk", dict(k=3, matryoshka_widths=(16, 64),
+                                                                    dead_window=2 * 256)),
+                                      ("gated", dict(l1_coefficient=0.3))],
+                         ids=["relu", "topk", "jumprelu", "batchtopk", "matryoshka", "gated"])
 def test_interrupt_and_resume_gives_identical_weights(arch, kw, tmp_path, rng):
     x, _ = _planted(rng, n=3000)  # 3000 is not a multiple of the batch: epochs straddle batches
     cfg = SAEConfig(d_in=32, d_sae=64, architecture=arch, batch_size=256, n_tokens=20 * 256,
@@ -111,7 +117,8 @@ def test_interrupt_and_resume_gives_identical_weights(arch, kw, tmp_path, rng):
     assert resumed.resumed_from == 10 and resumed.steps == 20
     if arch == "relu":
         assert resumed.n_resampled == full.n_resampled
-    for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+    assert resumed.sae.weight_names == full.sae.weight_names
+    for n in full.sae.weight_names:  # the architecture's threshold / r_mag / b_mag too
         assert torch.equal(getattr(resumed.sae, n), getattr(full.sae, n)), n
     np.testing.assert_array_equal(resumed.log10_density, full.log10_density)
 
