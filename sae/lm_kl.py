@@ -63,6 +63,8 @@ def kl_recovered(batches: Sequence[Batch], sae_patch: Patch, zero_patch: Patch) 
 
 
 def _hooks(name: str, patch: Patch | None) -> list[tuple[str, Any]]:
+    if patch is not None and hasattr(patch, "hooks"):  # several hooks (sae.transcoder.Splice)
+        return patch.hooks()
     return [] if patch is None else [(name, lambda z, hook: patch(z))]
 
 

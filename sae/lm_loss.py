@@ -28,6 +28,8 @@ from sae.metrics import LossFn, Patch
 def _hooks(name: str, patch: Patch | None) -> list[tuple[str, Any]]:
     if patch is None:
         return []
+    if hasattr(patch, "hooks"):  # a patch that needs several hooks (sae.transcoder.Splice)
+        return patch.hooks()
 
     def fn(z: torch.Tensor, hook: Any) -> torch.Tensor:
         return patch(z)
