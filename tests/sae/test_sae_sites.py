@@ -201,6 +201,7 @@ def test_a_resid_post_sae_trains_evaluates_and_explains(llama, tmp_path):
     cfg = trained.sae.cfg
     assert (cfg.site, cfg.hook_name, cfg.d_in, cfg.n_heads) == ("resid_post", "blocks.1.hook_resid_post", 32, None)
     assert trained.meta["request"]["fields"]["site"] == "resid_post"
+    assert " L1 resid_post topk 64 (k=4)" in trained.name
     assert api.find_sae(str(llama), 1, site="resid_post", store=st) == trained.key
     with pytest.raises(ConfigError, match="site hook_z"):
         api.find_sae(str(llama), 1, site="hook_z", store=st)
