@@ -147,3 +147,30 @@ def test_cli_transcoder_is_api_sae_transcoder(llama, tmp_path):
     run = api.sae_transcoder(str(llama), 0, skip=True, k=4, expansion=2, n_tokens=1280, batch_size=128,
                              texts=TEXTS, device="cpu")
     assert out["config"] == run.cfg.to_dict() and out["metrics"] == pytest.approx(run.metrics)
+
+
+def test_splicing_on_post_ln_bert_matches_hf_hooks():
+    """MiniLM: the splice replaces output.dense's result (before the residual add and LayerNorm) with the
+    transcoder's prediction from the intermediate layer's input, exactly as HF forward hooks do."""
+    from sae.harvest import boot, pad_batch, pad_id_of, tokenize
+
+    _, bridge = boot("minilm")
+    tc = Transcoder(TranscoderConfig(d_in=384, d_out=384, d_sae=96, k=8, skip=True, layer=2))
+    with torch.no_grad():
+        tc.W_skip.normal_(0, 0.05)
+    input_ids, mask = pad_batch(tokenize(bridge.tokenizer, HELD[:4], 32), pad_id_of(bridge.tokenizer))
+    with torch.no_grad():
+        spliced = bridge.run_with_hooks(input_ids, fwd_hooks=Splice(tc).hooks(), attention_mask=mask)
+        clean = bridge.run_with_hooks(input_ids, fwd_hooks=[], attention_mask=mask)
+    lay, seen = bridge.original_model.bert.encoder.layer[2], {}
+    hooks = [lay.intermediate.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0])),
+             lay.output.dense.register_forward_hook(lambda m, inp, out: tc(seen["x"]))]
+    try:
+        with torch.no_grad():
+            direct = bridge.original_model(input_ids=input_ids, attention_mask=mask).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    spliced, clean = (getattr(t, "logits", t) for t in (spliced, clean))
+    assert torch.allclose(spliced, direct, atol=1e-4 * float(direct.abs().max()))
+    assert (spliced - clean).abs().max() > 1e-2
