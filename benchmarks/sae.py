@@ -23,7 +23,16 @@ One run, one table, every ratio measured in this run on MiniLM ``blocks.L.attn.h
     ``sae.metrics.reconstruction_metrics`` on both SAEs (SAELens's read back through
     ``sae.saelens_format.load_saelens``); the peer's own numbers are printed beside them.
     TopK (same k) and ReLU (``--relu``; L0 matched through ``--relu-l1`` /
-    ``--relu-l1-saelens``) are compared the same way.
+    ``--relu-l1-saelens``) are compared the same way, and so are the architectures of issue 13
+    (``--archs``, default all of them with topk): BatchTopK and Matryoshka BatchTopK (same k, same
+    prefix widths ``--matryoshka-widths``, default d_sae/8, d_sae/2, d_sae; both tools keep their
+    inference threshold as a running mean with SAELens's rate 0.01, so after 100 steps it has
+    reached ~63% of its steady value and the held-out L0, measured with it, sits above k for both),
+    JumpReLU (same initial threshold and bandwidth, L0 coefficient per tool: ``--jumprelu-l0`` /
+    ``--jumprelu-l0-saelens``) and Gated (``--gated-l1`` / ``--gated-l1-saelens``). The per-tool
+    coefficients exist because the tools' decoders differ (SAELens starts at norm 0.1 and lets the
+    norms drift; LensLab keeps unit rows), so equal coefficients do not give equal L0: tune them
+    for matched held-out L0 as the ReLU ones were.
 
 How training speed is measured: every tool trains ``--speed-rounds`` full-length runs of
 ``--n-tokens`` tokens, interleaved (SAELens, LensLab float32, LensLab bf16, SAELens, ...: the
@@ -53,7 +62,10 @@ Options: ``--layer 3`` ``--d-sae 6144`` ``--k 32`` ``--n-tokens 409600`` (100 st
 ``--eval-tokens 16384`` ``--threads 2`` ``--harvest-tokens 12000`` ``--rounds 3`` ``--relu``
 ``--relu-l1 0.87`` ``--relu-l1-saelens 1.4`` ``--saelens-precisions bf16``
 ``--ours-dtypes float32,bfloat16`` ``--speed-rounds 3`` ``--log FILE`` ``--skip-harvest``
-``--skip-saelens``. The training activations are harvested once (~2 min) and cached under
+``--skip-saelens`` ``--archs topk,jumprelu,batchtopk,matryoshka_batchtopk,gated``
+``--jumprelu-l0 0.05`` ``--jumprelu-l0-saelens 0.05`` ``--jumprelu-init-threshold 0.01``
+``--jumprelu-bandwidth 0.05`` ``--matryoshka-widths`` ``--gated-l1 0.87`` ``--gated-l1-saelens 1.4``.
+The training activations are harvested once (~2 min) and cached under
 ``<user cache>/lenslab/bench/sae-acts-*.npy``. ``make bench-sae`` (= ``--relu``, defaults
 otherwise) trains 3 x (SAELens + LensLab float32 + LensLab bf16) x (TopK + ReLU) = 18 runs of
 100 steps: ~15 min on 2 quiet cores after the first harvest (SAELens ~50-60 s a run, LensLab
@@ -443,7 +455,8 @@ def training_section(args, src, bridge) -> tuple[list[list[str]], list[str], dic
     dtypes = args.ours_dtypes.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="lenslab-sae-bench-"))
     for arch, l1_ours, l1_theirs, fields, peer_extra in archs:
-        label = {"topk": f"TopK k={args.k}", "relu": "ReLU", "jumprelu": "JumpReLU", "batchtopk": f"BatchTopK k={args.k}",
+        label = {"topk": f"TopK k={args.k}", "relu": "ReLU", "jumprelu": "JumpReLU",
+                 "batchtopk": f"BatchTopK k={args.k}",
                  "matryoshka_batchtopk": f"Matryoshka BatchTopK k={args.k}", "gated": "Gated"}[arch]
         peer_arch = "standard" if arch == "relu" else arch
         theirs_name = {ac: f"SAELens SAETrainer, {'bf16 autocast' if ac else 'float32'}" for ac in precisions}

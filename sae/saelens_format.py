@@ -57,13 +57,15 @@ _WEIGHT_SHAPES = {"W_enc": ("d_in", "d_sae"), "W_dec": ("d_sae", "d_in"), "b_enc
 _FILE_WEIGHTS = {  # SAELens file tensor name -> our SAE's, per SAELens architecture
     "standard": {n: n for n in _WEIGHT_SHAPES}, "topk": {n: n for n in _WEIGHT_SHAPES},
     "jumprelu": {**{n: n for n in _WEIGHT_SHAPES}, "threshold": "threshold"},
-    "gated": {"W_enc": "W_enc", "W_dec": "W_dec", "b_gate": "b_enc", "b_dec": "b_dec", "r_mag": "r_mag", "b_mag": "b_mag"},
+    "gated": {"W_enc": "W_enc", "W_dec": "W_dec", "b_gate": "b_enc", "b_dec": "b_dec", "r_mag": "r_mag",
+              "b_mag": "b_mag"},
 }
 _SHAPES = {**_WEIGHT_SHAPES, "threshold": ("d_sae",), "b_gate": ("d_sae",), "r_mag": ("d_sae",), "b_mag": ("d_sae",)}
 # training settings SAELens records in metadata.training_architecture_details, per our architecture
 _DETAILS = {"relu": ("l1_coefficient",), "gated": ("l1_coefficient",), "topk": ("k",),
             "jumprelu": ("l0_coefficient", "l0_warmup_steps", "jumprelu_init_threshold", "jumprelu_bandwidth"),
-            "batchtopk": ("k", "topk_threshold_lr"), "matryoshka_batchtopk": ("k", "topk_threshold_lr", "matryoshka_widths")}
+            "batchtopk": ("k", "topk_threshold_lr"),
+            "matryoshka_batchtopk": ("k", "topk_threshold_lr", "matryoshka_widths")}
 _DETAIL_NAMES = {"l0_warmup_steps": "l0_warm_up_steps"}  # ours -> SAELens's where they differ
 
 

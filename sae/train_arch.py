@@ -298,7 +298,8 @@ def _gated_sparse(tr: TrainState, x, xc, pattern: Pattern, step: int):
     g_b_gate = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_pi)
     g_pre_sum = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_pre)
     g_b_mag = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_mag)
-    g_r_mag = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_mag * (mag - pattern.gather(p["b_mag"])))
+    g_r_mag = torch.zeros(c.d_sae, device=x.device).index_add_(  # d mag / d r_mag = mag - b_mag
+        0, pattern.cols, g_mag * (mag - pattern.gather(p["b_mag"])))
     g_b_dec = g1.sum(0) + g2.sum(0) - g_pre_sum @ p["W_encT"]
     fired_counts = torch.bincount(pattern.cols[f > 0], minlength=c.d_sae)
     mse = sq_err / bsz

@@ -23,7 +23,8 @@ from sae.config import ARCH_FIELDS, SAEConfig, TrainSettings
 from sae.model import SAE
 from sae.store_io import sae_from_result, sae_to_result
 from sae.train import train_sae
-from sae.train_arch import batch_topk_flat, dense_gradients, dense_jumprelu_gradients, jumprelu_loss_terms, sparse_gradients
+from sae.train_arch import (batch_topk_flat, dense_gradients, dense_jumprelu_gradients, jumprelu_loss_terms,
+                            sparse_gradients)
 from sae.train_state import TrainState
 
 
@@ -128,7 +129,8 @@ def test_jumprelu_threshold_gradient_matches_finite_difference_of_the_smoothed_l
         up, down = theta0.clone(), theta0.clone()
         up[i] += h
         down[i] -= h
-        fd = (_smoothed_loss(z, up, eps, readout, lam, theta0) - _smoothed_loss(z, down, eps, readout, lam, theta0)) / (2 * h)
+        fd = (_smoothed_loss(z, up, eps, readout, lam, theta0)
+              - _smoothed_loss(z, down, eps, readout, lam, theta0)) / (2 * h)
         assert float(g[i]) == pytest.approx(float(fd), rel=1e-6, abs=1e-9), i
     assert torch.all(g != 0)
 
