@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from analysis.errors import ConfigError
-from sae.sites import DEFAULT_SITE, SITE_HELP, SITES, hook_for, parse_hook
+from sae.sites import DEFAULT_SITE, SITE_HELP, SITES, check_site_name, hook_for, parse_hook
 
 ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
 K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")  # take k (latents per token, or on average)
@@ -350,9 +350,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", dict(self.extra))  # a copy: the caller's dict may change
-        if self.site not in SITES:
-            raise ConfigError(f"SAE site {self.site!r} is unknown; valid sites: {', '.join(SITES)} ({SITE_HELP}); "
-                              "pass e.g. site='resid_post'")
+        check_site_name(self.site)
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"SAE architecture {self.architecture!r} is unknown; use {ARCHITECTURE_HELP}")
         if self.l1_coefficient is not None and self.architecture not in L1_ARCHITECTURES:

@@ -47,6 +47,10 @@ _RES = {site: re.compile("^" + re.escape(pat).replace(re.escape("{layer}"), r"(\
 
 def check_site_name(site: Any) -> str:
     """``site`` when it is a known site; ConfigError naming it and the valid ones otherwise."""
+    if site in ("mlp_in", "transcoder", "skip_transcoder"):
+        raise ConfigError(f"SAE site {site!r}: a transcoder reads the MLP input and predicts the MLP output, it is "
+                          "not an SAE site; use api.sae_transcoder(source, layer, skip=...) or `lenslab sae "
+                          f"transcoder SOURCE --layer L [--skip]` (SAE sites: {', '.join(SITES)})")
     if site not in SITES:
         raise ConfigError(f"SAE site {site!r} is unknown; valid sites: {', '.join(SITES)} ({SITE_HELP}); "
                           "pass e.g. site='resid_post'")

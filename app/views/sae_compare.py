@@ -37,6 +37,8 @@ else:
     c1, c2 = st.columns(2)
     model = c1.selectbox("Model", sorted(evaluated["model"].astype(str).unique()), key="cmp_model")
     mine = evaluated[evaluated["model"].astype(str) == model]
+    if "site" not in mine.columns:  # a listing without sites: every SAE reads hook_z
+        mine = mine.assign(site="hook_z")
     places = sorted({(int(L), str(s)) for L, s in zip(mine["layer"], mine["site"])})
     layer, at = c2.selectbox("Site (layer)", places, key="cmp_layer",
                              format_func=lambda p: f"blocks.{p[0]}.attn.hook_z" if p[1] == "hook_z"

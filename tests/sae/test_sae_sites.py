@@ -153,6 +153,8 @@ def test_a_bad_site_fails_before_the_model_boots(llama, tmp_path, monkeypatch):
     (tmp_path / "t.txt").write_text("\n".join(TEXTS))
     res = CliRunner().invoke(app, ["sae", "train", str(llama), "--site", "residual", "--texts", str(tmp_path / "t.txt"),
                                    "--store", str(tmp_path / "s")])
+    with pytest.raises(ConfigError, match=r"site 'skip_transcoder': a transcoder .* use api.sae_transcoder"):
+        api.sae_train(str(llama), 1, site="skip_transcoder", texts=TEXTS, store=tmp_path / "s")
     assert isinstance(res.exception, ConfigError) and "valid sites: hook_z, resid_pre, resid_post, mlp_out" in str(res.exception)
 
 
