@@ -11,9 +11,11 @@ A skip transcoder (Paulo et al. 2025) adds an affine skip path::
     y_hat = f @ W_dec + b_dec (+ x @ W_skip.T)      # [..., d_out] predicted MLP output
 
 Shapes and names follow SAELens's ``transcoder`` / ``skip_transcoder``: W_enc [d_in, d_sae],
-W_dec [d_sae, d_out] (rows kept at unit norm), b_enc [d_sae], b_dec [d_out], W_skip [d_out, d_in].
-Training (``train_transcoder``): loss ``||y_hat - y||^2`` (mean over the batch), Adam, seeded
-epochs of ``randperm``; decoder rows renormalised after each step. The skip path starts at the
+W_dec [d_sae, d_out], b_enc [d_sae], b_dec [d_out], W_skip [d_out, d_in].
+Training (``train_transcoder``): on x and y divided by their scales (mean norm sqrt(d)), loss
+``||y_hat - y||^2`` (mean over the batch), Adam, seeded epochs of ``randperm``, decoder rows
+renormalised after each step; the scales are folded into the weights at the end (decoder rows
+then have norm sy, the output scale). The skip path starts at the
 least-squares affine map from input to output (``least_squares_skip``, exact in float64), so a
 skip transcoder with no latent firing is the best affine MLP replacement and the latents model
 what it misses; b_dec starts at the mean output. Metrics: NMSE against the MLP output (as
@@ -34,6 +36,7 @@ from analysis.errors import ConfigError, ShapeError
 from sae.sites import hook_for
 
 KINDS = ("transcoder", "skip_transcoder")
+ENC_INIT_NORM = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,7 +89,7 @@ class TranscoderConfig:
 
 class Transcoder(nn.Module):
     """A TopK transcoder (``cfg.skip``: with the skip path). Initialisation (seeded): decoder rows
-    random unit directions, encoder columns random directions scaled to unit norm, biases zero,
+    random unit directions, encoder columns random directions of norm ``ENC_INIT_NORM``, biases zero,
     W_skip zero (``fit_init`` sets b_dec and W_skip from data)."""
 
     def __init__(self, cfg: TranscoderConfig) -> None:
@@ -96,7 +99,9 @@ class Transcoder(nn.Module):
         w_dec = torch.randn(cfg.d_sae, cfg.d_out, generator=g)
         self.W_dec = nn.Parameter(w_dec / w_dec.norm(dim=1, keepdim=True))
         w_enc = torch.randn(cfg.d_in, cfg.d_sae, generator=g)
-        self.W_enc = nn.Parameter(w_enc / w_enc.norm(dim=0, keepdim=True))
+        # columns of norm ENC_INIT_NORM: on inputs of norm sqrt(d_in) the first latents write ~0.1 each, so
+        # training starts near the bias / least-squares skip prediction instead of adding k random directions
+        self.W_enc = nn.Parameter(ENC_INIT_NORM * w_enc / w_enc.norm(dim=0, keepdim=True))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
         if cfg.skip:
@@ -168,10 +173,16 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, cfg: TranscoderConfig, *,
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ShapeError(f"transcoder data must be x [tokens, d_in] and y [tokens, d_out] with the same >= 1 tokens, "
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
-    x, y = x.float().contiguous(), y.float().contiguous()
     tc = Transcoder(cfg)
     tc._check(x, cfg.d_in, "input")
     tc._check(y, cfg.d_out, "target")
+    # Train on x / sx and y / sy (mean norms sqrt(d_in), sqrt(d_out), as SAELens's normalisation), so one
+    # learning rate suits models whose MLP input and output differ in scale by orders of magnitude; the
+    # scales are folded into the weights at the end (the result reads and predicts raw activations).
+    sx = float(x.double().norm(dim=1).mean()) / math.sqrt(cfg.d_in) or 1.0
+    sy = float(y.double().norm(dim=1).mean()) / math.sqrt(cfg.d_out) or 1.0
+    x_raw, y_raw = x.float(), y.float()
+    x, y = (x_raw / sx).contiguous(), (y_raw / sy).contiguous()
     tc.fit_init(x, y)
     opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     n, history = x.shape[0], []
@@ -197,8 +208,13 @@ def train_transcoder(x: torch.Tensor, y: torch.Tensor, cfg: TranscoderConfig, *,
             if progress is not None:
                 progress(step + 1, cfg.steps, f"step {step + 1}/{cfg.steps} NMSE {history[-1]['nmse']:.3f}")
     tc.eval()
-    with torch.no_grad():
-        full = nmse(y, torch.cat([tc(x[s:s + 8192]) for s in range(0, n, 8192)]))
+    with torch.no_grad():  # fold the scales in: W_enc / sx; W_dec, b_dec * sy; W_skip * sy / sx
+        tc.W_enc.div_(sx)
+        tc.W_dec.mul_(sy)
+        tc.b_dec.mul_(sy)
+        if cfg.skip:
+            tc.W_skip.mul_(sy / sx)
+        full = nmse(y_raw, torch.cat([tc(x_raw[s:s + 8192]) for s in range(0, n, 8192)]))
     return TranscoderResult(tc, history, full)
 
 

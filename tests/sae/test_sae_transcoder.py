@@ -174,3 +174,16 @@ def test_splicing_on_post_ln_bert_matches_hf_hooks():
     spliced, clean = (getattr(t, "logits", t) for t in (spliced, clean))
     assert torch.allclose(spliced, direct, atol=1e-4 * float(direct.abs().max()))
     assert (spliced - clean).abs().max() > 1e-2
+
+
+def test_training_does_not_depend_on_the_activation_scales():
+    """Inputs x 100 and outputs x 0.01 train the same transcoder, its predictions scaled by 0.01."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1024, 8, generator=g)
+    y = torch.relu(x @ torch.randn(8, 16, generator=g)) @ torch.randn(16, 6, generator=g)
+    cfg = TranscoderConfig(d_in=8, d_out=6, d_sae=32, k=4, skip=True, batch_size=256, n_tokens=40 * 256)
+    a, b = train_transcoder(x, y, cfg), train_transcoder(100 * x, 0.01 * y, cfg)
+    with torch.no_grad():
+        pa, pb = a.transcoder(x), b.transcoder(100 * x)
+    assert torch.allclose(0.01 * pa, pb, atol=1e-4 * float(pb.abs().max()))
+    assert a.nmse_train == pytest.approx(b.nmse_train, rel=1e-3) and a.nmse_train < 0.5
