@@ -1,4 +1,5 @@
-"""Harvest attention outputs ``blocks.L.attn.hook_z`` into an on-disk, memory-mapped cache.
+"""Harvest attention outputs ``blocks.L.attn.hook_z`` (or another site of ``sae.sites``: the residual
+stream before / after block L, the MLP output; ``site=``) into an on-disk, memory-mapped cache.
 
 Public functions
 - ``sae_corpus(split, ...) -> list[DocText]``: the deterministic docstring corpus cut by package
