@@ -123,7 +123,7 @@ def test_jumprelu_threshold_gradient_matches_finite_difference_of_the_smoothed_l
     loss = (f @ readout).mean() + lam * l0.mean()
     (g,) = torch.autograd.grad(loss, theta)
     hard = z * (z > theta0)
-    assert float(loss) == pytest.approx(float((hard @ readout).mean() + lam * (z > theta0).double().sum(-1).mean()))
+    assert float(loss.detach()) == pytest.approx(float((hard @ readout).mean() + lam * (z > theta0).double().sum(-1).mean()))
     h = 1e-6
     for i in range(d_sae):
         up, down = theta0.clone(), theta0.clone()
