@@ -70,6 +70,7 @@ from sae.saelens_io import export_saelens, import_saelens, sae_export, sae_impor
 from sae.eval_pipeline import (GroundTruthResult, ProbeResult, find_sae_groundtruth, find_sae_probe,  # noqa: F401
                                groundtruth_rows, load_sae_groundtruth, load_sae_probe, sae_groundtruth,
                                sae_groundtruth_table, sae_probe, stored_sae_groundtruth, stored_sae_probe)
+from sae.transcoder_job import TranscoderRun, sae_transcoder  # noqa: F401
 
 # -- per-head attention circuit spectra: analysis/circuits/ -----------------------------------------------
 from analysis.circuits.pipeline import circuits, find_circuits, load_circuits, stored_circuits  # noqa: F401

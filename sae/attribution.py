@@ -232,7 +232,12 @@ class PromptView:
         return [int(i) for i in idx[np.lexsort((idx, -peak[idx]))][:n]]
 
     def dfa(self, feature: int) -> np.ndarray:
-        """Direct feature attribution of ``feature`` by head: [pos, n_heads]."""
+        """Direct feature attribution of ``feature`` by head: [pos, n_heads]; ConfigError for an SAE
+        that does not read hook_z (heads do not apply to the residual stream or the MLP)."""
+        site = getattr(self.sae.cfg, "site", "hook_z")
+        if site != "hook_z":
+            raise ConfigError(f"per-head attribution applies to hook_z SAEs only; this SAE reads {site!r} "
+                              f"({self.sae.cfg.hook_name}), which has no heads: use its feature activations")
         return direct_feature_attribution(self.sae, self.z, [feature])[:, 0, :]
 
     def token_table(self, k: int = 5) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from analysis.errors import ConfigError
+from sae.sites import DEFAULT_SITE, SITE_HELP, SITES, check_site_name, hook_for, parse_hook
 
 ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
 K_ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")  # take k (latents per token, or on average)
@@ -95,6 +96,7 @@ class SAEConfig:
     layer: int = 0
     n_heads: int | None = None
     d_head: int | None = None
+    site: str = DEFAULT_SITE  # what it reads (sae.sites): hook_z, resid_pre, resid_post or mlp_out
     source_fingerprint: str = ""
     source_label: str = ""
     # jumprelu (SAELens's names and defaults).
@@ -149,7 +151,7 @@ class SAEConfig:
             d["resample_steps"] = list(self.resample_steps)
         if self.matryoshka_widths is not None:
             d["matryoshka_widths"] = list(self.matryoshka_widths)
-        for name in ARCH_FIELDS:
+        for name in (*ARCH_FIELDS, "site"):
             if getattr(self, name) == config_default(name):
                 del d[name]
         return d
@@ -242,13 +244,21 @@ def check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
         if any(s <= 0 for s in steps):
             raise _bad("resample_steps", v["resample_steps"], "steps must be >= 1", "pass () to never resample")
         v["resample_steps"] = tuple(sorted(set(steps)))
-    m = HOOK_RE.match(v["hook_name"])
-    if m is None:
-        raise _bad("hook_name", v["hook_name"], "must be blocks.L.attn.hook_z",
-                   "SAEs here read attention outputs before W_O; pass layer=L and hook_name=hook_name_for(L)")
-    if int(m.group(1)) != v["layer"]:
+    site = v["site"]
+    if site not in SITES:
+        raise _bad("site", site, f"must be one of {', '.join(SITES)}", f"use {SITE_HELP}")
+    if "hook_name" not in values:  # a request names the site and layer; the hook follows from them
+        v["hook_name"] = hook_for(site, v["layer"]) if isinstance(v["layer"], int) else v["hook_name"]
+    parsed = parse_hook(v["hook_name"])
+    if parsed is None or parsed[0] != site:
+        raise _bad("hook_name", v["hook_name"], f"must be {hook_for(site, 0).replace('.0.', '.L.')} for site {site!r}",
+                   f"pass layer=L and hook_name=sae.sites.hook_for({site!r}, L)")
+    if parsed[1] != v["layer"]:
         raise _bad("layer", v["layer"], f"disagrees with hook_name {v['hook_name']!r}",
-                   f"pass hook_name={hook_name_for(v['layer'])!r}")
+                   f"pass hook_name={hook_for(site, v['layer'])!r}")
+    if site != DEFAULT_SITE and v["n_heads"] is not None:
+        raise _bad("n_heads", v["n_heads"], f"heads apply to hook_z SAEs only, not to site {site!r}",
+                   "pass n_heads=None and d_head=None")
     if (v["n_heads"] is None) != (v["d_head"] is None):
         raise _bad("n_heads/d_head", (v["n_heads"], v["d_head"]), "give both or neither", "pass both")
     if "d_in" in v and v["n_heads"] is not None and v["n_heads"] * v["d_head"] != v["d_in"]:
@@ -301,7 +311,8 @@ def config_default(name: str) -> Any:
     return next(f.default for f in fields(SAEConfig) if f.name == name)
 
 
-HOOK_FIELDS = ("d_in", "d_sae", "hook_name", "layer", "n_heads", "d_head", "source_fingerprint", "source_label")
+HOOK_FIELDS = ("d_in", "d_sae", "hook_name", "layer", "n_heads", "d_head", "site", "source_fingerprint",
+               "source_label")
 NAMED_FIELDS = ("architecture", "k", "l1_coefficient", "n_tokens", "batch_size", "lr", "seed", "dtype")
 
 
@@ -320,6 +331,7 @@ class TrainSettings:
     """
 
     layer: int = 0
+    site: str = DEFAULT_SITE  # sae.sites.SITES
     architecture: str = "topk"
     expansion: int | None = 8
     d_sae: int | None = None
@@ -338,6 +350,7 @@ class TrainSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", dict(self.extra))  # a copy: the caller's dict may change
+        check_site_name(self.site)
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"SAE architecture {self.architecture!r} is unknown; use {ARCHITECTURE_HELP}")
         if self.l1_coefficient is not None and self.architecture not in L1_ARCHITECTURES:
@@ -375,9 +388,10 @@ class TrainSettings:
         elif self.architecture in L1_ARCHITECTURES:
             l1 = config_default("l1_coefficient") if self.l1_coefficient is None else self.l1_coefficient
             arch = {"l1_coefficient": float(l1)}
+        site = {} if self.site == DEFAULT_SITE else {"site": self.site}  # hook_z requests stay as they were
         return {"architecture": self.architecture, **arch, "n_tokens": int(self.n_tokens),
                 "batch_size": int(self.batch_size), "lr": float(self.lr), "seed": int(self.seed),
-                "dtype": self.dtype, **self.extra}
+                "dtype": self.dtype, **site, **self.extra}
 
 
 TRAIN_DEFAULTS = TrainSettings()

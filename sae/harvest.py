@@ -1,4 +1,5 @@
-"""Harvest attention outputs ``blocks.L.attn.hook_z`` into an on-disk, memory-mapped cache.
+"""Harvest attention outputs ``blocks.L.attn.hook_z`` (or another site of ``sae.sites``: the residual
+stream before / after block L, the MLP output; ``site=``) into an on-disk, memory-mapped cache.
 
 Public functions
 - ``sae_corpus(split, ...) -> list[DocText]``: the deterministic docstring corpus cut by package
@@ -51,6 +52,7 @@ from analysis.models.encoder import collate
 from analysis.progress import Progress
 from sae.config import HOOK_RE, hook_name_for
 from sae.corpus import sae_corpus  # noqa: F401  (re-exported: the harvest's texts)
+from sae.sites import DEFAULT_SITE, check_site
 
 HARVEST_VERSION = "harvest-1"
 ENV_VAR = "LENSLAB_ACTIVATIONS"
@@ -118,8 +120,11 @@ def attention_hooks(bridge: Any) -> list[str]:
     return sorted(names, key=lambda n: int(HOOK_RE.match(n).group(1)))
 
 
-def check_layer(bridge: Any, layer: int) -> str:
-    """``blocks.{layer}.attn.hook_z`` if the bridge has it; otherwise ConfigError listing the valid ones."""
+def check_layer(bridge: Any, layer: int, site: str = DEFAULT_SITE) -> str:
+    """The hook of ``site`` (default ``blocks.{layer}.attn.hook_z``) if the bridge has it; otherwise
+    ConfigError listing the valid layers (``sae.sites.check_site``)."""
+    if site != DEFAULT_SITE:
+        return check_site(bridge, site, layer)
     valid = attention_hooks(bridge)
     if not valid:
         raise SourceError("this model exposes no blocks.L.attn.hook_z: attention-output SAEs need a transformer "
@@ -211,12 +216,17 @@ class ActivationCache:
         return str(self.meta["hook_name"])
 
     @property
-    def n_heads(self) -> int:
-        return int(self.meta["n_heads"])
+    def site(self) -> str:
+        return str(self.meta.get("site", DEFAULT_SITE))
 
     @property
-    def d_head(self) -> int:
-        return int(self.meta["d_head"])
+    def n_heads(self) -> int | None:
+        """Heads of a hook_z cache; None at any other site."""
+        return None if self.meta.get("n_heads") is None else int(self.meta["n_heads"])
+
+    @property
+    def d_head(self) -> int | None:
+        return None if self.meta.get("d_head") is None else int(self.meta["d_head"])
 
     @property
     def fingerprint(self) -> str:
@@ -275,11 +285,12 @@ def _clean_stale(root: Path, older_than_s: float = 3600.0) -> None:
 
 # -- harvest ----------------------------------------------------------------------------------
 def hook_z_batches(bridge: Any, layer: int, ids: Sequence[Sequence[int]], *, batch_tokens: int = 8192,
-                   dtype: str = "float32", pad_id: int | None = None):
+                   dtype: str = "float32", pad_id: int | None = None, site: str = DEFAULT_SITE):
     """Yield ``(indices, z)`` per packed batch: ``indices`` into ``ids``, ``z`` [batch, pos, d_in]
-    float32 hook_z of layer ``layer`` on CPU (rows right-padded; real tokens are ``z[j, :len(ids[i])]``).
-    The forward pass runs on the bridge's device and stops at the hook."""
-    name = check_layer(bridge, layer)
+    float32 activations of ``site`` (default hook_z, flattened head-major) of layer ``layer`` on CPU
+    (rows right-padded; real tokens are ``z[j, :len(ids[i])]``). The forward pass runs on the
+    bridge's device and stops at the hook."""
+    name = check_layer(bridge, layer, site)
     if dtype not in DTYPES:
         raise ConfigError(f"harvest dtype {dtype!r} is unknown; choose float32 or bfloat16")
     pad = pad_id if pad_id is not None else pad_id_of(bridge.tokenizer)
@@ -289,16 +300,17 @@ def hook_z_batches(bridge: Any, layer: int, ids: Sequence[Sequence[int]], *, bat
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
             got = forward_until(bridge, input_ids.to(dev), mask.to(dev), [name])
         if name not in got:
-            raise SourceError(f"{name} did not fire during the forward pass; the bridge does not route this model's "
-                              "attention through hook_z")
+            raise SourceError(f"{name} did not fire during the forward pass; the bridge does not route this model "
+                              f"through that hook (site {site!r})")
         z = got[name]
-        yield batch, z.reshape(z.shape[0], z.shape[1], -1).float().cpu()
+        yield batch, z.reshape(z.shape[0], z.shape[1], -1).float().cpu()  # hook_z: heads flattened
 
 
 def harvest(source: Any, layer: int, texts: Sequence[Any], *, max_tokens: int = 128, batch_tokens: int = 8192,
             dtype: str = "float32", cache_dir: str | os.PathLike | None = None, refresh: bool = False,
-            bridge: Any = None, progress: Progress | None = None) -> ActivationCache:
-    """hook_z of ``layer`` for every real token of ``texts`` (strings or DocText), cached on disk.
+            bridge: Any = None, progress: Progress | None = None, site: str = DEFAULT_SITE) -> ActivationCache:
+    """hook_z (or ``site``, ``sae.sites``) of ``layer`` for every real token of ``texts`` (strings or
+    DocText), cached on disk.
 
     ``source``: a source spec or ``Source``; ``bridge``: an already booted bridge of it (saves
     the boot). Returns the cache (reused when one with the same key exists, unless ``refresh``).
@@ -314,8 +326,8 @@ def harvest(source: Any, layer: int, texts: Sequence[Any], *, max_tokens: int = 
     src = open_source(source)
     if bridge is None:
         src, bridge = boot(src)
-    hook = check_layer(bridge, layer)
-    n_heads, d_head = head_shape(bridge)
+    hook = check_layer(bridge, layer, site)
+    n_heads, d_head = head_shape(bridge) if site == DEFAULT_SITE else (None, None)
     root = Path(cache_dir) if cache_dir is not None else default_cache_root()
     key = cache_key(src.fingerprint, hook, text_list, max_tokens=max_tokens, dtype=dtype,
                     tokenizer_hash=_tokenizer_hash(src.hf_dir))
@@ -331,7 +343,7 @@ def harvest(source: Any, layer: int, texts: Sequence[Any], *, max_tokens: int = 
     ids = tokenize(bridge.tokenizer, text_list, max_tokens)
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    n_tokens, d_in = int(offsets[-1]), n_heads * d_head
+    n_tokens, d_in = int(offsets[-1]), n_heads * d_head if n_heads is not None else int(bridge.cfg.d_model)
     tmp = root / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
@@ -341,9 +353,9 @@ def harvest(source: Any, layer: int, texts: Sequence[Any], *, max_tokens: int = 
         positions = (np.arange(n_tokens, dtype=np.int64) - np.repeat(offsets[:-1], lengths)).astype(np.int32)
         t0 = time.perf_counter()
         done = 0
-        for batch, z in hook_z_batches(bridge, layer, ids, batch_tokens=batch_tokens, dtype=dtype):
+        for batch, z in hook_z_batches(bridge, layer, ids, batch_tokens=batch_tokens, dtype=dtype, site=site):
             if z.shape[-1] != d_in:
-                raise ShapeError(f"{hook} has width {z.shape[-1]}, expected n_heads*d_head = {d_in}")
+                raise ShapeError(f"{hook} has width {z.shape[-1]}, expected {d_in} (n_heads*d_head or d_model)")
             zn = z.numpy()
             for j, i in enumerate(batch):
                 acts[offsets[i]:offsets[i + 1]] = zn[j, :lengths[i]]
@@ -362,6 +374,7 @@ def harvest(source: Any, layer: int, texts: Sequence[Any], *, max_tokens: int = 
         np.save(tmp / "positions.npy", positions)
         (tmp / "texts.json").write_text(json.dumps(text_list))
         meta = {"fingerprint": src.fingerprint, "source_label": src.label, "hook_name": hook, "layer": int(layer),
+                **({} if site == DEFAULT_SITE else {"site": site}),
                 "n_heads": n_heads, "d_head": d_head, "n_tokens": n_tokens, "n_texts": len(text_list),
                 "max_tokens": max_tokens, "dtype": dtype, "batch_tokens": batch_tokens, "seconds": seconds,
                 "tokens_per_s": n_tokens / seconds if seconds > 0 else None, "version": HARVEST_VERSION,

@@ -96,15 +96,16 @@ def prepare_training(src: Source, settings: TrainSettings, request: dict, texts:
     the activation cache records, known only here."""
     from sae.memory import hook_width
 
-    width = hook_width(src.hf_dir)  # n_heads * d_head from config.json, without booting
+    hook_z = settings.site == "hook_z"
+    width = hook_width(src.hf_dir) if hook_z else None  # n_heads * d_head from config.json, without booting
     requests.check_memory(settings, width)
     with ctx.lock:
         bridge = requests.booted(src, ctx)
-        hv.check_layer(bridge, int(settings.layer))  # an unknown layer fails before the corpus is built
-        if width is None:  # no config.json: the booted hook's width, before harvesting
-            requests.check_memory(settings, int(np.prod(hv.head_shape(bridge))))
+        hv.check_layer(bridge, int(settings.layer), settings.site)  # an unknown layer fails before the corpus is built
+        if width is None:  # no config.json, or not hook_z: the booted hook's width, before harvesting
+            requests.check_memory(settings, int(np.prod(hv.head_shape(bridge))) if hook_z else int(bridge.cfg.d_model))
         cache = hv.harvest(src, int(settings.layer), texts(), max_tokens=settings.max_tokens, dtype=settings.dtype,
-                           bridge=bridge, progress=ctx.sub("harvest"))
+                           bridge=bridge, progress=ctx.sub("harvest"), site=settings.site)
     cfg = trainer.config_from_cache(cache, d_sae=settings.d_sae, expansion=settings.width_expansion,
                                     **settings.sae_fields())
     meta = {"request": request, "source_spec": requests.spec_of(src), "source_label": src.label,
@@ -137,13 +138,13 @@ class EvalJob:
 
 
 def _kl_fn(src: Source, bridge: Any, kind: str, layer: int, texts: list[str], max_tokens: int,
-           ctx: RunContext) -> Callable[[Any], Any]:
+           ctx: RunContext, site: str = "hook_z") -> Callable[[Any], Any]:
     """The SAE's patch -> KL recovered (``sae.lm_kl``) on the same texts and positions as the loss."""
     from sae import lm_kl
     from sae.metrics import zero_patch
 
-    batches = (lm_kl.causal_batches(bridge, layer, texts, max_tokens=max_tokens) if kind == "causal" else
-               lm_kl.masked_batches(requests.mlm_booted(src, ctx), layer, texts, max_tokens=max_tokens))
+    batches = (lm_kl.causal_batches(bridge, layer, texts, max_tokens=max_tokens, site=site) if kind == "causal" else
+               lm_kl.masked_batches(requests.mlm_booted(src, ctx), layer, texts, max_tokens=max_tokens, site=site))
     return lambda patch: lm_kl.kl_recovered(batches, patch, zero_patch)
 
 
@@ -158,17 +159,18 @@ def compute_eval(subject: Subject, job: EvalJob, ctx: RunContext) -> Result:
         ctx.tick(0, 3, "harvesting held-out activations")
         text_list, max_tokens = job.texts(), job.corpus["max_tokens"]
         cache = hv.harvest(src, cfg.layer, text_list, max_tokens=max_tokens, bridge=bridge,
-                           progress=ctx.sub("harvest"))
+                           progress=ctx.sub("harvest"), site=cfg.site)
         loss_fn, loss_name, kl_fn = None, "", None
         if job.loss:
             ctx.tick(1, 3, "loss and KL divergence with the SAE spliced in")
             kind = lm_loss.model_kind(bridge)
             loss_fn = lm_loss.loss_fn_for(src, cfg.layer, text_list[:job.loss_docs], bridge=bridge,
-                                          mlm=lambda s: requests.mlm_booted(s, ctx), max_tokens=max_tokens)
+                                          mlm=lambda s: requests.mlm_booted(s, ctx), max_tokens=max_tokens,
+                                          site=cfg.site)
             loss_name = ("next-token cross-entropy" if kind == "causal"
                          else "masked-token cross-entropy (trained MLM head)")
             loss_name += f" on {min(job.loss_docs, len(text_list))} texts"
-            kl_fn = _kl_fn(src, bridge, kind, cfg.layer, text_list[:job.loss_docs], max_tokens, ctx)
+            kl_fn = _kl_fn(src, bridge, kind, cfg.layer, text_list[:job.loss_docs], max_tokens, ctx, cfg.site)
         ev = evaluate(sae_on(trained.sae, ctx.device), cache, loss_fn, kl_fn=kl_fn)
     ctx.tick(3, 3, "done")
     res = store_io.eval_to_result(ev, meta={"sae_key": trained.key, "corpus": job.corpus, "loss": loss_name})
@@ -214,9 +216,12 @@ def compute_features(subject: Subject, job: FeaturesJob, ctx: RunContext) -> Res
     with ctx.lock:
         bridge = requests.booted(src, ctx)
         cache = hv.harvest(src, cfg.layer, job.texts(), max_tokens=job.corpus["max_tokens"], bridge=bridge,
-                           progress=ctx.sub("harvest"))
+                           progress=ctx.sub("harvest"), site=cfg.site)
     try:
-        W_O, (W_U, note) = attention_output(src, cfg.layer, cfg.n_heads), unembedding(src)
+        W_U, note = unembedding(src)
+        # hook_z goes through W_O; the other sites already live in the residual basis (one identity "head")
+        W_O = (attention_output(src, cfg.layer, cfg.n_heads) if cfg.site == "hook_z"
+               else torch.eye(cfg.d_in, dtype=torch.float32)[None])
     except SourceError as exc:
         W_O, W_U, note = None, None, f"no logit effects: {exc}"
     decode, wordpiece = decoder(bridge.tokenizer)
@@ -239,10 +244,11 @@ def prompt_view(trained: TrainedSAE, text: str, source: Any, ctx: RunContext) ->
         bridge = requests.booted(src, ctx)
         ids = hv.tokenize(bridge.tokenizer, [text], max_tokens)
         ctx.tick(1, 2, "running the prompt")
-        (_, z), = list(hv.hook_z_batches(bridge, cfg.layer, ids))
+        (_, z), = list(hv.hook_z_batches(bridge, cfg.layer, ids, site=cfg.site))
     z = z[0, :len(ids[0])]
     with torch.no_grad():
         acts = sae_on(trained.sae, ctx.device).encode(z.to(ctx.device)).cpu().numpy()
     decode, _ = decoder(bridge.tokenizer)
     ctx.tick(2, 2, "done")
-    return PromptView(trained.sae, decode(ids[0]), acts, z.numpy().reshape(len(ids[0]), cfg.n_heads, cfg.d_head))
+    heads = (cfg.n_heads, cfg.d_head) if cfg.n_heads is not None else (1, cfg.d_in)  # one "head" off hook_z
+    return PromptView(trained.sae, decode(ids[0]), acts, z.numpy().reshape(len(ids[0]), *heads))

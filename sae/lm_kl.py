@@ -63,15 +63,17 @@ def kl_recovered(batches: Sequence[Batch], sae_patch: Patch, zero_patch: Patch) 
 
 
 def _hooks(name: str, patch: Patch | None) -> list[tuple[str, Any]]:
+    if patch is not None and hasattr(patch, "hooks"):  # several hooks (sae.transcoder.Splice)
+        return patch.hooks()
     return [] if patch is None else [(name, lambda z, hook: patch(z))]
 
 
 def causal_batches(bridge: Any, layer: int, texts: Sequence[str], *, max_tokens: int = 64,
-                   batch_tokens: int = 4096) -> list[Batch]:
+                   batch_tokens: int = 4096, site: str = "hook_z") -> list[Batch]:
     """Batches of a causal LM: scored positions are every real token followed by a real token."""
     from sae.harvest import check_layer, model_device, pack_batches, pad_batch, pad_id_of, tokenize
 
-    name = check_layer(bridge, layer)
+    name = check_layer(bridge, layer, site)
     ids = [x for x in tokenize(bridge.tokenizer, [t for t in texts if t.strip()], max_tokens) if len(x) >= 2]
     pad, dev = pad_id_of(bridge.tokenizer), model_device(bridge)
     out: list[Batch] = []
@@ -90,13 +92,13 @@ def causal_batches(bridge: Any, layer: int, texts: Sequence[str], *, max_tokens:
 
 
 def masked_batches(bridge: Any, layer: int, texts: Sequence[str], *, max_tokens: int = 128, mask_rate: float = 0.15,
-                   seed: int = 0, batch_size: int = 32) -> list[Batch]:
+                   seed: int = 0, batch_size: int = 32, site: str = "hook_z") -> list[Batch]:
     """Batches of a BERT-style MLM with a trained head (``analysis.models.mlm_head.mlm_bridge``): scored
     positions are the masked ones (``analysis.models.masked_lm.mask_tokens``, as the masked-token loss)."""
     from analysis.models.masked_lm import IGNORE, MaskedBatch, mask_tokens
     from sae.harvest import check_layer, model_device
 
-    name = check_layer(bridge, layer)
+    name = check_layer(bridge, layer, site)
     batch = mask_tokens(bridge.tokenizer, list(texts), mask_rate=mask_rate, seed=seed, max_tokens=max_tokens)
     dev = model_device(bridge)
     out: list[Batch] = []

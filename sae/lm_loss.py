@@ -28,6 +28,8 @@ from sae.metrics import LossFn, Patch
 def _hooks(name: str, patch: Patch | None) -> list[tuple[str, Any]]:
     if patch is None:
         return []
+    if hasattr(patch, "hooks"):  # a patch that needs several hooks (sae.transcoder.Splice)
+        return patch.hooks()
 
     def fn(z: torch.Tensor, hook: Any) -> torch.Tensor:
         return patch(z)
@@ -36,9 +38,9 @@ def _hooks(name: str, patch: Patch | None) -> list[tuple[str, Any]]:
 
 
 def causal_lm_loss_fn(bridge: Any, layer: int, texts: Sequence[str], *, max_tokens: int = 64,
-                      batch_tokens: int = 4096) -> LossFn:
-    """Mean next-token cross-entropy (nats) over ``texts`` with hook_z of ``layer`` patched."""
-    name = check_layer(bridge, layer)
+                      batch_tokens: int = 4096, site: str = "hook_z") -> LossFn:
+    """Mean next-token cross-entropy (nats) over ``texts`` with hook_z (or ``site``) of ``layer`` patched."""
+    name = check_layer(bridge, layer, site)
     ids = [x for x in tokenize(bridge.tokenizer, [t for t in texts if t.strip()], max_tokens) if len(x) >= 2]
     if not ids:
         raise ConfigError("no held-out text with >= 2 tokens for the next-token loss; pass longer texts")
@@ -64,12 +66,12 @@ def causal_lm_loss_fn(bridge: Any, layer: int, texts: Sequence[str], *, max_toke
 
 
 def masked_lm_loss_fn(bridge: Any, layer: int, texts: Sequence[str], *, max_tokens: int = 128,
-                      mask_rate: float = 0.15, seed: int = 0, batch_size: int = 32) -> LossFn:
+                      mask_rate: float = 0.15, seed: int = 0, batch_size: int = 32, site: str = "hook_z") -> LossFn:
     """Mean masked-token cross-entropy (nats) over ``texts``; ``bridge`` must carry a trained MLM
     head (``analysis.models.mlm_head.mlm_bridge(source)``)."""
     from analysis.models.masked_lm import mask_tokens, masked_token_loss
 
-    name = check_layer(bridge, layer)
+    name = check_layer(bridge, layer, site)
     batch = mask_tokens(bridge.tokenizer, list(texts), mask_rate=mask_rate, seed=seed, max_tokens=max_tokens)
 
     def loss_fn(patch: Patch | None) -> float:

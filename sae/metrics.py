@@ -101,8 +101,10 @@ def recovered_fraction(clean: float, sae: float, zero: float) -> float:
 def sae_patch(sae: SAE) -> Patch:
     """hook_z [..., n_heads, d_head] -> the SAE's reconstruction in the same shape and dtype."""
 
+    heads = getattr(sae.cfg, "site", "hook_z") == "hook_z"  # hook_z arrives [..., n_heads, d_head]
+
     def patch(z: torch.Tensor) -> torch.Tensor:
-        flat = z.reshape(*z.shape[:-2], -1)
+        flat = z.reshape(*z.shape[:-2], -1) if heads else z
         if flat.shape[-1] != sae.cfg.d_in:
             raise ShapeError(f"hook_z flattens to width {flat.shape[-1]} but the SAE has d_in={sae.cfg.d_in}; "
                              f"use an SAE trained on this model's {sae.cfg.hook_name}")

@@ -49,6 +49,7 @@ from sae import jobs, requests, store_io
 from sae.attribution import PolysemanticHeads, PromptView, polysemantic_heads, token_sets
 from sae.config import TRAIN_DEFAULTS as _D
 from sae.config import TrainSettings
+from sae.sites import DEFAULT_SITE, check_site_name
 from sae.results import (EVAL_VERSION, LIST_COLUMNS, SAEEvaluation, TrainedSAE, eval_entries,  # noqa: F401
                          evaluation_from_result, features_entries, newest_eval, newest_features, resolve,
                          sae_entries, sae_name, sae_table, trained_from_result)
@@ -74,8 +75,10 @@ def load_sae(key: str, store: StoreLike = None) -> TrainedSAE:
     return replace(runner.load(entry.key, store=st, analysis=SAE), key=entry.key)
 
 
-def find_sae(source: Any, layer: int, key: str | None = None, store: StoreLike = None) -> str:
-    """Store key of the SAE ``key`` (prefix), or else of the one SAE of ``source`` at ``layer``.
+def find_sae(source: Any, layer: int, key: str | None = None, store: StoreLike = None,
+             site: str | None = None) -> str:
+    """Store key of the SAE ``key`` (prefix), or else of the one SAE of ``source`` at ``layer``
+    (and ``site``, when given: ``sae.sites.SITES``).
 
     ConfigError when none is stored at that layer (naming the layers that have SAEs);
     AmbiguousKeyError when several are (listing each as ``sae ls`` shows it: key and name, newest
@@ -86,12 +89,18 @@ def find_sae(source: Any, layer: int, key: str | None = None, store: StoreLike =
         return resolve(key, st).key
     src = open_source(source)
     entries = sae_entries(st, src.fingerprint)
+    if site is not None:
+        check_site_name(site)
+        entries = [e for e in entries if e.params.get("site", DEFAULT_SITE) == site]
     mine = [e for e in entries if e.params.get("layer") == int(layer)]
     if not mine:
         layers = sorted({e.params.get("layer") for e in entries})
-        have = f"stored SAEs of {src.label} are at layers {layers}" if layers else f"no SAE of {src.label} is stored"
+        at = "" if site is None else f" site {site}"
+        have = (f"stored SAEs of {src.label}{at} are at layers {layers}" if layers
+                else f"no SAE of {src.label}{at} is stored")
         raise ConfigError(f"no stored SAE for {src.label} layer {layer} ({have}); train one with "
-                          f"`lenslab sae train {requests.spec_of(src) or 'SOURCE'} --layer {layer}`")
+                          f"`lenslab sae train {requests.spec_of(src) or 'SOURCE'} --layer {layer}"
+                          f"{'' if site in (None, DEFAULT_SITE) else ' --site ' + site}`")
     if len(mine) > 1:
         listed = "; ".join(f"{e.key[:12]} {sae_name(e.meta)}" for e in mine)  # as `sae ls` prints them
         raise AmbiguousKeyError(f"{len(mine)} SAEs of {src.label} are stored at layer {layer}: {listed}; pick one "
@@ -100,7 +109,8 @@ def find_sae(source: Any, layer: int, key: str | None = None, store: StoreLike =
     return mine[0].key
 
 
-def sae_train(source: Any = "minilm", layer: int = _D.layer, *, architecture: str = _D.architecture,
+def sae_train(source: Any = "minilm", layer: int = _D.layer, *, site: str = _D.site,
+              architecture: str = _D.architecture,
               expansion: int | None = _D.expansion, d_sae: int | None = _D.d_sae, k: int | None = _D.k,
               l1_coefficient: float | None = _D.l1_coefficient, n_tokens: int = _D.n_tokens,
               batch_size: int = _D.batch_size, lr: float = _D.lr, seed: int = _D.seed, dtype: str = _D.dtype,
@@ -109,7 +119,11 @@ def sae_train(source: Any = "minilm", layer: int = _D.layer, *, architecture: st
               refresh: bool = False, progress: Progress | None = None, trust_pickle: bool = False,
               resume: bool = True, checkpoint_every: int = _D.checkpoint_every, device: str = "auto",
               **cfg_fields: Any) -> TrainedSAE:
-    """Harvest hook_z of ``layer`` on the training texts and train an SAE, cached in the store.
+    """Harvest hook_z (or ``site``) of ``layer`` on the training texts and train an SAE, cached in the store.
+
+    ``site`` (``sae.sites``): "hook_z" (attention outputs before W_O, the default), "resid_pre",
+    "resid_post" or "mlp_out"; an unknown site raises ConfigError listing the valid ones before
+    the model boots, a layer the model lacks lists the valid layers.
 
     Defaults: ``sae.config.TrainSettings``. ``architecture`` "topk" (``k``, default 32), "relu"
     (``l1_coefficient``, default 1.0), "jumprelu" (``l0_coefficient``, ``jumprelu_init_threshold``,
@@ -130,7 +144,7 @@ def sae_train(source: Any = "minilm", layer: int = _D.layer, *, architecture: st
     SourceError for a model without attention layers, CorruptCheckpointError for an unreadable
     checkpoint (``resume=False`` overwrites it).
     """
-    settings = TrainSettings(layer=layer, architecture=architecture, expansion=expansion, d_sae=d_sae, k=k,
+    settings = TrainSettings(layer=layer, site=site, architecture=architecture, expansion=expansion, d_sae=d_sae, k=k,
                              l1_coefficient=l1_coefficient, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
                              seed=seed, dtype=dtype, per_package=per_package, max_tokens=max_tokens,
                              eval_fraction=eval_fraction, checkpoint_every=checkpoint_every, extra=cfg_fields)
@@ -244,7 +258,10 @@ def sae_polysemantic(key: str, *, features: feat.FeatureData | None = None, stor
         raise ConfigError(f"no feature data for SAE {trained.key[:12]} yet; compute it with api.sae_features(key) "
                           "or `lenslab sae features SOURCE --layer L`")
     if fd.head_attribution is None:
-        raise ConfigError(f"SAE {trained.key[:12]} does not record its heads (n_heads/d_head); head families need them")
+        site = trained.sae.cfg.site
+        why = (f"reads {site!r}, which has no heads (per-head attribution applies to hook_z SAEs only)"
+               if site != "hook_z" else "does not record its heads (n_heads/d_head)")
+        raise ConfigError(f"SAE {trained.key[:12]} {why}; head families need hook_z heads")
     tokens = token_sets(fd.top_tokens[:, :, fd.centre])
     return polysemantic_heads(fd.head_attribution, tokens, trained.sae.W_dec, density=fd.density, decode=fd.token,
                               **settings)

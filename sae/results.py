@@ -25,7 +25,7 @@ from sae.metrics import upgrade_scalars
 from sae.model import SAE
 
 EVAL_VERSION = "sae-eval-1"
-LIST_COLUMNS = ["key", "name", "source", "model", "layer", "architecture", "d_in", "d_sae", "k", "l1_coefficient",
+LIST_COLUMNS = ["key", "name", "source", "model", "layer", "site", "architecture", "d_in", "d_sae", "k", "l1_coefficient",
                 "n_train_tokens", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "cosine",
                 "loss_recovered", "dead_fraction", "dense_fraction", "features", "created"]
 _METRICS = ("l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "cosine", "loss_recovered",
@@ -53,7 +53,8 @@ class TrainedSAE:
 
 
 def sae_name(meta: dict) -> str:
-    """Short label: "minilm L3 topk 3072 (k=32)", "minilm L3 relu 3072 (l1=2.0)"; an imported ReLU
+    """Short label: "minilm L3 topk 3072 (k=32)", "minilm L3 relu 3072 (l1=2.0)", "minilm L3 resid_post topk
+    1536 (k=32)" (a site other than hook_z is named); an imported ReLU
     SAE whose file records no L1 coefficient says "(l1 not recorded)"."""
     c = meta.get("cfg", {})
     if c.get("architecture") in ("topk", "batchtopk", "matryoshka_batchtopk"):
@@ -66,7 +67,8 @@ def sae_name(meta: dict) -> str:
         extra = "l1 not recorded"
     label = meta.get("source_spec") or c.get("source_label") or c.get("source_fingerprint", "")[:8]
     short = os.path.basename(str(label)) or label
-    return f"{short} L{c.get('layer')} {c.get('architecture')} {c.get('d_sae')} ({extra})"
+    site = "" if c.get("site", "hook_z") == "hook_z" else f" {c['site']}"  # hook_z names stay as they were
+    return f"{short} L{c.get('layer')}{site} {c.get('architecture')} {c.get('d_sae')} ({extra})"
 
 
 def trained_from_result(result: Result) -> TrainedSAE:
@@ -175,6 +177,7 @@ def sae_table(st: Store) -> pd.DataFrame:
         c, m = e.meta.get("cfg", {}), evals.get(e.key, {})
         rows.append({"key": e.key, "name": sae_name(e.meta), "source": e.meta.get("source_spec") or "",
                      "model": labels.get(e.fingerprint, e.fingerprint[:8]), "layer": c.get("layer"),
+                     "site": c.get("site", "hook_z"),
                      "architecture": c.get("architecture"), "d_in": c.get("d_in"), "d_sae": c.get("d_sae"),
                      "k": c.get("k"), "l1_coefficient": c.get("l1_coefficient")
                      if c.get("architecture") in ("relu", "gated") else None, "n_train_tokens": e.meta.get("training", {}).get("n_tokens"),

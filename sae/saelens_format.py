@@ -79,7 +79,7 @@ def saelens_cfg_dict(sae: SAE) -> dict[str, Any]:
         "device": "cpu",
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
-        "reshape_activations": "hook_z",
+        "reshape_activations": "hook_z" if c.site == "hook_z" else "none",
         "metadata": {
             "sae_lens_version": SAELENS_FORMAT_VERSION,
             "sae_lens_training_version": SAELENS_FORMAT_VERSION,

@@ -38,6 +38,8 @@ app.add_typer(sae_app, name="sae")
 from app.cli.sae_eval import groundtruth as _sae_groundtruth, probe as _sae_probe  # noqa: E402
 sae_app.command("groundtruth")(_sae_groundtruth)  # lenslab sae groundtruth | probe: offline SAE evaluation
 sae_app.command("probe")(_sae_probe)
+from app.cli.sae_transcoder import transcoder as _sae_transcoder  # noqa: E402  (lenslab sae transcoder)
+sae_app.command("transcoder")(_sae_transcoder)
 from app.cli import weights  # noqa: E402  (lenslab analyze | select | experiment kappatune)
 app.command()(weights.analyze)
 app.command()(weights.select)

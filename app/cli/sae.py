@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
@@ -39,7 +39,11 @@ from sae.config import config_default
 sae_app = typer.Typer(no_args_is_help=True, help="Attention-output SAEs: train, evaluate, feature dashboards.")
 
 SourceArg = Annotated[str, typer.Argument(help="minilm, bilinear-lm, tiny-mixtral or a HF model directory.")]
-LayerOpt = Annotated[int, typer.Option("--layer", "-l", help="Attention layer (blocks.L.attn.hook_z).")]
+LayerOpt = Annotated[int, typer.Option("--layer", "-l", help="Block (blocks.L.attn.hook_z, or the --site hook).")]
+SiteOpt = Annotated[str, typer.Option("--site", help="What the SAE reads: hook_z (attention outputs before W_O) | "
+                                                     "resid_pre | resid_post | mlp_out.")]
+FindSiteOpt = Annotated[Optional[str], typer.Option("--site", help="Pick the SAE at this site (hook_z | "
+                                                                   "resid_pre | resid_post | mlp_out; default any).")]
 SaeOpt = Annotated[Optional[str], typer.Option("--sae", help="Store key (prefix) of the SAE, as `lenslab sae ls` "
                                                              "shows it; default: the one SAE of SOURCE at LAYER "
                                                              "(when several are stored, the error lists them).")]
@@ -86,6 +90,7 @@ def _print_metrics(title: str, metrics: dict) -> None:
 def train(
     source: SourceArg,
     layer: LayerOpt = _D.layer,
+    site: SiteOpt = _D.site,
     architecture: Annotated[str, typer.Option("--architecture", "-a", help="topk | relu | jumprelu | batchtopk | "
                                                                            "matryoshka_batchtopk | gated")]
     = _D.architecture,
@@ -149,7 +154,7 @@ def train(
         k = int(k)  # topk takes an integer; batchtopk any number
     try:
         trained = run_with_progress(f"SAE on {source} layer {layer}", api.sae_train, source, layer, **arch_fields,
-                                    architecture=architecture, k=k, l1_coefficient=l1, expansion=expansion,
+                                    site=site, architecture=architecture, k=k, l1_coefficient=l1, expansion=expansion,
                                     d_sae=d_sae, n_tokens=n_tokens, batch_size=batch_size, lr=lr,
                                     per_package=per_package, max_tokens=max_tokens, eval_fraction=eval_fraction,
                                     dtype="bfloat16" if bf16 else "float32", seed=seed, texts=_texts(texts),
@@ -165,10 +170,12 @@ def train(
                                             if not isinstance(v, (list, dict))}}, indent=1))
         return
     cfg = trained.sae.cfg
-    console.print(f"{trained.name}: d_in {cfg.d_in} ({cfg.n_heads} heads x {cfg.d_head}), d_sae {cfg.d_sae}; "
+    shape = f"{cfg.n_heads} heads x {cfg.d_head}" if cfg.n_heads is not None else cfg.hook_name
+    console.print(f"{trained.name}: d_in {cfg.d_in} ({shape}), d_sae {cfg.d_sae}; "
                   f"store key {trained.key[:12]}", highlight=False)
     _print_metrics("training (last steps)", trained.training)
-    console.print(f"next: lenslab sae eval {source} --layer {layer} --sae {trained.key[:12]}", highlight=False)
+    at = "" if site == _D.site else f" --site {site}"
+    console.print(f"next: lenslab sae eval {source} --layer {layer}{at} --sae {trained.key[:12]}", highlight=False)
 
 
 @sae_app.command("eval")
@@ -176,6 +183,7 @@ def evaluate(
     source: SourceArg,
     layer: LayerOpt = 0,
     sae: SaeOpt = None,
+    site: FindSiteOpt = None,
     texts: TextsOpt = None,
     loss: Annotated[bool, typer.Option("--loss/--no-loss", help="Measure loss recovered (default). MiniLM needs "
                                                                 "its MLM head for it, trained once (~5 min) and "
@@ -189,7 +197,7 @@ def evaluate(
     sklearn's), loss recovered, dead/dense fractions."""
     from app import api
 
-    key = api.find_sae(source, layer, sae, store=store)
+    key = api.find_sae(source, layer, sae, store=store, site=site)
     ev = run_with_progress(f"evaluating SAE {key[:12]}", api.sae_eval, key, texts=_texts(texts), loss=loss,
                            store=store, refresh=refresh, device=device)
     if as_json:
@@ -204,6 +212,7 @@ def features(
     source: SourceArg,
     layer: LayerOpt = 0,
     sae: SaeOpt = None,
+    site: FindSiteOpt = None,
     feature: Annotated[Optional[int], typer.Option("--feature", "-f", help="Print this feature's top contexts "
                                                                            "and logit effects.")] = None,
     top: Annotated[int, typer.Option("--top", help="Contexts printed for --feature.")] = 5,
@@ -217,16 +226,18 @@ def features(
     (and one feature's top contexts with --feature)."""
     from app import api
 
-    key = api.find_sae(source, layer, sae, store=store)
+    key = api.find_sae(source, layer, sae, store=store, site=site)
     fd = run_with_progress(f"feature data of SAE {key[:12]}", api.sae_features, key, texts=_texts(texts),
                            store=store, refresh=refresh, device=device)
     if feature is not None:
         fd.check_feature(feature)
-    poly = api.sae_polysemantic(key, store=store, features=fd)
+    # heads exist at hook_z only: SAEs of other sites have no per-head attribution (it does not apply)
+    poly = api.sae_polysemantic(key, store=store, features=fd) if fd.head_attribution is not None else None
     if as_json:
         out = {"key": key, "n_features": fd.d_sae, "dead": int((fd.density == 0).sum()),
-               "polysemantic_heads": poly.n_polysemantic, "heads_counted": poly.n_counted,
-               "heads": json_rows(poly.table)}
+               "polysemantic_heads": None if poly is None else poly.n_polysemantic,
+               "heads_counted": None if poly is None else poly.n_counted,
+               "heads": None if poly is None else json_rows(poly.table)}
         if feature is not None:
             lt = fd.logit_table(feature)
             out["feature"] = {"index": feature, "density": float(fd.density[feature]),
@@ -240,6 +251,17 @@ def features(
                               "suppressed": None if lt is None else list(lt["suppressed"])}
         typer.echo(json.dumps(out, indent=1))
         return
+    if poly is None:
+        console.print(f"{fd.d_sae} features, {int((fd.density == 0).sum())} dead; per-head attribution does not "
+                      "apply (this SAE does not read hook_z)", highlight=False)
+    else:
+        _print_heads(fd, poly)
+    if feature is None:
+        return
+    _print_feature(fd, feature, top)
+
+
+def _print_heads(fd: Any, poly: Any) -> None:
     console.print(f"{fd.d_sae} features, {int((fd.density == 0).sum())} dead; {poly.n_polysemantic} of "
                   f"{poly.n_counted} heads carry >= 2 unrelated feature families", highlight=False)
     out = Table(title="heads: top features and their families")
@@ -249,8 +271,9 @@ def features(
         out.add_row(*[str(r[c]) for c in ("head", "n_belonging", "n_top", "n_families", "family_sizes",
                                           "polysemantic", "families")])
     print_table(out)
-    if feature is None:
-        return
+
+
+def _print_feature(fd: Any, feature: int, top: int) -> None:
     heads = "" if fd.head_attribution is None else " ".join(f"H{h}:{w:.2f}" for h, w in
                                                             enumerate(fd.head_attribution[feature]))
     typer.echo(f"feature {feature}: density {fd.density[feature]:.3g}, max {fd.max_act[feature]:.3g}; heads {heads}")

@@ -37,10 +37,14 @@ else:
     c1, c2 = st.columns(2)
     model = c1.selectbox("Model", sorted(evaluated["model"].astype(str).unique()), key="cmp_model")
     mine = evaluated[evaluated["model"].astype(str) == model]
-    layer = c2.selectbox("Site (layer)", sorted(mine["layer"].unique()), key="cmp_layer",
-                         format_func=lambda L: f"blocks.{L}.attn.hook_z")
-    site = mine[mine["layer"] == layer]
-    st.caption(f"{len(site)} evaluated SAE(s) of {model} at layer {layer}.")
+    if "site" not in mine.columns:  # a listing without sites: every SAE reads hook_z
+        mine = mine.assign(site="hook_z")
+    places = sorted({(int(L), str(s)) for L, s in zip(mine["layer"], mine["site"])})
+    layer, at = c2.selectbox("Site (layer)", places, key="cmp_layer",
+                             format_func=lambda p: f"blocks.{p[0]}.attn.hook_z" if p[1] == "hook_z"
+                             else f"layer {p[0]} {p[1]}")
+    site = mine[(mine["layer"] == layer) & (mine["site"] == at)]
+    st.caption(f"{len(site)} evaluated SAE(s) of {model} at layer {layer} ({at}).")
     p1, p2 = st.columns(2)
     p1.plotly_chart(charts.pareto_scatter(site, "l0", "nmse", title="L0 vs NMSE"), key="cmp_nmse")
     if site["loss_recovered"].notna().any():
