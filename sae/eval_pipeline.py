@@ -54,11 +54,11 @@ def _gt_job(architecture: str, spec: SyntheticSpec | None, d_sae: int | None, k:
     from sae import ground_truth as gt
 
     spec = spec if spec is not None else SyntheticSpec()
+    width = int(d_sae) if d_sae is not None else spec.n_features
     fields = architecture_fields(architecture, k=k if k is not None else max(1, round(spec.expected_l0)),
                                  l1_coefficient=l1_coefficient if l1_coefficient is not None
-                                 else GT_DEFAULTS["l1_coefficient"], extra=cfg_fields)
-    fields.update(d_sae=int(d_sae) if d_sae is not None else spec.n_features, n_tokens=int(n_tokens),
-                  batch_size=int(batch_size), seed=int(seed))
+                                 else GT_DEFAULTS["l1_coefficient"], extra=cfg_fields, d_sae=width)
+    fields.update(d_sae=width, n_tokens=int(n_tokens), batch_size=int(batch_size), seed=int(seed))
     return GroundTruthJob(spec=spec, sae_fields=fields, n_train=n_train, n_eval=n_eval,
                           thresholds={"threshold": float(threshold), "absorb_fraction": gt.ABSORB_FRACTION,
                                       "split_tau": gt.SPLIT_TAU})

@@ -40,30 +40,40 @@ def synthetic_fingerprint(spec: SyntheticSpec) -> str:
     return "synthetic-" + hashlib.blake2b(canonical_json(spec.store_params()).encode(), digest_size=8).hexdigest()
 
 
+def default_matryoshka_widths(d_sae: int) -> tuple[int, ...]:
+    """Prefix widths of a ground-truth Matryoshka SAE: d_sae/8, d_sae/2, d_sae (the config's own example)."""
+    return tuple(sorted({max(1, d_sae // 8), max(1, d_sae // 2), d_sae}))
+
+
 def architecture_fields(architecture: str, *, k: int | None = None, l1_coefficient: float | None = None,
-                        extra: dict | None = None) -> dict[str, Any]:
+                        extra: dict | None = None, d_sae: int | None = None) -> dict[str, Any]:
     """The architecture-specific ``SAEConfig`` fields of a ground-truth run.
 
-    ``k`` goes to every architecture that accepts it (topk today; a BatchTopK-like one later),
-    ``l1_coefficient`` to relu; any other field through ``extra``. Unknown architectures get their
+    ``k`` goes to every architecture that accepts it (topk, batchtopk, matryoshka_batchtopk),
+    ``l1_coefficient`` to relu and gated; any other field through ``extra``; a matryoshka SAE of width
+    ``d_sae`` gets ``default_matryoshka_widths`` unless ``extra`` names its widths. Unknown architectures get their
     training defaults (``sae.config.TrainSettings``), so a newly registered architecture is scored
     without a change here. Raises ConfigError (from the config's own checks) for a bad field."""
-    from sae.config import ARCHITECTURES, TrainSettings
+    from sae.config import ARCHITECTURES, L1_ARCHITECTURES, TrainSettings
 
     if architecture not in ARCHITECTURES:
         raise ConfigError(f"architecture {architecture!r} is unknown; sae.config supports {', '.join(ARCHITECTURES)}")
     fields = dict(extra or {})
-    if architecture == "relu" and l1_coefficient is not None:
+    if architecture == "matryoshka_batchtopk" and d_sae is not None:
+        fields.setdefault("matryoshka_widths", default_matryoshka_widths(int(d_sae)))
+    if architecture in L1_ARCHITECTURES and l1_coefficient is not None:
         fields.setdefault("l1_coefficient", float(l1_coefficient))
+    own_fields = ("k", "l1_coefficient")
+    rest = {n: v for n, v in fields.items() if n not in own_fields}  # e.g. matryoshka_widths
     if k is not None and architecture != "relu":
         try:
-            TrainSettings(architecture=architecture, k=k)
+            TrainSettings(architecture=architecture, k=k, extra=rest)
             fields.setdefault("k", int(k))
         except ConfigError:  # this architecture takes no k
             pass
     try:
-        defaults = TrainSettings(architecture=architecture, **{n: v for n, v in fields.items()
-                                                               if n in ("k", "l1_coefficient")}).sae_fields()
+        defaults = TrainSettings(architecture=architecture, extra=rest,
+                                 **{n: v for n, v in fields.items() if n in own_fields}).sae_fields()
     except ConfigError:
         defaults = {}
     own = {n: v for n, v in defaults.items() if n not in ("n_tokens", "batch_size", "lr", "seed", "dtype")}

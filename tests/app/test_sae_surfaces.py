@@ -120,7 +120,7 @@ def test_api_bad_input_is_a_typed_error(prepared, llama):
         api.load_sae("ffffffff", store=prepared.root)
     with pytest.raises(ConfigError, match=r"layer 5 has no attention hook_z; valid layers are \[0, 1\]"):
         api.sae_train(llama, 5, texts=TRAIN, store=prepared.root, **SAE_SETTINGS)
-    with pytest.raises(ConfigError, match="k applies to topk SAEs only"):
+    with pytest.raises(ConfigError, match=r"k applies to topk, batchtopk, matryoshka_batchtopk SAEs only"):
         api.sae_train(llama, 1, architecture="relu", k=3, store=prepared.root)
     with pytest.raises(ConfigError, match="feature index 64 is out of range: this SAE has 64 features"):
         prepared.fd.contexts(64)

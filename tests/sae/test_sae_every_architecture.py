@@ -25,7 +25,8 @@ SPEC = SyntheticSpec(n_features=24, d_in=12, mean_l0=2.0, n_parents=2, n_childre
 
 def _sae(arch: str) -> SAE:
     """An SAE of ``arch`` whose decoder is the true dictionary and whose encoder is its transpose."""
-    cfg = SAEConfig(d_in=SPEC.d_in, d_sae=SPEC.n_features, **architecture_fields(arch, k=3, l1_coefficient=1.0))
+    cfg = SAEConfig(d_in=SPEC.d_in, d_sae=SPEC.n_features, **architecture_fields(arch, k=3, l1_coefficient=1.0,
+                                                                                 d_sae=SPEC.n_features))
     sae = SAE(cfg)
     D = torch.from_numpy(dictionary(SPEC)).float()
     with torch.no_grad():
