@@ -2,13 +2,15 @@
 for one feature, its direct feature attribution by head (z_h · W_enc[h slice, i]) per token.
 
 ``Run`` calls ``app.api.sae_prompt`` (boots the model once per server, runs the prompt, encodes
-hook_z); the result is kept in the session, not in the store.
+hook_z); the result is kept in the session, not in the store. The page runs the default prompt by
+itself the first time an SAE is shown, so it opens on a result.
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
+from analysis.errors import LensLabError
 from app import charts_sae as charts
 from app import sae_state
 from app.state import MISSING, get_store
@@ -30,7 +32,9 @@ with st.form("sae_prompt_form"):
     text = st.text_area("Prompt", value="Return a new array of given shape and type, filled with zeros.",
                         key="sae_prompt_text")
     submitted = st.form_submit_button("Run", type="primary")
-if submitted:
+held = st.session_state.get(RESULT)
+first_view = held is None or held[0] != row["key"]
+if submitted or first_view:
     if not text.strip():
         st.error("The prompt is empty; type some text.")
     else:
@@ -57,7 +61,11 @@ st.dataframe(res.token_table(5), hide_index=True, placeholder=MISSING, key="sae_
 
 feature = st.selectbox("Feature for the DFA", fired, key="sae_prompt_feature",
                        format_func=lambda f: f"f{f} (max {res.acts[:, f].max():.3g})")
-dfa = res.dfa(feature)
+try:
+    dfa = res.dfa(feature)
+except LensLabError as exc:  # an SAE on another site than hook_z: no heads to attribute to
+    st.caption(str(exc))
+    st.stop()
 st.plotly_chart(charts.dfa_heatmap(dfa, res.tokens, feature), key="sae_prompt_dfa")
 st.caption("Summed over heads, a row is the feature's encoder pre-activation without the bias terms "
            "(pre − b_enc + b_dec·W_enc).")

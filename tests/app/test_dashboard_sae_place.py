@@ -118,3 +118,11 @@ def test_prompt_success_message_shows_with_its_result(two_saes, sae_store):
     assert at.get("plotly_chart")  # the result is on the same page as its message
     at.switch_page("views/sae.py").run()
     assert not at.success  # not shown again on the next page
+
+
+def test_prompt_page_opens_on_the_default_prompt_without_a_click(two_saes, sae_store):
+    at = _open("sae_prompt")
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.get("plotly_chart") and not at.info  # a heatmap, not "Type a prompt and press Run"
+    tokens = at.dataframe[0].value
+    assert len(tokens) > 5  # one row per token of the default prompt
