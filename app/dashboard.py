@@ -41,6 +41,7 @@ PAGES = [
     st.Page("views/circuits.py", title="Attention circuits", icon=":material/account_tree:"),
 ]
 
-page = st.navigation(PAGES)
+# expanded: every page listed (Streamlit folds more than 10 behind "View more")
+page = st.navigation(PAGES, expanded=True)
 st.sidebar.caption(f"Store: `{store_root()}`")
 run_page(page)  # a failure is one short line in the browser; its traceback goes to the server log
