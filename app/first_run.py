@@ -141,18 +141,19 @@ def _groundtruth(store: Store, *, progress: Progress | None = None) -> Any:
 
 
 # Ordered so that a MiniLM step comes last: MiniLM is then the store's most recently seen model, the one the
-# model pickers (spectra, selection, circuits) show first.
+# model pickers (spectra, selection, circuits) show first; and so that the steering step's extraction is newer than
+# the search's, since the Steering page opens on the newest extraction.
 STEPS: tuple[Step, ...] = (
     Step("bilinear", "train the bilinear digits MLP and eigendecompose its layer along every class",
          ("bilinear",), _bilinear),
     Step("mmoe", "MMoE specialisation curve on digits (8, 16, 32, 64 experts)", ("experts",), _mmoe),
     Step("routing", f"train {LM} (4 experts, top-2) and measure its routing on docstrings", ("experts",), _routing),
-    Step("steering", f"{CONTRASTS} steering directions of {LM}, their dose-response and layer sweep",
-         ("steering",), _steering),
     Step("search", f"steering search on {SEARCH_LM} ({SEARCH_BUDGET} forward passes) and the audit of its "
                    "chosen direction as a weight edit", ("steering_search",), _search),
     Step("experiment", f"KappaTune experiment on {SEARCH_LM}, every arm parameter-matched (2 seeds, 50 steps)",
          ("experiments",), _experiment),
+    Step("steering", f"{CONTRASTS} steering directions of {LM}, their dose-response and layer sweep",
+         ("steering",), _steering),
     Step("spectra", "MiniLM's weight spectra (kappa, alpha, ESD) and a KappaTune selection (20%, lowest kappa)",
          ("home", "spectra", "selection"), _spectra),
     Step("circuits", "QK and OV circuit spectra of MiniLM's 72 attention heads", ("circuits",), _circuits),

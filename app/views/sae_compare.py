@@ -51,7 +51,8 @@ else:
         p2.plotly_chart(charts.pareto_scatter(site, "l0", "loss_recovered", minimise_y=False,
                                               title="L0 vs loss recovered"), key="cmp_loss")
     else:
-        p2.info("Loss recovered was not measured for these SAEs (evaluated with --no-loss).")
+        p2.caption("L0 vs loss recovered: not measured for these SAEs (evaluated with --no-loss; "
+                   "`lenslab sae eval SOURCE --layer L --sae KEY` measures it).")
     st.dataframe(site[["name", "architecture", "l0", "nmse", "explained_variance_saelens", "loss_recovered",
                        "dead_fraction"]], hide_index=True, key="cmp_table", placeholder=MISSING)
 

@@ -126,14 +126,17 @@ def _experiments(at: AppTest, store: Store) -> None:
     from app import api
 
     res = api.load_experiment(api.stored_experiments(store=store)[0].key, store=store)
-    assert len(_table(at, "drift (1 − cos)")) == len(res.summary) == 5
-    assert res.config["seeds"] == 1 and res.config["steps"] == 50
+    assert len(_table(at, "task gain")) == len(res.summary) == 9  # every arm of the parameter-matched design
+    assert res.config["seeds"] == 2 and res.config["steps"] == 50
+    assert any(t.startswith("Task gain vs forgetting") for t in _figures(at))
 
 
 def _steering(at: AppTest, store: Store) -> None:
     from app import api, first_run
 
-    ext = api.load_extraction(api.stored_extractions(store=store)[0].key, store=store)
+    lm = api.open_source(first_run.LM).fingerprint  # the search's extraction of another LM is stored too
+    ext = api.load_extraction(next(e.key for e in api.stored_extractions(store=store) if e.fingerprint == lm),
+                              store=store)
     vec = api.steer_vector(ext, ext.best_layer(first_run.STEER_METHOD), first_run.STEER_METHOD)
     dr = api.find_dose_response(vec.fingerprint, vec, first_run.CONTRASTS, alphas=first_run.STEER_ALPHAS,
                                 scale=first_run.STEER_SCALE, store=store)
@@ -162,9 +165,24 @@ def _experts(at: AppTest, store: Store) -> None:
     assert len(_table(at, "load_balance")) == 2  # tiny-mixtral's two routed layers
 
 
+def _steering_search(at: AppTest, store: Store) -> None:
+    from app import api
+
+    res = api.load_search(api.stored_searches(store=store)[0].key, store=store)
+    assert len(_table(at, "effect")) >= 1 and len(res.front) >= 1
+    assert len(_table(at, "effect_retained")) == 3  # the audit: original, orthogonalised, norm-preserving
+
+
+def _sae_compare(at: AppTest, store: Store) -> None:
+    from sae.config import ARCHITECTURES
+
+    assert sorted(_table(at, "mcc")["architecture"]) == sorted(ARCHITECTURES)  # every architecture scored
+
+
 PAGE_CHECKS: dict[str, Callable[[AppTest, Store], None]] = {
     "spectra": _spectra, "selection": _selection, "experiments": _experiments, "steering": _steering,
-    "sae": _sae, "circuits": _circuits, "experts": _experts,
+    "sae": _sae, "circuits": _circuits, "experts": _experts, "steering_search": _steering_search,
+    "sae_compare": _sae_compare,
 }
 
 
