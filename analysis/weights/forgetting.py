@@ -58,7 +58,8 @@ from analysis.errors import ConfigError
 from analysis.models.encoder import collate, mean_pool, model_device, sentence_embeddings, tokenize
 from analysis.progress import Progress
 from analysis.weights.forgetting_metrics import (METRICS, SUMMARY_COLUMNS, accuracy,  # noqa: F401 (re-exported)
-                                                 changed_tensors, cosine_drift, similarity_spearman, summarise)
+                                                 batches, changed_tensors, cosine_drift, similarity_spearman,
+                                                 summarise)
 
 CODE_VERSION = "forgetting-1"
 ANALYSIS = "experiment.kappatune_forgetting"
@@ -215,18 +216,6 @@ def trainable_names(model: nn.Module, arm: str, spectra_table: pd.DataFrame | No
     return freeze_to_selection(model, sel)
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    out = []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order.extend(rng.permutation(n).tolist())
-        out.append(np.array(order[:batch_size]))
-        del order[:batch_size]
-    return out
-
-
 def train_arm(base: nn.Module, arm: str, seed: int, train_ids: Sequence[Sequence[int]], train_labels: np.ndarray,
               n_classes: int, config: ForgettingConfig, *, spectra_table: pd.DataFrame | None = None,
               pad_id: int = 0, on_step: Callable[[int], None] | None = None) -> TrainedArm:
@@ -250,7 +239,7 @@ def train_arm(base: nn.Module, arm: str, seed: int, train_ids: Sequence[Sequence
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     labels = torch.as_tensor(train_labels, dtype=torch.long)
     losses = np.empty(config.steps)
-    for step, idx in enumerate(_batches(len(train_ids), config.batch_size, config.steps, seed)):
+    for step, idx in enumerate(batches(len(train_ids), config.batch_size, config.steps, seed)):
         x, mask = collate([train_ids[i] for i in idx], pad_id)
         x, mask = x.to(device), mask.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast):

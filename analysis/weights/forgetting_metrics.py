@@ -7,7 +7,8 @@ Used by the KappaTune forgetting experiment (``analysis.weights.forgetting``):
   cosine-similarity matrices before and after (1 = the geometry of the held-out set is kept);
 - ``accuracy``: share of task texts whose argmax logit is their label;
 - ``changed_tensors``: the parameters that moved (bitwise) during fine-tuning;
-- ``summarise``: one row per arm, mean and sample std (ddof=1) over seeds.
+- ``summarise``: one row per arm, mean and sample std (ddof=1) over seeds;
+- ``batches``: the seeded index batches both experiment designs train on.
 """
 
 from __future__ import annotations
@@ -75,3 +76,16 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_std"] = float(g[m].std(ddof=1)) if len(g) > 1 else math.nan
         rows.append(row)
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
+    """``steps`` index batches, one seeded permutation per epoch."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    out = []
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order.extend(rng.permutation(n).tolist())
+        out.append(np.array(order[:batch_size]))
+        del order[:batch_size]
+    return out

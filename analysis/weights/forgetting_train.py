@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from analysis.weights.forgetting_arms import ArmPlan
+from analysis.weights.forgetting_metrics import batches
 
 LM_TASK = "lm"
 ENCODER_TASK = "classification"
@@ -137,19 +138,6 @@ def prepare(model: nn.Module, plan: ArmPlan, task: str) -> nn.Module:
     elif plan.params:
         freeze_to_selection(model, plan.params)
     return model
-
-
-def batches(n: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
-    """``steps`` index batches, one seeded permutation per epoch."""
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    out = []
-    for _ in range(steps):
-        while len(order) < batch_size:
-            order.extend(rng.permutation(n).tolist())
-        out.append(np.array(order[:batch_size]))
-        del order[:batch_size]
-    return out
 
 
 def lm_nll(model: nn.Module, ids: list[list[int]], pad_id: int, batch_size: int = 32) -> float:
