@@ -397,4 +397,3 @@ class Store:
         from analysis.store_check import check_store
 
         return check_store(self, fix=fix, tmp_min_age_s=tmp_min_age_s)
-
