@@ -316,3 +316,30 @@ def test_choose_prefers_a_gain_when_nothing_is_within_the_limit():
     assert so.choose(t, "kl", 0.35) == 3  # within the limit (rows 0, 3): the largest effect there
     assert so.choose(t, "kl", 0.01) == 2  # none within: the gentlest setting that gains (not row 3, a loss)
     assert so.choose(t.assign(effect=-t["effect"].abs()), "kl", 0.01) == 3  # no gain at all: the gentlest
+
+
+@pytest.mark.slow  # trains MiniLM's masked-LM head on first use (~5 min on 2 cores; cached afterwards)
+def test_minilm_masked_loss_delta_matches_the_loss_through_the_steering_hooks(minilm, store):
+    """``masked=True``: each setting's masked_loss_delta is the masked-token loss (nats per masked token) of the
+    neutral texts with the vector added at the layer, minus without it; 0 for the unsteered model."""
+    from analysis.models.masked_lm import mask_tokens, masked_token_loss
+    from analysis.steering.hooks import steering_hooks
+    from analysis.steering.pipeline_vectors import bridge_for
+    from app import api
+
+    res = ps.steer_search("minilm", "positive-negative", sources=["mean_diff"], layers=[3], budget=30, n_coarse=3,
+                          masked=True, store=store, device="cpu")
+    t = res.table
+    assert "masked_loss_delta" in t and t["masked_loss_delta"].notna().all()
+    row = t.loc[t["alpha"].abs().idxmax()]
+    _, bridge = bridge_for("minilm", mlm_head=True, device="cpu")
+    ext = api.steer_extract("minilm", "positive-negative", store=store, device="cpu")
+    vec = ext.vector(3, "mean_diff")
+    v = (res.meta["mean_norms"]["3"] * vec / np.linalg.norm(vec)).astype(np.float32)
+    batch = mask_tokens(bridge.tokenizer, list(ps.neutral_texts(ps.NEUTRAL, 32)), seed=0)
+    with model_cache.LOCK:
+        base = masked_token_loss(bridge, batch)
+        steered = masked_token_loss(bridge, batch, fwd_hooks=steering_hooks(bridge, v, alpha=float(row["alpha"]),
+                                                                            layers=[3], hook="resid_post"))
+    assert steered - base == pytest.approx(row["masked_loss_delta"], rel=1e-4, abs=1e-6)
+    assert abs(row["masked_loss_delta"]) > 1e-3  # the strongest setting moves the loss
