@@ -8,6 +8,11 @@ from pathlib import Path
 
 import torch
 
+# Docstring-like sentences over the tokenizer's concept words: a small corpus for SAE tests on the tiny Llama
+TOY_WORDS = ["tensor", "array", "frame", "model", "value", "index", "shape", "file"]
+TOY_TEXTS = [f"the {a} of a {b} returns a new {c}" for a in TOY_WORDS for b in TOY_WORDS for c in TOY_WORDS[:2]]
+TOY_HELD = [f"a {a} with the {b} of each {a}" for a in TOY_WORDS for b in TOY_WORDS[:4]]
+
 
 def make_tiny_llama(d: Path, *, d_model: int = 32, n_layers: int = 2, seed: int = 0, tie: bool = False) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

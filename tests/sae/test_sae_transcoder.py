@@ -10,14 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tiny_llama import TOY_HELD as HELD
+from _tiny_llama import TOY_TEXTS as TEXTS
 from _tiny_llama import make_tiny_llama
 
 from analysis.errors import ConfigError
 from sae.transcoder import Splice, Transcoder, TranscoderConfig, least_squares_skip, nmse, train_transcoder
 
-WORDS = ["tensor", "array", "frame", "model", "value", "index", "shape", "file"]
-TEXTS = [f"the {a} of a {b} returns a new {c}" for a in WORDS for b in WORDS for c in WORDS[:2]]
-HELD = [f"a {a} with the {b} of each {a}" for a in WORDS for b in WORDS[:4]]
 
 
 @pytest.fixture(scope="module")
