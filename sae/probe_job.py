@@ -135,8 +135,9 @@ def compute_probe(subject: Subject, job: ProbeJob, ctx: RunContext) -> Result:
     src = requests.reopen(trained.key, cfg, trained.meta, job.source)
     with ctx.lock:
         bridge = requests.booted(src, ctx)
-        ctx.tick(1, 3, f"hook_z of {len(texts)} texts")
-        cache = hv.harvest(src, cfg.layer, texts, max_tokens=MAX_TOKENS, bridge=bridge, progress=ctx.sub("harvest"))
+        ctx.tick(1, 3, f"{cfg.site} of {len(texts)} texts")
+        cache = hv.harvest(src, cfg.layer, texts, max_tokens=MAX_TOKENS, bridge=bridge, progress=ctx.sub("harvest"),
+                           site=cfg.site)
     x = np.array(cache.acts, dtype=np.float32)  # a writable copy of the memory map
     sae = sae_on(trained.sae, ctx.device)
     with torch.no_grad():

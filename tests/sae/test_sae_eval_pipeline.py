@@ -137,3 +137,24 @@ def test_probe_round_trip(tmp_path, store, boom, monkeypatch):
         ep.sae_probe(key, task="nope", store=store)
     with pytest.raises(ConfigError, match=r"ks=\[0\]"):
         ep.sae_probe(key, task="code", ks=(0,), store=store)
+
+
+def test_probe_reads_the_site_the_sae_was_trained_on(tmp_path, store, monkeypatch):
+    """A resid_post SAE is probed on resid_post activations, not hook_z (the tiny Llama's hook_z has the
+    residual width, so reading the wrong site would not fail on shapes; harvesting at each site is checked
+    against run_with_cache in test_sae_sites)."""
+    from analysis import corpus
+    from app import api
+    from sae import harvest as hv
+
+    docs = [corpus.DocText(f"Return the {a} of the {b}.", pkg, f"{pkg}.f{i}")
+            for i, (a, b) in enumerate(zip(WORDS, WORDS[::-1])) for pkg in ("numpy", "pandas")]
+    monkeypatch.setattr(corpus, "docstring_corpus", lambda *a, **k: docs)
+    llama = make_tiny_llama(tmp_path / "llama")
+    key = api.sae_train(str(llama), layer=0, site="resid_post", texts=TRAIN, d_sae=32, k=4, n_tokens=20 * 128,
+                        batch_size=128, store=store, device="cpu").key
+    sites: list[str] = []
+    real = hv.harvest
+    monkeypatch.setattr(hv, "harvest", lambda *a, **k: sites.append(k.get("site", "hook_z")) or real(*a, **k))
+    ep.sae_probe(key, task="code", ks=(1,), per_class=8, store=store, device="cpu")
+    assert sites == ["resid_post"]
