@@ -37,7 +37,7 @@ from sae.synthetic import SyntheticSpec
 GROUNDTRUTH = register(Analysis(name="sae-groundtruth", code_version="sae-groundtruth-1", compute=compute_groundtruth,
                                 from_result=groundtruth_from_result, register_model=False,
                                 doc="an SAE trained on synthetic activations, scored against the true dictionary"))
-PROBE = register(Analysis(name="sae-probe", code_version="sae-probe-1", compute=compute_probe,
+PROBE = register(Analysis(name="sae-probe", code_version="sae-probe-2", compute=compute_probe,
                           from_result=probe_from_result, register_model=False,
                           doc="k-sparse probes on an SAE's latents against a probe on the raw activations"))
 
