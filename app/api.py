@@ -68,7 +68,7 @@ from sae.pipeline import (SAEEvaluation, TrainedSAE, evaluate_sae, find_sae, fin
                           stored_sae_features, train_sae)
 from sae.saelens_io import export_saelens, import_saelens, sae_export, sae_import  # noqa: F401
 from sae.eval_pipeline import (GroundTruthResult, ProbeResult, find_sae_groundtruth, find_sae_probe,  # noqa: F401
-                               groundtruth_rows, load_sae_groundtruth, load_sae_probe, sae_groundtruth,
+                               groundtruth_rows, load_sae_groundtruth, load_sae_probe, probe_rows, sae_groundtruth,
                                sae_groundtruth_table, sae_probe, stored_sae_groundtruth, stored_sae_probe)
 from sae.transcoder_job import TranscoderRun, sae_transcoder  # noqa: F401
 

@@ -177,6 +177,16 @@ def load_sae_probe(key: str, store: StoreLike = None) -> ProbeResult:
     return runner.load(key, store=store, analysis=PROBE)
 
 
+def probe_rows(store: StoreLike = None) -> pd.DataFrame:
+    """One row per stored probing run from the index (no blob read): key, the probed SAE's key (``sae_key``),
+    task, number of texts, and the mean accuracy of each probe ("sae k=1", ..., "raw")."""
+    rows = [{"key": e.key, "sae_key": e.params.get("sae"), "task": e.params.get("task"),
+             "n_texts": e.meta.get("n_texts"), **e.meta.get("summary", {}), "created": pd.Timestamp(e.created, unit="s")}
+            for e in stored_sae_probe(store=store)]
+    return pd.DataFrame(rows, columns=None if rows else ["key", "sae_key", "task", "n_texts", "created"])
+
+
 __all__ = ["GROUNDTRUTH", "GT_DEFAULTS", "PROBE", "PROBE_TASKS", "GroundTruthResult", "ProbeResult",
            "find_sae_groundtruth", "find_sae_probe", "groundtruth_rows", "load_sae_groundtruth", "load_sae_probe",
-           "sae_groundtruth", "sae_groundtruth_table", "sae_probe", "stored_sae_groundtruth", "stored_sae_probe"]
+           "probe_rows", "sae_groundtruth", "sae_groundtruth_table", "sae_probe", "stored_sae_groundtruth",
+           "stored_sae_probe"]

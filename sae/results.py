@@ -27,9 +27,9 @@ from sae.model import SAE
 EVAL_VERSION = "sae-eval-1"
 LIST_COLUMNS = ["key", "name", "source", "model", "layer", "site", "architecture", "d_in", "d_sae", "k", "l1_coefficient",
                 "n_train_tokens", "l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "cosine",
-                "loss_recovered", "dead_fraction", "dense_fraction", "features", "created"]
+                "loss_recovered", "kl_recovered", "dead_fraction", "dense_fraction", "features", "created"]
 _METRICS = ("l0", "nmse", "explained_variance_saelens", "explained_variance_sklearn", "cosine", "loss_recovered",
-            "dead_fraction", "dense_fraction")
+            "kl_recovered", "dead_fraction", "dense_fraction")
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,8 +2,10 @@
 
 Two sections, both read from the store through ``app.api``:
 
-- **SAEs of a model**: pick a model and a site (layer); L0 against NMSE and against loss recovered, one
-  marker per evaluated SAE, coloured by architecture, with the Pareto frontier (``api.sae_list``).
+- **SAEs of a model**: pick a model and a site (layer); L0 against NMSE, loss recovered and KL recovered, one
+  marker per evaluated SAE, coloured by architecture, with the Pareto frontier (``api.sae_list``); below, the
+  stored sparse-probing runs of those SAEs (``api.probe_rows``): L0 against the k-sparse probe accuracy, and
+  the table beside the raw-activation probe.
 - **Ground truth**: SAEs trained on synthetic activations with a known dictionary
   (``api.groundtruth_rows``): L0 against NMSE and against MCC / absorption, and the table. The button
   scores every architecture on the default synthetic setting (``api.sae_groundtruth_table``).
@@ -19,6 +21,9 @@ from app.state import MISSING, get_store, run_with_st_progress
 
 GT_COLUMNS = ["architecture", "d_sae", "k", "l1_coefficient", "l0", "nmse", "mcc", "mean_max_cosine", "precision",
               "recall", "absorption", "parent_split_fraction", "shrinkage", "dead_fraction"]
+
+SITE_COLUMNS = ["name", "architecture", "l0", "nmse", "explained_variance_saelens", "loss_recovered", "kl_recovered",
+                "dead_fraction"]
 
 store = get_store()
 st.title("Compare SAEs")
@@ -53,8 +58,34 @@ else:
     else:
         p2.caption("L0 vs loss recovered: not measured for these SAEs (evaluated with --no-loss; "
                    "`lenslab sae eval SOURCE --layer L --sae KEY` measures it).")
-    st.dataframe(site[["name", "architecture", "l0", "nmse", "explained_variance_saelens", "loss_recovered",
-                       "dead_fraction"]], hide_index=True, key="cmp_table", placeholder=MISSING)
+    if "kl_recovered" in site.columns and site["kl_recovered"].notna().any():
+        st.plotly_chart(charts.pareto_scatter(site, "l0", "kl_recovered", minimise_y=False,
+                                              title="L0 vs KL recovered"), key="cmp_kl")
+    st.dataframe(site[[c for c in SITE_COLUMNS if c in site.columns]], hide_index=True, key="cmp_table",
+                 placeholder=MISSING)
+
+    st.subheader("Sparse probing")
+    probes = api.probe_rows(store=store)
+    probed = (site[["key", "name", "architecture", "l0"]].merge(probes, left_on="key", right_on="sae_key",
+                                                                  suffixes=("", "_probe"))
+              if not probes.empty else probes)
+    if probed.empty:
+        st.caption("No probing run for these SAEs yet: `lenslab sae probe SOURCE --layer L --task package` (or "
+                   "`--task code`) fits k-sparse probes on an SAE's latents and a probe on the raw activations.")
+    else:
+        tasks = sorted(probed["task"].astype(str).unique())
+        task = st.selectbox("Probing task", tasks, key="cmp_probe_task") if len(tasks) > 1 else tasks[0]
+        mine_p = probed[probed["task"] == task]
+        ks = sorted((c for c in mine_p.columns if c.startswith("sae k=")), key=lambda c: int(c.split("=")[1]))
+        q1, q2 = st.columns(2)
+        for col, k_col in zip((q1, q2), (ks[0], ks[-1]) if len(ks) > 1 else ks):
+            col.plotly_chart(charts.pareto_scatter(mine_p, "l0", k_col, minimise_y=False,
+                                                   title=f"L0 vs probe accuracy ({k_col.removeprefix('sae ')})"),
+                             key=f"cmp_probe_{k_col}")
+        st.dataframe(mine_p[["name", "architecture", "l0", *ks, "raw", "n_texts"]], hide_index=True,
+                     key="cmp_probe_table", placeholder=MISSING)
+        st.caption(f"Task {task!r}: mean accuracy over its one-vs-rest tasks on held-out texts; 'raw' is a logistic "
+                   "probe on all of the raw activations (sae/probing.py).")
 
 st.header("Ground truth (synthetic activations)")
 if st.button("Score every architecture on the default synthetic setting", key="cmp_score",

@@ -68,7 +68,7 @@ NO_PATHS = {  # app.api functions the dashboard calls whose arguments name no fi
                      "stored_dose_responses", "mmoe_curves", "load_mmoe_curve",
                      "load_expert_report", "stored_bias_demos", "stored_routing", "stored_kappatune_experiments",
                      "sae_list", "has_sae_eval", "has_sae_features", "find_sae_eval", "find_sae_features",
-                     "load_sae", "sae_polysemantic", "stored_circuits", "load_circuits", "groundtruth_rows"],
+                     "load_sae", "sae_polysemantic", "stored_circuits", "load_circuits", "groundtruth_rows", "probe_rows"],
                     "reads the store by key or returns values in memory"),
     **dict.fromkeys(["stored_mmoe_curves", "stored_mmoe_bias", "load_mmoe_bias", "stored_experts_routing",
                      "load_experts_routing"], "reads the store by key or returns values in memory"),

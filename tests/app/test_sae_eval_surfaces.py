@@ -125,3 +125,32 @@ def test_cli_probe_json_is_the_stored_result(tmp_path, monkeypatch):
     stored = api.find_sae_probe(out["key"], task="package", ks=(1, 3), per_class=8, store=store)
     assert out["summary"] == pytest.approx(stored.summary) and set(out["summary"]) == {"sae k=1", "sae k=3", "raw"}
     assert len(out["rows"]) == 3  # two packages: one task, three probes
+    rows = api.probe_rows(store=store)  # the index row the Compare page reads
+    assert rows["sae_key"].tolist() == [out["key"]] and rows["task"].tolist() == ["package"]
+    assert {c: rows.iloc[0][c] for c in stored.summary} == pytest.approx(stored.summary)
+
+
+def test_page_shows_probing_and_kl_of_the_chosen_site(tmp_path, monkeypatch, streamlit_caches_cleared):
+    """The probe plot's frontier and table come from the planted probe rows of the chosen model's SAEs only."""
+    from app import api
+
+    saes = pd.DataFrame({"key": ["a" * 64, "b" * 64, "c" * 64, "d" * 64], "name": ["s1", "s2", "s3", "other"],
+                         "model": ["tiny"] * 3 + ["else"], "layer": [1, 1, 1, 1],
+                         "architecture": ["topk", "relu", "gated", "topk"], "l0": [8.0, 20.0, 30.0, 5.0],
+                         "nmse": [0.3, 0.2, 0.25, 0.1], "explained_variance_saelens": [.7, .8, .75, .9],
+                         "loss_recovered": [0.5, 0.7, 0.6, 0.9], "kl_recovered": [0.4, 0.6, 0.65, 0.9],
+                         "dead_fraction": [0.0, 0.1, 0.0, 0.0]})
+    probes = pd.DataFrame({"key": ["p1", "p2", "p3", "p4"], "sae_key": ["a" * 64, "b" * 64, "c" * 64, "d" * 64],
+                           "task": ["code"] * 4, "n_texts": [40] * 4, "sae k=1": [0.7, 0.65, 0.9, 0.99],
+                           "sae k=5": [0.8, 0.85, 0.95, 0.99], "raw": [0.97] * 4})
+    monkeypatch.setattr(api, "probe_rows", lambda store=None: probes)
+    at = _open(monkeypatch, tmp_path / "store", saes)
+    at.selectbox(key="cmp_model").set_value("tiny").run()
+    assert not at.error, [e.value for e in at.error]
+    figs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]
+    by_title = {f["layout"]["title"]["text"]: f for f in figs}
+    assert {"L0 vs KL recovered", "L0 vs probe accuracy (k=1)", "L0 vs probe accuracy (k=5)"} <= set(by_title)
+    frontier = next(t for t in by_title["L0 vs probe accuracy (k=1)"]["data"] if t["name"] == "Pareto frontier")
+    assert figure_array(frontier["x"]).tolist() == [8.0, 30.0]  # s2 (L0 20, 0.65) is dominated by s1 (8, 0.7)
+    table = next(df.value for df in at.dataframe if "sae k=1" in df.value.columns)
+    assert table["name"].tolist() == ["s1", "s2", "s3"] and table["sae k=5"].tolist() == [0.8, 0.85, 0.95]
