@@ -111,12 +111,14 @@ def kind_and_architecture(cfg: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def transcoder_name(meta: Mapping[str, Any]) -> str:
-    """Short label: "minilm L3 skip_transcoder 3072 (k=32, masked)"."""
+    """Short label: "minilm L3 skip_transcoder 3072 (k=32, masked)" (", seed 1" when the seed is not 0)."""
     c = meta.get("cfg", {})
     kind, arch = kind_and_architecture(c)
     extra = [f"k={c.get('k')}" if arch == "topk" else arch]
     if meta.get("harvest", {}).get("mask_rate"):
         extra.append("masked")
+    if c.get("seed", 0):
+        extra.append(f"seed {c['seed']}")
     label = meta.get("source_spec") or meta.get("source_label") or ""
     short = os.path.basename(str(label)) or label
     return f"{short} L{c.get('layer')} {kind} {c.get('d_sae')} ({', '.join(extra)})"
