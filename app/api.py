@@ -70,7 +70,8 @@ from sae.saelens_io import export_saelens, import_saelens, sae_export, sae_impor
 from sae.eval_pipeline import (GroundTruthResult, ProbeResult, find_sae_groundtruth, find_sae_probe,  # noqa: F401
                                groundtruth_rows, load_sae_groundtruth, load_sae_probe, probe_rows, sae_groundtruth,
                                sae_groundtruth_table, sae_probe, stored_sae_groundtruth, stored_sae_probe)
-from sae.transcoder_job import TranscoderRun, sae_transcoder  # noqa: F401
+from sae.transcoder_pipeline import (TranscoderRun, find_sae_transcoder, load_sae_transcoder,  # noqa: F401
+                                     sae_transcoder, sae_transcoders, stored_sae_transcoders)
 
 # -- per-head attention circuit spectra: analysis/circuits/ -----------------------------------------------
 from analysis.circuits.pipeline import circuits, find_circuits, load_circuits, stored_circuits  # noqa: F401

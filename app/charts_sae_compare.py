@@ -2,8 +2,10 @@
 
 - ``pareto_front(x, y, minimise_y)``: indices of the points no other point beats on both axes
   (lower L0 always better; lower y when ``minimise_y``, else higher), ordered by x.
-- ``pareto_scatter(table, x, y, minimise_y, title)``: one marker per SAE, coloured by architecture,
-  hover text from the ``name`` column, the frontier drawn as a dashed step line.
+- ``pareto_scatter(table, x, y, minimise_y, title, transcoders)``: one marker per SAE, coloured by
+  architecture, hover text from the ``name`` column, the SAEs' frontier drawn as a dashed step line;
+  ``transcoders`` (rows of ``api.sae_transcoders``) add diamond markers, one trace per kind, named
+  "transcoder" / "skip transcoder" (with the architecture when it is not TopK), outside the frontier.
 """
 
 from __future__ import annotations
@@ -33,13 +35,29 @@ def pareto_front(x: np.ndarray, y: np.ndarray, minimise_y: bool = True) -> np.nd
     return np.asarray(front, dtype=np.int64)
 
 
-def pareto_scatter(table: pd.DataFrame, x: str, y: str, *, minimise_y: bool = True, title: str = "") -> go.Figure:
-    """Markers per architecture and the Pareto frontier of ``table[x]`` vs ``table[y]``."""
+def transcoder_label(kind: str, architecture: str) -> str:
+    """Legend name of a transcoder trace: "transcoder", "skip transcoder", "skip transcoder (relu)"."""
+    base = str(kind).replace("_", " ")
+    return base if architecture in ("topk", None, "") else f"{base} ({architecture})"
+
+
+def pareto_scatter(table: pd.DataFrame, x: str, y: str, *, minimise_y: bool = True, title: str = "",
+                   transcoders: pd.DataFrame | None = None) -> go.Figure:
+    """Markers per architecture and the Pareto frontier of ``table[x]`` vs ``table[y]`` (plus
+    ``transcoders`` as diamonds, module docstring)."""
     fig = go.Figure()
     names = table["name"] if "name" in table else table.get("architecture", pd.Series([""] * len(table)))
     for arch, part in table.groupby("architecture", sort=True):
         fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers", name=str(arch), marker={"size": 10},
                                  text=names.loc[part.index], hovertemplate="%{text}<br>%{x:.3g}, %{y:.4g}"))
+    if transcoders is not None and not transcoders.empty:
+        labels = [transcoder_label(k, a) for k, a in zip(transcoders["kind"], transcoders["architecture"])]
+        for label in sorted(set(labels)):
+            part = transcoders[[lb == label for lb in labels]]
+            fig.add_trace(go.Scatter(x=part[x], y=part[y], mode="markers", name=label, legendgroup="transcoders",
+                                     marker={"size": 13, "symbol": "diamond", "line": {"width": 1, "color": "black"}},
+                                     text=[f"{n} (transcoder: MLP input -> MLP output)" for n in part["name"]],
+                                     hovertemplate="%{text}<br>%{x:.3g}, %{y:.4g}"))
     front = pareto_front(table[x].to_numpy(), table[y].to_numpy(), minimise_y)
     if len(front) > 1:
         fig.add_trace(go.Scatter(x=table[x].to_numpy()[front], y=table[y].to_numpy()[front], mode="lines",

@@ -11,7 +11,9 @@ products, ``resample``, ``checkpoint``), ``metrics`` (evaluation),
 Pipeline (through ``analysis.run``): ``pipeline`` (the stored analyses and the API functions
 ``sae_train``, ``sae_eval``, ``sae_features``, ``sae_prompt``, ``sae_list`` ...), ``saelens_io``
 (``sae_export`` / ``sae_import``), ``requests`` (settings, corpus, checkpoint paths, models),
-``jobs`` (what each stored analysis computes), ``results`` (result types, index lookups).
+``jobs`` (what each stored analysis computes), ``results`` (result types, index lookups);
+``transcoder_pipeline`` (stored transcoders: ``sae_transcoder``, ``load_sae_transcoder`` ...; their
+maths in ``transcoder``, the run in ``transcoder_job``, the store round trip in ``transcoder_store``).
 """
 
 from sae.config import SAEConfig, hook_name_for

@@ -40,6 +40,8 @@ sae_app.command("groundtruth")(_sae_groundtruth)  # lenslab sae groundtruth | pr
 sae_app.command("probe")(_sae_probe)
 from app.cli.sae_transcoder import transcoder as _sae_transcoder  # noqa: E402  (lenslab sae transcoder)
 sae_app.command("transcoder")(_sae_transcoder)
+from app.cli.sae_transcoder import transcoders as _sae_transcoders  # noqa: E402  (lenslab sae transcoders)
+sae_app.command("transcoders")(_sae_transcoders)
 from app.cli import weights  # noqa: E402  (lenslab analyze | select | experiment kappatune)
 app.command()(weights.analyze)
 app.command()(weights.select)

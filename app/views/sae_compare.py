@@ -3,9 +3,11 @@
 Two sections, both read from the store through ``app.api``:
 
 - **SAEs of a model**: pick a model and a site (layer); L0 against NMSE, loss recovered and KL recovered, one
-  marker per evaluated SAE, coloured by architecture, with the Pareto frontier (``api.sae_list``); below, the
-  stored sparse-probing runs of those SAEs (``api.probe_rows``): L0 against the k-sparse probe accuracy, and
-  the table beside the raw-activation probe.
+  marker per evaluated SAE, coloured by architecture, with the Pareto frontier (``api.sae_list``). At a
+  block's ``mlp_out`` site the stored transcoders of that block (``api.sae_transcoders``: they read the
+  MLP input and predict the same MLP output) are drawn beside the SAEs as diamonds, and listed. Below, the
+  stored sparse-probing runs of those SAEs (``api.probe_rows``): L0 against the k-sparse probe accuracy,
+  and the table beside the raw-activation probe.
 - **Ground truth**: SAEs trained on synthetic activations with a known dictionary
   (``api.groundtruth_rows``): L0 against NMSE and against MCC / absorption, and the table. The button
   scores every architecture on the default synthetic setting (``api.sae_groundtruth_table``).
@@ -19,6 +21,7 @@ from app import api
 from app import charts_sae_compare as charts
 from app.state import MISSING, get_store, run_with_st_progress
 
+TC_COLUMNS = ["name", "kind", "architecture", "masked", "l0", "nmse", "nmse_mask", "nmse_other", "loss_recovered"]
 GT_COLUMNS = ["architecture", "d_sae", "k", "l1_coefficient", "l0", "nmse", "mcc", "mean_max_cosine", "precision",
               "recall", "absorption", "parent_split_fraction", "shrinkage", "dead_fraction"]
 
@@ -35,26 +38,37 @@ if msg := st.session_state.pop("sae_compare_flash", None):
 st.header("SAEs of a model")
 saes = api.sae_list(store=store)
 evaluated = saes[saes["l0"].notna()] if not saes.empty else saes
-if evaluated.empty:
-    st.info("No evaluated SAE yet. Train and evaluate some on **Attention SAEs**, or run "
-            "`lenslab sae train minilm --layer 3` then `lenslab sae eval minilm --layer 3`.")
+tcs = api.sae_transcoders(store=store)
+if evaluated.empty and tcs.empty:
+    st.info("No evaluated SAE or stored transcoder yet. Train and evaluate SAEs on **Attention SAEs**, or run "
+            "`lenslab sae train minilm --layer 3` then `lenslab sae eval minilm --layer 3`; "
+            "`lenslab sae transcoder minilm --layer 3` stores a transcoder of that block's MLP.")
 else:
     c1, c2 = st.columns(2)
-    model = c1.selectbox("Model", sorted(evaluated["model"].astype(str).unique()), key="cmp_model")
-    mine = evaluated[evaluated["model"].astype(str) == model]
+    models = sorted({str(m) for t in (evaluated, tcs) if not t.empty for m in t["model"]})
+    model = c1.selectbox("Model", models, key="cmp_model")
+    mine = evaluated[evaluated["model"].astype(str) == model] if not evaluated.empty else saes.iloc[0:0]
     if "site" not in mine.columns:  # a listing without sites: every SAE reads hook_z
         mine = mine.assign(site="hook_z")
-    places = sorted({(int(L), str(s)) for L, s in zip(mine["layer"], mine["site"])})
+    my_tcs = tcs[tcs["model"].astype(str) == model]
+    places = sorted({(int(L), str(s)) for L, s in zip(mine["layer"], mine["site"])}
+                    | {(int(L), "mlp_out") for L in my_tcs["layer"]})
     layer, at = c2.selectbox("Site (layer)", places, key="cmp_layer",
                              format_func=lambda p: f"blocks.{p[0]}.attn.hook_z" if p[1] == "hook_z"
                              else f"layer {p[0]} {p[1]}")
     site = mine[(mine["layer"] == layer) & (mine["site"] == at)]
-    st.caption(f"{len(site)} evaluated SAE(s) of {model} at layer {layer} ({at}).")
+    here = my_tcs[my_tcs["layer"] == layer] if at == "mlp_out" else my_tcs.iloc[0:0]
+    st.caption(f"{len(site)} evaluated SAE(s) of {model} at layer {layer} ({at})."
+               + (f" Diamonds: {len(here)} transcoder(s) of block {layer}, which read the MLP input and predict "
+                  "this MLP output (NMSE against it, loss recovered with it replaced); the dashed frontier is the "
+                  "SAEs'." if len(here) else "")
+               + (f" Transcoders of {model} are stored at block(s) {sorted({int(L) for L in my_tcs['layer']})}: "
+                  "pick that layer's mlp_out site to see them." if here.empty and not my_tcs.empty else ""))
     p1, p2 = st.columns(2)
-    p1.plotly_chart(charts.pareto_scatter(site, "l0", "nmse", title="L0 vs NMSE"), key="cmp_nmse")
-    if site["loss_recovered"].notna().any():
+    p1.plotly_chart(charts.pareto_scatter(site, "l0", "nmse", title="L0 vs NMSE", transcoders=here), key="cmp_nmse")
+    if site["loss_recovered"].notna().any() or here["loss_recovered"].notna().any():
         p2.plotly_chart(charts.pareto_scatter(site, "l0", "loss_recovered", minimise_y=False,
-                                              title="L0 vs loss recovered"), key="cmp_loss")
+                                              title="L0 vs loss recovered", transcoders=here), key="cmp_loss")
     else:
         p2.caption("L0 vs loss recovered: not measured for these SAEs (evaluated with --no-loss; "
                    "`lenslab sae eval SOURCE --layer L --sae KEY` measures it).")
@@ -63,6 +77,12 @@ else:
                                               title="L0 vs KL recovered"), key="cmp_kl")
     st.dataframe(site[[c for c in SITE_COLUMNS if c in site.columns]], hide_index=True, key="cmp_table",
                  placeholder=MISSING)
+    if not here.empty:
+        st.subheader(f"Transcoders of block {layer}")
+        st.dataframe(here[TC_COLUMNS], hide_index=True, key="cmp_transcoders", placeholder=MISSING)
+        st.caption("NMSE against the MLP output on held-out text; NMSE [MASK] / other (masked LMs): at the masked / "
+                   "other positions of masked held-out text; masked: trained on text with 15% of the tokens "
+                   "replaced by [MASK] (`lenslab sae transcoders` lists every stored transcoder).")
 
     st.subheader("Sparse probing")
     probes = api.probe_rows(store=store)

@@ -18,7 +18,8 @@ API_FILE = Path(api.__file__)
 ANALYSIS_NAMES = {"spectra", "experiment.kappatune_forgetting", "experiment.kappatune_matched", "bilinear.decompose",
                   "mmoe.features", "mmoe.probe", "mmoe.specialisation", "mmoe.curve", "mmoe.bias", "experts.routing",
                   "steering.extract", "steering.dose", "steering.sweep", "steering.point", "steering.search",
-                  "steering.audit", "sae", "sae-eval", "sae-features", "circuits", "sae-groundtruth", "sae-probe"}
+                  "steering.audit", "sae", "sae-eval", "sae-features", "circuits", "sae-groundtruth", "sae-probe",
+                  "sae-transcoder"}
 
 
 def test_api_module_defines_no_function_or_class():

@@ -146,6 +146,7 @@ def test_cli_transcoder_is_api_sae_transcoder(llama, tmp_path):
     run = api.sae_transcoder(str(llama), 0, skip=True, k=4, expansion=2, n_tokens=1280, batch_size=128,
                              texts=TEXTS, device="cpu")
     assert out["config"] == run.cfg.to_dict() and out["metrics"] == pytest.approx(run.metrics)
+    assert out["key"] == run.key  # the command stored it; the API call was served that entry
 
 
 def test_splicing_on_post_ln_bert_matches_hf_hooks():
