@@ -54,7 +54,7 @@ bench-sae: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.sae --relu
 
 # ~1.1B-parameter Llama-shaped bf16 decoder written to a temp dir (deleted after): LensLab harvest vs the
-# plain HF forward, SAE training, tokens/s and peak RSS against 24 GiB (~10 min on 2 cores).
+# plain HF forward, SAE training, tokens/s and peak RSS against 24 GiB (11 min on 2 cores shared with other jobs).
 bench-sae-1b: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks.sae_1b
 

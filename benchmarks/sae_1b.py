@@ -80,15 +80,16 @@ def _ru_maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _ticker(what: str, every_s: float = 20.0):
-    """A ``Progress`` callback printing ``what: done/total (tokens/s)`` at most every ``every_s``."""
+def _ticker(what: str, every_s: float = 20.0, tokens_per_unit: int = 1):
+    """A ``Progress`` callback printing ``what: done/total (tokens/s)`` at most every ``every_s``
+    (``done`` counts tokens, or units of ``tokens_per_unit`` tokens such as training steps)."""
     t0, last = time.perf_counter(), [0.0]
 
     def tick(done: int, total: int, label: str) -> None:
         now = time.perf_counter() - t0
         if now - last[0] >= every_s or done >= total:
             last[0] = now
-            log(f"{what}: {done:,}/{total:,} ({done / max(now, 1e-9):,.0f}/s) {label}")
+            log(f"{what}: {done:,}/{total:,} ({done * tokens_per_unit / max(now, 1e-9):,.0f} tokens/s) {label}")
     return tick
 
 
@@ -265,7 +266,7 @@ def train_stage(cache_path: str, *, d_sae: int, k: int, batch: int, steps: int, 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
-        res = train_sae(cache, cfg, progress=_ticker("SAE training steps", 15.0), log_every=max(1, steps // 10))
+        res = train_sae(cache, cfg, progress=_ticker("SAE training steps", 15.0, batch), log_every=max(1, steps // 10))
     finally:
         stop.set()
         poller.join()
@@ -474,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
               f"N(0, 0.02^2) bf16 weights; harvest layer {layer}; {w['texts']} docstring texts, <= {args.max_length} "
               f"tokens each, packed into forwards of <= {args.batch_tokens} padded tokens")
         print("- peak RSS = the stage's child VmHWM (resident pages, memory-mapped checkpoint and cache pages "
-              "included), anon / file = the largest anonymous / file-backed resident sizes polled every 0.2 s; "
+              "included), anon / file = the largest anonymous / file-backed resident sizes polled every 0.2 s (a "
+              "bf16 checkpoint loaded in bf16 stays memory-mapped: its pages become resident as a forward touches "
+              "them, so a forward that stops at layer L maps about the layers up to L); "
               "ru_maxrss = the child's getrusage(RUSAGE_SELF) (Linux carries the parent's peak across exec: the "
               "parent here holds no model)")
         if hf:
