@@ -3,12 +3,13 @@
 #               a few minutes the first time, seconds later), start the dashboard
 #   make test   set up .venv with test extras (and Debian chromium for browser tests), run the tests
 # Extra: make slow (slow tests), make bench (benchmark table), make bench-large (6 GB checkpoint, memory),
-# make bench-sae (SAEs vs SAELens), make experiment (KappaTune forgetting run).
+# make bench-sae (SAEs vs SAELens), make bench-sae-1b (harvest + SAE on a ~1B decoder, memory),
+# make experiment (KappaTune forgetting run).
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test slow bench bench-large bench-sae experiment setup setup-test clean
+.PHONY: run test slow bench bench-large bench-sae bench-sae-1b experiment setup setup-test clean
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -51,6 +52,11 @@ bench-large: $(VENV)/.test-installed
 bench-sae: $(VENV)/.test-installed
 	bash benchmarks/saelens_env.sh
 	$(BIN)/python -m benchmarks.sae --relu
+
+# ~1.1B-parameter Llama-shaped bf16 decoder written to a temp dir (deleted after): LensLab harvest vs the
+# plain HF forward, SAE training, tokens/s and peak RSS against 24 GiB (11 min on 2 cores shared with other jobs).
+bench-sae-1b: $(VENV)/.test-installed
+	$(BIN)/python -m benchmarks.sae_1b
 
 experiment: $(VENV)/.installed
 	$(BIN)/lenslab experiment kappatune

@@ -248,36 +248,48 @@ def _child_weightwatcher(directory: str, out: str) -> dict:
             "version": weightwatcher.__version__}
 
 
-def run_child(tool: str, directory: Path, out: Path, timeout: float | None = None) -> dict:
+def run_child(tool: str, directory: Path, out: Path, timeout: float | None = None, *,
+              module: str = "benchmarks.large_checkpoint", extra: tuple[str, ...] = (),
+              echo_stderr: bool = False) -> dict:
     """Run one tool in a child process; its report plus its peak RSS.
+
+    The child is ``python -m MODULE --child TOOL DIR OUT EXTRA...`` and prints its report as the
+    last line of its stdout (JSON, with its own ``vm_hwm``). ``echo_stderr``: the child's stderr
+    (its progress lines) goes to ours as it runs instead of being collected. Interrupting the
+    parent (Ctrl-C, an exception) kills the child before it propagates.
 
     ``peak_rss``: the child's own VmHWM (``/proc/PID/status``, bytes), read by the child at its
     end (``ru_maxrss`` is not used: Linux carries the parent's peak across ``exec`` into it).
     ``peak_anon`` / ``peak_file``: the largest anonymous / file-backed (memory-mapped) resident
     sizes seen by polling every 0.2 s; a timed-out child reports the last polled VmHWM.
     """
-    cmd = [sys.executable, "-m", "benchmarks.large_checkpoint", "--child", tool, str(directory), str(out)]
+    cmd = [sys.executable, "-m", module, "--child", tool, str(directory), str(out), *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if echo_stderr else subprocess.PIPE, text=True,
+                            env=env, cwd=Path(__file__).resolve().parent.parent)
     peaks = {"VmHWM": 0, "RssAnon": 0, "RssFile": 0}
     timed_out = False
-    while proc.poll() is None:
-        for k, v in proc_status(proc.pid).items():
-            if k in peaks:
-                peaks[k] = max(peaks[k], v)
-        if timeout is not None and time.perf_counter() - t0 > timeout:
-            proc.kill()
-            timed_out = True
-        time.sleep(0.2)
+    try:
+        while proc.poll() is None:
+            for k, v in proc_status(proc.pid).items():
+                if k in peaks:
+                    peaks[k] = max(peaks[k], v)
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                proc.kill()
+                timed_out = True
+            time.sleep(0.2)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     base = {"peak_anon": peaks["RssAnon"], "peak_file": peaks["RssFile"], "wall_s": wall}
     if timed_out:
         return {"error": f"stopped after {timeout:.0f} s", "peak_rss": peaks["VmHWM"], **base}
     if proc.returncode != 0:
-        last = stderr.strip().splitlines()[-1:] or [""]
+        last = (stderr or "").strip().splitlines()[-1:] or [""]
         return {"error": f"exit {proc.returncode}: {last[0][:200]}", "peak_rss": peaks["VmHWM"], **base}
     report = json.loads(stdout.strip().splitlines()[-1])
     report.update(peak_rss=report["vm_hwm"], **base)
