@@ -79,7 +79,7 @@ def dense_gated_gradients(tr: TrainState, x: torch.Tensor, step: int
     G[bsz:, d_in:] = 1.0
     t = (S.T @ G[:, :d_in + 1]).float()  # [f^T g1 + ReLU(pi)^T g2 | sum_b ReLU(pi)]
     fired = column_counts(positive(f))
-    gate_open = int(torch.count_nonzero(pi))
+    gate_open = int(column_counts(positive(pi)).sum())  # count_nonzero is ~5x slower on bf16 here
     gc = torch.matmul(G, W_dec_aug.T, out=tr.ws.get("gated_code_grads", (2 * bsz, d_sae), cd, x.device))
     torch.ops.aten.threshold_backward.grad_input(gc, S, 0, grad_input=gc)  # [g_mag; g_pi]
     t_mag = (gc[:bsz].T @ xc1).float()  # [A | sum_b g_mag]
