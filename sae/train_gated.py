@@ -17,8 +17,13 @@ as ``dense_relu`` splits its constant: rows are unit norm, so bf16 would round e
 open). The encoder's gradient needs the two halves apart: g_mag^T [xc | 1] = [A | sum_b g_mag] and
 g_pi^T [xc | 1] = [P | sum_b g_pi] give grad W_enc^T = e^{r_mag} A + P, grad b_mag = sum_b g_mag,
 grad b_gate = sum_b g_pi and grad r_mag = e^{r_mag} (A . W_enc^T) (row-wise: sum_b g_mag (pi - b_gate)
-e^{r_mag}, with pi - b_gate = xc . W_enc[:, i]), so no reduction runs over a [B, d_sae] matrix.
-GEMMs run in the compute dtype (bfloat16 or float32), as the ReLU step's.
+e^{r_mag}, with pi - b_gate = xc . W_enc[:, i]), so no gradient is summed over a [B, d_sae] matrix
+outside a GEMM. GEMMs run in the compute dtype (bfloat16 or float32), as the ReLU step's; in bfloat16
+mag is computed from the bf16 pi, so it agrees with autograd's second GEMM to bf16 precision (tested).
+Measured (d_in 384, d_sae 6144, batch 4096, bf16, 2 threads, same batches interleaved, loaded
+machine): 3.4x faster than the autograd step ``sae.train_arch.dense_gradients`` over steps 1-19, and
+1.3-3x faster than ``gated_sparse`` at the gate densities of steps 12-20 (9%-3.5% of d_sae), so the
+switch stays at ``DENSE_ABOVE_DENSITY``.
 
 ``gated_sparse`` is the same loss over the open gates' pattern (``sae.sparse``): f, ReLU(pi) and
 both penalties vanish off it.
