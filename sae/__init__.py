@@ -3,8 +3,8 @@
 Maths: ``config`` (SAEConfig; TrainSettings, the training defaults), ``model`` (SAE: relu, topk,
 jumprelu, batchtopk, matryoshka_batchtopk, gated), ``activations`` (their encoders), ``corpus``
 (its texts), ``harvest`` (activation cache), ``train`` (fit / resume: ``train_state`` the step,
-``train_arch`` the step of the architectures beyond relu/topk, ``sparse`` / ``dense_relu`` its
-products, ``resample``, ``checkpoint``), ``metrics`` (evaluation),
+``train_arch`` the step of the architectures beyond relu/topk, ``train_gated`` gated's, ``sparse`` /
+``dense_relu`` its products, ``resample``, ``checkpoint``), ``metrics`` (evaluation),
 ``lm_loss`` (loss functions for loss recovered), ``saelens_format`` (SAELens files), ``store_io``
 (SAE <-> results store), ``attribution``, ``features``.
 

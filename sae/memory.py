@@ -110,8 +110,10 @@ def training_bytes(*, d_in: int, d_sae: int, batch_size: int, architecture: str 
         per_bs = 2 * c + 0.5 + (4 if architecture == "matryoshka_batchtopk" else 0)
     else:
         per_bs = max(2 * c + 1, c + 1 + PER_ACTIVE_BYTES * _DENSE_ABOVE_DENSITY[dtype])
-    if architecture in ("jumprelu", "gated"):  # dense autograd route (sae.train_arch): ~10 float32 copies alive
+    if architecture == "jumprelu":  # dense autograd route (sae.train_arch): ~10 float32 copies alive
         per_bs = max(per_bs, 10 * 4 + 2 * c)
+    elif architecture == "gated":  # dense GEMM step (sae.train_gated): [f; ReLU(pi)] and its gradient, [2B, d_sae]
+        per_bs = max(per_bs, 4 * c + 1)
     parts = {"weights": SD_BYTES[family] * d_sae * d_in + LATENT_BYTES * d_sae,
              "step": int(per_bs * batch_size * d_sae),
              "batch": BD_BYTES * batch_size * d_in,

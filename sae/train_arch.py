@@ -20,12 +20,13 @@ Losses (mean over the batch's B tokens; SAELens 6.54's maths, ``SAEConfig``'s do
   b_dec in the last term's graph, unlike the paper's frozen copy: we follow SAELens).
 
 Routes that compute the same gradients: ``dense_gradients`` (autograd on dense [B, d_sae] tensors,
-matmuls in the compute dtype: the reference, and gated's route while more than
-``DENSE_ABOVE_DENSITY`` of its gates are open), ``dense_jumprelu_gradients`` (jumprelu while more
-than that share of its latents fire: ``sae.dense_relu``'s GEMMs) and ``sparse_gradients``
+matmuls in the compute dtype: the reference; batchtopk's and matryoshka's route when forced dense),
+``dense_jumprelu_gradients`` (jumprelu while more than ``DENSE_ABOVE_DENSITY`` of its latents fire:
+``sae.dense_relu``'s GEMMs), ``sae.train_gated.dense_gated_gradients`` (gated while more than that
+share of its gates are open: the same GEMMs, f and ReLU(pi) stacked) and ``sparse_gradients``
 (hand-written over the active set, as ``sae.train_state``'s topk step: jumprelu's pattern also
 holds the kernel's band theta - eps/2 < z < theta + eps/2, where theta's gradient lives; gated's is
-the open gates pi > 0, where every one of its terms lives).
+the open gates pi > 0, where every one of its terms lives: ``sae.train_gated.gated_sparse``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 from sae import activations
 from sae.dense_relu import DENSE_ABOVE_DENSITY, dense_relu_gradients, encoder_matrix, with_columns
 from sae.sparse import Pattern, _offsets, column_counts
+from sae.train_gated import dense_gated_gradients, gated_sparse
 
 TrainState = Any  # sae.train_state.TrainState (not imported: it imports this module)
 
@@ -168,7 +170,8 @@ def gradients(tr: TrainState, x: torch.Tensor, step: int, dense: bool | None = N
         l0 = float(tr.extra_state["gate_l0"]) if c.architecture == "gated" else tr.l0_est
         dense = c.architecture in ("jumprelu", "gated") and l0 > DENSE_ABOVE_DENSITY[c.dtype] * c.d_sae
     if dense:
-        return dense_jumprelu_gradients(tr, x, step) if c.architecture == "jumprelu" else dense_gradients(tr, x, step)
+        return dense_jumprelu_gradients(tr, x, step) if c.architecture == "jumprelu" else \
+            dense_gated_gradients(tr, x, step)
     return sparse_gradients(tr, x, step)
 
 
@@ -238,7 +241,7 @@ def sparse_gradients(tr: TrainState, x: torch.Tensor, step: int
     aux = 0.0
     l0_loss = 0.0
     if c.architecture == "gated":
-        return _gated_sparse(tr, x, xc, Pattern.from_mask(pre > 0), step)
+        return gated_sparse(tr, x, xc, Pattern.from_mask(pre > 0), step)
     if c.architecture == "jumprelu":
         pattern = Pattern.from_mask(pre > (p["threshold"] - 0.5 * c.jumprelu_bandwidth).to(cd))
         out = _jumprelu_sparse(tr, x, xc, pattern, step)
@@ -265,50 +268,6 @@ def sparse_gradients(tr: TrainState, x: torch.Tensor, step: int
         grads["threshold"] = out[7]
     else:
         update_topk_threshold(tr, tr._kept)
-    return grads, metrics, fired_counts
-
-
-def _gated_sparse(tr: TrainState, x, xc, pattern: Pattern, step: int):
-    """Gated gradients over the gate's pattern pi > 0: f, ReLU(pi) and both penalties vanish off it.
-    On an entry: mag = (pi - b_gate) exp(r_mag) + b_mag, f = 1[pi > 0] ReLU(mag); recon error e1 =
-    f W_dec + b_dec - x, aux error e2 = ReLU(pi) W_dec + b_dec - x, L1 = l1 sum ReLU(pi) ||W_dec[i]||."""
-    c, p = tr.cfg, tr.p
-    bsz = x.shape[0]
-    pi = pattern.sample(xc, p["W_encT"].T).add_(pattern.gather(p["b_enc"]))
-    gate = pi > 0
-    pi_pos = pi.clamp_min(0)
-    er = pattern.gather(p["r_mag"]).exp_()
-    mag = (pi - pattern.gather(p["b_enc"])).mul_(er).add_(pattern.gather(p["b_mag"]))
-    f = mag.clamp_min(0).mul_(gate)
-    g1 = pattern.matmul(f, p["W_dec"]).add_(p["b_dec"]).sub_(x)
-    g2 = pattern.matmul(pi_pos, p["W_dec"]).add_(p["b_dec"]).sub_(x)
-    sq_err, aux = float(g1.pow(2).sum()), float(g2.pow(2).sum()) / bsz
-    g1.mul_(2.0 / bsz)
-    g2.mul_(2.0 / bsz)
-    l1 = tr.l1(step)
-    norms = p["W_dec"].norm(dim=1)
-    g_mag = pattern.sample(g1, p["W_dec"].T).mul_(gate & (mag > 0))
-    g_pi = pattern.sample(g2, p["W_dec"].T).add_(pattern.gather(norms), alpha=l1 / bsz).mul_(gate)
-    g_pre = g_mag * er  # d mag / d (xc . W_enc[:, i]) = exp(r_mag)
-    g_pre.add_(g_pi)
-    pi_sum = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, pi_pos)
-    g_W_dec = pattern.t_matmul(f, g1).add_(pattern.t_matmul(pi_pos, g2))
-    g_W_dec.add_(p["W_dec"] * (l1 / bsz * pi_sum / norms.clamp_min(1e-12)).unsqueeze(1))
-    g_W_encT = pattern.t_matmul(g_pre, xc)
-    g_b_gate = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_pi)
-    g_pre_sum = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_pre)
-    g_b_mag = torch.zeros(c.d_sae, device=x.device).index_add_(0, pattern.cols, g_mag)
-    g_r_mag = torch.zeros(c.d_sae, device=x.device).index_add_(  # d mag / d r_mag = mag - b_mag
-        0, pattern.cols, g_mag * (mag - pattern.gather(p["b_mag"])))
-    g_b_dec = g1.sum(0) + g2.sum(0) - g_pre_sum @ p["W_encT"]
-    fired_counts = torch.bincount(pattern.cols[f > 0], minlength=c.d_sae)
-    mse = sq_err / bsz
-    l1_loss = l1 * float((pi_sum * norms).sum()) / bsz
-    metrics = {"loss": mse + aux + l1_loss, "mse": mse, "nmse": mse / max(tr.var_per_token, 1e-30),
-               "l0": float(fired_counts.sum()) / bsz, "aux": aux, "dense": 0.0}
-    tr.extra_state["gate_l0"].fill_(float(gate.sum()) / bsz)
-    grads = {"W_encT": g_W_encT, "W_dec": g_W_dec, "b_enc": g_b_gate, "b_dec": g_b_dec, "r_mag": g_r_mag,
-             "b_mag": g_b_mag}
     return grads, metrics, fired_counts
 
 

@@ -23,8 +23,9 @@ from sae.config import ARCH_FIELDS, SAEConfig, TrainSettings
 from sae.model import SAE
 from sae.store_io import sae_from_result, sae_to_result
 from sae.train import train_sae
-from sae.train_arch import (batch_topk_flat, dense_gradients, dense_jumprelu_gradients, jumprelu_loss_terms,
-                            sparse_gradients)
+from sae.train_arch import (batch_topk_flat, dense_gradients, dense_jumprelu_gradients, gradients,
+                            jumprelu_loss_terms, sparse_gradients)
+from sae.train_gated import dense_gated_gradients
 from sae.train_state import TrainState
 
 
@@ -227,6 +228,82 @@ def test_dense_jumprelu_step_matches_autograd(rng):
     for n in ga:
         scale = float(ga[n].abs().max())
         torch.testing.assert_close(gh[n], ga[n], atol=2e-6 * max(scale, 1.0), rtol=0, msg=n)
+
+
+def _gated_edge_batch(tr: TrainState, xb: torch.Tensor, rng) -> torch.Tensor:
+    """Off-1 decoder norms, non-trivial magnitudes, and gate edge cases: tokens x = b_dec (so pi = b_gate
+    and mag = b_mag exactly) with b_gate = 0 (pi exactly 0: gate shut), b_gate > 0 and b_mag = 0 (mag
+    exactly 0 under an open gate) or b_mag < 0 (mag < 0). The values are bfloat16 numbers, so both dtypes
+    see the same edges."""
+    d_sae = tr.cfg.d_sae
+    tr.p["W_dec"].mul_(torch.from_numpy(rng.uniform(0.5, 1.5, (d_sae, 1)).astype(np.float32)))
+    with torch.no_grad():
+        tr.p["r_mag"].copy_(torch.from_numpy(0.3 * rng.standard_normal(d_sae).astype(np.float32)))
+        tr.p["b_mag"].copy_(torch.from_numpy(0.1 * rng.standard_normal(d_sae).astype(np.float32)))
+        tr.p["b_enc"][:8] = 0.0  # pi = 0 on the x = b_dec tokens
+        tr.p["b_enc"][8:16] = 0.25
+        tr.p["b_mag"][8:12] = 0.0  # mag = 0 there
+        tr.p["b_mag"][12:16] = -0.125  # mag < 0 there
+    xb = xb.clone()
+    xb[:16] = tr.p["b_dec"]
+    return xb
+
+
+@pytest.mark.parametrize("step", [1, 6], ids=["l1_warmup", "full_l1"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_gated_step_matches_autograd(dtype, step, rng):
+    """The GEMM route gated takes while many gates are open, against the autograd route with the same
+    compute dtype: float32 to float32 rounding; bfloat16 to a few bf16 epsilons of each gradient's
+    largest entry (both routes round their GEMMs' inputs and outputs to bfloat16, the hand-written one
+    its magnitudes too, from the bf16 pi). Step 1 is inside the 4-step L1 warm-up (l1 / 4)."""
+    x, _ = _planted(rng, n=3000)
+    tr = _state("gated", x, steps=2, dtype=dtype, l1_warmup_steps=4, **ARCH_KW["gated"])
+    xb = _gated_edge_batch(tr, tr.batch(5), rng)
+    assert tr.l1(step) == pytest.approx(0.3 * min(1.0, step / 4))
+    saved = {n: t.clone() for n, t in tr.p.items()}
+    gh, mh, fh = dense_gated_gradients(tr, xb, step)
+    gate_l0 = float(tr.extra_state["gate_l0"])
+    ga, ma, fa = dense_gradients(tr, xb, step)
+    assert all(torch.equal(saved[n], tr.p[n]) for n in saved)  # the step reads the weights only
+    tol = 1e-6 if dtype == "float32" else 4 * 2.0 ** -8
+    # both count the open gates (bf16: b_gate rides in the GEMM here, is added in float32 there)
+    assert float(tr.extra_state["gate_l0"]) == pytest.approx(gate_l0, rel=0 if dtype == "float32" else 0.002)
+    assert gate_l0 > 0.2 * 64 and mh["dense"] == 1.0
+    pi = (xb[:16] - tr.p["b_dec"]) @ tr.p["W_encT"].T + tr.p["b_enc"]
+    assert torch.all(pi[:, :8] == 0) and torch.all(pi[:, 8:16] == 0.25)  # the edges are exact
+    fired_diff = int((fh.long() - fa.long()).abs().sum())
+    assert fired_diff <= (0 if dtype == "float32" else 0.002 * int(fa.sum())), fired_diff
+    for key in ("loss", "mse", "l0", "aux"):
+        assert mh[key] == pytest.approx(ma[key], rel=max(tol, 1e-5)), key
+    assert set(gh) == set(ga) == {"W_encT", "W_dec", "b_enc", "b_dec", "r_mag", "b_mag"}
+    for n in ga:
+        scale = float(ga[n].abs().max())
+        torch.testing.assert_close(gh[n], ga[n], atol=tol * scale, rtol=0, msg=n)
+
+
+def test_gated_routes_its_dense_steps_to_the_gemm_step(rng):
+    x, _ = _planted(rng, n=3000)
+    tr = _state("gated", x, steps=2, dtype="bfloat16", **ARCH_KW["gated"])
+    xb = tr.batch(5)
+    tr.extra_state["gate_l0"].fill_(64.0)
+    g_route, m_route, _ = gradients(tr, xb, 6)
+    tr.extra_state["gate_l0"].fill_(64.0)
+    g_gemm, _, _ = dense_gated_gradients(tr, xb, 6)
+    assert m_route["dense"] == 1.0
+    assert all(torch.equal(g_route[n], g_gemm[n]) for n in g_gemm)
+    tr.extra_state["gate_l0"].fill_(1.0)
+    assert gradients(tr, xb, 6)[1]["dense"] == 0.0  # few open gates: the sparse route
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gated_training_loss_falls_through_the_dense_phase(dtype, rng):
+    x, _ = _planted(rng, n=6000)
+    cfg = SAEConfig(d_in=32, d_sae=64, architecture="gated", batch_size=256, n_tokens=60 * 256, lr=3e-3,
+                    dtype=dtype, l1_coefficient=0.3)
+    h = train_sae(x, cfg, log_every=1).history
+    assert h.dense.iloc[0] == 1.0  # every gate starts near half open: the dense GEMM step
+    assert h.loss.iloc[-5:].mean() < 0.5 * h.loss.iloc[:5].mean(), h.loss.tolist()
+    assert np.isfinite(h.loss).all()
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "matryoshka_batchtopk", "gated"])

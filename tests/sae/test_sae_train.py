@@ -97,13 +97,17 @@ def test_resampling_follows_the_rule(rng):
                                       ("batchtopk", dict(k=3.5, dead_window=2 * 256)),
                                       ("matryoshka_batchtopk", dict(k=3, matryoshka_widths=(16, 64),
                                                                     dead_window=2 * 256)),
-                                      ("gated", dict(l1_coefficient=0.3))],
-                         ids=["relu", "topk", "jumprelu", "batchtopk", "matryoshka", "gated"])
+                                      ("gated", dict(l1_coefficient=0.3)),
+                                      ("gated", dict(l1_coefficient=3.0, lr=3e-2))],
+                         ids=["relu", "topk", "jumprelu", "batchtopk", "matryoshka", "gated", "gated_switch"])
 def test_interrupt_and_resume_gives_identical_weights(arch, kw, tmp_path, rng):
     x, _ = _planted(rng, n=3000)  # 3000 is not a multiple of the batch: epochs straddle batches
     cfg = SAEConfig(d_in=32, d_sae=64, architecture=arch, batch_size=256, n_tokens=20 * 256,
                     dtype="bfloat16", **kw)
-    full = train_sae(x, cfg)
+    full = train_sae(x, cfg, log_every=1)
+    if arch == "gated":  # the dense GEMM step; gated_switch leaves it for the sparse one after the checkpoint
+        dense = full.history.dense.to_numpy()
+        assert dense[0] == 1.0 and (dense[10:].min() == 0.0) == ("lr" in kw), dense
     ckpt = tmp_path / "run.safetensors"
 
     def interrupt_at_13(done, total, label):
