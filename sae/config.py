@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from analysis.errors import ConfigError
+from sae.config_values import check_request_values
 from sae.sites import DEFAULT_SITE, SITE_HELP, SITES, check_site_name, hook_for, parse_hook
 
 ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
@@ -351,6 +352,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", dict(self.extra))  # a copy: the caller's dict may change
         check_site_name(self.site)
+        check_request_values(self)  # before sae_fields() converts them (float("x"), int(2.5), int(True))
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"SAE architecture {self.architecture!r} is unknown; use {ARCHITECTURE_HELP}")
         if self.l1_coefficient is not None and self.architecture not in L1_ARCHITECTURES:
