@@ -315,3 +315,22 @@ def test_import_at_a_layer_other_than_its_hook_is_refused_before_boot(llama, no_
         api.sae_import(d, str(llama), 1, store=tmp_path / "s")
     line = _cli(["sae", "import", str(d), str(llama), "--layer", "1", "--store", str(tmp_path / "s")], capsys)
     assert "layer=1 was given" in line
+
+
+def test_cli_features_refuses_a_feature_index_before_computing(tmp_path, monkeypatch, capsys):
+    """`sae features --feature I` with I outside 0..d_sae-1 fails at once, not after the feature data is computed."""
+    from app import api
+    from sae import pipeline
+
+    llama16 = make_tiny_llama(tmp_path / "llama16", d_model=16)  # hook_z 4 x 4, as the SAELens fixture
+    imported = api.sae_import(FIXTURE / "topk", llama16, store=tmp_path / "s")  # layer 1, d_sae 32
+
+    def boom(*a, **k):
+        raise AssertionError("feature data was computed before the feature index was checked")
+
+    monkeypatch.setattr(pipeline, "sae_features", boom)
+    monkeypatch.setattr(api, "sae_features", boom)
+    for bad in ("32", "-1"):
+        line = _cli(["sae", "features", str(llama16), "--layer", "1", "--feature", bad, "--sae", imported.key[:12],
+                     "--store", str(tmp_path / "s")], capsys)
+        assert f"feature index {bad} is out of range: this SAE has 32 features (0..31)" in line
