@@ -270,10 +270,10 @@ def check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_arch_fields(v: dict[str, Any]) -> None:
     """The jumprelu / batchtopk / matryoshka fields of ``v`` (normalises ``matryoshka_widths``)."""
-    for name, low in (("l0_coefficient", 0.0), ("jumprelu_init_threshold", 0.0)):
+    for name, what in (("l0_coefficient", "coefficients"), ("jumprelu_init_threshold", "thresholds")):
         x = v[name]
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < low:
-            raise _bad(name, x, f"must be a finite number >= {low:g} (NaN and inf are not thresholds)",
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise _bad(name, x, f"must be a finite number >= 0 (NaN and inf are not {what})",
                        f"pass e.g. {name}={config_default(name)}")
     for name in ("jumprelu_bandwidth", "topk_threshold_lr"):
         x = v[name]

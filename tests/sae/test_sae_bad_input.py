@@ -116,7 +116,8 @@ TRAIN_CASES = [
     (1, dict(architecture="jumprelu", jumprelu_bandwidth=math.inf), r"jumprelu_bandwidth=inf: must be"),
     (1, dict(architecture="jumprelu", jumprelu_bandwidth=0.0), r"jumprelu_bandwidth=0.0: must be"),
     (1, dict(architecture="jumprelu", l0_coefficient=math.nan),
-     r"l0_coefficient=nan: must be a finite number >= 0 .*pass e.g. l0_coefficient=1.0"),
+     r"l0_coefficient=nan: must be a finite number >= 0 \(NaN and inf are not coefficients\); pass e.g. "
+     r"l0_coefficient=1.0"),
     (1, dict(architecture="relu", l1_coefficient=math.nan),
      r"l1_coefficient=nan: must be a finite number .*pass e.g. l1_coefficient=1.0"),
     (1, dict(architecture="gated", l1_coefficient=-math.inf), r"l1_coefficient=-inf: must be a finite number"),
