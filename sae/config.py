@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from analysis.errors import ConfigError
+from sae.config_values import check_request_values
 from sae.sites import DEFAULT_SITE, SITE_HELP, SITES, check_site_name, hook_for, parse_hook
 
 ARCHITECTURES = ("relu", "topk", "jumprelu", "batchtopk", "matryoshka_batchtopk", "gated")
@@ -269,10 +270,10 @@ def check_fields(values: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_arch_fields(v: dict[str, Any]) -> None:
     """The jumprelu / batchtopk / matryoshka fields of ``v`` (normalises ``matryoshka_widths``)."""
-    for name, low in (("l0_coefficient", 0.0), ("jumprelu_init_threshold", 0.0)):
+    for name, what in (("l0_coefficient", "coefficients"), ("jumprelu_init_threshold", "thresholds")):
         x = v[name]
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < low:
-            raise _bad(name, x, f"must be a finite number >= {low:g} (NaN and inf are not thresholds)",
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+            raise _bad(name, x, f"must be a finite number >= 0 (NaN and inf are not {what})",
                        f"pass e.g. {name}={config_default(name)}")
     for name in ("jumprelu_bandwidth", "topk_threshold_lr"):
         x = v[name]
@@ -351,6 +352,7 @@ class TrainSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "extra", dict(self.extra))  # a copy: the caller's dict may change
         check_site_name(self.site)
+        check_request_values(self)  # before sae_fields() converts them (float("x"), int(2.5), int(True))
         if self.architecture not in ARCHITECTURES:
             raise ConfigError(f"SAE architecture {self.architecture!r} is unknown; use {ARCHITECTURE_HELP}")
         if self.l1_coefficient is not None and self.architecture not in L1_ARCHITECTURES:

@@ -90,20 +90,27 @@ def compute_sae(subject: Subject, job: TrainJob | ImportJob, ctx: RunContext) ->
 
 def prepare_training(src: Source, settings: TrainSettings, request: dict, texts: Callable[[], list[str]],
                      ctx: RunContext, *, resume: bool = True) -> TrainJob:
-    """Check the memory estimate (before the model boots when config.json gives the hook's width,
-    else before harvesting), boot the model, check the layer, harvest hook_z of the training texts
-    (disk-cached) and build the full config: the store key holds the hook's width and the label
-    the activation cache records, known only here."""
-    from sae.memory import hook_width
+    """Check the layer, the settings that need the hook's width (k below d_sae, matryoshka widths)
+    and the memory estimate (before the model boots when config.json gives the layer count and the
+    hook's width: ``sae.preflight``; else before harvesting), boot the model, check the layer,
+    harvest the site's hook on the training texts (disk-cached) and build the full config: the
+    store key holds the hook's width and the label the activation cache records, known only here."""
+    from sae import preflight
 
     hook_z = settings.site == "hook_z"
-    width = hook_width(src.hf_dir) if hook_z else None  # n_heads * d_head from config.json, without booting
+    dims = preflight.config_dims(src.hf_dir)  # config.json, read without booting
+    preflight.check_layer(dims, settings.site, int(settings.layer))
+    width = preflight.site_width(dims, settings.site)
+    if width is not None:
+        preflight.check_width(settings, width)
     requests.check_memory(settings, width)
     with ctx.lock:
         bridge = requests.booted(src, ctx)
         hv.check_layer(bridge, int(settings.layer), settings.site)  # an unknown layer fails before the corpus is built
-        if width is None:  # no config.json, or not hook_z: the booted hook's width, before harvesting
-            requests.check_memory(settings, int(np.prod(hv.head_shape(bridge))) if hook_z else int(bridge.cfg.d_model))
+        if width is None:  # no config.json saying it: the booted hook's width, before harvesting
+            width = int(np.prod(hv.head_shape(bridge))) if hook_z else int(bridge.cfg.d_model)
+            preflight.check_width(settings, width)
+            requests.check_memory(settings, width)
         cache = hv.harvest(src, int(settings.layer), texts(), max_tokens=settings.max_tokens, dtype=settings.dtype,
                            bridge=bridge, progress=ctx.sub("harvest"), site=settings.site)
     cfg = trainer.config_from_cache(cache, d_sae=settings.d_sae, expansion=settings.width_expansion,

@@ -123,7 +123,9 @@ def sae_train(source: Any = "minilm", layer: int = _D.layer, *, site: str = _D.s
 
     ``site`` (``sae.sites``): "hook_z" (attention outputs before W_O, the default), "resid_pre",
     "resid_post" or "mlp_out"; an unknown site raises ConfigError listing the valid ones before
-    the model boots, a layer the model lacks lists the valid layers.
+    the model boots, and so does a layer the model lacks (listing the valid layers) or a k or
+    matryoshka width that does not fit d_sae = expansion x the hook's width (``sae.preflight``:
+    from config.json; a model without one is checked once booted, before harvesting).
 
     Defaults: ``sae.config.TrainSettings``. ``architecture`` "topk" (``k``, default 32), "relu"
     (``l1_coefficient``, default 1.0), "jumprelu" (``l0_coefficient``, ``jumprelu_init_threshold``,

@@ -227,10 +227,14 @@ def features(
     from app import api
 
     key = api.find_sae(source, layer, sae, store=store, site=site)
+    d_sae = api.load_sae(key, store=store).sae.cfg.d_sae
+    if feature is not None and not 0 <= feature < d_sae:  # before minutes of computing feature data
+        from analysis.errors import ConfigError
+
+        raise ConfigError(f"feature index {feature} is out of range: this SAE has {d_sae} features "
+                          f"(0..{d_sae - 1}); pick an index in that range (--feature)")
     fd = run_with_progress(f"feature data of SAE {key[:12]}", api.sae_features, key, texts=_texts(texts),
                            store=store, refresh=refresh, device=device)
-    if feature is not None:
-        fd.check_feature(feature)
     # heads exist at hook_z only: SAEs of other sites have no per-head attribution (it does not apply)
     poly = api.sae_polysemantic(key, store=store, features=fd) if fd.head_attribution is not None else None
     if as_json:
