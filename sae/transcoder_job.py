@@ -3,7 +3,7 @@
 Steps: settings checked (ConfigError before any model boots); the model from the one model cache;
 both hooks checked on it (``blocks.L.mlp.hook_in`` and ``blocks.L.hook_mlp_out``, a layer the
 model lacks lists the valid ones); the MLP input and output of every real token harvested in one
-forward pass per batch that stops after the later hook (``harvest_pairs``); a TopK transcoder
+forward pass per batch that stops after the later hook (``harvest_pairs``); a transcoder
 trained (``sae.transcoder``); NMSE against the MLP output on held-out texts, and loss recovered
 with the MLP output replaced by the prediction (next-token loss for causal LMs, masked-token loss
 with the trained MLM head for BERT encoders). Not stored: the result is returned.
@@ -70,8 +70,10 @@ def sae_transcoder(source: Any = "minilm", layer: int = 0, *, skip: bool = False
                    batch_size: int = 1024, lr: float = 1e-3, seed: int = 0, texts: Sequence[str] | None = None,
                    eval_texts: Sequence[str] | None = None, per_package: int | None = None, max_tokens: int = 128,
                    loss: bool = True, loss_docs: int = 64, progress: Any = None, device: str = "auto",
-                   trust_pickle: bool = False) -> TranscoderRun:
-    """Train a TopK transcoder (``skip``: a skip transcoder) of block ``layer``'s MLP: MLP input ->
+                   trust_pickle: bool = False, architecture: str = "topk", l1_coefficient: float = 1.0,
+                   l0_coefficient: float = 1.0, jumprelu_init_threshold: float = 0.01) -> TranscoderRun:
+    """Train a transcoder (``architecture`` topk, relu or jumprelu with ``l1_coefficient`` /
+    ``l0_coefficient``, ``sae.transcoder``; ``skip``: a skip transcoder) of block ``layer``'s MLP: MLP input ->
     MLP output. Text: the docstring corpus (train split for training, eval split for the metrics)
     or ``texts`` / ``eval_texts``. Returns the transcoder with held-out ``nmse`` and, with ``loss``,
     ``loss_clean`` / ``loss_spliced`` / ``loss_zero`` / ``loss_recovered`` (MLP output replaced by
@@ -85,8 +87,10 @@ def sae_transcoder(source: Any = "minilm", layer: int = 0, *, skip: bool = False
         raise ConfigError("give d_sae or expansion (d_sae = expansion x d_model)")
     if d_sae is None and (isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 1):
         raise ConfigError(f"transcoder expansion={expansion!r}: must be an integer >= 1; pass e.g. expansion=8")
+    arch = dict(architecture=architecture, l1_coefficient=l1_coefficient, l0_coefficient=l0_coefficient,
+                jumprelu_init_threshold=jumprelu_init_threshold)
     TranscoderConfig(d_in=1, d_out=1, d_sae=d_sae or max(k, 1), k=k, skip=skip, layer=layer, lr=lr,
-                     batch_size=batch_size, n_tokens=n_tokens, seed=seed)  # settings checked before the boot
+                     batch_size=batch_size, n_tokens=n_tokens, seed=seed, **arch)  # settings checked before the boot
     ctx = runner.context(progress=progress, device=device)
     src = open_source(source, trust_pickle=trust_pickle)
     train_build, _ = requests.corpus("train", texts, per_package, seed, 0.1)
@@ -97,7 +101,8 @@ def sae_transcoder(source: Any = "minilm", layer: int = 0, *, skip: bool = False
         ctx.tick(0, 4, "harvesting MLP inputs and outputs")
         x, y = harvest_pairs(bridge, layer, train_build(), max_tokens=max_tokens)
         cfg = TranscoderConfig(d_in=x.shape[1], d_out=y.shape[1], d_sae=d_sae or expansion * x.shape[1], k=k,
-                               skip=skip, layer=layer, lr=lr, batch_size=batch_size, n_tokens=n_tokens, seed=seed)
+                               skip=skip, layer=layer, lr=lr, batch_size=batch_size, n_tokens=n_tokens, seed=seed,
+                               **arch)
         ctx.tick(1, 4, f"training a {cfg.kind}")
         res = train_transcoder(x, y, cfg, progress=ctx.sub("train"))
         tc = res.transcoder
