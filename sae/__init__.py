@@ -6,7 +6,8 @@ jumprelu, batchtopk, matryoshka_batchtopk, gated), ``activations`` (their encode
 ``train_arch`` the step of the architectures beyond relu/topk, ``sparse`` / ``dense_relu`` its
 products, ``resample``, ``checkpoint``), ``metrics`` (evaluation),
 ``lm_loss`` (loss functions for loss recovered), ``saelens_format`` (SAELens files), ``store_io``
-(SAE <-> results store), ``attribution``, ``features``.
+(SAE <-> results store), ``attribution``, ``features``; ``transcoder`` (topk, relu and jumprelu
+(skip) transcoders: MLP input -> MLP output), ``saelens_transcoder`` (their SAELens files).
 
 Pipeline (through ``analysis.run``): ``pipeline`` (the stored analyses and the API functions
 ``sae_train``, ``sae_eval``, ``sae_features``, ``sae_prompt``, ``sae_list`` ...), ``saelens_io``

@@ -19,7 +19,10 @@ Architectures (``TranscoderConfig.architecture``; the encoders are ``sae.activat
 - ``jumprelu``: f = pre H(pre - theta), theta [d_sae] >= 0 learned; loss ||y_hat - y||^2 +
   l0 * sum_i H(pre_i - theta_i) with the rectangle-kernel straight-through estimator of bandwidth
   ``jumprelu_bandwidth`` (``sae.train_arch.jumprelu_loss_terms``, the JumpReLU SAE's), theta
-  projected to >= 0 before each step, decoder rows renormalised.
+  projected to >= 0 before each step, decoder rows renormalised. The L0 term reaches theta only
+  (DeepMind's estimator), and Adam moves theta by about ``lr`` per step whatever the coefficient, so
+  L0 falls only as fast as the thresholds travel: on MiniLM L3 (skip, d_sae 3072) 196 steps at lr
+  1e-3 left L0 at 317 for l0 = 1, 3 and 10 alike; 586 steps at lr 3e-3 reached L0 38.
 
 relu and jumprelu are SAELens's ``transcoder`` / ``skip_transcoder`` and ``jumprelu_transcoder`` /
 ``jumprelu_skip_transcoder`` (``sae.saelens_transcoder`` saves and loads them); SAELens has no TopK
