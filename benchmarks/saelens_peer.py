@@ -10,7 +10,7 @@ Modes (each prints one JSON object on stdout)::
         --architecture topk --d-sae 6144 --k 32 --n-tokens 409600 --eval-tokens 32768 \
         [--l1 5.0] [--lr 1.2e-3] [--batch 4096] [--seed 0] [--threads 2] [--save DIR]
     .venv-saelens/bin/python benchmarks/saelens_peer.py load DIR [--input x.npy --output out.npz]
-    .venv-saelens/bin/python benchmarks/saelens_peer.py tiny tests/data/saelens_tiny
+    .venv-saelens/bin/python benchmarks/saelens_peer.py tiny tests/data/saelens_tiny [--transcoders-only]
 
 ``train``: ``acts.npy`` is float32 [tokens, d_in], already shuffled by the caller. The last
 ``--eval-tokens`` rows are held out; batches of ``--batch`` rows are read in order from the rest
@@ -38,8 +38,9 @@ reloads it with ``SAE.load_from_disk`` and reports the largest output difference
 
 ``load``: ``SAE.load_from_disk(DIR)``; reports architecture, sizes and float64 checksums
 (sum, sum of |.|) of every weight; with ``--input x.npy`` ([n, d_in] float32) also writes
-``feature_acts`` [n, d_sae] and ``sae_out`` [n, d_in] (SAELens's ``encode`` / ``forward``) to
-``--output`` (.npz) so the caller can compare them with its own SAE. An SAE whose cfg says
+``feature_acts`` [n, d_sae] and ``sae_out`` [n, d_in] (a transcoder's: [n, d_out]) (SAELens's
+``encode`` / ``forward``) to ``--output`` (.npz) so the caller can compare them with its own SAE
+(the report adds ``d_out`` and ``hook_name_out``, None for an SAE). An SAE whose cfg says
 ``reshape_activations="hook_z"`` gets the input as [n, n_heads, d_head] (``--d-head`` or
 ``metadata.d_head``), as SAELens applies it to a hook_z activation.
 
@@ -49,7 +50,10 @@ synthetic data so biases and decoder norms are non-trivial; ``standard`` and ``g
 ``reshape_activations="hook_z"``; ``topk_checkpoint`` is written by ``save_model`` with unfolded
 decoder norms; batchtopk and matryoshka_batchtopk are saved, as SAELens saves them, as jumprelu
 files; jumprelu: l0 0.05, initial threshold 0.05; matryoshka widths 8, 16, 32; gated: l1 2) and ``DIR/expected.json`` (inputs
-[6, 16] and SAELens's ``encode`` / ``forward`` outputs on them, flattened to [6, d]).
+[6, 16] and SAELens's ``encode`` / ``forward`` outputs on them, flattened to [6, d]); and the four
+transcoder architectures ``DIR/{transcoder,skip_transcoder,jumprelu_transcoder,jumprelu_skip_transcoder}/``
+(d_in = d_out = 32, d_sae 48, seeded random weights: SAELens has no transcoder trainer; written by
+``save_model``) with their outputs on inputs [6, 32] under ``expected.json``'s ``transcoders``.
 """
 
 from __future__ import annotations
@@ -79,14 +83,22 @@ from sae_lens import (  # noqa: E402
     BatchTopKTrainingSAEConfig,
     GatedTrainingSAE,
     GatedTrainingSAEConfig,
+    JumpReLUSkipTranscoder,
+    JumpReLUSkipTranscoderConfig,
     JumpReLUTrainingSAE,
     JumpReLUTrainingSAEConfig,
+    JumpReLUTranscoder,
+    JumpReLUTranscoderConfig,
     MatryoshkaBatchTopKTrainingSAE,
     MatryoshkaBatchTopKTrainingSAEConfig,
+    SkipTranscoder,
+    SkipTranscoderConfig,
     StandardTrainingSAE,
     StandardTrainingSAEConfig,
     TopKTrainingSAE,
     TopKTrainingSAEConfig,
+    Transcoder,
+    TranscoderConfig,
 )
 from sae_lens.config import LoggingConfig, SAETrainerConfig  # noqa: E402
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
@@ -267,6 +279,7 @@ def cmd_load(a: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"class": type(sae).__name__, "architecture": sae.cfg.architecture(),
                            "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "dtype": sae.cfg.dtype,
                            "hook_name": sae.cfg.metadata.hook_name, "reshape_activations": reshape,
+                           "d_out": getattr(sae.cfg, "d_out", None), "hook_name_out": sae.cfg.metadata.hook_name_out,
                            "k": getattr(sae.cfg, "k", None), "checksums": checksums(sae)}
     if a.input:
         x = torch.from_numpy(np.load(a.input)).to(torch.float32)
@@ -285,9 +298,16 @@ def cmd_load(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_tiny(a: argparse.Namespace) -> dict[str, Any]:
-    """Write the committed fixture: two tiny SAEs saved by SAELens and its outputs on fixed inputs."""
+    """Write the committed fixture: tiny SAEs and transcoders saved by SAELens and its outputs on fixed
+    inputs (``--transcoders-only``: the transcoders alone, updating ``expected.json``'s "transcoders")."""
     torch.set_num_threads(1)
     root = Path(a.directory)
+    if a.transcoders_only:
+        path = root / "expected.json"
+        expected = json.loads(path.read_text()) if path.is_file() else {}
+        expected["transcoders"] = tiny_transcoders(root)
+        path.write_text(json.dumps(expected, indent=1) + "\n")
+        return {"written": [str(p) for p in sorted(root.rglob("*transcoder*/*")) if p.is_file()]}
     n_heads, d_head, d_sae = 4, 4, 32
     d_in = n_heads * d_head
     gen = torch.Generator().manual_seed(0)
@@ -338,8 +358,54 @@ def cmd_tiny(a: argparse.Namespace) -> dict[str, Any]:
             "w_dec_row_norms": loaded.W_dec.norm(dim=-1).tolist(),
             "checksums": checksums(loaded),
         }
+    expected["transcoders"] = tiny_transcoders(root)
     (root / "expected.json").write_text(json.dumps(expected, indent=1) + "\n")
     return {"written": [str(p) for p in sorted(root.rglob("*")) if p.is_file()]}
+
+
+TRANSCODER_CLASSES = {"transcoder": (Transcoder, TranscoderConfig),
+                      "skip_transcoder": (SkipTranscoder, SkipTranscoderConfig),
+                      "jumprelu_transcoder": (JumpReLUTranscoder, JumpReLUTranscoderConfig),
+                      "jumprelu_skip_transcoder": (JumpReLUSkipTranscoder, JumpReLUSkipTranscoderConfig)}
+
+
+def tiny_transcoders(root: Path) -> dict[str, Any]:
+    """The four SAELens transcoder architectures, d_in = d_out = 32 (the tiny Llama of the tests),
+    d_sae 48, with seeded random weights (SAELens has no transcoder trainer): biases off zero,
+    decoder rows off unit norm, a few latents firing per input; saved by ``save_model`` (the
+    inference class's writer) into ``root/<architecture>/`` and reloaded with ``SAE.load_from_disk``
+    for the expected outputs on fixed inputs [6, 32]."""
+    d_in = d_out = 32
+    d_sae = 48
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(6, d_in, generator=gen)
+    out: dict[str, Any] = {"input": x.tolist(), "d_in": d_in, "d_out": d_out, "d_sae": d_sae, "saes": {}}
+    for layer, (arch, (cls, cfg_cls)) in enumerate(TRANSCODER_CLASSES.items()):
+        layer = layer % 2
+        meta = SAEMetadata(hook_name=f"blocks.{layer}.mlp.hook_in", hook_name_out=f"blocks.{layer}.hook_mlp_out",
+                           model_name="saelens-tiny-fixture")
+        tc = cls(cfg_cls(d_in=d_in, d_sae=d_sae, d_out=d_out, apply_b_dec_to_input=False, metadata=meta))
+        with torch.no_grad():
+            tc.W_enc.copy_(0.3 * torch.randn(d_in, d_sae, generator=gen))
+            tc.b_enc.copy_(0.3 * torch.randn(d_sae, generator=gen) - 0.6)  # about a third fire
+            tc.W_dec.copy_(torch.randn(d_sae, d_out, generator=gen) * (0.1 + 0.3 * torch.rand(d_sae, 1, generator=gen)))
+            tc.b_dec.copy_(0.5 * torch.randn(d_out, generator=gen))
+            if hasattr(tc, "W_skip"):
+                tc.W_skip.copy_(0.2 * torch.randn(d_out, d_in, generator=gen))
+            if hasattr(tc, "threshold"):
+                tc.threshold.copy_(0.5 * torch.rand(d_sae, generator=gen))
+        out_dir = root / arch
+        tc.save_model(out_dir)
+        loaded = SAE.load_from_disk(out_dir)
+        with torch.no_grad():
+            feats, recon = loaded.encode(x), loaded(x)
+        out["saes"][arch] = {
+            "architecture": loaded.cfg.architecture(), "class": type(loaded).__name__, "writer": "save_model",
+            "hook_name": loaded.cfg.metadata.hook_name, "hook_name_out": loaded.cfg.metadata.hook_name_out,
+            "d_out": loaded.cfg.d_out, "feature_acts": feats.tolist(), "sae_out": recon.tolist(),
+            "l0": (feats != 0).sum(-1).float().mean().item(), "checksums": checksums(loaded),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     ld.add_argument("--d-head", type=int, default=None, help="for reshape_activations='hook_z' SAEs")
     ti = sub.add_parser("tiny", help="write the tiny SAELens fixture for tests")
     ti.add_argument("directory")
+    ti.add_argument("--transcoders-only", action="store_true", help="write only the four transcoders (and their "
+                                                                    "entry of expected.json)")
     a = p.parse_args(argv)
     fn = {"train": cmd_train, "load": cmd_load, "tiny": cmd_tiny}[a.mode]
     print(json.dumps(fn(a)))

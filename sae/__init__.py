@@ -6,7 +6,9 @@ values), ``model`` (SAE: relu, topk, jumprelu, batchtopk, matryoshka_batchtopk, 
 ``train`` (fit / resume: ``train_state`` the step, ``train_arch`` the step of the architectures
 beyond relu/topk, ``train_gated`` gated's, ``sparse`` / ``dense_relu`` its products, ``resample``,
 ``checkpoint``), ``metrics`` (evaluation), ``lm_loss`` (loss functions for loss recovered),
-``saelens_format`` (SAELens files), ``store_io`` (SAE <-> results store), ``attribution``, ``features``.
+``saelens_format`` (SAELens files), ``store_io`` (SAE <-> results store), ``attribution``, ``features``;
+``transcoder`` (topk, relu and jumprelu (skip) transcoders: MLP input -> MLP output),
+``saelens_transcoder`` (their SAELens files).
 
 Pipeline (through ``analysis.run``): ``pipeline`` (the stored analyses and the API functions
 ``sae_train``, ``sae_eval``, ``sae_features``, ``sae_prompt``, ``sae_list`` ...), ``saelens_io``

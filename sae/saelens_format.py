@@ -45,6 +45,7 @@ import torch
 from analysis.errors import ConfigError, CorruptCheckpointError, SourceError
 from sae.config import HOOK_RE, SAEConfig, hook_name_for
 from sae.model import SAE
+from sae.transcoder import SAELENS_ARCHITECTURES
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -206,6 +207,9 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
     cfg = _read_cfg(d)
     path = d / CFG_FILENAME
     arch_name = cfg.get("architecture", "standard")
+    if arch_name in SAELENS_ARCHITECTURES.values():
+        raise ConfigError(f"{path}: SAELens architecture {arch_name!r} is a transcoder, not an SAE; read it with "
+                          "sae.saelens_transcoder.load_transcoder_saelens or `lenslab sae import DIR SOURCE`")
     if arch_name not in _SAELENS_TO_ARCH:
         raise ConfigError(f"{path}: SAELens architecture {arch_name!r} is not supported; LensLab loads "
                           f"{', '.join(_SAELENS_TO_ARCH)} SAEs (batchtopk and matryoshka_batchtopk as SAELens saves "

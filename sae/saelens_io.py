@@ -10,14 +10,18 @@ stored ``log10_density`` as ``sparsity.safetensors``. ``sae_import`` reads an SA
 (ours, or one SAELens wrote), checks its width against the hook it reads (``n_heads * d_head`` of
 ``blocks.L.attn.hook_z``), and stores it for that model through the runner (the "sae" analysis of
 ``sae.pipeline``), so it can be evaluated, explained and shown like a trained one. Its evaluation
-and feature data use the docstring corpus (``texts=`` picks other texts). ``export_saelens`` and
-``import_saelens`` are the deprecated old names (``sae.pipeline.DEPRECATED``).
+and feature data use the docstring corpus (``texts=`` picks other texts). A directory holding one of
+SAELens's transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
+``jumprelu_skip_transcoder``: ``sae.saelens_transcoder``) is read by ``import_transcoder``: checked
+against the model's MLP at its block and returned as an ``ImportedTranscoder`` (not stored).
+``export_saelens`` and ``import_saelens`` are the deprecated old names (``sae.pipeline.DEPRECATED``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from sae.model import SAE
 from sae.pipeline import SAE as SAE_ANALYSIS
 from sae.pipeline import deprecated_alias, load_sae
 from sae.results import TrainedSAE, resolve
+from sae.transcoder import Transcoder
 
 
 
@@ -55,10 +60,12 @@ def sae_export(key: str, directory: str | os.PathLike, *, store: StoreLike = Non
 
 
 def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
-               store: StoreLike = None, trust_pickle: bool = False, device: str = "auto") -> TrainedSAE:
+               store: StoreLike = None, trust_pickle: bool = False, device: str = "auto"
+               ) -> TrainedSAE | ImportedTranscoder:
     """Store the SAELens-format SAE in ``directory`` as an SAE of ``source`` at ``layer`` (default:
     the layer of the hook its cfg.json names). Returns it (``.key`` for ``sae_eval`` ...). The model
-    boots (on ``device``, shared with later runs) to check the hook.
+    boots (on ``device``, shared with later runs) to check the hook. A directory holding one of
+    SAELens's transcoders is read by ``import_transcoder`` (an ``ImportedTranscoder``, not stored).
 
     Raises CorruptCheckpointError (malformed cfg.json, weights or sparsity file), ConfigError
     (an unsupported SAE, or ``layer`` other than its hook's), SourceError (an SAE exported from
@@ -67,8 +74,11 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
     """
     from sae.harvest import check_layer, head_shape
     from sae.saelens_format import load_saelens, load_saelens_sparsity, saelens_l1_coefficient
+    from sae.saelens_transcoder import is_transcoder_dir
 
     d = Path(directory)
+    if is_transcoder_dir(d):
+        return import_transcoder(d, source, layer, trust_pickle=trust_pickle, device=device)
     sae = load_saelens(d)
     sparsity = load_saelens_sparsity(d)
     cfg = sae.cfg
@@ -112,7 +122,55 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
                     ctx.store)
 
 
+@dataclass(frozen=True, eq=False)
+class ImportedTranscoder:
+    """A SAELens transcoder read from ``directory`` and checked against ``source_label``'s MLP at its
+    block. Not stored (``stored`` False): use ``transcoder`` directly (``sae.transcoder.Splice`` ...)."""
+
+    transcoder: Transcoder
+    directory: str
+    saelens_architecture: str
+    source_label: str
+    stored: bool = False
+
+    @property
+    def name(self) -> str:
+        c = self.transcoder.cfg
+        return (f"{c.kind} ({self.saelens_architecture}) {c.hook_in} -> {c.hook_out}: d_in {c.d_in}, d_sae "
+                f"{c.d_sae}, d_out {c.d_out}")
+
+
+def import_transcoder(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
+                      trust_pickle: bool = False, device: str = "auto") -> ImportedTranscoder:
+    """Read the SAELens transcoder in ``directory`` (``sae.saelens_transcoder``) and check it against
+    ``source``: the model boots (on ``device``) and the MLP input and output of its block must be
+    d_in and d_out wide. ConfigError when ``layer`` is not its block or the model lacks the block,
+    ShapeError on a width mismatch, CorruptCheckpointError for a malformed directory."""
+    from sae.saelens_transcoder import load_transcoder_saelens
+    from sae.sites import check_site
+    from sae.transcoder_job import harvest_pairs
+
+    d = Path(directory)
+    tc = load_transcoder_saelens(d)
+    cfg = tc.cfg
+    if layer is not None and int(layer) != cfg.layer:
+        raise ConfigError(f"{d}: the transcoder reads {cfg.hook_in} but layer={layer} was given; import it with "
+                          f"layer={cfg.layer}, the block it was trained on")
+    ctx = runner.context(device=device)
+    src = open_source(source, trust_pickle=trust_pickle)
+    with ctx.lock:
+        bridge = requests.booted(src, ctx)
+        check_site(bridge, "mlp_in", cfg.layer)  # ConfigError listing the valid layers
+        x, y = harvest_pairs(bridge, cfg.layer, ["the model"], max_tokens=8)
+    if (x.shape[1], y.shape[1]) != (cfg.d_in, cfg.d_out):
+        raise ShapeError(f"{d}: the transcoder maps d_in={cfg.d_in} -> d_out={cfg.d_out} but {src.label}'s block "
+                         f"{cfg.layer} MLP maps {x.shape[1]} -> {y.shape[1]}; import it for the model it was "
+                         "trained on")
+    tc.source_label = src.label
+    return ImportedTranscoder(tc, str(d.resolve()), str(cfg.saelens_architecture), src.label)
+
+
 export_saelens = deprecated_alias("export_saelens", sae_export)
 import_saelens = deprecated_alias("import_saelens", sae_import)
 
-__all__ = ["export_saelens", "import_saelens", "sae_export", "sae_import"]
+__all__ = ["ImportedTranscoder", "export_saelens", "import_transcoder", "import_saelens", "sae_export", "sae_import"]

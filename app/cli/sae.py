@@ -9,7 +9,7 @@
     lenslab sae list                                       # stored SAEs with their metrics (also: sae ls)
     lenslab sae train ./my-model --layer 1 --texts notes.txt  # your own texts, one per line
     lenslab sae export minilm out/sae --layer 3            # SAELens format (SAE.load_from_disk)
-    lenslab sae import out/sae minilm --layer 3            # a SAELens-format SAE into the store
+    lenslab sae import out/sae minilm --layer 3            # a SAELens-format SAE into the store (a transcoder: read)
 
 Each command is the API function ``sae_<verb>`` (``sae.pipeline``, ``sae.saelens_io``); the
 defaults of ``train`` are ``sae.config.TRAIN_DEFAULTS``. ``eval``, ``features``, ``prompt`` and
@@ -319,7 +319,8 @@ def export(
 
 @sae_app.command("import")
 def import_(
-    directory: Annotated[Path, typer.Argument(help="A SAELens SAE directory (cfg.json + sae_weights.safetensors).")],
+    directory: Annotated[Path, typer.Argument(help="A SAELens SAE or transcoder directory (cfg.json + "
+                                                   "sae_weights.safetensors).")],
     source: SourceArg,
     layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Attention layer it reads (default: the "
                                                                        "layer of its cfg.json hook).")] = None,
@@ -327,11 +328,17 @@ def import_(
     store: StoreOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Store a SAELens-format SAE as an SAE of SOURCE, after checking its d_in against the hook's width."""
+    """Store a SAELens-format SAE as an SAE of SOURCE, after checking its d_in against the hook's width
+    (a SAELens transcoder: read and checked against SOURCE's MLP at its block, not stored)."""
     from app import api
 
-    trained = run_with_progress(f"importing {directory} as an SAE of {source}",  # the model boots to check it
+    trained = run_with_progress(f"importing {directory} for {source}",  # the model boots to check it
                                 lambda progress: api.sae_import(directory, source, layer, store=store, device=device))
+    if isinstance(trained, api.ImportedTranscoder):
+        info = {"name": trained.name, "stored": False, "config": trained.transcoder.cfg.to_dict()}
+        typer.echo(json.dumps(info, indent=1)) if as_json else console.print(
+            f"{trained.name}: read from {trained.directory}, checked against {source}; not stored", highlight=False)
+        return
     if as_json:
         typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict()},
                               indent=1))

@@ -4,6 +4,7 @@
     lenslab sae transcoder minilm --layer 3                 # TopK transcoder, 8x width, docstring corpus
     lenslab sae transcoder minilm --layer 3 --skip --k 16   # skip transcoder (Paulo et al. 2025)
     lenslab sae transcoder minilm --layer 3 --no-mask       # MiniLM: train on plain text, not masked text
+    lenslab sae transcoder minilm --layer 3 --architecture jumprelu --l0 0.1   # SAELens-saveable
     lenslab sae transcoder ./my-llama --layer 1 --texts notes.txt --json
     lenslab sae transcoders                                 # the stored transcoders with their metrics
 
@@ -32,7 +33,12 @@ def transcoder(
     layer: Annotated[int, typer.Option("--layer", "-l", help="Block whose MLP it replaces.")] = 0,
     skip: Annotated[bool, typer.Option("--skip/--no-skip", help="Skip transcoder: add the affine skip path "
                                                                 "W_skip (Paulo et al. 2025).")] = False,
-    k: Annotated[int, typer.Option("--k", help="Latents kept per token.")] = 32,
+    architecture: Annotated[str, typer.Option("--architecture", "-a", help="topk (k per token) | relu (L1 penalty, "
+                                                                          "--l1) | jumprelu (thresholds, L0 "
+                                                                          "penalty, --l0).")] = "topk",
+    k: Annotated[int, typer.Option("--k", help="Latents kept per token (topk).")] = 32,
+    l1: Annotated[float, typer.Option("--l1", help="relu: L1 coefficient.")] = 1.0,
+    l0: Annotated[float, typer.Option("--l0", help="jumprelu: L0 coefficient.")] = 1.0,
     expansion: Annotated[int, typer.Option("--expansion", help="d_sae = expansion x d_model.")] = 8,
     n_tokens: Annotated[int, typer.Option("--tokens", help="Training tokens (activations repeat in epochs).")]
     = 200_000,
@@ -53,13 +59,15 @@ def transcoder(
     store: StoreOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Train a TopK transcoder reading blocks.L.mlp.hook_in and predicting blocks.L.hook_mlp_out, store it and
-    print its key, held-out NMSE against the MLP output and loss recovered with the MLP output replaced by the
-    prediction. The same command again is served from the store (--refresh trains again)."""
+    """Train a transcoder (TopK, ReLU or JumpReLU) reading blocks.L.mlp.hook_in and predicting
+    blocks.L.hook_mlp_out, store it and print its key, held-out NMSE against the MLP output and loss recovered
+    with the MLP output replaced by the prediction. The same command again is served from the store (--refresh
+    trains again)."""
     from app import api
 
     kind = "skip transcoder" if skip else "transcoder"
-    run = run_with_progress(f"{kind} of {source} block {layer}", api.sae_transcoder, source, layer, skip=skip, k=k,
+    run = run_with_progress(f"{architecture} {kind} of {source} block {layer}", api.sae_transcoder, source, layer,
+                            skip=skip, k=k, architecture=architecture, l1_coefficient=l1, l0_coefficient=l0,
                             expansion=expansion, n_tokens=n_tokens, batch_size=batch_size, lr=lr, seed=seed,
                             mask=mask, per_package=per_package, texts=_texts(texts), loss=loss, store=store,
                             refresh=refresh, device=device)
@@ -68,8 +76,10 @@ def transcoder(
                                "metrics": {k_: json_safe(v) for k_, v in run.metrics.items()}}, indent=1))
         return
     c = run.cfg
-    console.print(f"{c.kind} {c.hook_in} -> {c.hook_out}: d_in {c.d_in}, d_sae {c.d_sae}, d_out {c.d_out}, "
-                  f"k {c.k}" + (", trained on masked text" if run.meta.get("harvest", {}).get("mask_rate") else ""),
+    sparsity = {"topk": f"k {c.k}", "relu": f"l1 {c.l1_coefficient:g}", "jumprelu": f"l0 {c.l0_coefficient:g}"}
+    console.print(f"{c.architecture} {c.kind} {c.hook_in} -> {c.hook_out}: d_in {c.d_in}, d_sae {c.d_sae}, "
+                  f"d_out {c.d_out}, {sparsity[c.architecture]}"
+                  + (", trained on masked text" if run.meta.get("harvest", {}).get("mask_rate") else ""),
                   highlight=False)
     for name, v in run.metrics.items():
         console.print(f"  {name:16s} {v:.4g}", highlight=False)
