@@ -17,8 +17,8 @@ from app import api
 from app import charts_sae_compare as charts
 from app.state import MISSING, get_store, run_with_st_progress
 
-GT_COLUMNS = ["architecture", "d_sae", "k", "l1_coefficient", "l0", "nmse", "mcc", "mean_max_cosine", "precision",
-              "recall", "absorption", "parent_split_fraction", "shrinkage", "dead_fraction"]
+GT_COLUMNS = ["architecture", "d_sae", "k", "l1_coefficient", "l0_coefficient", "l0", "nmse", "mcc", "mean_max_cosine",
+              "precision", "recall", "absorption", "parent_split_fraction", "shrinkage", "dead_fraction"]
 
 store = get_store()
 st.title("Compare SAEs")
