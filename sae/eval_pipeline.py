@@ -29,8 +29,9 @@ from analysis import run as runner
 from analysis.progress import Progress
 from analysis.run import Analysis, StoreLike, register
 from analysis.store import EntryInfo
-from sae.groundtruth_job import (GroundTruthJob, GroundTruthResult, architecture_fields, compute_groundtruth,
-                                 groundtruth_from_result, synthetic_fingerprint)
+from sae.groundtruth_job import (GT_SPARSITY, GroundTruthJob, GroundTruthResult, architecture_fields,
+                                 compute_groundtruth, default_sparsity, groundtruth_from_result, ranked,
+                                 synthetic_fingerprint)
 from sae.probe_job import PROBE_TASKS, ProbeJob, ProbeResult, compute_probe, probe_from_result
 from sae.synthetic import SyntheticSpec
 
@@ -42,10 +43,8 @@ PROBE = register(Analysis(name="sae-probe", code_version="sae-probe-2", compute=
                           doc="k-sparse probes on an SAE's latents against a probe on the raw activations"))
 
 # Ground-truth defaults: stated once (the API, the table and the CLI read them).
-# n_tokens 8M: at 2M the relu SAE had not converged (L0 19, NMSE 0.45 at l1 = 1 against L0 7.5, NMSE 0.34 at 8M);
-# l1 = 1.0 matches the relu SAE's L0 to topk's k = 7 at 8M (l1 = 0.5: L0 12; 2.0: collapsed, NMSE 0.92 at 2M).
-GT_DEFAULTS = {"n_train": 100_000, "n_eval": 20_000, "n_tokens": 8_000_000, "batch_size": 4096, "seed": 0,
-               "l1_coefficient": 1.0}
+# n_tokens 8M: at 2M the relu SAE had not converged (L0 19, NMSE 0.45 at l1 = 1 against L0 7.5, NMSE 0.34 at 8M).
+GT_DEFAULTS = {"n_train": 100_000, "n_eval": 20_000, "n_tokens": 8_000_000, "batch_size": 4096, "seed": 0}
 
 
 def _gt_job(architecture: str, spec: SyntheticSpec | None, d_sae: int | None, k: int | None,
@@ -55,9 +54,11 @@ def _gt_job(architecture: str, spec: SyntheticSpec | None, d_sae: int | None, k:
 
     spec = spec if spec is not None else SyntheticSpec()
     width = int(d_sae) if d_sae is not None else spec.n_features
-    fields = architecture_fields(architecture, k=k if k is not None else max(1, round(spec.expected_l0)),
-                                 l1_coefficient=l1_coefficient if l1_coefficient is not None
-                                 else GT_DEFAULTS["l1_coefficient"], extra=cfg_fields, d_sae=width)
+    own = default_sparsity(architecture, spec)  # an unknown architecture: {}, then architecture_fields' error
+    k_own, l1_own = own.pop("k", None), own.pop("l1_coefficient", None)
+    fields = architecture_fields(architecture, k=k if k is not None else k_own,
+                                 l1_coefficient=l1_coefficient if l1_coefficient is not None else l1_own,
+                                 extra={**own, **cfg_fields}, d_sae=width)
     fields.update(d_sae=width, n_tokens=int(n_tokens), batch_size=int(batch_size), seed=int(seed))
     return GroundTruthJob(spec=spec, sae_fields=fields, n_train=n_train, n_eval=n_eval,
                           thresholds={"threshold": float(threshold), "absorb_fraction": gt.ABSORB_FRACTION,
@@ -76,10 +77,11 @@ def sae_groundtruth(architecture: str = "topk", *, spec: SyntheticSpec | None = 
     samples: L0, NMSE, explained variances, and recovery of the true dictionary (MCC, mean max cosine,
     precision/recall at ``threshold``, absorption, splitting, shrinkage; ``sae.ground_truth``).
 
-    Width ``d_sae`` (default: n_features); ``k`` (architectures that take one; default the spec's
-    expected L0, rounded), ``l1_coefficient`` (relu; default 1.0), any other ``SAEConfig`` field as a
-    keyword. Settings are checked (ConfigError) before anything is sampled. Stored under
-    "sae-groundtruth"; the same call is served from the store."""
+    Width ``d_sae`` (default: n_features); ``k`` (architectures that take one), ``l1_coefficient`` (relu, gated)
+    and any other ``SAEConfig`` field as a keyword (e.g. ``l0_coefficient`` of jumprelu); left out, the
+    architecture's default sparsity (``sae.groundtruth_job.default_sparsity``: k = the spec's expected L0, rounded;
+    coefficients tuned so that L0 lands near it on the default spec). Settings are checked (ConfigError) before
+    anything is sampled. Stored under "sae-groundtruth"; the same call is served from the store."""
     job = _gt_job(architecture, spec, d_sae, k, l1_coefficient, n_train, n_eval, n_tokens, batch_size, seed,
                   threshold, cfg_fields)
     return runner.run(GROUNDTRUTH, synthetic_fingerprint(job.spec), job, store=store, refresh=refresh,
@@ -89,7 +91,10 @@ def sae_groundtruth(architecture: str = "topk", *, spec: SyntheticSpec | None = 
 def sae_groundtruth_table(architectures: Sequence[str] | None = None, **settings: Any) -> pd.DataFrame:
     """``sae_groundtruth`` for every architecture in ``architectures`` (default: every one
     ``sae.config.ARCHITECTURES`` lists, so a newly added architecture is included), one row each
-    (``GroundTruthResult.row``), in that order. ``settings``: ``sae_groundtruth``'s keywords."""
+    (``GroundTruthResult.row``), in that order, with ``l0_matched`` and ``rank`` (``sae.groundtruth_job.ranked``:
+    L0 within 15% of the data's expected L0 first, then MCC, then NMSE). ``settings``: ``sae_groundtruth``'s
+    keywords; left out, each architecture runs at its default sparsity (``default_sparsity``: k = the expected L0
+    for the TopK family, tuned coefficients for relu, gated and jumprelu)."""
     from sae.config import ARCHITECTURES
 
     archs = list(ARCHITECTURES if architectures is None else architectures)
@@ -98,7 +103,7 @@ def sae_groundtruth_table(architectures: Sequence[str] | None = None, **settings
     for i, arch in enumerate(archs):
         sub = None if progress is None else (lambda d, t, label, a=arch: progress(d, t, f"{a}: {label}"))
         rows.append(sae_groundtruth(arch, progress=sub, **settings).row())
-    return pd.DataFrame(rows)
+    return ranked(pd.DataFrame(rows))
 
 
 def find_sae_groundtruth(architecture: str = "topk", *, store: StoreLike = None, **settings: Any
@@ -132,7 +137,8 @@ def groundtruth_rows(store: StoreLike = None) -> pd.DataFrame:
         s = e.params.get("sae", {})
         rows.append({"key": e.key, "setting": e.fingerprint, "architecture": s.get("architecture"),
                      "d_sae": s.get("d_sae"), "k": s.get("k"),
-                     "l1_coefficient": s.get("l1_coefficient") if s.get("architecture") == "relu" else None,
+                     "l1_coefficient": s.get("l1_coefficient") if s.get("architecture") in ("relu", "gated") else None,
+                     "l0_coefficient": s.get("l0_coefficient") if s.get("architecture") == "jumprelu" else None,
                      **e.meta.get("metrics", {}), "created": pd.Timestamp(e.created, unit="s")})
     return pd.DataFrame(rows)
 
@@ -186,7 +192,7 @@ def probe_rows(store: StoreLike = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=None if rows else ["key", "sae_key", "task", "n_texts", "created"])
 
 
-__all__ = ["GROUNDTRUTH", "GT_DEFAULTS", "PROBE", "PROBE_TASKS", "GroundTruthResult", "ProbeResult",
+__all__ = ["GROUNDTRUTH", "GT_DEFAULTS", "GT_SPARSITY", "PROBE", "PROBE_TASKS", "GroundTruthResult", "ProbeResult",
            "find_sae_groundtruth", "find_sae_probe", "groundtruth_rows", "load_sae_groundtruth", "load_sae_probe",
            "probe_rows", "sae_groundtruth", "sae_groundtruth_table", "sae_probe", "stored_sae_groundtruth",
            "stored_sae_probe"]

@@ -45,6 +45,36 @@ def default_matryoshka_widths(d_sae: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, d_sae // 8), max(1, d_sae // 2), d_sae}))
 
 
+# Sparsity of each architecture in a ground-truth run, stated once (``default_sparsity``): chosen so that every
+# architecture's held-out L0 lands near the data's expected L0 (6.7 for the default SyntheticSpec) after the default
+# 8M training tokens, so the table compares dictionary recovery at (nearly) the same sparsity. The TopK family
+# (topk, batchtopk, matryoshka_batchtopk) takes k = the spec's expected L0, rounded (7); the others a coefficient,
+# tuned on the default spec (measured 2026-12-06, README "Evaluating SAEs offline"):
+# - relu l1 1.0: L0 7.46 (0.5: L0 12; 2.0 collapsed, NMSE 0.92 at 2M tokens);
+# - gated l1 1.0: L0 7.07 (at 2M tokens 18.8, beside relu's 19 at the same l1: gated tracks relu);
+# - jumprelu l0 0.08: L0 6.40. l0 0.2 gave L0 4.60 (-32%; its thresholds settled near sqrt(2 l0), median 0.63),
+#   l0 0.13 gave 5.34 (-21%); L0 ~ l0^-0.35 through those two points puts 6.7 near l0 0.07. (Lowering the l0 0.2
+#   SAE's thresholds alone predicted 0.13: the dictionary moves with the coefficient.) The initial threshold 0.1
+#   (SAEConfig's is 0.01) starts nearer the end point: at 2M tokens the thresholds had reached a median 0.40.
+# On another spec the coefficients are a starting point, not a match: pass k / l1_coefficient / l0_coefficient.
+GT_SPARSITY: dict[str, dict[str, float]] = {
+    "relu": {"l1_coefficient": 1.0},
+    "gated": {"l1_coefficient": 1.0},
+    "jumprelu": {"l0_coefficient": 0.08, "jumprelu_init_threshold": 0.1},
+}
+
+
+def default_sparsity(architecture: str, spec: SyntheticSpec) -> dict[str, Any]:
+    """The sparsity fields of a default ground-truth run of ``architecture`` on ``spec`` (``GT_SPARSITY``):
+    ``{"k": round(spec.expected_l0)}`` (at least 1) for an architecture that takes k, the tuned coefficients for
+    relu, gated and jumprelu, ``{}`` for an architecture without either (its ``SAEConfig`` defaults)."""
+    from sae.config import K_ARCHITECTURES
+
+    if architecture in K_ARCHITECTURES:
+        return {"k": max(1, round(spec.expected_l0))}
+    return dict(GT_SPARSITY.get(architecture, {}))
+
+
 def architecture_fields(architecture: str, *, k: int | None = None, l1_coefficient: float | None = None,
                         extra: dict | None = None, d_sae: int | None = None) -> dict[str, Any]:
     """The architecture-specific ``SAEConfig`` fields of a ground-truth run.
@@ -178,9 +208,13 @@ class GroundTruthResult:
 
     def row(self) -> dict:
         """One line of the comparison table."""
-        c = self.meta.get("cfg", {})
-        return {"architecture": self.architecture, "d_sae": c.get("d_sae"), "k": c.get("k"),
-                "l1_coefficient": c.get("l1_coefficient") if self.architecture == "relu" else None, **self.metrics}
+        from sae.config import L1_ARCHITECTURES, config_default
+
+        c, arch = self.meta.get("cfg", {}), self.architecture
+        return {"architecture": arch, "d_sae": c.get("d_sae"), "k": c.get("k"),
+                "l1_coefficient": c.get("l1_coefficient") if arch in L1_ARCHITECTURES else None,
+                "l0_coefficient": c.get("l0_coefficient", config_default("l0_coefficient")) if arch == "jumprelu"
+                else None, **self.metrics}
 
 
 def groundtruth_from_result(result: Result) -> GroundTruthResult:
@@ -188,3 +222,25 @@ def groundtruth_from_result(result: Result) -> GroundTruthResult:
     params = {n.split(".", 1)[1]: np.asarray(v) for n, v in arrays.items() if n.startswith("param.")}
     return GroundTruthResult(dict(result.meta.get("metrics", {})), result.table, params,
                              np.asarray(arrays["density"]), np.asarray(arrays["absorption"]), dict(result.meta))
+
+
+L0_TOLERANCE = 0.15  # a run's sparsity matches the data's when |L0 / expected L0 - 1| <= this
+
+
+def ranked(table: pd.DataFrame, tolerance: float = L0_TOLERANCE) -> pd.DataFrame:
+    """``table`` (rows of ``GroundTruthResult.row``: ``l0``, ``expected_l0``, ``mcc``, ``nmse``) with
+    ``l0_matched`` (|L0 / expected L0 - 1| <= ``tolerance``) and ``rank`` (1 = best) added; rows keep their order.
+
+    The ranking: runs at matched L0 first (recovery is only comparable at the same sparsity), then MCC rounded to
+    0.01, higher first (differences below that are not read as a ranking), then NMSE, lower first; a NaN sorts last."""
+    out = table.copy()
+    if out.empty:
+        return out.assign(l0_matched=pd.Series(dtype=bool), rank=pd.Series(dtype=int))
+    ratio = out["l0"].astype(float) / out["expected_l0"].astype(float)
+    out["l0_matched"] = (ratio - 1).abs() <= tolerance
+    key = pd.DataFrame({"unmatched": ~out["l0_matched"],
+                        "mcc": -out["mcc"].astype(float).round(2).fillna(-np.inf),
+                        "nmse": out["nmse"].astype(float).fillna(np.inf)}, index=out.index)
+    order = key.sort_values(["unmatched", "mcc", "nmse"], kind="stable").index
+    out["rank"] = pd.Series(np.arange(1, len(out) + 1), index=order).reindex(out.index).astype(int)
+    return out

@@ -23,11 +23,21 @@ from app.cli.options import (DeviceOpt, JsonOpt, RefreshOpt, SeedOpt, StoreOpt, 
 from app.cli.tables import print_table
 from sae.eval_pipeline import GT_DEFAULTS
 
-GT_COLUMNS = (("architecture", "architecture", "s"), ("l0", "L0", ".2f"), ("nmse", "NMSE", ".4f"),
-              ("mcc", "MCC", ".3f"), ("mean_max_cosine", "mean max cos", ".3f"), ("precision", "precision", ".3f"),
+GT_COLUMNS = (("rank", "rank", "d"), ("architecture", "architecture", "s"), ("sparsity", "setting", "s"),
+              ("l0", "L0", ".2f"), ("nmse", "NMSE", ".4f"), ("mcc", "MCC", ".3f"),
+              ("mean_max_cosine", "mean max cos", ".3f"), ("precision", "precision", ".3f"),
               ("recall", "recall", ".3f"), ("absorption", "absorption", ".3f"),
               ("parent_split_fraction", "parents split", ".3f"), ("shrinkage", "shrinkage", ".3f"),
               ("dead_fraction", "dead", ".2%"))
+
+
+def _sparsity(r: dict) -> str:
+    """The run's sparsity setting: k, l1 or l0 (what each architecture was given)."""
+    for name, short in (("k", "k"), ("l1_coefficient", "l1"), ("l0_coefficient", "l0")):
+        v = r.get(name)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            return f"{short} = {v:g}"
+    return "-"
 
 
 def _fmt(v, fmt: str) -> str:
@@ -44,7 +54,9 @@ def groundtruth(
                                                                  "features).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", help="k of architectures that take one (default: the "
                                                          "setting's expected L0).")] = None,
-    l1: Annotated[float, typer.Option("--l1", help="L1 coefficient of a relu SAE.")] = GT_DEFAULTS["l1_coefficient"],
+    l1: Annotated[Optional[float], typer.Option("--l1", help="L1 coefficient of relu and gated SAEs (default: each "
+                                                             "one's tuned value, sae.groundtruth_job.GT_SPARSITY).")
+                  ] = None,
     n_tokens: Annotated[int, typer.Option("--tokens", help="Training samples seen (they repeat in epochs).")
                         ] = GT_DEFAULTS["n_tokens"],
     n_train: Annotated[int, typer.Option("--n-train", help="Distinct synthetic training samples.")
@@ -56,7 +68,9 @@ def groundtruth(
     device: DeviceOpt = "auto",
 ) -> None:
     """Train each SAE architecture on synthetic activations with a known dictionary (sae/synthetic.py)
-    and score recovery: MCC, precision/recall at cos 0.9, absorption, splitting, shrinkage."""
+    and score recovery: MCC, precision/recall at cos 0.9, absorption, splitting, shrinkage. Each architecture
+    runs at its default sparsity (k = the data's expected L0, or a coefficient tuned to reach it); rows are
+    ranked by matched L0, then MCC, then NMSE."""
     from app import api
 
     table = run_with_progress("ground-truth scoring", api.sae_groundtruth_table, architecture or None, d_sae=d_sae,
@@ -69,10 +83,12 @@ def groundtruth(
                 caption="MCC: Hungarian-matched |cos| of decoder rows and true features; precision/recall at "
                         "|cos| >= 0.9; absorption: the parent latent is off while other latents write >= half of "
                         "the parent's coefficient along its direction; shrinkage: latent / true magnitude "
-                        "(sae/ground_truth.py)")
+                        "(sae/ground_truth.py). Rank: L0 within 15% of the data's expected L0 first, then MCC "
+                        "(to 0.01), then NMSE")
     for _, label, _ in GT_COLUMNS:
         out.add_column(label, justify="left" if label == "architecture" else "right")
-    for r in table.to_dict(orient="records"):
+    for r in table.sort_values("rank").to_dict(orient="records"):
+        r["sparsity"] = _sparsity(r)
         out.add_row(*[_fmt(r.get(name), fmt) for name, _, fmt in GT_COLUMNS])
     print_table(out)
 

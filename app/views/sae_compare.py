@@ -22,8 +22,8 @@ from app import charts_sae_compare as charts
 from app.state import MISSING, get_store, run_with_st_progress
 
 TC_COLUMNS = ["name", "kind", "architecture", "masked", "l0", "nmse", "nmse_mask", "nmse_other", "loss_recovered"]
-GT_COLUMNS = ["architecture", "d_sae", "k", "l1_coefficient", "l0", "nmse", "mcc", "mean_max_cosine", "precision",
-              "recall", "absorption", "parent_split_fraction", "shrinkage", "dead_fraction"]
+GT_COLUMNS = ["architecture", "d_sae", "k", "l1_coefficient", "l0_coefficient", "l0", "nmse", "mcc", "mean_max_cosine",
+              "precision", "recall", "absorption", "parent_split_fraction", "shrinkage", "dead_fraction"]
 
 SITE_COLUMNS = ["name", "architecture", "l0", "nmse", "explained_variance_saelens", "loss_recovered", "kl_recovered",
                 "dead_fraction"]

@@ -35,6 +35,31 @@ def test_pareto_front_is_the_set_of_non_dominated_points(rng):
         assert set(got.tolist()) == want and list(x[got]) == sorted(x[got])
 
 
+def test_cli_groundtruth_runs_each_default_and_prints_the_ranking(monkeypatch):
+    """No options: the CLI leaves k and l1 to each architecture's default (not one l1 for relu and gated) and
+    prints the rows in rank order with each run's setting."""
+    from app import api
+    from app.cli import app
+
+    seen = {}
+    planted = pd.DataFrame({"architecture": ["relu", "topk", "jumprelu"], "k": [np.nan, 7.0, np.nan],
+                            "l1_coefficient": [1.0, None, None], "l0_coefficient": [None, None, 0.25],
+                            "l0": [7.5, 7.0, 6.6], "nmse": [0.34, 0.16, 0.2], "mcc": [0.926, 0.947, 0.95],
+                            "rank": [3, 2, 1]})
+
+    def fake_table(architectures=None, **settings):
+        seen.update(settings, architectures=architectures)
+        return planted
+
+    monkeypatch.setattr(api, "sae_groundtruth_table", fake_table)
+    res = CliRunner().invoke(app, ["sae", "groundtruth"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert seen["architectures"] is None and seen["k"] is None and seen["l1_coefficient"] is None
+    lines = [ln for ln in res.stdout.splitlines() if any(a in ln for a in ("relu", "topk", "jumprelu"))]
+    assert [next(a for a in ("jumprelu", "topk", "relu") if a in ln) for ln in lines] == ["jumprelu", "topk", "relu"]
+    assert "l0 = 0.25" in lines[0] and "k = 7" in lines[1] and "l1 = 1" in lines[2]
+
+
 def test_cli_groundtruth_json_is_the_stored_result(tmp_path, monkeypatch, capsys):
     from app import api
     from app.cli import app
