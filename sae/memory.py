@@ -171,16 +171,22 @@ def check_feature_data_memory(d_sae: int, settings: dict) -> int:
     return need
 
 
-def hook_width(hf_dir: object) -> int | None:
-    """n_heads x d_head of a model's attention (the width of ``hook_z``) from its ``config.json``,
-    read without booting the model; None when there is no readable config or it lacks the keys."""
+def model_config_json(hf_dir: object) -> dict | None:
+    """``hf_dir/config.json`` as a dict, read without booting the model; None without a readable
+    JSON object (no directory, no file, not JSON, not an object)."""
     if hf_dir is None:
         return None
     try:
         cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(cfg, dict):
+    return cfg if isinstance(cfg, dict) else None
+
+
+def hook_width(hf_dir: object) -> int | None:
+    """n_heads x d_head of a model's attention (the width of ``hook_z``) from its ``config.json``,
+    read without booting the model; None when there is no readable config or it lacks the keys."""
+    if (cfg := model_config_json(hf_dir)) is None:
         return None
     n_heads = next((cfg[k] for k in ("num_attention_heads", "n_head", "n_heads") if isinstance(cfg.get(k), int)), None)
     hidden = next((cfg[k] for k in ("hidden_size", "n_embd", "d_model") if isinstance(cfg.get(k), int)), None)

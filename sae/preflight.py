@@ -20,14 +20,12 @@ before harvesting (``sae.jobs.prepare_training``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from analysis.errors import ConfigError
 from sae.config import TrainSettings, check_fields
-from sae.memory import hook_width
+from sae.memory import hook_width, model_config_json
 from sae.sites import DEFAULT_SITE, hook_for
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -54,13 +52,7 @@ def _positive(cfg: dict, keys: tuple[str, ...]) -> tuple[int | None, str]:
 
 def config_dims(hf_dir: Any) -> ModelDims | None:
     """The model's dimensions from ``hf_dir/config.json``; None without a readable JSON object."""
-    if hf_dir is None:
-        return None
-    try:
-        cfg = json.loads((Path(hf_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(cfg, dict):
+    if (cfg := model_config_json(hf_dir)) is None:
         return None
     n_layers, key = _positive(cfg, _LAYER_KEYS)
     d_model, _ = _positive(cfg, _WIDTH_KEYS)
