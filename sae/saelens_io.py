@@ -12,8 +12,9 @@ stored ``log10_density`` as ``sparsity.safetensors``. ``sae_import`` reads an SA
 ``sae.pipeline``), so it can be evaluated, explained and shown like a trained one. Its evaluation
 and feature data use the docstring corpus (``texts=`` picks other texts). A directory holding one of
 SAELens's transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
-``jumprelu_skip_transcoder``: ``sae.saelens_transcoder``) is read by ``import_transcoder``: checked
-against the model's MLP at its block and returned as an ``ImportedTranscoder`` (not stored).
+``jumprelu_skip_transcoder``: ``sae.saelens_transcoder``) is stored by ``import_transcoder`` as an
+"sae-transcoder" entry (``sae.transcoder_import``), after checking it against the model's MLP at its
+block.
 ``export_saelens`` and ``import_saelens`` are the deprecated old names (``sae.pipeline.DEPRECATED``).
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from sae.model import SAE
 from sae.pipeline import SAE as SAE_ANALYSIS
 from sae.pipeline import deprecated_alias, load_sae
 from sae.results import TrainedSAE, resolve
-from sae.transcoder import Transcoder
+from sae.transcoder_store import TranscoderRun
 
 
 
@@ -61,11 +62,11 @@ def sae_export(key: str, directory: str | os.PathLike, *, store: StoreLike = Non
 
 def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
                store: StoreLike = None, trust_pickle: bool = False, device: str = "auto"
-               ) -> TrainedSAE | ImportedTranscoder:
+               ) -> TrainedSAE | TranscoderRun:
     """Store the SAELens-format SAE in ``directory`` as an SAE of ``source`` at ``layer`` (default:
     the layer of the hook its cfg.json names). Returns it (``.key`` for ``sae_eval`` ...). The model
     boots (on ``device``, shared with later runs) to check the hook. A directory holding one of
-    SAELens's transcoders is read by ``import_transcoder`` (an ``ImportedTranscoder``, not stored).
+    SAELens's transcoders is stored by ``import_transcoder`` (a ``TranscoderRun``, "sae-transcoder").
 
     Raises CorruptCheckpointError (malformed cfg.json, weights or sparsity file), ConfigError
     (an unsupported SAE, or ``layer`` other than its hook's), SourceError (an SAE exported from
@@ -78,7 +79,7 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
 
     d = Path(directory)
     if is_transcoder_dir(d):
-        return import_transcoder(d, source, layer, trust_pickle=trust_pickle, device=device)
+        return import_transcoder(d, source, layer, store=store, trust_pickle=trust_pickle, device=device)
     sae = load_saelens(d)
     sparsity = load_saelens_sparsity(d)
     cfg = sae.cfg
@@ -122,33 +123,19 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
                     ctx.store)
 
 
-@dataclass(frozen=True, eq=False)
-class ImportedTranscoder:
-    """A SAELens transcoder read from ``directory`` and checked against ``source_label``'s MLP at its
-    block. Not stored (``stored`` False): use ``transcoder`` directly (``sae.transcoder.Splice`` ...)."""
-
-    transcoder: Transcoder
-    directory: str
-    saelens_architecture: str
-    source_label: str
-    stored: bool = False
-
-    @property
-    def name(self) -> str:
-        c = self.transcoder.cfg
-        return (f"{c.kind} ({self.saelens_architecture}) {c.hook_in} -> {c.hook_out}: d_in {c.d_in}, d_sae "
-                f"{c.d_sae}, d_out {c.d_out}")
-
-
 def import_transcoder(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
-                      trust_pickle: bool = False, device: str = "auto") -> ImportedTranscoder:
-    """Read the SAELens transcoder in ``directory`` (``sae.saelens_transcoder``) and check it against
-    ``source``: the model boots (on ``device``) and the MLP input and output of its block must be
-    d_in and d_out wide. ConfigError when ``layer`` is not its block or the model lacks the block,
-    ShapeError on a width mismatch, CorruptCheckpointError for a malformed directory."""
+                      store: StoreLike = None, trust_pickle: bool = False, device: str = "auto") -> TranscoderRun:
+    """Store the SAELens transcoder in ``directory`` (``sae.saelens_transcoder``) as an "sae-transcoder"
+    entry of ``source`` (``sae.transcoder_import``); returns it with its ``key`` (``load_sae_transcoder``,
+    ``sae_transcoders``, ``sae_export``). Its key holds the weights' hash and its config, so the same
+    files again are served from the store without booting the model. Otherwise the model boots (on
+    ``device``) and the MLP input and output of its block must be d_in and d_out wide. It is not
+    evaluated (no metrics), as an imported SAE is not. ConfigError when ``layer`` is not its block or
+    the model lacks the block, ShapeError on a width mismatch (both before the model boots when its
+    config.json says the block count and d_model), CorruptCheckpointError for a malformed directory."""
     from sae.saelens_transcoder import load_transcoder_saelens
-    from sae.sites import check_site
-    from sae.transcoder_job import harvest_pairs
+    from sae.transcoder_import import TranscoderImportJob, check_before_boot, weights_tag
+    from sae.transcoder_pipeline import TRANSCODER
 
     d = Path(directory)
     tc = load_transcoder_saelens(d)
@@ -156,21 +143,17 @@ def import_transcoder(directory: str | os.PathLike, source: Any = "minilm", laye
     if layer is not None and int(layer) != cfg.layer:
         raise ConfigError(f"{d}: the transcoder reads {cfg.hook_in} but layer={layer} was given; import it with "
                           f"layer={cfg.layer}, the block it was trained on")
-    ctx = runner.context(device=device)
+    ctx = runner.context(store=store, device=device)
     src = open_source(source, trust_pickle=trust_pickle)
-    with ctx.lock:
-        bridge = requests.booted(src, ctx)
-        check_site(bridge, "mlp_in", cfg.layer)  # ConfigError listing the valid layers
-        x, y = harvest_pairs(bridge, cfg.layer, ["the model"], max_tokens=8)
-    if (x.shape[1], y.shape[1]) != (cfg.d_in, cfg.d_out):
-        raise ShapeError(f"{d}: the transcoder maps d_in={cfg.d_in} -> d_out={cfg.d_out} but {src.label}'s block "
-                         f"{cfg.layer} MLP maps {x.shape[1]} -> {y.shape[1]}; import it for the model it was "
-                         "trained on")
+    check_before_boot(d, tc, src)
     tc.source_label = src.label
-    return ImportedTranscoder(tc, str(d.resolve()), str(cfg.saelens_architecture), src.label)
+    job = TranscoderImportJob(transcoder=tc, tag=weights_tag(tc), directory=str(d.resolve()),
+                              saelens_architecture=str(cfg.saelens_architecture), source_spec=requests.spec_of(src))
+    run = runner.run(TRANSCODER, runner.Subject(src.fingerprint, src), job, ctx=ctx)
+    return replace(run, key=entry_key(src.fingerprint, TRANSCODER.name, job.store_params(), TRANSCODER.code_version))
 
 
 export_saelens = deprecated_alias("export_saelens", sae_export)
 import_saelens = deprecated_alias("import_saelens", sae_import)
 
-__all__ = ["ImportedTranscoder", "export_saelens", "import_transcoder", "import_saelens", "sae_export", "sae_import"]
+__all__ = ["export_saelens", "import_transcoder", "import_saelens", "sae_export", "sae_import"]
