@@ -14,7 +14,7 @@ and feature data use the docstring corpus (``texts=`` picks other texts). A dire
 SAELens's transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
 ``jumprelu_skip_transcoder``: ``sae.saelens_transcoder``) is stored by ``import_transcoder`` as an
 "sae-transcoder" entry (``sae.transcoder_import``), after checking it against the model's MLP at its
-block.
+block; ``sae_export`` writes a stored relu / jumprelu transcoder back in SAELens's format.
 ``export_saelens`` and ``import_saelens`` are the deprecated old names (``sae.pipeline.DEPRECATED``).
 """
 
@@ -47,10 +47,14 @@ def sae_export(key: str, directory: str | os.PathLike, *, store: StoreLike = Non
     """Write the stored SAE ``key`` (or unique prefix) as a SAELens directory (created): ``cfg.json``,
     ``sae_weights.safetensors`` and, when the store holds its density, ``sparsity.safetensors``
     (log10 firing frequency). Returns the directory. SAELens loads it with ``SAE.load_from_disk``.
-    NotStoredError when no stored SAE has this key."""
+    The key of a stored transcoder writes it with ``save_transcoder_saelens`` (relu / jumprelu; a
+    TopK transcoder raises ConfigError naming the fix, before anything is written).
+    NotStoredError when no stored SAE or transcoder has this key."""
     from sae.saelens_format import save_saelens
 
     st = open_store(store)
+    if (tc_entry := _transcoder_entry(key, st)) is not None:
+        return _export_transcoder(tc_entry, directory, st)
     entry = resolve(key, st)
     result = st.get_by_key(entry.key)
     if result is None:
@@ -58,6 +62,39 @@ def sae_export(key: str, directory: str | os.PathLike, *, store: StoreLike = Non
     density = store_io.stored_log10_density(result)
     return save_saelens(store_io.sae_from_result(result), directory,
                         sparsity=None if density is None else torch.from_numpy(density))
+
+
+def _transcoder_entry(key: str, st: Any) -> Any:
+    """The index row of the stored transcoder whose key is or starts with ``key`` (4+ characters), or None.
+    NotStoredError when the prefix matches several entries (transcoders, or a transcoder and an SAE)."""
+    from sae.transcoder_pipeline import stored_sae_transcoders
+
+    if not isinstance(key, str) or len(key) < 4:
+        return None  # resolve() says what a key must be
+    hits = [e for e in stored_sae_transcoders(store=st) if e.key.startswith(key)]
+    if not hits:
+        return None
+    if len(hits) > 1 or resolve(key, st, missing_ok=True) is not None:
+        raise NotStoredError(f"key prefix {key!r} matches several stored SAEs and transcoders; give more characters "
+                             "(`lenslab sae ls`, `lenslab sae transcoders`)")
+    return hits[0]
+
+
+def _export_transcoder(entry: Any, directory: str | os.PathLike, st: Any) -> Path:
+    from sae.saelens_transcoder import save_transcoder_saelens
+    from sae.transcoder_pipeline import load_sae_transcoder
+    from sae.transcoder_store import config_from_dict, transcoder_name
+
+    cfg = config_from_dict(entry.meta.get("cfg", {}))
+    if cfg.saelens_architecture is None:  # before the weights are read or anything is written
+        raise ConfigError(f"transcoder {entry.key[:12]} ({transcoder_name(entry.meta)}) is a {cfg.architecture} "
+                          "transcoder, which has no SAELens format: SAELens 6.54 registers ReLU and JumpReLU "
+                          "transcoders only; train it with --architecture relu|jumprelu (lenslab sae transcoder "
+                          "SOURCE --layer L --architecture relu|jumprelu; API architecture='relu' or 'jumprelu') "
+                          "to export it")
+    run = load_sae_transcoder(entry.key, st)
+    run.transcoder.source_label = run.source_label
+    return save_transcoder_saelens(run.transcoder, directory)
 
 
 def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,

@@ -1,6 +1,7 @@
 """``lenslab sae export`` / ``lenslab sae import``: stored SAEs and transcoders in SAELens's format.
 
     lenslab sae export minilm out/sae --layer 3            # the SAE of minilm at layer 3 (SAE.load_from_disk)
+    lenslab sae export minilm out/tc --sae KEY             # a stored SAE or relu/jumprelu transcoder, by key
     lenslab sae import out/sae minilm --layer 3            # a SAELens SAE into the store
     lenslab sae import out/tc minilm                       # a SAELens transcoder into the store ("sae-transcoder")
 
@@ -17,7 +18,11 @@ from typing import Annotated, Optional
 import typer
 
 from app.cli.options import DeviceOpt, JsonOpt, StoreOpt, console, run_with_progress
-from app.cli.sae import LayerOpt, SaeOpt, SourceArg
+from app.cli.sae import LayerOpt, SourceArg
+
+ExportKeyOpt = Annotated[Optional[str], typer.Option("--sae", help="Store key (prefix) of the SAE or transcoder, as "
+                                                                   "`lenslab sae ls` / `lenslab sae transcoders` show "
+                                                                   "it; default: the one SAE of SOURCE at LAYER.")]
 
 
 def export(
@@ -25,13 +30,20 @@ def export(
     directory: Annotated[Path, typer.Argument(help="Directory to write (cfg.json, sae_weights.safetensors, "
                                                    "sparsity.safetensors).")],
     layer: LayerOpt = 0,
-    sae: SaeOpt = None,
+    sae: ExportKeyOpt = None,
     store: StoreOpt = None,
 ) -> None:
     """Write the SAE in SAELens's format (SAELens: SAE.load_from_disk(DIRECTORY)). Its cfg.json says
-    reshape_activations "hook_z": SAELens's encode expects [..., n_heads, d_head], not the flat [N, d_in]."""
+    reshape_activations "hook_z": SAELens's encode expects [..., n_heads, d_head], not the flat [N, d_in].
+    --sae KEY of a stored relu or jumprelu transcoder writes that transcoder (a TopK one has no SAELens format)."""
     from app import api
 
+    if sae is not None and (tcs := [e for e in api.stored_sae_transcoders(store=store) if e.key.startswith(sae)]):
+        out = api.sae_export(sae, directory, store=store)  # a TopK transcoder: ConfigError naming the fix
+        c = api.load_sae_transcoder(tcs[0].key, store=store).cfg
+        console.print(f"transcoder {tcs[0].key[:12]} written to {out} (SAELens format, {c.saelens_architecture}: "
+                      f"{c.hook_in} -> {c.hook_out}); SAELens: SAE.load_from_disk({str(out)!r})", highlight=False)
+        return
     key = api.find_sae(source, layer, sae, store=store)
     out = api.sae_export(key, directory, store=store)
     cfg = api.load_sae(key, store=store).sae.cfg

@@ -10,7 +10,9 @@ model fail the test; "before boot" likewise.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +194,111 @@ def test_compare_page_lists_an_imported_transcoder(llama, tmp_path, monkeypatch,
     (table,) = [df.value for df in at.dataframe if "nmse_mask" in df.value.columns]
     assert list(table["name"]) == [run.name] and run.name.endswith("skip_transcoder 48 (relu, imported)")
 
+
+# ------------------------------------------------------------------------- export
+SMALL = {"k": 4, "expansion": 2, "n_tokens": 10 * 128, "batch_size": 128, "loss": False, "device": "cpu"}
+
+
+def _x(d_in: int, seed: int = 3) -> torch.Tensor:
+    return torch.randn(11, d_in, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_of_an_imported_transcoder_round_trips(name, llama, tmp_path):
+    from app import api
+    from sae.saelens_transcoder import load_transcoder_saelens
+
+    store = tmp_path / "s"
+    run = api.sae_import(FIXTURE / name, str(llama), store=store, device="cpu")
+    out = api.sae_export(run.key[:10], tmp_path / "out", store=store)
+    assert sorted(p.name for p in out.iterdir()) == [CFG_FILENAME, WEIGHTS_FILENAME]
+    theirs, ours = load_file(FIXTURE / name / WEIGHTS_FILENAME), load_file(out / WEIGHTS_FILENAME)
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[n], t) for n, t in theirs.items())
+    cfg = json.loads((out / CFG_FILENAME).read_text())
+    assert cfg["architecture"] == name and cfg["metadata"]["model_name"] == run.source_label
+    back = load_transcoder_saelens(out)
+    assert back.cfg == run.cfg
+    x = _x(run.cfg.d_in)
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), run.transcoder.encode(x)) and torch.equal(back(x), run.transcoder(x))
+    assert api.sae_import(out, str(llama), store=store).key == run.key  # the same transcoder: the same entry
+
+
+@pytest.mark.parametrize("architecture", ["relu", "jumprelu"])
+def test_export_of_a_trained_transcoder_round_trips(architecture, llama, tmp_path):
+    from _tiny_llama import TOY_TEXTS
+
+    from app import api
+    from app.cli import app
+    from sae.saelens_transcoder import load_transcoder_saelens
+
+    store = tmp_path / "s"
+    run = api.sae_transcoder(str(llama), 1, skip=True, architecture=architecture, texts=TOY_TEXTS, store=store,
+                             **SMALL)
+    out = api.sae_export(run.key, tmp_path / "out", store=store)
+    back = load_transcoder_saelens(out)
+    assert back.cfg == run.cfg and back.source_label == run.source_label
+    x = _x(run.cfg.d_in)
+    with torch.no_grad():
+        assert torch.equal(back(x), run.transcoder(x)) and torch.equal(back.encode(x), run.transcoder.encode(x))
+    res = CliRunner().invoke(app, ["sae", "export", str(llama), str(tmp_path / "cli"), "--sae", run.key[:12],
+                                   "--store", str(store)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0, (res.output, repr(res.exception))
+    assert f"transcoder {run.key[:12]} written to" in " ".join(res.output.split())
+    for f in (CFG_FILENAME, WEIGHTS_FILENAME):
+        assert (tmp_path / "cli" / f).read_bytes() == (out / f).read_bytes(), f
+
+
+def test_a_topk_transcoder_is_refused_with_the_fix(llama, tmp_path, capsys):
+    from _tiny_llama import TOY_TEXTS
+
+    from app import api
+    from app.cli import app
+    from app.cli.exit_codes import run as run_cli
+
+    store = tmp_path / "s"
+    run = api.sae_transcoder(str(llama), 0, texts=TOY_TEXTS, store=store, **SMALL)
+    with pytest.raises(ConfigError, match=rf"transcoder {run.key[:12]} \(.*\) is a topk transcoder, which has no "
+                                          r"SAELens format.*train it with --architecture relu\|jumprelu"):
+        api.sae_export(run.key, tmp_path / "out", store=store)
+    assert not (tmp_path / "out").exists()
+    capsys.readouterr()
+    code = run_cli(app, ["sae", "export", str(llama), str(tmp_path / "cli"), "--sae", run.key[:12], "--store",
+                         str(store)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and "--architecture relu|jumprelu" in " ".join(err.split())
+    assert not (tmp_path / "cli").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(os.environ.get("SAELENS_PYTHON", Path(__file__).resolve().parents[2] / ".venv-saelens"
+                                            / "bin" / "python")).exists(),
+                    reason="no .venv-saelens: bash benchmarks/saelens_env.sh")
+def test_saelens_loads_an_exported_stored_transcoder(llama, tmp_path):
+    """SAELens's SAE.load_from_disk reads `sae export` of a stored (trained) jumprelu skip transcoder and
+    computes what the stored one computes."""
+    from _tiny_llama import TOY_TEXTS
+
+    from app import api
+
+    root = Path(__file__).resolve().parents[2]
+    python = Path(os.environ.get("SAELENS_PYTHON", root / ".venv-saelens" / "bin" / "python"))
+    store = tmp_path / "s"
+    run = api.sae_transcoder(str(llama), 1, skip=True, architecture="jumprelu", l0_coefficient=0.01,
+                             texts=TOY_TEXTS, store=store, **SMALL)
+    out = api.sae_export(run.key, tmp_path / "tc", store=store)
+    x = _x(run.cfg.d_in, seed=5)
+    np.save(tmp_path / "x.npy", x.numpy())
+    proc = subprocess.run([str(python), str(root / "benchmarks" / "saelens_peer.py"), "load", str(out), "--input",
+                           str(tmp_path / "x.npy"), "--output", str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (report["architecture"], report["d_in"], report["d_out"]) == ("jumprelu_skip_transcoder", 32, 32)
+    assert (report["hook_name"], report["hook_name_out"]) == ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out")
+    theirs = np.load(tmp_path / "out.npz")
+    with torch.no_grad():
+        feats, pred = run.transcoder.encode(x).double().numpy(), run.transcoder(x).double().numpy()
+    assert (feats != 0).any()  # some latents fire: the thresholds are exercised
+    for got, want in ((feats, theirs["feature_acts"]), (pred, theirs["sae_out"])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(want).max()))
