@@ -7,8 +7,9 @@
 
 ``sae_export`` writes a stored SAE in SAELens 6.x's format (``sae.saelens_format``), with its
 stored ``log10_density`` as ``sparsity.safetensors``. ``sae_import`` reads an SAE in that format
-(ours, or one SAELens wrote), checks its width against the hook it reads (``n_heads * d_head`` of
-``blocks.L.attn.hook_z``), and stores it for that model through the runner (the "sae" analysis of
+(ours, or one SAELens wrote) at any SAE site (``sae.sites``), checks its layer and width against the
+hook it reads (``n_heads * d_head`` of ``blocks.L.attn.hook_z``, d_model at the residual stream and the
+MLP output; from config.json before the model boots, ``sae.preflight``), and stores it for that model through the runner (the "sae" analysis of
 ``sae.pipeline``), so it can be evaluated, explained and shown like a trained one. Its evaluation
 and feature data use the docstring corpus (``texts=`` picks other texts). A directory holding one of
 SAELens's transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
@@ -39,6 +40,7 @@ from sae.model import SAE
 from sae.pipeline import SAE as SAE_ANALYSIS
 from sae.pipeline import deprecated_alias, load_sae
 from sae.results import TrainedSAE, resolve
+from sae.sites import DEFAULT_SITE
 from sae.transcoder_store import TranscoderRun
 
 
@@ -97,17 +99,48 @@ def _export_transcoder(entry: Any, directory: str | os.PathLike, st: Any) -> Pat
     return save_transcoder_saelens(run.transcoder, directory)
 
 
+def _check_width(d: Path, cfg: Any, label: str, width: int, heads: tuple[int, int] | None) -> None:
+    """ShapeError unless the SAE's d_in is the hook's ``width`` (hook_z: n_heads*d_head = ``heads``)."""
+    if cfg.d_in == width and (heads is None or cfg.n_heads is None or (cfg.n_heads, cfg.d_head) == heads):
+        return
+    mine = "" if cfg.n_heads is None else f" ({cfg.n_heads} heads x {cfg.d_head})"
+    theirs = (f"n_heads*d_head = {heads[0]}*{heads[1]} = {width}" if heads is not None
+              else f"n_heads*d_head = {width}" if cfg.site == DEFAULT_SITE else f"d_model = {width}")
+    raise ShapeError(f"{d}: the SAE has d_in={cfg.d_in}{mine} but {cfg.hook_name} of {label} is {theirs} wide; "
+                     "import it for the model and layer it was trained on")
+
+
+def _check_before_boot(d: Path, cfg: Any, src: Any) -> None:
+    """The layer and width checks of ``sae_import`` from the model's config.json (``sae.preflight``),
+    before it boots; what config.json does not say is checked on the booted model."""
+    from sae import preflight
+
+    dims = preflight.config_dims(src.hf_dir)
+    preflight.check_layer(dims, cfg.site, cfg.layer,
+                          fix=f"the SAE in {d} reads {cfg.hook_name}: import it for the model it was trained on")
+    width = preflight.site_width(dims, cfg.site)
+    if width is None:
+        return
+    heads = None
+    if cfg.site == DEFAULT_SITE and dims.n_heads and width % dims.n_heads == 0:
+        heads = (dims.n_heads, width // dims.n_heads)
+    _check_width(d, cfg, src.label, width, heads)
+
+
 def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
                store: StoreLike = None, trust_pickle: bool = False, device: str = "auto"
                ) -> TrainedSAE | TranscoderRun:
     """Store the SAELens-format SAE in ``directory`` as an SAE of ``source`` at ``layer`` (default:
     the layer of the hook its cfg.json names). Returns it (``.key`` for ``sae_eval`` ...). The model
-    boots (on ``device``, shared with later runs) to check the hook. A directory holding one of
+    boots (on ``device``, shared with later runs) to check the hook; its cfg.json hook_name may be
+    any SAE site's (``sae.sites``: hook_z, resid_pre, resid_post, mlp_out), and the layer and width
+    are first checked against the model's config.json, before it boots. A directory holding one of
     SAELens's transcoders is stored by ``import_transcoder`` (a ``TranscoderRun``, "sae-transcoder").
 
     Raises CorruptCheckpointError (malformed cfg.json, weights or sparsity file), ConfigError
     (an unsupported SAE, or ``layer`` other than its hook's), SourceError (an SAE exported from
-    another model), ShapeError (its d_in is not the hook's n_heads * d_head). Nothing is stored
+    another model), ShapeError (its d_in is not the hook's width: n_heads * d_head for hook_z,
+    d_model for the others). Nothing is stored
     on an error.
     """
     from sae.harvest import check_layer, head_shape
@@ -131,16 +164,14 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
     if cfg.source_fingerprint and cfg.source_fingerprint != src.fingerprint:
         raise SourceError(f"{d}: the SAE was exported from model {cfg.source_fingerprint[:8]}, not {src.label} "
                           f"({src.fingerprint[:8]}); import it for the model it was trained on")
+    _check_before_boot(d, cfg, src)
     bridge = requests.booted(src, ctx)
-    hook = check_layer(bridge, cfg.layer)  # ConfigError listing the valid layers
-    n_heads, d_head = head_shape(bridge)
-    if cfg.d_in != n_heads * d_head or (cfg.n_heads is not None and (cfg.n_heads, cfg.d_head) != (n_heads, d_head)):
-        heads = "" if cfg.n_heads is None else f" ({cfg.n_heads} heads x {cfg.d_head})"
-        raise ShapeError(f"{d}: the SAE has d_in={cfg.d_in}{heads} but {hook} of {src.label} is n_heads*d_head = "
-                         f"{n_heads}*{d_head} = {n_heads * d_head} wide; import it for the model and layer it was "
-                         "trained on")
-    mine = SAE(cfg.replace(n_heads=n_heads, d_head=d_head, source_fingerprint=src.fingerprint,
-                           source_label=src.label))
+    check_layer(bridge, cfg.layer, cfg.site)  # ConfigError listing the valid layers
+    heads = head_shape(bridge) if cfg.site == DEFAULT_SITE else None
+    width = heads[0] * heads[1] if heads is not None else int(bridge.cfg.d_model)
+    _check_width(d, cfg, src.label, width, heads)
+    mine = SAE(cfg.replace(n_heads=None if heads is None else heads[0], d_head=None if heads is None else heads[1],
+                           source_fingerprint=src.fingerprint, source_label=src.label))
     digest = hashlib.sha256()
     with torch.no_grad():
         for n in sae.weight_names:  # relu/topk: the four base weights, hashed as before

@@ -47,6 +47,10 @@ def export(
     key = api.find_sae(source, layer, sae, store=store)
     out = api.sae_export(key, directory, store=store)
     cfg = api.load_sae(key, store=store).sae.cfg
+    if cfg.site != "hook_z":
+        console.print(f"SAE {key[:12]} written to {out} (SAELens format); it reads {cfg.hook_name}, "
+                      f"[N, {cfg.d_in}]", highlight=False)
+        return
     heads = f"[..., {cfg.n_heads}, {cfg.d_head}]" if cfg.n_heads else "[..., n_heads, d_head]"
     console.print(f"SAE {key[:12]} written to {out} (SAELens format); SAELens's encode reads hook_z as {heads} "
                   f"(reshape_activations 'hook_z'): reshape flat [N, {cfg.d_in}] activations first", highlight=False)
