@@ -183,7 +183,14 @@ def _edited(name: str, dest: Path, edit=None, weights=None) -> Path:
      r"W_skip has shape \(32, 5\) but cfg.json implies \(32, 32\)"),
     (None, lambda w: w["threshold"].__setitem__(3, -0.1), ConfigError, r"jumprelu threshold is negative"),
     (None, lambda w: w["W_dec"].__setitem__((0, 0), float("nan")), CorruptCheckpointError, r"hold NaN or inf"),
-], ids=["b_dec_to_input", "hook_in", "hook_out", "normalize", "d_out", "no_skip", "skip_shape", "threshold", "nan"])
+    (lambda c: c.update(architecture=["jumprelu_skip_transcoder"]), None, ConfigError,
+     r"SAELens architecture \['jumprelu_skip_transcoder'\] is not a transcoder"),
+    (lambda c: c.update(metadata=["blocks.1.mlp.hook_in"]), None, CorruptCheckpointError,
+     r"metadata is list .*, not a JSON object"),
+    (lambda c: c.update(d_out=32.5), None, CorruptCheckpointError, r"d_out=32.5 is not an integer"),
+    (lambda c: c.update(d_sae=True), None, CorruptCheckpointError, r"d_sae=True is not an integer"),
+], ids=["b_dec_to_input", "hook_in", "hook_out", "normalize", "d_out", "no_skip", "skip_shape", "threshold", "nan",
+        "architecture_list", "metadata_list", "d_out_fraction", "d_sae_bool"])
 def test_bad_files_raise_typed_errors(edit, weights, error, match, tmp_path):
     d = _edited("jumprelu_skip_transcoder", tmp_path / "tc", edit, weights)
     with pytest.raises(error, match=match):
