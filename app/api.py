@@ -66,7 +66,7 @@ from sae.pipeline import (SAEEvaluation, TrainedSAE, evaluate_sae, find_sae, fin
                           find_sae_features, has_sae_eval, has_sae_features, list_saes, load_sae, sae_eval,
                           sae_features, sae_list, sae_polysemantic, sae_prompt, sae_train, stored_sae_eval,
                           stored_sae_features, train_sae)
-from sae.saelens_io import ImportedTranscoder, export_saelens, import_saelens, sae_export, sae_import  # noqa: F401
+from sae.saelens_io import export_saelens, import_saelens, sae_export, sae_import  # noqa: F401
 from sae.eval_pipeline import (GroundTruthResult, ProbeResult, find_sae_groundtruth, find_sae_probe,  # noqa: F401
                                groundtruth_rows, load_sae_groundtruth, load_sae_probe, probe_rows, sae_groundtruth,
                                sae_groundtruth_table, sae_probe, stored_sae_groundtruth, stored_sae_probe)

@@ -16,7 +16,8 @@ Pipeline (through ``analysis.run``): ``pipeline`` (the stored analyses and the A
 ``preflight`` (a training request checked against the model's config.json before it boots),
 ``jobs`` (what each stored analysis computes), ``results`` (result types, index lookups);
 ``transcoder_pipeline`` (stored transcoders: ``sae_transcoder``, ``load_sae_transcoder`` ...; their
-maths in ``transcoder``, the run in ``transcoder_job``, the store round trip in ``transcoder_store``).
+maths in ``transcoder``, the run in ``transcoder_job``, the store round trip in ``transcoder_store``,
+a SAELens transcoder file stored by ``lenslab sae import`` in ``transcoder_import``).
 """
 
 from sae.config import SAEConfig, hook_name_for

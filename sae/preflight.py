@@ -5,7 +5,7 @@ model: how many blocks it has and how wide the hook is, so a layer the model lac
 or above ``d_sae = expansion x d_in`` or matryoshka widths that do not end at that ``d_sae`` would
 only fail once the model is booted and the corpus harvested. ``config.json`` says it first:
 
-- ``config_dims(hf_dir)``: (n_layers, hook_z width n_heads*d_head, d_model) read from
+- ``config_dims(hf_dir)``: (n_layers, hook_z width n_heads*d_head, d_model, n_heads) read from
   ``config.json`` without booting, each None when the file does not say it;
 - ``check_layer(dims, site, layer)``: ConfigError in the words of ``sae.sites.check_site`` /
   ``sae.harvest.check_layer`` (the valid layers listed) when the model has no block ``layer``;
@@ -30,6 +30,7 @@ from sae.sites import DEFAULT_SITE, hook_for
 
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 _WIDTH_KEYS = ("hidden_size", "n_embd", "d_model")
+_HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads")  # as sae.memory.hook_width reads them
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ModelDims:
     hook_z_width: int | None  # n_heads * d_head
     d_model: int | None
     key: str = ""  # the config key n_layers came from
+    n_heads: int | None = None  # attention heads (hook_z is n_heads x d_head)
 
 
 def _positive(cfg: dict, keys: tuple[str, ...]) -> tuple[int | None, str]:
@@ -56,18 +58,21 @@ def config_dims(hf_dir: Any) -> ModelDims | None:
         return None
     n_layers, key = _positive(cfg, _LAYER_KEYS)
     d_model, _ = _positive(cfg, _WIDTH_KEYS)
-    return ModelDims(n_layers=n_layers, hook_z_width=hook_width(hf_dir), d_model=d_model, key=key)
+    n_heads, _ = _positive(cfg, _HEAD_KEYS)
+    return ModelDims(n_layers=n_layers, hook_z_width=hook_width(hf_dir), d_model=d_model, key=key, n_heads=n_heads)
 
 
-def check_layer(dims: ModelDims | None, site: str, layer: int) -> None:
-    """ConfigError when ``config.json`` gives the model fewer blocks than ``layer + 1``."""
+def check_layer(dims: ModelDims | None, site: str, layer: int, *, fix: str | None = None) -> None:
+    """ConfigError when ``config.json`` gives the model fewer blocks than ``layer + 1``; ``fix``
+    replaces the advice to pass another layer (an imported file's layer is not the caller's)."""
     if dims is None or dims.n_layers is None or not isinstance(layer, int) or 0 <= layer < dims.n_layers:
         return
     valid = list(range(dims.n_layers))
     first, last = hook_for(site, valid[0]), hook_for(site, valid[-1])
     what = "attention hook_z" if site == DEFAULT_SITE else f"{site} hook ({hook_for(site, layer)})"
+    fix = fix or f"pass --layer (layer=) between 0 and {dims.n_layers - 1}"
     raise ConfigError(f"layer {layer!r} has no {what}; valid layers are {valid} ({first} ... {last}; config.json "
-                      f"{dims.key}={dims.n_layers}); pass --layer (layer=) between 0 and {dims.n_layers - 1}")
+                      f"{dims.key}={dims.n_layers}); {fix}")
 
 
 def site_width(dims: ModelDims | None, site: str) -> int | None:

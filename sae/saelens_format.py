@@ -9,7 +9,10 @@ A directory with
   SAELens saved with it true is folded to unit-norm decoder rows on load; "jumprelu" for jumprelu,
   and for batchtopk and matryoshka_batchtopk, which SAELens also saves as JumpReLU SAEs with their
   inference threshold; "gated") and
-  ``metadata`` (``sae_lens_version``, ``hook_name``, ``model_name``, ...). SAELens 6 keeps
+  ``metadata`` (``sae_lens_version``, ``hook_name``, ``model_name``, ...). ``hook_name`` is the hook
+  of any SAE site (``sae.sites``: ``blocks.L.attn.hook_z``, ``blocks.L.hook_resid_pre`` /
+  ``hook_resid_post``, ``blocks.L.hook_mlp_out``), which sets the config's site and layer; only
+  hook_z files say ``reshape_activations`` "hook_z" (the others "none"). SAELens 6 keeps
   ``hook_name`` in ``metadata``; we also write top-level ``hook_name`` and ``hook_layer`` as
   pre-6 readers expect (SAELens 6 ignores unknown top-level keys). Our full ``SAEConfig``
   rides along as ``metadata.lenslab_config``.
@@ -28,8 +31,11 @@ Files are written to temp names and renamed into place (``os.replace``), weights
 A ReLU SAE's ``l1_coefficient`` is read from the file (``file_l1_coefficient``); when the
 file records none, the config keeps the default 1.0 and ``saelens_l1_coefficient`` says None.
 Loading validates the cfg keys and the safetensors header before reading any tensor:
-malformed files raise ``CorruptCheckpointError``; valid but unsupported settings (another
-architecture, activation normalisation) raise ``ConfigError``.
+malformed files raise ``CorruptCheckpointError`` (also an ``architecture`` that is not a string, a
+``metadata`` that is not an object, a d_in / d_sae / k / n_heads / d_head / matryoshka width that
+is not a whole number: ``file_int`` refuses True and 2.7 rather than reading 1 and 2); valid but
+unsupported settings (another architecture, activation normalisation, a hook that is no SAE site)
+raise ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from typing import Any
 import torch
 
 from analysis.errors import ConfigError, CorruptCheckpointError, SourceError
-from sae.config import HOOK_RE, SAEConfig, hook_name_for
+from sae.config import SAEConfig
+from sae.sites import DEFAULT_SITE, SITE_HOOKS, SITES, hook_for, parse_hook
 from sae.model import SAE
 from sae.transcoder import SAELENS_ARCHITECTURES
 
@@ -158,19 +165,37 @@ def _read_cfg(d: Path) -> dict[str, Any]:
     if missing:
         raise CorruptCheckpointError(f"{path}: missing keys {missing}; SAELens cfg.json files carry d_in, d_sae, "
                                      "architecture and metadata.hook_name: re-save the SAE")
+    meta = cfg.get("metadata")
+    if meta is not None and not isinstance(meta, dict):
+        raise CorruptCheckpointError(f"{path}: metadata is {type(meta).__name__} {meta!r:.60}, not a JSON object; "
+                                     "SAELens writes metadata as an object holding hook_name, model_name ...: re-save "
+                                     "the SAE")
     return cfg
 
 
-def _hook_name(cfg: dict[str, Any], path: Path) -> str:
+def file_int(value: Any, name: str, path: Path) -> int:
+    """``value`` (a cfg.json entry) as an int: integers and integral floats (16.0); CorruptCheckpointError
+    for anything else (True, 2.7, "16", null), which int() would turn into another number or a bare error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise CorruptCheckpointError(f"{path}: {name}={value!r} is not an integer; SAELens writes {name} as a whole "
+                                     "number: fix cfg.json or re-save the SAE")
+    return int(value)
+
+
+def _hook_name(cfg: dict[str, Any], path: Path) -> tuple[str, int]:
+    """(site, layer) of the hook the SAE reads: any SAE site of ``sae.sites`` (hook_z, resid_pre,
+    resid_post, mlp_out)."""
     meta = cfg.get("metadata") or {}
     name = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    hooks = ", ".join(SITE_HOOKS[s].format(layer="L") for s in SITES)
     if not isinstance(name, str):
-        raise CorruptCheckpointError(f"{path}: no hook_name (neither metadata.hook_name nor hook_name); "
-                                     "an attention SAE needs blocks.L.attn.hook_z: add it to cfg.json")
-    if HOOK_RE.match(name) is None:
-        raise ConfigError(f"{path}: hook_name {name!r} is not an attention hook_z; LensLab SAEs read "
-                          "blocks.L.attn.hook_z (flattened); load SAEs trained on that hook")
-    return name
+        raise CorruptCheckpointError(f"{path}: no hook_name (neither metadata.hook_name nor hook_name); an SAE "
+                                     f"reads one of {hooks}: add it to cfg.json")
+    parsed = parse_hook(name)
+    if parsed is None or parsed[0] not in SITES:
+        raise ConfigError(f"{path}: hook_name {name!r} is not a hook LensLab SAEs read ({hooks}: sae.sites); load "
+                          "SAEs trained on one of those (an MLP input is a transcoder's: sae.saelens_transcoder)")
+    return parsed
 
 
 def file_l1_coefficient(cfg: dict[str, Any]) -> Any:
@@ -198,15 +223,18 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
     """Read an SAE in SAELens format (ours or one SAELens wrote). Weights become float32.
 
     Raises CorruptCheckpointError (missing/malformed cfg.json, truncated or inconsistent
-    safetensors, wrong tensor shapes) or ConfigError (an architecture other than standard/topk,
-    activation normalisation, a hook other than hook_z).
-    """
+    safetensors, wrong tensor shapes, non-integral sizes) or ConfigError (an unsupported
+    architecture, activation normalisation, a hook that is no SAE site of ``sae.sites``)."""
     from analysis.sources import read_safetensors_header
 
     d = Path(directory)
     cfg = _read_cfg(d)
     path = d / CFG_FILENAME
     arch_name = cfg.get("architecture", "standard")
+    if not isinstance(arch_name, str):
+        raise CorruptCheckpointError(f"{path}: architecture is {type(arch_name).__name__} {arch_name!r:.60}, not a "
+                                     f"string; SAELens writes one name ({', '.join(_SAELENS_TO_ARCH)}, ...): fix "
+                                     "cfg.json or re-save the SAE")
     if arch_name in SAELENS_ARCHITECTURES.values():
         raise ConfigError(f"{path}: SAELens architecture {arch_name!r} is a transcoder, not an SAE; read it with "
                           "sae.saelens_transcoder.load_transcoder_saelens or `lenslab sae import DIR SOURCE`")
@@ -219,29 +247,30 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
     if norm not in (None, "none", False):
         raise ConfigError(f"{path}: normalize_activations={norm!r} is not supported; fold the scaling into the "
                           "weights (SAELens: fold_activation_norm_scaling_factor) and save with 'none'")
-    hook = _hook_name(cfg, path)
+    site, layer = _hook_name(cfg, path)
     meta = cfg.get("metadata") or {}
     ours = meta.get("lenslab_config")
+    d_in, d_sae = file_int(cfg["d_in"], "d_in", path), file_int(cfg["d_sae"], "d_sae", path)
     try:
-        d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
         if isinstance(ours, dict):
             sae_cfg = SAEConfig.from_dict(ours)
-            if (sae_cfg.d_in, sae_cfg.d_sae) != (d_in, d_sae):
-                raise ConfigError(f"metadata.lenslab_config says d_in={sae_cfg.d_in}, d_sae={sae_cfg.d_sae} but "
-                                  f"cfg.json says {d_in}, {d_sae}")
+            if (sae_cfg.d_in, sae_cfg.d_sae, sae_cfg.site, sae_cfg.layer) != (d_in, d_sae, site, layer):
+                raise ConfigError(f"metadata.lenslab_config says d_in={sae_cfg.d_in}, d_sae={sae_cfg.d_sae}, "
+                                  f"{sae_cfg.hook_name} but cfg.json says {d_in}, {d_sae}, {hook_for(site, layer)}")
         else:
-            arch, fields = _file_architecture(cfg, arch_name, d_sae)
-            layer = int(HOOK_RE.match(hook).group(1))
-            n_heads, d_head = meta.get("n_heads"), meta.get("d_head")
+            arch, fields = _file_architecture(cfg, arch_name, d_sae, path)
+            heads = site == DEFAULT_SITE and meta.get("n_heads") is not None and meta.get("d_head") is not None
             l1 = file_l1_coefficient(cfg) if arch in ("relu", "gated") else None
             sae_cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch,
-                                k=int(cfg["k"]) if arch == "topk" else fields.pop("k", None), **fields,
-                                **({} if l1 is None else {"l1_coefficient": float(l1)}),
-                                hook_name=hook_name_for(layer), layer=layer,
-                                n_heads=int(n_heads) if n_heads is not None and d_head is not None else None,
-                                d_head=int(d_head) if n_heads is not None and d_head is not None else None,
+                                k=file_int(cfg["k"], "k", path) if arch == "topk" else fields.pop("k", None),
+                                **fields, **({} if l1 is None else {"l1_coefficient": float(l1)}),
+                                site=site, hook_name=hook_for(site, layer), layer=layer,
+                                n_heads=file_int(meta["n_heads"], "metadata.n_heads", path) if heads else None,
+                                d_head=file_int(meta["d_head"], "metadata.d_head", path) if heads else None,
                                 source_label=str(meta.get("model_name") or ""),
                                 source_fingerprint=str(meta.get("source_fingerprint") or ""))
+    except CorruptCheckpointError:
+        raise
     except KeyError as exc:
         raise CorruptCheckpointError(f"{path}: missing key {exc}; a topk SAE's cfg.json needs k: re-save the SAE") from exc
     except (TypeError, ValueError) as exc:
@@ -303,7 +332,7 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
     return sae
 
 
-def _file_architecture(cfg: dict[str, Any], arch_name: str, d_sae: int) -> tuple[str, dict[str, Any]]:
+def _file_architecture(cfg: dict[str, Any], arch_name: str, d_sae: int, path: Path) -> tuple[str, dict[str, Any]]:
     """(our architecture, its SAEConfig fields) for a file without ``lenslab_config``: a "jumprelu"
     file SAELens wrote for a batchtopk / matryoshka_batchtopk run is that architecture when its
     ``training_architecture_details`` hold k (and the widths); settings it records are kept."""
@@ -319,7 +348,8 @@ def _file_architecture(cfg: dict[str, Any], arch_name: str, d_sae: int) -> tuple
     for name in _DETAILS[arch]:
         value = details.get(_DETAIL_NAMES.get(name, name))
         if value is not None and name != "l1_coefficient":  # l1 comes from file_l1_coefficient
-            fields[name] = tuple(int(w) for w in value) if name == "matryoshka_widths" else value
+            fields[name] = (tuple(file_int(w, name, path) for w in value) if name == "matryoshka_widths"
+                            else value)
     if "matryoshka_widths" in fields and fields["matryoshka_widths"][-1] != d_sae:
         fields["matryoshka_widths"] = fields["matryoshka_widths"] + (d_sae,)  # SAELens appends d_sae too
     if arch == "topk":

@@ -7,13 +7,15 @@
 
 ``sae_export`` writes a stored SAE in SAELens 6.x's format (``sae.saelens_format``), with its
 stored ``log10_density`` as ``sparsity.safetensors``. ``sae_import`` reads an SAE in that format
-(ours, or one SAELens wrote), checks its width against the hook it reads (``n_heads * d_head`` of
-``blocks.L.attn.hook_z``), and stores it for that model through the runner (the "sae" analysis of
+(ours, or one SAELens wrote) at any SAE site (``sae.sites``), checks its layer and width against the
+hook it reads (``n_heads * d_head`` of ``blocks.L.attn.hook_z``, d_model at the residual stream and the
+MLP output; from config.json before the model boots, ``sae.preflight``), and stores it for that model through the runner (the "sae" analysis of
 ``sae.pipeline``), so it can be evaluated, explained and shown like a trained one. Its evaluation
 and feature data use the docstring corpus (``texts=`` picks other texts). A directory holding one of
 SAELens's transcoders (``transcoder``, ``skip_transcoder``, ``jumprelu_transcoder``,
-``jumprelu_skip_transcoder``: ``sae.saelens_transcoder``) is read by ``import_transcoder``: checked
-against the model's MLP at its block and returned as an ``ImportedTranscoder`` (not stored).
+``jumprelu_skip_transcoder``: ``sae.saelens_transcoder``) is stored by ``import_transcoder`` as an
+"sae-transcoder" entry (``sae.transcoder_import``), after checking it against the model's MLP at its
+block; ``sae_export`` writes a stored relu / jumprelu transcoder back in SAELens's format.
 ``export_saelens`` and ``import_saelens`` are the deprecated old names (``sae.pipeline.DEPRECATED``).
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ from sae.model import SAE
 from sae.pipeline import SAE as SAE_ANALYSIS
 from sae.pipeline import deprecated_alias, load_sae
 from sae.results import TrainedSAE, resolve
-from sae.transcoder import Transcoder
+from sae.sites import DEFAULT_SITE
+from sae.transcoder_store import TranscoderRun
 
 
 
@@ -46,10 +49,14 @@ def sae_export(key: str, directory: str | os.PathLike, *, store: StoreLike = Non
     """Write the stored SAE ``key`` (or unique prefix) as a SAELens directory (created): ``cfg.json``,
     ``sae_weights.safetensors`` and, when the store holds its density, ``sparsity.safetensors``
     (log10 firing frequency). Returns the directory. SAELens loads it with ``SAE.load_from_disk``.
-    NotStoredError when no stored SAE has this key."""
+    The key of a stored transcoder writes it with ``save_transcoder_saelens`` (relu / jumprelu; a
+    TopK transcoder raises ConfigError naming the fix, before anything is written).
+    NotStoredError when no stored SAE or transcoder has this key."""
     from sae.saelens_format import save_saelens
 
     st = open_store(store)
+    if (tc_entry := _transcoder_entry(key, st)) is not None:
+        return _export_transcoder(tc_entry, directory, st)
     entry = resolve(key, st)
     result = st.get_by_key(entry.key)
     if result is None:
@@ -59,17 +66,81 @@ def sae_export(key: str, directory: str | os.PathLike, *, store: StoreLike = Non
                         sparsity=None if density is None else torch.from_numpy(density))
 
 
+def _transcoder_entry(key: str, st: Any) -> Any:
+    """The index row of the stored transcoder whose key is or starts with ``key`` (4+ characters), or None.
+    NotStoredError when the prefix matches several entries (transcoders, or a transcoder and an SAE)."""
+    from sae.transcoder_pipeline import stored_sae_transcoders
+
+    if not isinstance(key, str) or len(key) < 4:
+        return None  # resolve() says what a key must be
+    hits = [e for e in stored_sae_transcoders(store=st) if e.key.startswith(key)]
+    if not hits:
+        return None
+    if len(hits) > 1 or resolve(key, st, missing_ok=True) is not None:
+        raise NotStoredError(f"key prefix {key!r} matches several stored SAEs and transcoders; give more characters "
+                             "(`lenslab sae ls`, `lenslab sae transcoders`)")
+    return hits[0]
+
+
+def _export_transcoder(entry: Any, directory: str | os.PathLike, st: Any) -> Path:
+    from sae.saelens_transcoder import save_transcoder_saelens
+    from sae.transcoder_pipeline import load_sae_transcoder
+    from sae.transcoder_store import config_from_dict, transcoder_name
+
+    cfg = config_from_dict(entry.meta.get("cfg", {}))
+    if cfg.saelens_architecture is None:  # before the weights are read or anything is written
+        raise ConfigError(f"transcoder {entry.key[:12]} ({transcoder_name(entry.meta)}) is a {cfg.architecture} "
+                          "transcoder, which has no SAELens format: SAELens 6.54 registers ReLU and JumpReLU "
+                          "transcoders only; train it with --architecture relu|jumprelu (lenslab sae transcoder "
+                          "SOURCE --layer L --architecture relu|jumprelu; API architecture='relu' or 'jumprelu') "
+                          "to export it")
+    run = load_sae_transcoder(entry.key, st)
+    run.transcoder.source_label = run.source_label
+    return save_transcoder_saelens(run.transcoder, directory)
+
+
+def _check_width(d: Path, cfg: Any, label: str, width: int, heads: tuple[int, int] | None) -> None:
+    """ShapeError unless the SAE's d_in is the hook's ``width`` (hook_z: n_heads*d_head = ``heads``)."""
+    if cfg.d_in == width and (heads is None or cfg.n_heads is None or (cfg.n_heads, cfg.d_head) == heads):
+        return
+    mine = "" if cfg.n_heads is None else f" ({cfg.n_heads} heads x {cfg.d_head})"
+    theirs = (f"n_heads*d_head = {heads[0]}*{heads[1]} = {width}" if heads is not None
+              else f"n_heads*d_head = {width}" if cfg.site == DEFAULT_SITE else f"d_model = {width}")
+    raise ShapeError(f"{d}: the SAE has d_in={cfg.d_in}{mine} but {cfg.hook_name} of {label} is {theirs} wide; "
+                     "import it for the model and layer it was trained on")
+
+
+def _check_before_boot(d: Path, cfg: Any, src: Any) -> None:
+    """The layer and width checks of ``sae_import`` from the model's config.json (``sae.preflight``),
+    before it boots; what config.json does not say is checked on the booted model."""
+    from sae import preflight
+
+    dims = preflight.config_dims(src.hf_dir)
+    preflight.check_layer(dims, cfg.site, cfg.layer,
+                          fix=f"the SAE in {d} reads {cfg.hook_name}: import it for the model it was trained on")
+    width = preflight.site_width(dims, cfg.site)
+    if width is None:
+        return
+    heads = None
+    if cfg.site == DEFAULT_SITE and dims.n_heads and width % dims.n_heads == 0:
+        heads = (dims.n_heads, width // dims.n_heads)
+    _check_width(d, cfg, src.label, width, heads)
+
+
 def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
                store: StoreLike = None, trust_pickle: bool = False, device: str = "auto"
-               ) -> TrainedSAE | ImportedTranscoder:
+               ) -> TrainedSAE | TranscoderRun:
     """Store the SAELens-format SAE in ``directory`` as an SAE of ``source`` at ``layer`` (default:
     the layer of the hook its cfg.json names). Returns it (``.key`` for ``sae_eval`` ...). The model
-    boots (on ``device``, shared with later runs) to check the hook. A directory holding one of
-    SAELens's transcoders is read by ``import_transcoder`` (an ``ImportedTranscoder``, not stored).
+    boots (on ``device``, shared with later runs) to check the hook; its cfg.json hook_name may be
+    any SAE site's (``sae.sites``: hook_z, resid_pre, resid_post, mlp_out), and the layer and width
+    are first checked against the model's config.json, before it boots. A directory holding one of
+    SAELens's transcoders is stored by ``import_transcoder`` (a ``TranscoderRun``, "sae-transcoder").
 
     Raises CorruptCheckpointError (malformed cfg.json, weights or sparsity file), ConfigError
     (an unsupported SAE, or ``layer`` other than its hook's), SourceError (an SAE exported from
-    another model), ShapeError (its d_in is not the hook's n_heads * d_head). Nothing is stored
+    another model), ShapeError (its d_in is not the hook's width: n_heads * d_head for hook_z,
+    d_model for the others). Nothing is stored
     on an error.
     """
     from sae.harvest import check_layer, head_shape
@@ -78,7 +149,7 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
 
     d = Path(directory)
     if is_transcoder_dir(d):
-        return import_transcoder(d, source, layer, trust_pickle=trust_pickle, device=device)
+        return import_transcoder(d, source, layer, store=store, trust_pickle=trust_pickle, device=device)
     sae = load_saelens(d)
     sparsity = load_saelens_sparsity(d)
     cfg = sae.cfg
@@ -93,16 +164,14 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
     if cfg.source_fingerprint and cfg.source_fingerprint != src.fingerprint:
         raise SourceError(f"{d}: the SAE was exported from model {cfg.source_fingerprint[:8]}, not {src.label} "
                           f"({src.fingerprint[:8]}); import it for the model it was trained on")
+    _check_before_boot(d, cfg, src)
     bridge = requests.booted(src, ctx)
-    hook = check_layer(bridge, cfg.layer)  # ConfigError listing the valid layers
-    n_heads, d_head = head_shape(bridge)
-    if cfg.d_in != n_heads * d_head or (cfg.n_heads is not None and (cfg.n_heads, cfg.d_head) != (n_heads, d_head)):
-        heads = "" if cfg.n_heads is None else f" ({cfg.n_heads} heads x {cfg.d_head})"
-        raise ShapeError(f"{d}: the SAE has d_in={cfg.d_in}{heads} but {hook} of {src.label} is n_heads*d_head = "
-                         f"{n_heads}*{d_head} = {n_heads * d_head} wide; import it for the model and layer it was "
-                         "trained on")
-    mine = SAE(cfg.replace(n_heads=n_heads, d_head=d_head, source_fingerprint=src.fingerprint,
-                           source_label=src.label))
+    check_layer(bridge, cfg.layer, cfg.site)  # ConfigError listing the valid layers
+    heads = head_shape(bridge) if cfg.site == DEFAULT_SITE else None
+    width = heads[0] * heads[1] if heads is not None else int(bridge.cfg.d_model)
+    _check_width(d, cfg, src.label, width, heads)
+    mine = SAE(cfg.replace(n_heads=None if heads is None else heads[0], d_head=None if heads is None else heads[1],
+                           source_fingerprint=src.fingerprint, source_label=src.label))
     digest = hashlib.sha256()
     with torch.no_grad():
         for n in sae.weight_names:  # relu/topk: the four base weights, hashed as before
@@ -122,33 +191,19 @@ def sae_import(directory: str | os.PathLike, source: Any = "minilm", layer: int 
                     ctx.store)
 
 
-@dataclass(frozen=True, eq=False)
-class ImportedTranscoder:
-    """A SAELens transcoder read from ``directory`` and checked against ``source_label``'s MLP at its
-    block. Not stored (``stored`` False): use ``transcoder`` directly (``sae.transcoder.Splice`` ...)."""
-
-    transcoder: Transcoder
-    directory: str
-    saelens_architecture: str
-    source_label: str
-    stored: bool = False
-
-    @property
-    def name(self) -> str:
-        c = self.transcoder.cfg
-        return (f"{c.kind} ({self.saelens_architecture}) {c.hook_in} -> {c.hook_out}: d_in {c.d_in}, d_sae "
-                f"{c.d_sae}, d_out {c.d_out}")
-
-
 def import_transcoder(directory: str | os.PathLike, source: Any = "minilm", layer: int | None = None, *,
-                      trust_pickle: bool = False, device: str = "auto") -> ImportedTranscoder:
-    """Read the SAELens transcoder in ``directory`` (``sae.saelens_transcoder``) and check it against
-    ``source``: the model boots (on ``device``) and the MLP input and output of its block must be
-    d_in and d_out wide. ConfigError when ``layer`` is not its block or the model lacks the block,
-    ShapeError on a width mismatch, CorruptCheckpointError for a malformed directory."""
+                      store: StoreLike = None, trust_pickle: bool = False, device: str = "auto") -> TranscoderRun:
+    """Store the SAELens transcoder in ``directory`` (``sae.saelens_transcoder``) as an "sae-transcoder"
+    entry of ``source`` (``sae.transcoder_import``); returns it with its ``key`` (``load_sae_transcoder``,
+    ``sae_transcoders``, ``sae_export``). Its key holds the weights' hash and its config, so the same
+    files again are served from the store without booting the model. Otherwise the model boots (on
+    ``device``) and the MLP input and output of its block must be d_in and d_out wide. It is not
+    evaluated (no metrics), as an imported SAE is not. ConfigError when ``layer`` is not its block or
+    the model lacks the block, ShapeError on a width mismatch (both before the model boots when its
+    config.json says the block count and d_model), CorruptCheckpointError for a malformed directory."""
     from sae.saelens_transcoder import load_transcoder_saelens
-    from sae.sites import check_site
-    from sae.transcoder_job import harvest_pairs
+    from sae.transcoder_import import TranscoderImportJob, check_before_boot, weights_tag
+    from sae.transcoder_pipeline import TRANSCODER
 
     d = Path(directory)
     tc = load_transcoder_saelens(d)
@@ -156,21 +211,17 @@ def import_transcoder(directory: str | os.PathLike, source: Any = "minilm", laye
     if layer is not None and int(layer) != cfg.layer:
         raise ConfigError(f"{d}: the transcoder reads {cfg.hook_in} but layer={layer} was given; import it with "
                           f"layer={cfg.layer}, the block it was trained on")
-    ctx = runner.context(device=device)
+    ctx = runner.context(store=store, device=device)
     src = open_source(source, trust_pickle=trust_pickle)
-    with ctx.lock:
-        bridge = requests.booted(src, ctx)
-        check_site(bridge, "mlp_in", cfg.layer)  # ConfigError listing the valid layers
-        x, y = harvest_pairs(bridge, cfg.layer, ["the model"], max_tokens=8)
-    if (x.shape[1], y.shape[1]) != (cfg.d_in, cfg.d_out):
-        raise ShapeError(f"{d}: the transcoder maps d_in={cfg.d_in} -> d_out={cfg.d_out} but {src.label}'s block "
-                         f"{cfg.layer} MLP maps {x.shape[1]} -> {y.shape[1]}; import it for the model it was "
-                         "trained on")
+    check_before_boot(d, tc, src)
     tc.source_label = src.label
-    return ImportedTranscoder(tc, str(d.resolve()), str(cfg.saelens_architecture), src.label)
+    job = TranscoderImportJob(transcoder=tc, tag=weights_tag(tc), directory=str(d.resolve()),
+                              saelens_architecture=str(cfg.saelens_architecture), source_spec=requests.spec_of(src))
+    run = runner.run(TRANSCODER, runner.Subject(src.fingerprint, src), job, ctx=ctx)
+    return replace(run, key=entry_key(src.fingerprint, TRANSCODER.name, job.store_params(), TRANSCODER.code_version))
 
 
 export_saelens = deprecated_alias("export_saelens", sae_export)
 import_saelens = deprecated_alias("import_saelens", sae_import)
 
-__all__ = ["ImportedTranscoder", "export_saelens", "import_transcoder", "import_saelens", "sae_export", "sae_import"]
+__all__ = ["export_saelens", "import_transcoder", "import_saelens", "sae_export", "sae_import"]

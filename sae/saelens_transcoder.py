@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from analysis.errors import ConfigError, CorruptCheckpointError
-from sae.saelens_format import CFG_FILENAME, SAELENS_FORMAT_VERSION, WEIGHTS_FILENAME, _atomic_write, _read_cfg
+from sae.saelens_format import (CFG_FILENAME, SAELENS_FORMAT_VERSION, WEIGHTS_FILENAME, _atomic_write, _read_cfg,
+                                file_int)
 from sae.transcoder import SAELENS_ARCHITECTURES, Transcoder, TranscoderConfig
 
 TRANSCODER_ARCHITECTURES = tuple(SAELENS_ARCHITECTURES.values())
@@ -116,7 +117,7 @@ def _hooks(cfg: dict[str, Any], path: Path) -> int:
 
 def _config(cfg: dict[str, Any], path: Path) -> TranscoderConfig:
     arch_name = cfg.get("architecture")
-    if arch_name not in _FROM_SAELENS:
+    if not isinstance(arch_name, str) or arch_name not in _FROM_SAELENS:
         raise ConfigError(f"{path}: SAELens architecture {arch_name!r} is not a transcoder; LensLab loads "
                           f"{', '.join(TRANSCODER_ARCHITECTURES)} (SAEs: sae.saelens_format.load_saelens)")
     if cfg.get("normalize_activations", "none") not in (None, "none", False):
@@ -129,7 +130,7 @@ def _config(cfg: dict[str, Any], path: Path) -> TranscoderConfig:
     arch, skip = _FROM_SAELENS[arch_name]
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     try:
-        d_in, d_out, d_sae = int(cfg["d_in"]), int(cfg["d_out"]), int(cfg["d_sae"])
+        d_in, d_out, d_sae = (file_int(cfg[n], n, path) for n in ("d_in", "d_out", "d_sae"))
         ours = meta.get("lenslab_config")
         if isinstance(ours, dict):
             tc_cfg = TranscoderConfig.from_dict(ours)
@@ -138,6 +139,8 @@ def _config(cfg: dict[str, Any], path: Path) -> TranscoderConfig:
                 raise ConfigError(f"metadata.lenslab_config disagrees with cfg.json {file_says}")
             return tc_cfg
         return TranscoderConfig(d_in=d_in, d_out=d_out, d_sae=d_sae, architecture=arch, skip=skip, layer=layer)
+    except CorruptCheckpointError:
+        raise
     except KeyError as exc:
         raise CorruptCheckpointError(f"{path}: missing key {exc}; a transcoder's cfg.json carries d_in, d_out, d_sae "
                                      "and architecture: re-save it") from exc

@@ -13,7 +13,9 @@ architecture, k, lr, batch size, tokens, seed and any field the config gains), t
 training and held-out corpora, the masking and the loss settings. They are known before the model
 boots, so a repeated call is served from the store without booting it, and a changed setting never
 serves an older result. ``refresh=True`` trains again (a failed or interrupted run stores nothing
-and leaves the stored entries as they were).
+and leaves the stored entries as they were). A SAELens transcoder file is stored under the same
+analysis (``lenslab sae import``: ``sae.transcoder_import``; params: the layer, the weights' hash and
+the config).
 
 Masked LMs (MiniLM): ``mask=None`` (default) trains on text masked like the masked-LM objective
 (15% of the tokens replaced by [MASK], ``sae.transcoder_job``), which the masked-token loss scores;
@@ -40,14 +42,21 @@ from analysis.errors import ConfigError
 from analysis.progress import Progress
 from analysis.run import Analysis, StoreLike, Subject, open_store, register
 from analysis.sources import Source, open_source
-from analysis.store import EntryInfo, entry_key
+from analysis.store import EntryInfo, Result, entry_key
 from sae import requests
 from sae import transcoder_store as tstore
 from sae.transcoder import TranscoderConfig
+from sae.transcoder_import import TranscoderImportJob
 from sae.transcoder_job import MASK_RATE, TranscoderJob, compute_transcoder, masked_lm_source
 from sae.transcoder_store import TranscoderRun
 
-TRANSCODER = register(Analysis(name=tstore.ANALYSIS, code_version=tstore.CODE_VERSION, compute=compute_transcoder,
+
+def _compute(subject: Subject, job: TranscoderJob | TranscoderImportJob, ctx: runner.RunContext) -> Result:
+    """A training run (``sae.transcoder_job``) or a SAELens file checked and stored (``sae.transcoder_import``)."""
+    return job.make(subject, ctx) if isinstance(job, TranscoderImportJob) else compute_transcoder(subject, job, ctx)
+
+
+TRANSCODER = register(Analysis(name=tstore.ANALYSIS, code_version=tstore.CODE_VERSION, compute=_compute,
                                from_result=tstore.from_result,
                                doc="a (skip) transcoder of one block's MLP with its held-out metrics"))
 _WIDTHS = ("d_in", "d_out", "d_sae")

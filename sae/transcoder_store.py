@@ -8,7 +8,9 @@ An "sae-transcoder" entry (``sae.transcoder_pipeline`` registers the analysis):
   reads back bit for bit;
 - table: the training history (step, loss, nmse, l0, ...);
 - meta: ``cfg`` (``TranscoderConfig.to_dict()``), ``metrics`` (held-out NMSE, L0, loss recovered
-  ...), and what produced it (``source_spec``, ``source_label``, ``harvest``, ``training``, ``loss``).
+  ...), and what produced it (``source_spec``, ``source_label``, ``harvest``, ``training``, ``loss``);
+  an imported SAELens file (``sae.transcoder_import``) has no metrics and records ``imported_from``
+  (its directory), ``imported`` (its weights' hash) and ``saelens_architecture`` instead.
 
 The metrics live in the meta, which the store's index holds, so listings (``transcoder_rows``)
 read no blob. ``TranscoderConfig`` is rebuilt from its dict generically (its own ``from_dict`` when
@@ -111,10 +113,13 @@ def kind_and_architecture(cfg: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def transcoder_name(meta: Mapping[str, Any]) -> str:
-    """Short label: "minilm L3 skip_transcoder 3072 (k=32, masked)" (", seed 1" when the seed is not 0)."""
+    """Short label: "minilm L3 skip_transcoder 3072 (k=32, masked)" (", seed 1" when the seed is not 0;
+    "(relu, imported)" for a SAELens file stored by ``lenslab sae import``)."""
     c = meta.get("cfg", {})
     kind, arch = kind_and_architecture(c)
     extra = [f"k={c.get('k')}" if arch == "topk" else arch]
+    if meta.get("imported_from"):
+        extra.append("imported")
     if meta.get("harvest", {}).get("mask_rate"):
         extra.append("masked")
     if c.get("seed", 0):
@@ -136,7 +141,8 @@ def transcoder_rows(entries: list[EntryInfo], labels: Mapping[str, str]) -> pd.D
                      "architecture": arch, "d_in": c.get("d_in"), "d_sae": c.get("d_sae"),
                      "k": c.get("k") if arch == "topk" else None,
                      "masked": bool(e.meta.get("harvest", {}).get("mask_rate")),
-                     "n_train_tokens": c.get("n_tokens"), **{n: m.get(n, np.nan) for n in _METRICS},
+                     "n_train_tokens": None if e.meta.get("imported_from") else c.get("n_tokens"),
+                     **{n: m.get(n, np.nan) for n in _METRICS},
                      "created": pd.Timestamp(e.created, unit="s")})
     return pd.DataFrame(rows, columns=LIST_COLUMNS)
 

@@ -9,12 +9,13 @@
     lenslab sae list                                       # stored SAEs with their metrics (also: sae ls)
     lenslab sae train ./my-model --layer 1 --texts notes.txt  # your own texts, one per line
     lenslab sae export minilm out/sae --layer 3            # SAELens format (SAE.load_from_disk)
-    lenslab sae import out/sae minilm --layer 3            # a SAELens-format SAE into the store (a transcoder: read)
+    lenslab sae import out/sae minilm --layer 3            # a SAELens-format SAE or transcoder into the store
 
 Each command is the API function ``sae_<verb>`` (``sae.pipeline``, ``sae.saelens_io``); the
 defaults of ``train`` are ``sae.config.TRAIN_DEFAULTS``. ``eval``, ``features``, ``prompt`` and
 ``export`` use the SAE of SOURCE at LAYER; when several are stored they refuse with the list of their
 keys (as ``sae ls`` shows them) and ``--sae KEY`` picks one.
+``export`` and ``import`` live in ``app/cli/sae_saelens.py``.
 Registered on the main app in ``app/cli/__init__.py``; errors are LensLab's typed errors (one line,
 exit 2).
 """
@@ -294,57 +295,6 @@ def _mark(text: str) -> str:
     """``text`` in ``[[ ]]``, after its leading space (`` gaussian`` -> `` [[gaussian]]``)."""
     body = text.lstrip(" ")
     return f"{text[:len(text) - len(body)]}[[{body}]]"
-
-
-@sae_app.command("export")
-def export(
-    source: SourceArg,
-    directory: Annotated[Path, typer.Argument(help="Directory to write (cfg.json, sae_weights.safetensors, "
-                                                   "sparsity.safetensors).")],
-    layer: LayerOpt = 0,
-    sae: SaeOpt = None,
-    store: StoreOpt = None,
-) -> None:
-    """Write the SAE in SAELens's format (SAELens: SAE.load_from_disk(DIRECTORY)). Its cfg.json says
-    reshape_activations "hook_z": SAELens's encode expects [..., n_heads, d_head], not the flat [N, d_in]."""
-    from app import api
-
-    key = api.find_sae(source, layer, sae, store=store)
-    out = api.sae_export(key, directory, store=store)
-    cfg = api.load_sae(key, store=store).sae.cfg
-    heads = f"[..., {cfg.n_heads}, {cfg.d_head}]" if cfg.n_heads else "[..., n_heads, d_head]"
-    console.print(f"SAE {key[:12]} written to {out} (SAELens format); SAELens's encode reads hook_z as {heads} "
-                  f"(reshape_activations 'hook_z'): reshape flat [N, {cfg.d_in}] activations first", highlight=False)
-
-
-@sae_app.command("import")
-def import_(
-    directory: Annotated[Path, typer.Argument(help="A SAELens SAE or transcoder directory (cfg.json + "
-                                                   "sae_weights.safetensors).")],
-    source: SourceArg,
-    layer: Annotated[Optional[int], typer.Option("--layer", "-l", help="Attention layer it reads (default: the "
-                                                                       "layer of its cfg.json hook).")] = None,
-    as_json: JsonOpt = False,
-    store: StoreOpt = None,
-    device: DeviceOpt = "auto",
-) -> None:
-    """Store a SAELens-format SAE as an SAE of SOURCE, after checking its d_in against the hook's width
-    (a SAELens transcoder: read and checked against SOURCE's MLP at its block, not stored)."""
-    from app import api
-
-    trained = run_with_progress(f"importing {directory} for {source}",  # the model boots to check it
-                                lambda progress: api.sae_import(directory, source, layer, store=store, device=device))
-    if isinstance(trained, api.ImportedTranscoder):
-        info = {"name": trained.name, "stored": False, "config": trained.transcoder.cfg.to_dict()}
-        typer.echo(json.dumps(info, indent=1)) if as_json else console.print(
-            f"{trained.name}: read from {trained.directory}, checked against {source}; not stored", highlight=False)
-        return
-    if as_json:
-        typer.echo(json.dumps({"key": trained.key, "name": trained.name, "config": trained.sae.cfg.to_dict()},
-                              indent=1))
-        return
-    console.print(f"{trained.name}: stored as {trained.key[:12]}; next: lenslab sae eval {source} --layer "
-                  f"{trained.sae.cfg.layer} --sae {trained.key[:12]}", highlight=False)
 
 
 @sae_app.command("prompt")

@@ -26,7 +26,7 @@ import torch
 from _tiny_llama import TOY_TEXTS as TEXTS
 from _tiny_llama import make_tiny_llama
 
-from analysis.errors import ConfigError, CorruptCheckpointError
+from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "saelens_tiny"
 
@@ -241,6 +241,12 @@ def _edit_cfg(d: Path, **changes) -> None:
     (d / "cfg.json").write_text(json.dumps(cfg))
 
 
+def _edit_meta(d: Path, **changes) -> None:
+    cfg = json.loads((d / "cfg.json").read_text())
+    cfg["metadata"].update(changes)
+    (d / "cfg.json").write_text(json.dumps(cfg))
+
+
 def _edit_weights(d: Path, name: str, edit) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -260,6 +266,40 @@ def _truncate(d: Path) -> None:
 
 
 IMPORT_CASES = {  # name -> (fixture, damage, error type, message pattern)
+    # values the cfg reader used to let through as raw TypeError / AttributeError or as another number
+    "architecture_list": ("topk", lambda d: _edit_cfg(d, architecture=["topk"]), CorruptCheckpointError,
+                          r"cfg.json: architecture is list \['topk'\], not a string; SAELens writes one name"),
+    "architecture_dict": ("standard", lambda d: _edit_cfg(d, architecture={"name": "standard"}), CorruptCheckpointError,
+                          r"cfg.json: architecture is dict .*, not a string"),
+    "metadata_list": ("standard", lambda d: _edit_cfg(d, metadata=["blocks.0.attn.hook_z"]), CorruptCheckpointError,
+                      r"cfg.json: metadata is list .*, not a JSON object"),
+    "metadata_string": ("topk", lambda d: _edit_cfg(d, metadata="blocks.1.attn.hook_z"), CorruptCheckpointError,
+                        r"cfg.json: metadata is str 'blocks.1.attn.hook_z', not a JSON object"),
+    "k_true": ("topk", lambda d: _edit_cfg(d, k=True), CorruptCheckpointError,
+               r"cfg.json: k=True is not an integer; SAELens writes k as a whole number"),
+    "k_fraction": ("topk", lambda d: _edit_cfg(d, k=2.7), CorruptCheckpointError, r"cfg.json: k=2.7 is not an integer"),
+    "d_in_fraction": ("standard", lambda d: _edit_cfg(d, d_in=16.7), CorruptCheckpointError,
+                      r"cfg.json: d_in=16.7 is not an integer"),
+    "d_sae_string": ("jumprelu", lambda d: _edit_cfg(d, d_sae="32"), CorruptCheckpointError,
+                     r"cfg.json: d_sae='32' is not an integer"),
+    "n_heads_fraction": ("standard", lambda d: _edit_meta(d, n_heads=4.5, d_head=4), CorruptCheckpointError,
+                         r"cfg.json: metadata.n_heads=4.5 is not an integer"),
+    "mlp_in_hook": ("standard", lambda d: _edit_meta(d, hook_name="blocks.0.mlp.hook_in"), ConfigError,
+                    r"hook_name 'blocks.0.mlp.hook_in' is not a hook LensLab SAEs read .*an MLP input is a "
+                    r"transcoder's"),
+    # the model's config.json decides these before it boots (sae.preflight)
+    "layer_model_lacks": ("standard", lambda d: _edit_meta(d, hook_name="blocks.5.attn.hook_z"), ConfigError,
+                          r"layer 5 has no attention hook_z; valid layers are \[0, 1\] .*config.json "
+                          r"num_hidden_layers=2\); the SAE in .* reads blocks.5.attn.hook_z: import it for the "
+                          r"model it was trained on"),
+    "resid_layer_model_lacks": ("topk", lambda d: _edit_meta(d, hook_name="blocks.2.hook_resid_post"), ConfigError,
+                                r"layer 2 has no resid_post hook \(blocks.2.hook_resid_post\); valid layers are "
+                                r"\[0, 1\]"),
+    "hook_z_width": ("standard", lambda d: None, ShapeError,
+                     r"the SAE has d_in=16 but blocks.0.attn.hook_z of .* is n_heads\*d_head = 4\*8 = 32 wide; "
+                     r"import it for the model and layer it was trained on"),
+    "resid_width": ("standard", lambda d: _edit_meta(d, hook_name="blocks.1.hook_resid_pre"), ShapeError,
+                    r"the SAE has d_in=16 but blocks.1.hook_resid_pre of .* is d_model = 32 wide"),
     "matching_pursuit": ("standard", lambda d: _edit_cfg(d, architecture="matching_pursuit"), ConfigError,
                          r"SAELens architecture 'matching_pursuit' is not supported; LensLab loads standard, topk, "
                          r"jumprelu, gated SAEs .*load it in SAELens, or retrain it here"),

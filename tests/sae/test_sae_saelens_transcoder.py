@@ -7,7 +7,8 @@ seeded random weights, d_in = d_out = 32, d_sae 48, ``Transcoder.save_model``), 
 load each and reproduce those outputs, and our writer produces the same cfg.json keys, metadata
 and tensors. Reverse (slow, needs ``.venv-saelens``): SAELens's ``SAE.load_from_disk`` reads what
 we write for each architecture and computes what we compute. ``lenslab sae import`` reads each
-fixture and checks it against the tiny Llama (d_model 32) of ``tests/_tiny_llama.py``.
+fixture, checks it against the tiny Llama (d_model 32) of ``tests/_tiny_llama.py`` and stores it
+(``tests/sae/test_transcoder_import.py`` tests the stored entries).
 """
 
 from __future__ import annotations
@@ -182,7 +183,14 @@ def _edited(name: str, dest: Path, edit=None, weights=None) -> Path:
      r"W_skip has shape \(32, 5\) but cfg.json implies \(32, 32\)"),
     (None, lambda w: w["threshold"].__setitem__(3, -0.1), ConfigError, r"jumprelu threshold is negative"),
     (None, lambda w: w["W_dec"].__setitem__((0, 0), float("nan")), CorruptCheckpointError, r"hold NaN or inf"),
-], ids=["b_dec_to_input", "hook_in", "hook_out", "normalize", "d_out", "no_skip", "skip_shape", "threshold", "nan"])
+    (lambda c: c.update(architecture=["jumprelu_skip_transcoder"]), None, ConfigError,
+     r"SAELens architecture \['jumprelu_skip_transcoder'\] is not a transcoder"),
+    (lambda c: c.update(metadata=["blocks.1.mlp.hook_in"]), None, CorruptCheckpointError,
+     r"metadata is list .*, not a JSON object"),
+    (lambda c: c.update(d_out=32.5), None, CorruptCheckpointError, r"d_out=32.5 is not an integer"),
+    (lambda c: c.update(d_sae=True), None, CorruptCheckpointError, r"d_sae=True is not an integer"),
+], ids=["b_dec_to_input", "hook_in", "hook_out", "normalize", "d_out", "no_skip", "skip_shape", "threshold", "nan",
+        "architecture_list", "metadata_list", "d_out_fraction", "d_sae_bool"])
 def test_bad_files_raise_typed_errors(edit, weights, error, match, tmp_path):
     d = _edited("jumprelu_skip_transcoder", tmp_path / "tc", edit, weights)
     with pytest.raises(error, match=match):
@@ -200,41 +208,45 @@ def llama(tmp_path_factory) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("llama") / "model")
 
 
-def test_sae_import_reads_each_saelens_transcoder_and_checks_it_against_the_model(llama, tmp_path):
+def test_sae_import_stores_each_saelens_transcoder_checked_against_the_model(llama, tmp_path):
     from app import api
 
     x = torch.tensor(EXPECTED["input"])
+    store = tmp_path / "s"
     for name in NAMES:
-        got = api.sae_import(FIXTURE / name, str(llama), device="cpu")
-        assert isinstance(got, api.ImportedTranscoder) and not got.stored
-        assert got.saelens_architecture == name and got.source_label == got.transcoder.source_label
-        c = got.transcoder.cfg
-        assert got.name == (f"{c.kind} ({name}) {c.hook_in} -> {c.hook_out}: d_in 32, d_sae 48, d_out 32")
+        got = api.sae_import(FIXTURE / name, str(llama), store=store, device="cpu")
+        assert isinstance(got, api.TranscoderRun) and got.key
+        assert got.cfg.saelens_architecture == name and got.meta["saelens_architecture"] == name
+        c = got.cfg
+        assert got.name.endswith(f"L{c.layer} {c.kind} 48 ({c.architecture}, imported)")
         with torch.no_grad():
-            _close(got.transcoder(x), EXPECTED["saes"][name]["sae_out"], name)
+            _close(api.load_sae_transcoder(got.key, store=store).transcoder(x), EXPECTED["saes"][name]["sae_out"], name)
     with pytest.raises(ConfigError, match=r"reads blocks.1.mlp.hook_in but layer=0 was given"):
-        api.sae_import(FIXTURE / "skip_transcoder", str(llama), 0, device="cpu")
+        api.sae_import(FIXTURE / "skip_transcoder", str(llama), 0, store=store, device="cpu")
     narrow = make_tiny_llama(tmp_path / "narrow", d_model=16)
     with pytest.raises(ShapeError, match=r"maps d_in=32 -> d_out=32 but .* block 0 MLP maps 16 -> 16"):
-        api.sae_import(FIXTURE / "transcoder", str(narrow), device="cpu")
+        api.sae_import(FIXTURE / "transcoder", str(narrow), store=store, device="cpu")
+    assert len(api.sae_transcoders(store=store)) == len(NAMES)
 
 
-def test_cli_import_says_what_it_imported(llama):
+def test_cli_import_says_what_it_stored(llama, tmp_path):
     from typer.testing import CliRunner
 
     from app.cli import app
 
     runner = CliRunner()
+    store = str(tmp_path / "s")
     res = runner.invoke(app, ["sae", "import", str(FIXTURE / "jumprelu_skip_transcoder"), str(llama), "--device",
-                              "cpu"])
+                              "cpu", "--store", store])
     assert res.exit_code == 0, (res.output, repr(res.exception))
     text = " ".join(res.output.split())
     assert "skip_transcoder (jumprelu_skip_transcoder) blocks.1.mlp.hook_in -> blocks.1.hook_mlp_out" in text
-    assert "not stored" in text
-    res = runner.invoke(app, ["sae", "import", str(FIXTURE / "transcoder"), str(llama), "--json", "--device", "cpu"])
+    assert "stored as" in text
+    res = runner.invoke(app, ["sae", "import", str(FIXTURE / "transcoder"), str(llama), "--json", "--device", "cpu",
+                              "--store", store])
     assert res.exit_code == 0, (res.output, repr(res.exception))
     out = json.loads(res.stdout)
-    assert out["stored"] is False and out["config"] == load_transcoder_saelens(FIXTURE / "transcoder").cfg.to_dict()
+    assert out["stored"] is True and out["config"] == load_transcoder_saelens(FIXTURE / "transcoder").cfg.to_dict()
 
 
 @pytest.mark.slow
