@@ -225,7 +225,6 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
     Raises CorruptCheckpointError (missing/malformed cfg.json, truncated or inconsistent
     safetensors, wrong tensor shapes, non-integral sizes) or ConfigError (an unsupported
     architecture, activation normalisation, a hook that is no SAE site of ``sae.sites``)."""
-    from analysis.sources import read_safetensors_header
 
     d = Path(directory)
     cfg = _read_cfg(d)
@@ -278,28 +277,8 @@ def load_saelens(directory: str | os.PathLike) -> SAE:
             raise CorruptCheckpointError(f"{path}: inconsistent config ({exc}); re-save the SAE") from exc
         raise CorruptCheckpointError(f"{path}: malformed config value ({exc}); re-save the SAE") from exc
 
-    wpath = d / WEIGHTS_FILENAME
-    if not wpath.is_file():
-        raise CorruptCheckpointError(f"{d}: no {WEIGHTS_FILENAME}; the SAE directory is incomplete: re-save it")
-    header = read_safetensors_header(wpath)  # CorruptCheckpointError when truncated
-    dims = {"d_in": d_in, "d_sae": d_sae}
-    names = _FILE_WEIGHTS[arch_name]
-    for name in names:
-        want = [dims[n] for n in _SHAPES[name]]
-        got = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
-        if got is None:
-            raise CorruptCheckpointError(f"{wpath}: no tensor {name!r}; SAELens {arch_name} weights hold "
-                                         f"{', '.join(names)}: re-save the SAE")
-        if list(got) != want:
-            raise CorruptCheckpointError(f"{wpath}: {name} has shape {tuple(got)} but cfg.json implies {tuple(want)}; "
-                                         "the weights and cfg.json do not belong together: re-save the SAE")
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(wpath), framework="pt") as f:
-            tensors = {ours: f.get_tensor(name).to(torch.float32) for name, ours in names.items()}
-    except SafetensorError as exc:
-        raise CorruptCheckpointError(f"{wpath}: safetensors refused the file ({exc}); re-save the SAE") from exc
+    wpath, tensors = read_checked_weights(d, _FILE_WEIGHTS[arch_name], _SHAPES, {"d_in": d_in, "d_sae": d_sae},
+                                          arch_name, "SAE")
     if not cfg.get("apply_b_dec_to_input", True):
         # f = act(x W_enc + b_enc) == act((x - b_dec) W_enc + b_enc + b_dec W_enc): fold into b_enc
         # (gated: b_gate likewise, b_mag with the magnitude encoder W_enc * exp(r_mag)).
@@ -373,3 +352,33 @@ def load_saelens_sparsity(directory: str | os.PathLike) -> torch.Tensor | None:
             return f.get_tensor("sparsity").to(torch.float32)
     except SafetensorError as exc:
         raise CorruptCheckpointError(f"{path}: safetensors refused the file ({exc}); re-save the SAE") from exc
+
+
+def read_checked_weights(d: Path, names: dict[str, str], shapes: dict[str, tuple[str, ...]], dims: dict[str, int],
+                         arch: str, what: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(path, float32 tensors) of ``d/sae_weights.safetensors``: each file tensor of ``names`` (file name ->
+    our name) checked against the shape ``shapes[name]`` spells in ``dims`` from the header alone, before
+    any tensor is read. CorruptCheckpointError, naming the file and the fix (re-save the ``what``), for a
+    missing file, a truncated header, a missing tensor or a shape cfg.json does not imply."""
+    from safetensors import SafetensorError, safe_open
+
+    from analysis.sources import read_safetensors_header
+
+    wpath = d / WEIGHTS_FILENAME
+    if not wpath.is_file():
+        raise CorruptCheckpointError(f"{d}: no {WEIGHTS_FILENAME}; the {what} directory is incomplete: re-save it")
+    header = read_safetensors_header(wpath)  # CorruptCheckpointError when truncated
+    for name in names:
+        want = [dims[n] for n in shapes[name]]
+        got = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
+        if got is None:
+            raise CorruptCheckpointError(f"{wpath}: no tensor {name!r}; SAELens {arch} weights hold "
+                                         f"{', '.join(names)}: re-save the {what}")
+        if list(got) != want:
+            raise CorruptCheckpointError(f"{wpath}: {name} has shape {tuple(got)} but cfg.json implies {tuple(want)}; "
+                                         f"the weights and cfg.json do not belong together: re-save the {what}")
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            return wpath, {ours: f.get_tensor(name).to(torch.float32) for name, ours in names.items()}
+    except SafetensorError as exc:
+        raise CorruptCheckpointError(f"{wpath}: safetensors refused the file ({exc}); re-save the {what}") from exc

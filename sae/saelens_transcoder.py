@@ -37,7 +37,7 @@ import torch
 
 from analysis.errors import ConfigError, CorruptCheckpointError
 from sae.saelens_format import (CFG_FILENAME, SAELENS_FORMAT_VERSION, WEIGHTS_FILENAME, _atomic_write, _read_cfg,
-                                file_int)
+                                file_int, read_checked_weights)
 from sae.transcoder import SAELENS_ARCHITECTURES, Transcoder, TranscoderConfig
 
 TRANSCODER_ARCHITECTURES = tuple(SAELENS_ARCHITECTURES.values())
@@ -152,33 +152,13 @@ def _config(cfg: dict[str, Any], path: Path) -> TranscoderConfig:
 def load_transcoder_saelens(directory: str | os.PathLike) -> Transcoder:
     """Read a transcoder in SAELens format (ours or one SAELens wrote); weights become float32.
     ``.source_label`` is the file's ``metadata.model_name`` ("" when absent)."""
-    from safetensors import SafetensorError, safe_open
-
-    from analysis.sources import read_safetensors_header
-
     d = Path(directory)
     cfg = _read_cfg(d)
     tc_cfg = _config(cfg, d / CFG_FILENAME)
     tc = Transcoder(tc_cfg)
-    wpath = d / WEIGHTS_FILENAME
-    if not wpath.is_file():
-        raise CorruptCheckpointError(f"{d}: no {WEIGHTS_FILENAME}; the transcoder directory is incomplete: re-save it")
-    header = read_safetensors_header(wpath)  # CorruptCheckpointError when truncated
-    dims = {"d_in": tc_cfg.d_in, "d_out": tc_cfg.d_out, "d_sae": tc_cfg.d_sae}
-    for name in tc.weight_names:
-        want = [dims[n] for n in _SHAPES[name]]
-        got = header.get(name, {}).get("shape") if isinstance(header.get(name), dict) else None
-        if got is None:
-            raise CorruptCheckpointError(f"{wpath}: no tensor {name!r}; SAELens {cfg['architecture']} weights hold "
-                                         f"{', '.join(tc.weight_names)}: re-save the transcoder")
-        if list(got) != want:
-            raise CorruptCheckpointError(f"{wpath}: {name} has shape {tuple(got)} but cfg.json implies {tuple(want)}; "
-                                         "the weights and cfg.json do not belong together: re-save the transcoder")
-    try:
-        with safe_open(str(wpath), framework="pt") as f:
-            tensors = {n: f.get_tensor(n).to(torch.float32) for n in tc.weight_names}
-    except SafetensorError as exc:
-        raise CorruptCheckpointError(f"{wpath}: safetensors refused the file ({exc}); re-save the transcoder") from exc
+    wpath, tensors = read_checked_weights(d, {n: n for n in tc.weight_names}, _SHAPES,
+                                          {"d_in": tc_cfg.d_in, "d_out": tc_cfg.d_out, "d_sae": tc_cfg.d_sae},
+                                          cfg["architecture"], "transcoder")
     bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise CorruptCheckpointError(f"{wpath}: tensors {bad} hold NaN or inf; the transcoder diverged or the file is "
