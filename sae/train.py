@@ -46,8 +46,10 @@ the one this module always made, bit for bit.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,19 @@ def as_activations(acts: Any, d_in: int | None = None) -> torch.Tensor:
     return x
 
 
+def warn_short_threshold(cfg: SAEConfig, steps: int) -> None:
+    """A UserWarning when a batch-top-k SAE's inference threshold, a running mean from 0 updated at
+    rate ``topk_threshold_lr`` (as SAELens keeps it), has reached less than 95% of its value after
+    ``steps`` updates (1 - (1 - lr)^steps): the SAE then fires well above k at inference."""
+    reached = 1.0 - (1.0 - cfg.topk_threshold_lr) ** steps
+    if reached < 0.95:
+        need = math.ceil(math.log(0.05) / math.log(1.0 - cfg.topk_threshold_lr))
+        warnings.warn(f"{cfg.architecture}: after {steps} steps the inference threshold (a running mean from 0 at rate "
+                      f"topk_threshold_lr={cfg.topk_threshold_lr:g}, as in SAELens) has reached {reached:.0%} of its "
+                      f"value, so the SAE fires well above k={cfg.k:g} at inference; train for >= {need} steps or "
+                      "raise topk_threshold_lr", UserWarning, stacklevel=3)
+
+
 def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
               checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 500, resume: bool = True,
               log_every: int = 25, device: str | torch.device | None = None) -> TrainResult:
@@ -189,6 +204,7 @@ def train_sae(acts: Any, cfg: SAEConfig, *, progress: Progress | None = None,
     tr.sae.W_enc.data = tr.p["W_encT"].T.contiguous()  # detach from the trainer's layout
     if "topk_threshold" in tr.extra_state:  # batchtopk: inference is a JumpReLU with the running threshold
         tr.sae.threshold.data.fill_(float(tr.extra_state["topk_threshold"]))
+        warn_short_threshold(cfg, tr.step)
     tr.sae.cpu()
     trained = (tr.step - start_step) * cfg.batch_size
     return TrainResult(sae=tr.sae, history=pd.DataFrame(tr.history), steps=tr.step,

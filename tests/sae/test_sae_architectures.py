@@ -12,6 +12,7 @@ differentiated by autograd, and the dense autograd route against the hand-writte
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,6 +99,23 @@ def test_batchtopk_inference_l0_near_k_after_training(rng):
     assert torch.all(thr == thr[0]) and thr[0] > 0  # one threshold for every latent
     l0 = float((sae.encode(x[:4000]) > 0).sum(-1).float().mean())
     assert 3.0 < l0 < 5.0, l0  # the JumpReLU with the running threshold keeps ~k per token
+
+
+def test_short_batchtopk_runs_warn_that_the_threshold_has_not_settled(rng):
+    """The running threshold after n updates from 0 at rate lr is (1 - (1 - lr)^n) of its value: a run
+    that stops below 95% says so (numbers from the formula); 300 steps at lr 0.01 (95.1%) does not."""
+    import warnings
+
+    x, _ = _planted(rng, n=4000)
+    cfg = SAEConfig(d_in=32, d_sae=64, architecture="batchtopk", k=4, batch_size=256, n_tokens=20 * 256)
+    with pytest.warns(UserWarning, match=rf"after 20 steps .* reached {1 - 0.99 ** 20:.0%} .* >= 299 steps"):
+        train_sae(x, cfg)
+    from sae.train import warn_short_threshold
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_short_threshold(replace(cfg, n_tokens=300 * 256), 300)
+        warn_short_threshold(replace(cfg, architecture="matryoshka_batchtopk", matryoshka_widths=(16, 64)), 299)
 
 
 # ---------------------------------------------------------------------------------- JumpReLU
