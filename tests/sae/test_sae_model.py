@@ -278,7 +278,7 @@ def test_load_saelens_folds_b_dec_when_not_applied_to_input(tmp_path, rng):
     ("matching_pursuit", ConfigError, "SAELens architecture 'matching_pursuit' is not supported; LensLab loads "
                                       "standard, topk, jumprelu, gated SAEs .*retrain it here"),
     ("normalized", ConfigError, "normalize_activations='expected_average_only_in' is not supported"),
-    ("resid_hook", ConfigError, "is not an attention hook_z"),
+    ("attn_q_hook", ConfigError, "'blocks.1.attn.hook_q' is not a hook LensLab SAEs read"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_load_saelens_rejects_damaged_files(damage, error, match, tmp_path, rng):
     d, _ = _saelens_written(tmp_path, rng)
@@ -301,8 +301,8 @@ def test_load_saelens_rejects_damaged_files(damage, error, match, tmp_path, rng)
             cfg["architecture"] = "matching_pursuit"
         elif damage == "normalized":
             cfg["normalize_activations"] = "expected_average_only_in"
-        elif damage == "resid_hook":
-            cfg["metadata"]["hook_name"] = "blocks.1.hook_resid_pre"
+        elif damage == "attn_q_hook":
+            cfg["metadata"]["hook_name"] = "blocks.1.attn.hook_q"
         cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(error, match=match):
         load_saelens(d)
