@@ -47,3 +47,19 @@ def make_tiny_llama(d: Path, *, d_model: int = 32, n_layers: int = 2, seed: int 
         model.save_pretrained(d)
     fast.save_pretrained(d)
     return d
+
+
+def hf_loss_with_hook(bridge, input_ids, mask, module, fn) -> float:
+    """Next-token cross-entropy (float64, pad targets ignored) of the bridge's own HF model with the output of
+    ``module`` replaced by ``fn(module_input, module_output)``: the reference that loss splicing is checked
+    against (``sae.lm_loss``)."""
+    import torch.nn.functional as F
+
+    h = module.register_forward_hook(lambda mod, inp, out: fn(inp[0], out))
+    try:
+        with torch.no_grad():
+            logits = bridge.original_model(input_ids=input_ids, attention_mask=mask).logits
+    finally:
+        h.remove()
+    target = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return float(F.cross_entropy(logits[:, :-1].double().flatten(0, 1), target.flatten(), ignore_index=-100))

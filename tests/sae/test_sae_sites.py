@@ -11,12 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from _tiny_llama import TOY_HELD as HELD
 from _tiny_llama import TOY_TEXTS as TEXTS
-from _tiny_llama import make_tiny_llama
+from _tiny_llama import hf_loss_with_hook, make_tiny_llama
 
 from analysis.errors import ConfigError
 from sae.sites import SITE_HOOKS, SITES, check_site, hook_for, parse_hook
@@ -106,17 +105,6 @@ def test_transcoder_target_is_the_mlps_own_output(which, llama_bridge):
     assert torch.allclose(mlp, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
 
 
-def _hf_loss(bridge, input_ids, mask, hook_module, fn):
-    """Next-token cross-entropy of the HF model with ``fn`` applied to ``hook_module``'s output."""
-    h = hook_module.register_forward_hook(lambda mod, inp, out: fn(out))
-    try:
-        with torch.no_grad():
-            logits = bridge.original_model(input_ids=input_ids, attention_mask=mask).logits
-    finally:
-        h.remove()
-    target = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return float(F.cross_entropy(logits[:, :-1].double().flatten(0, 1), target.flatten(), ignore_index=-100))
-
 
 def test_loss_splicing_at_a_site_matches_a_direct_computation(llama_bridge):
     from sae.lm_loss import causal_lm_loss_fn
@@ -131,8 +119,8 @@ def test_loss_splicing_at_a_site_matches_a_direct_computation(llama_bridge):
         def half(out):
             return (out[0] * 0.5, *out[1:]) if isinstance(out, tuple) else out * 0.5
 
-        direct = _hf_loss(bridge, input_ids, mask, module, half)
-        clean = _hf_loss(bridge, input_ids, mask, module, lambda out: out)
+        direct = hf_loss_with_hook(bridge, input_ids, mask, module, lambda x, out: half(out))
+        clean = hf_loss_with_hook(bridge, input_ids, mask, module, lambda x, out: out)
         spliced = loss(lambda t: t * 0.5)
         assert abs(spliced - direct) < 1e-4 * direct and abs(loss(None) - clean) < 1e-4 * clean
         assert abs(spliced - clean) > 1e-3  # the splice took effect

@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _tiny_llama import TOY_HELD as HELD
 from _tiny_llama import TOY_TEXTS as TEXTS
-from _tiny_llama import make_tiny_llama
+from _tiny_llama import hf_loss_with_hook, make_tiny_llama
 
 from analysis.errors import ConfigError
 from sae.transcoder import Splice, Transcoder, TranscoderConfig, least_squares_skip, nmse, train_transcoder
@@ -79,16 +78,6 @@ def test_training_fits_the_mlp_and_the_skip_starts_at_least_squares(bridge):
             assert res.nmse_train < nmse(y, x @ w.T + b) + 0.05
 
 
-def _hf_loss(bridge, input_ids, mask, module, fn):
-    h = module.register_forward_hook(lambda mod, inp, out: fn(inp[0], out))
-    try:
-        with torch.no_grad():
-            logits = bridge.original_model(input_ids=input_ids, attention_mask=mask).logits
-    finally:
-        h.remove()
-    target = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    return float(F.cross_entropy(logits[:, :-1].double().flatten(0, 1), target.flatten(), ignore_index=-100))
-
 
 def test_splicing_replaces_the_mlp_output_with_the_prediction(bridge):
     from sae.harvest import pad_batch, pad_id_of, tokenize
@@ -101,8 +90,8 @@ def test_splicing_replaces_the_mlp_output_with_the_prediction(bridge):
     fn = causal_lm_loss_fn(bridge, 0, texts, max_tokens=32, site="mlp_out")
     input_ids, mask = pad_batch(tokenize(bridge.tokenizer, texts, 32), pad_id_of(bridge.tokenizer))
     mlp = bridge.original_model.model.layers[0].mlp
-    direct = _hf_loss(bridge, input_ids, mask, mlp, lambda x, out: tc(x))
-    clean = _hf_loss(bridge, input_ids, mask, mlp, lambda x, out: out)
+    direct = hf_loss_with_hook(bridge, input_ids, mask, mlp, lambda x, out: tc(x))
+    clean = hf_loss_with_hook(bridge, input_ids, mask, mlp, lambda x, out: out)
     spliced = fn(Splice(tc))
     assert abs(spliced - direct) < 1e-4 * direct and abs(spliced - clean) > 1e-3
 
