@@ -13,6 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+# SAELens 6.x in its own venv (it pins TransformerLens 3): bash benchmarks/saelens_env.sh
+SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", ROOT / ".venv-saelens" / "bin" / "python"))
+
 # the console script of the venv running the tests
 LENSLAB = shutil.which("lenslab", path=str(Path(sys.executable).parent)) or "lenslab"
 
@@ -88,3 +92,20 @@ def tmpfs(path: Path, size: str = "2m"):
 
 def remount_read_only(path: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)
+
+
+def saelens_load(directory: Path, x: np.ndarray, workdir: Path) -> tuple[dict, dict]:
+    """SAELens's own ``SAE.load_from_disk(directory)`` in its venv (``benchmarks/saelens_peer.py load``) applied
+    to ``x`` [n, d_in] float32: (its report: architecture, sizes, hook names, float64 checksums per weight;
+    its outputs: ``feature_acts`` and ``sae_out``). Fails the test when the peer exits non-zero."""
+    import json
+
+    np.save(workdir / "x.npy", np.asarray(x, dtype=np.float32))
+    proc = subprocess.run(
+        [str(SAELENS_PYTHON), str(ROOT / "benchmarks" / "saelens_peer.py"), "load", str(directory),
+         "--input", str(workdir / "x.npy"), "--output", str(workdir / "out.npz")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with np.load(workdir / "out.npz") as out:
+        return json.loads(proc.stdout.strip().splitlines()[-1]), dict(out)

@@ -23,8 +23,6 @@ SAELens venv: it is slow and skips when ``.venv-saelens`` is absent (build it wi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,14 +30,14 @@ import numpy as np
 import pytest
 import torch
 
+from _support import SAELENS_PYTHON, saelens_load
+
 from sae.config import SAEConfig
 from sae.model import SAE
 from sae.saelens_format import load_saelens, load_saelens_sparsity, saelens_l1_coefficient, save_saelens
 
-ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "saelens_tiny"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())
-SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", ROOT / ".venv-saelens" / "bin" / "python"))
 ATOL = 1e-5  # float32 matmuls of width <= 32 in two torch builds' kernels
 
 
@@ -178,20 +176,12 @@ def test_saelens_loads_our_save(arch, tmp_path):
     sae = _our_sae(arch, seed=3)
     save_saelens(sae, tmp_path / "sae", sparsity=torch.linspace(-4, -1, 32))
     x = torch.randn(7, 16, generator=torch.Generator().manual_seed(5))
-    np.save(tmp_path / "x.npy", x.numpy())
-    proc = subprocess.run(
-        [str(SAELENS_PYTHON), str(ROOT / "benchmarks" / "saelens_peer.py"), "load", str(tmp_path / "sae"),
-         "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out.npz")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report, theirs = saelens_load(tmp_path / "sae", x.numpy(), tmp_path)
     assert report["architecture"] == {"relu": "standard", "gated": "gated", "topk": "topk"}.get(arch, "jumprelu")
     assert report["hook_name"] == "blocks.2.attn.hook_z"
     for pname, ref in report["checksums"].items():
         p = getattr(sae, {"b_gate": "b_enc"}.get(pname, pname)).detach().double()
         assert p.sum().item() == pytest.approx(ref["sum"], rel=1e-6, abs=1e-6), pname
-    theirs = np.load(tmp_path / "out.npz")
     with torch.no_grad():
         np.testing.assert_allclose(theirs["feature_acts"], sae.encode(x).numpy(), atol=ATOL, rtol=1e-5)
         np.testing.assert_allclose(theirs["sae_out"], sae(x).numpy(), atol=ATOL, rtol=1e-5)

@@ -14,15 +14,14 @@ fixture, checks it against the tiny Llama (d_model 32) of ``tests/_tiny_llama.py
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _support import SAELENS_PYTHON, saelens_load
 from _tiny_llama import make_tiny_llama
 
 from analysis.errors import ConfigError, CorruptCheckpointError, ShapeError
@@ -31,10 +30,8 @@ from sae.saelens_transcoder import (TRANSCODER_ARCHITECTURES, is_transcoder_dir,
                                     save_transcoder_saelens)
 from sae.transcoder import Transcoder, TranscoderConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "saelens_tiny"
 EXPECTED = json.loads((FIXTURE / "expected.json").read_text())["transcoders"]
-SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", ROOT / ".venv-saelens" / "bin" / "python"))
 NAMES = list(TRANSCODER_ARCHITECTURES)
 OURS = {"transcoder": ("relu", False), "skip_transcoder": ("relu", True), "jumprelu_transcoder": ("jumprelu", False),
         "jumprelu_skip_transcoder": ("jumprelu", True)}
@@ -257,20 +254,12 @@ def test_saelens_loads_our_save(name, tmp_path):
     tc = _our_tc(name, seed=3)
     save_transcoder_saelens(tc, tmp_path / "tc")
     x = torch.randn(7, 12, generator=torch.Generator().manual_seed(5))
-    np.save(tmp_path / "x.npy", x.numpy())
-    proc = subprocess.run(
-        [str(SAELENS_PYTHON), str(ROOT / "benchmarks" / "saelens_peer.py"), "load", str(tmp_path / "tc"),
-         "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "out.npz")],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report, theirs = saelens_load(tmp_path / "tc", x.numpy(), tmp_path)
     assert (report["architecture"], report["d_in"], report["d_out"], report["d_sae"]) == (name, 12, 10, 24)
     assert (report["hook_name"], report["hook_name_out"]) == ("blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out")
     assert sorted(report["checksums"]) == sorted(tc.weight_names)
     for pname, ref in report["checksums"].items():
         assert getattr(tc, pname).detach().double().sum().item() == pytest.approx(ref["sum"], rel=1e-6, abs=1e-6)
-    theirs = np.load(tmp_path / "out.npz")
     with torch.no_grad():
         _close(tc.encode(x), theirs["feature_acts"], "encode")
         _close(tc(x), theirs["sae_out"], "forward")

@@ -10,9 +10,7 @@ model fail the test; "before boot" likewise.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
+from _support import SAELENS_PYTHON, saelens_load
 from _tiny_llama import make_tiny_llama
 
 from analysis.errors import ConfigError, ShapeError
@@ -271,9 +270,7 @@ def test_a_topk_transcoder_is_refused_with_the_fix(llama, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path(os.environ.get("SAELENS_PYTHON", Path(__file__).resolve().parents[2] / ".venv-saelens"
-                                            / "bin" / "python")).exists(),
-                    reason="no .venv-saelens: bash benchmarks/saelens_env.sh")
+@pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason="no .venv-saelens: bash benchmarks/saelens_env.sh")
 def test_saelens_loads_an_exported_stored_transcoder(llama, tmp_path):
     """SAELens's SAE.load_from_disk reads `sae export` of a stored (trained) jumprelu skip transcoder and
     computes what the stored one computes."""
@@ -281,22 +278,14 @@ def test_saelens_loads_an_exported_stored_transcoder(llama, tmp_path):
 
     from app import api
 
-    root = Path(__file__).resolve().parents[2]
-    python = Path(os.environ.get("SAELENS_PYTHON", root / ".venv-saelens" / "bin" / "python"))
     store = tmp_path / "s"
     run = api.sae_transcoder(str(llama), 1, skip=True, architecture="jumprelu", l0_coefficient=0.01,
                              texts=TOY_TEXTS, store=store, **SMALL)
     out = api.sae_export(run.key, tmp_path / "tc", store=store)
     x = _x(run.cfg.d_in, seed=5)
-    np.save(tmp_path / "x.npy", x.numpy())
-    proc = subprocess.run([str(python), str(root / "benchmarks" / "saelens_peer.py"), "load", str(out), "--input",
-                           str(tmp_path / "x.npy"), "--output", str(tmp_path / "out.npz")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report, theirs = saelens_load(out, x.numpy(), tmp_path)
     assert (report["architecture"], report["d_in"], report["d_out"]) == ("jumprelu_skip_transcoder", 32, 32)
     assert (report["hook_name"], report["hook_name_out"]) == ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out")
-    theirs = np.load(tmp_path / "out.npz")
     with torch.no_grad():
         feats, pred = run.transcoder.encode(x).double().numpy(), run.transcoder(x).double().numpy()
     assert (feats != 0).any()  # some latents fire: the thresholds are exercised
