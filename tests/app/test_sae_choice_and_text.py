@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
+from _tiny_bert import make_tiny_bert
 from _tiny_llama import make_tiny_llama
 
 from analysis.errors import AmbiguousKeyError, ConfigError
@@ -85,19 +84,7 @@ def _texts_file(d: Path, texts: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random 2-layer BERT with MiniLM's WordPiece tokenizer, bootable offline."""
-    from transformers import BertConfig, BertModel
-
-    from analysis.bundled import BUNDLED
-
-    d = tmp_path_factory.mktemp("bert") / "model"
-    minilm = Path(BUNDLED["minilm"]())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=64, max_position_embeddings=64), add_pooling_layer=False
-              ).save_pretrained(d, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm / name, d / name)
-    return d
+    return make_tiny_bert(tmp_path_factory.mktemp("bert") / "model")
 
 
 def test_features_cli_prints_contexts_as_the_tokenizer_decodes_them(tiny_bert, tmp_path, monkeypatch):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from _tiny_llama import TOY_HELD as HELD
 from _tiny_llama import TOY_TEXTS as TEXTS
+from _tiny_bert import make_tiny_bert
 from _tiny_llama import make_tiny_llama
 
 from analysis.errors import ConfigError
@@ -37,20 +37,7 @@ def llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     """A random 2-layer BERT with MiniLM's WordPiece tokenizer (a masked LM), bootable offline."""
-    from transformers import BertConfig, BertModel
-
-    from analysis.bundled import BUNDLED
-
-    d = tmp_path_factory.mktemp("bert") / "model"
-    minilm = Path(BUNDLED["minilm"]())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=64, max_position_embeddings=160), add_pooling_layer=False
-                  ).save_pretrained(d, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm / name, d / name)
-    return d
+    return make_tiny_bert(tmp_path_factory.mktemp("bert") / "model", max_positions=160)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
