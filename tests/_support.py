@@ -109,3 +109,19 @@ def saelens_load(directory: Path, x: np.ndarray, workdir: Path) -> tuple[dict, d
     assert proc.returncode == 0, proc.stderr[-2000:]
     with np.load(workdir / "out.npz") as out:
         return json.loads(proc.stdout.strip().splitlines()[-1]), dict(out)
+
+
+def open_sae_compare(monkeypatch, store_dir: Path, saes=None):
+    """The dashboard's Compare SAEs page (streamlit AppTest) on the store ``store_dir``; ``saes`` (a frame)
+    stands in for ``api.sae_list``. Fails the test on a page exception."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("LENSLAB_STORE", str(store_dir))
+    if saes is not None:
+        from app import api
+
+        monkeypatch.setattr(api, "sae_list", lambda store=None: saes)
+    at = AppTest.from_file(str(ROOT / "app" / "dashboard.py"), default_timeout=120).run()
+    at.switch_page("views/sae_compare.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at

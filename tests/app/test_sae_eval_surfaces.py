@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
-from _support import figure_array
+from _support import figure_array, open_sae_compare
 
 from app.charts_sae_compare import pareto_front
 
-DASHBOARD = str(Path(__file__).resolve().parents[2] / "app" / "dashboard.py")
 SMALL = ["--tokens", str(8 * 4096), "--n-train", "8000", "--json"]
 
 
@@ -81,20 +78,8 @@ def test_cli_groundtruth_json_is_the_stored_result(tmp_path, monkeypatch, capsys
     assert exit_info.value.code == 2 and "architecture 'nope' is unknown" in capsys.readouterr().err
 
 
-def _open(monkeypatch, store_dir: Path, saes: pd.DataFrame | None = None) -> AppTest:
-    monkeypatch.setenv("LENSLAB_STORE", str(store_dir))
-    if saes is not None:
-        from app import api
-
-        monkeypatch.setattr(api, "sae_list", lambda store=None: saes)
-    at = AppTest.from_file(DASHBOARD, default_timeout=120).run()
-    at.switch_page("views/sae_compare.py").run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
-
-
 def test_page_empty_store_says_how_to_start(tmp_path, monkeypatch, streamlit_caches_cleared):
-    at = _open(monkeypatch, tmp_path / "empty")
+    at = open_sae_compare(monkeypatch, tmp_path / "empty")
     text = " ".join(i.value for i in at.info)
     assert "lenslab sae groundtruth" in text and "lenslab sae eval minilm" in text and not at.get("plotly_chart")
 
@@ -111,7 +96,7 @@ def test_page_plots_the_stored_runs_and_the_model_saes(tmp_path, monkeypatch, st
                          "model": ["tiny"] * 3, "layer": [1, 1, 1], "architecture": ["topk", "relu", "topk"],
                          "l0": [8.0, 20.0, 30.0], "nmse": [0.3, 0.2, 0.25], "explained_variance_saelens": [.7, .8, .75],
                          "loss_recovered": [0.5, 0.7, 0.6], "dead_fraction": [0.0, 0.1, 0.0]})
-    at = _open(monkeypatch, store, saes)
+    at = open_sae_compare(monkeypatch, store, saes)
     assert not at.error, [e.value for e in at.error]
     import json as _json
 
@@ -169,7 +154,7 @@ def test_page_shows_probing_and_kl_of_the_chosen_site(tmp_path, monkeypatch, str
                            "task": ["code"] * 4, "n_texts": [40] * 4, "sae k=1": [0.7, 0.65, 0.9, 0.99],
                            "sae k=5": [0.8, 0.85, 0.95, 0.99], "raw": [0.97] * 4})
     monkeypatch.setattr(api, "probe_rows", lambda store=None: probes)
-    at = _open(monkeypatch, tmp_path / "store", saes)
+    at = open_sae_compare(monkeypatch, tmp_path / "store", saes)
     at.selectbox(key="cmp_model").set_value("tiny").run()
     assert not at.error, [e.value for e in at.error]
     figs = [json.loads(el.proto.spec) for el in at.get("plotly_chart")]

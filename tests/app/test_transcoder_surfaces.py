@@ -10,15 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from streamlit.testing.v1 import AppTest
 from typer.testing import CliRunner
 
-from _support import figure_array
+from _support import figure_array, open_sae_compare
 from _tiny_llama import TOY_HELD as HELD
 from _tiny_llama import TOY_TEXTS as TEXTS
 from _tiny_llama import make_tiny_llama
 
-DASHBOARD = str(Path(__file__).resolve().parents[2] / "app" / "dashboard.py")
 SMALL = {"k": 4, "expansion": 2, "n_tokens": 10 * 128, "batch_size": 128, "texts": TEXTS, "eval_texts": HELD,
          "loss_docs": 8, "device": "cpu"}
 
@@ -86,11 +84,7 @@ def test_compare_page_draws_the_transcoders_beside_the_mlp_out_saes(llama, tmp_p
                          "architecture": ["topk", "relu", "topk"], "l0": [4.0, 9.0, 4.0], "nmse": [0.4, 0.2, 0.3],
                          "explained_variance_saelens": [0.6, 0.8, 0.7], "loss_recovered": [0.3, 0.5, np.nan],
                          "dead_fraction": [0.0] * 3})
-    monkeypatch.setenv("LENSLAB_STORE", str(store))
-    monkeypatch.setattr(api, "sae_list", lambda store=None: saes)
-    at = AppTest.from_file(DASHBOARD, default_timeout=120).run()
-    at.switch_page("views/sae_compare.py").run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = open_sae_compare(monkeypatch, store, saes)
     box = at.selectbox(key="cmp_layer")
     assert box.options == ["blocks.1.attn.hook_z", "layer 1 mlp_out"]
     assert not any(tr["name"].endswith("transcoder") for f in _figures(at).values() for tr in f["data"])
@@ -119,10 +113,7 @@ def test_compare_page_with_transcoders_and_no_sae(llama, tmp_path, monkeypatch, 
 
     store = tmp_path / "store"
     api.sae_transcoder(str(llama), 0, store=store, **{**SMALL, "loss": False})
-    monkeypatch.setenv("LENSLAB_STORE", str(store))
-    at = AppTest.from_file(DASHBOARD, default_timeout=120).run()
-    at.switch_page("views/sae_compare.py").run()
-    assert not at.exception, [e.value for e in at.exception]
+    at = open_sae_compare(monkeypatch, store)
     assert at.selectbox(key="cmp_layer").options == ["layer 0 mlp_out"]
     assert any("0 evaluated SAE(s)" in c.value and "1 transcoder(s) of block 0" in c.value for c in at.caption)
     assert "L0 vs NMSE" in _figures(at) and len(_transcoder_table(at)) == 1
